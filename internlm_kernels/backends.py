@@ -1,0 +1,181 @@
+"""Which backends this machine has, and which one serves a given call.
+
+Backends:
+  "cuda"   hand-written CUDA C++ in the compiled extension ``internlm_kernels._C``;
+  "triton" Triton kernels: on CUDA tensors, or on CPU tensors when Triton's
+           interpreter is on (``TRITON_INTERPRET=1`` set before this package is imported);
+  "torch"  the eager references in ``reference.py``: every device, every dtype.
+
+``backend="auto"`` (the default of every public op) takes the first backend in
+``AUTO_PREFERENCE`` that can serve the call; ``INTERNLM_KERNELS_BACKEND`` replaces
+"auto" with a fixed choice for a whole process (an explicit ``backend=`` in code still
+wins). An explicitly requested backend that cannot serve a call raises and says why.
+
+Availability is probed once at import, so choosing a backend inside a
+``torch.compile``-d function reads only module state and never breaks the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "INTERNLM_KERNELS_BACKEND"
+REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (or: make build)"
+
+# "auto" prefers Triton on CUDA tensors until the CUDA C++ kernels have been measured on a
+# GPU to be at least as fast (benchmarks/results/); the extension then moves to the front.
+AUTO_PREFERENCE = ("triton", "cuda", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run on this machine; ``reason`` says why not, or what it runs on."""
+
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _probe_triton() -> BackendStatus:
+    # Looked up without importing triton: Triton decides at import time whether its own
+    # helpers are interpreted, so importing it here would fix that choice for the process.
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed")
+    version = importlib.metadata.version("triton")
+    if torch.cuda.is_available():
+        # (No device query here: initialising CUDA at import would break fork-based workers.)
+        return BackendStatus(True, f"triton {version} on CUDA GPUs")
+    if TRITON_INTERPRETER:
+        return BackendStatus(True, f"triton {version} interpreter on CPU tensors (TRITON_INTERPRET=1)")
+    return BackendStatus(False, "no CUDA GPU, and TRITON_INTERPRET=1 was not set before import "
+                                "(set it to run the Triton kernels on CPU tensors, slowly)")
+
+
+def _load_extension():
+    """Import ``_C``; return (module or None, status). Never raises."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    built_files = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
+    try:
+        from internlm_kernels import _C
+    except ImportError as error:
+        if built_files:
+            # Typically "undefined symbol" after torch was upgraded under an existing build.
+            message = (f"internlm_kernels._C exists but failed to load ({error}); it was probably built "
+                       f"against another torch than {torch.__version__}. Rebuild with: {REBUILD_COMMAND}")
+            if torch.cuda.is_available():
+                warnings.warn(message + ". Falling back to the Triton backend.", RuntimeWarning, stacklevel=3)
+            return None, BackendStatus(False, message)
+        if torch.version.cuda is None:
+            return None, BackendStatus(False, "torch is a CPU-only build, so the CUDA extension was not built")
+        message = f"the CUDA extension internlm_kernels._C is not built. Build it with: {REBUILD_COMMAND}"
+        if torch.cuda.is_available():
+            warnings.warn(message + ". Falling back to the Triton backend.", RuntimeWarning, stacklevel=3)
+        return None, BackendStatus(False, message)
+    info = _C.build_info()
+    if info["torch_version"] != torch.__version__:
+        message = (f"internlm_kernels._C was built against torch {info['torch_version']} but torch "
+                   f"{torch.__version__} is running. Rebuild with: {REBUILD_COMMAND}")
+        warnings.warn(message + ". Falling back to the Triton backend.", RuntimeWarning, stacklevel=3)
+        return None, BackendStatus(False, message)
+    if not torch.cuda.is_available():
+        return _C, BackendStatus(False, f"extension built (CUDA {info['cuda_version']}, archs "
+                                        f"{info['cuda_archs']}) but no CUDA GPU is visible")
+    return _C, BackendStatus(True, f"CUDA {info['cuda_version']} extension for archs {info['cuda_archs']}")
+
+
+extension, _extension_status = _load_extension()
+_STATUS: Dict[str, BackendStatus] = {
+    "cuda": _extension_status,
+    "triton": _probe_triton(),
+    "torch": BackendStatus(True, "eager PyTorch reference, any device"),
+}
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Per backend: whether it is usable here, and the reason when it is not."""
+    return dict(_STATUS)
+
+
+def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` (None when it can)."""
+    status = _STATUS[backend]
+    if backend == "torch":
+        return None
+    if backend == "cuda":
+        if extension is None:
+            return status.reason
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got tensors on {device}"
+        return None
+    # triton
+    if device.type == "cuda":
+        return None if status.available else status.reason
+    if device.type == "cpu" and TRITON_INTERPRETER:
+        return None
+    if device.type == "cpu":
+        return ("the triton backend runs on CPU tensors only under its interpreter: set "
+                "TRITON_INTERPRET=1 before importing internlm_kernels")
+    return f"the triton backend cannot run on {device} tensors"
+
+
+def choose_backend(
+    requested: str,
+    device: torch.device,
+    op: str,
+    unsupported: Optional[Callable[[str], Optional[str]]] = None,
+) -> str:
+    """Resolve ``requested`` ("auto" or a backend name) to the backend that serves this call.
+
+    ``unsupported(backend)`` lets an op refuse arguments a backend cannot handle (returning
+    the reason); "auto" then moves on to the next backend, an explicit request raises.
+    """
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+        if requested not in BACKENDS + ("auto",):
+            raise ValueError(f"{ENV_VAR}={requested!r} is not a backend; expected one of {('auto',) + BACKENDS}")
+    if requested == "auto":
+        for backend in AUTO_PREFERENCE:
+            if _device_reason(backend, device) is None and (unsupported is None or unsupported(backend) is None):
+                return backend
+        raise AssertionError("unreachable: the torch backend serves every call")
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    reason = _device_reason(requested, device)
+    if reason is None and unsupported is not None:
+        reason = unsupported(requested)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend={requested!r} cannot serve this call: {reason}")
+    return requested
+
+
+def enable_triton_interpreter() -> None:
+    """Run the Triton kernels on CPU tensors through Triton's interpreter (slow; for tests,
+    the CPU benchmark and debugging). Must come before triton is first imported, since
+    Triton reads ``TRITON_INTERPRET`` when its modules are imported."""
+    global TRITON_INTERPRETER
+    if TRITON_INTERPRETER:
+        return
+    import sys
+
+    if "triton" in sys.modules:
+        raise RuntimeError("enable_triton_interpreter() must run before triton is imported (Triton fixes "
+                           "interpreted or compiled mode at import); set TRITON_INTERPRET=1 in the "
+                           "environment instead")
+    os.environ["TRITON_INTERPRET"] = "1"
+    TRITON_INTERPRETER = True
+    _STATUS["triton"] = _probe_triton()

@@ -1,0 +1,1 @@
+"""Benchmark harness and cases behind ``python -m internlm_kernels bench`` and ``benchmarks/``."""

@@ -1,0 +1,106 @@
+"""``python -m internlm_kernels bench``: every op, every provider available here, one table.
+
+On a GPU: InternLM2-7B shapes, ceilings measured in the same run, JSON + CSV written to
+``benchmarks/results/<gpu>-<date>.json``. On a CPU: tiny shapes through the eager and
+interpreted paths, clearly labelled; those timings are not kernel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+from typing import List
+
+import torch
+
+from internlm_kernels.bench import cases as bench_cases
+from internlm_kernels.bench.harness import (
+    Row, environment, fill_ceiling_fractions, fill_speedups, format_table, measure_ceilings, time_call,
+    write_results,
+)
+
+DEFAULT_PROVIDERS = ("cuda", "triton", "eager", "torch_compile", "torch_rms_norm", "liger")
+REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "benchmarks", "results")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ops", default=",".join(bench_cases.OPS),
+                        help=f"comma-separated subset of {','.join(bench_cases.OPS)}")
+    parser.add_argument("--providers", default=None,
+                        help=f"comma-separated subset of {','.join(DEFAULT_PROVIDERS)} (default: all that run "
+                             f"here; torch_compile only on a GPU)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (for scripts/gpu_check.sh)")
+    parser.add_argument("--json", default=None, help="results path (default: benchmarks/results/<gpu>-<date>.json "
+                                                      "on a GPU, benchmarks/results/local/ on a CPU)")
+
+
+def _default_json_path(env, on_gpu: bool) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", str(env["gpu"]).lower()).strip("-")
+    day = datetime.date.today().strftime("%Y%m%d")
+    folder = REPO_RESULTS if on_gpu else os.path.join(REPO_RESULTS, "local")
+    return os.path.join(folder, f"{slug}-{day}.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if not on_gpu:
+        from internlm_kernels import backends
+        backends.enable_triton_interpreter()
+        print("NOTE: no CUDA GPU here. Running tiny shapes on the CPU: the eager reference and the Triton kernels "
+              "under the Triton interpreter. These timings are CPU/interpreter timings, NOT kernel speed; "
+              "the error column is meaningful.", flush=True)
+    providers = args.providers.split(",") if args.providers else [
+        p for p in DEFAULT_PROVIDERS if on_gpu or p != "torch_compile"]
+    unknown = set(providers) - set(DEFAULT_PROVIDERS)
+    if unknown:
+        print(f"unknown providers {sorted(unknown)}; expected some of {DEFAULT_PROVIDERS}", file=sys.stderr)
+        return 2
+    ops = args.ops.split(",")
+    dtype = getattr(torch, args.dtype)
+
+    env = environment(device)
+    print(f"device: {env['gpu']}; torch {torch.__version__}; triton {env['versions']['triton']}; "
+          f"commit {env['versions']['commit']}", flush=True)
+    ceilings = measure_ceilings(device, quick=args.quick)
+    if on_gpu:
+        print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 GEMM {ceilings['gemm_bf16_tflops']:.0f} TFLOP/s",
+              flush=True)
+
+    rows: List[Row] = []
+    cases = bench_cases.build_cases(ops, device, dtype, providers, small=not on_gpu)
+    total = sum(len(case.providers) for case in cases)
+    done = 0
+    for case in cases:
+        for provider, fn in case.providers.items():
+            done += 1
+            print(f"[{done}/{total}] {case.op} {provider} {case.shape}", file=sys.stderr, flush=True)
+            try:
+                error = bench_cases.max_error(fn(), case.expected)
+                timing = time_call(fn, device, quick=args.quick)
+            except Exception as exc:  # one failing provider must not hide the others' numbers
+                print(f"    {provider} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                continue
+            row = Row(case.op, provider, str(dtype).replace("torch.", ""), case.shape, timing.median_ms,
+                      timing.p20_ms, timing.p80_ms, max_err=error)
+            if case.bytes_moved is not None:
+                row.gbps = case.bytes_moved / timing.median_ms / 1e6
+            if case.flops is not None:
+                row.tflops = case.flops / timing.median_ms / 1e9
+            rows.append(row)
+    fill_ceiling_fractions(rows, ceilings)
+    fill_speedups(rows)
+
+    path = args.json or _default_json_path(env, on_gpu)
+    write_results(path, env, ceilings, rows)
+    print()
+    print(format_table(rows))
+    print(f"\nresults: {path} (+ .csv)")
+    if not on_gpu:
+        print("(CPU run: ms are CPU/interpreter timings, not kernel speed)")
+    return 0

@@ -1,0 +1,100 @@
+"""Modules over the functional ops, for model code: ``ik.nn.RMSNorm``, ``ik.nn.RotaryEmbedding``."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from internlm_kernels.ops import apply_rotary, fused_add_rms_norm, rms_norm, rotary_cos_sin
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    """HF-compatible RMSNorm (parameter ``weight``, attribute ``variance_epsilon``).
+
+    ``forward(x)`` returns the normalised x; ``forward(x, residual)`` is the fused pre-norm
+    step and returns ``(rms_norm(x + residual), x + residual)``.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "auto", *,
+                 residual_in_fp32: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+        self.backend = backend
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        if residual is None:
+            return rms_norm(x, self.weight, self.variance_epsilon, backend=self.backend)
+        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon,
+                                  residual_in_fp32=self.residual_in_fp32, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, backend={self.backend!r}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding with cached cos/sin tables (non-persistent buffers, so they follow
+    ``.to(device)`` and stay out of checkpoints).
+
+    The tables cover ``max_position_embeddings`` positions and grow on demand. With dynamic
+    NTK scaling, a sequence longer than ``max_position_embeddings`` uses tables computed for
+    its own length (HF's rule), cached for the last length seen.
+
+    ``forward(q, k, ...)`` takes ``apply_rotary``'s arguments. ``seq_len`` is the number of
+    positions the call needs; it defaults to ``S + seqlen_offsets`` for dense inputs with an
+    int offset, and to the cached length otherwise (pass it when position_ids, per-sequence
+    offsets or packed inputs may reach past ``max_position_embeddings``).
+    """
+
+    def __init__(self, rotary_dim: int, base: float = 10000.0, scaling: Optional[dict] = None,
+                 max_position_embeddings: int = 2048, *, interleaved: bool = False, backend: str = "auto",
+                 device=None):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.base = base
+        self.scaling = dict(scaling) if scaling is not None else None
+        self.max_position_embeddings = max_position_embeddings
+        self.interleaved = interleaved
+        self.backend = backend
+        self._dynamic = self.scaling is not None and self.scaling.get("type", self.scaling.get("rope_type")) == "dynamic"
+        if self._dynamic:
+            self.scaling.setdefault("max_position_embeddings", max_position_embeddings)
+        cos, sin = self._compute(max_position_embeddings, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._long_tables: Optional[Tuple[int, Tensor, Tensor]] = None
+
+    def _compute(self, seq_len: int, device) -> Tuple[Tensor, Tensor]:
+        return rotary_cos_sin(seq_len, self.rotary_dim, base=self.base, scaling=self.scaling, device=device)
+
+    def tables(self, seq_len: int) -> Tuple[Tensor, Tensor]:
+        """cos, sin covering positions [0, seq_len)."""
+        if seq_len <= self.cos.shape[0]:
+            return self.cos, self.sin
+        if self._dynamic:  # the base depends on seq_len: a table per length, the last one cached
+            if self._long_tables is None or self._long_tables[0] != seq_len or \
+                    self._long_tables[1].device != self.cos.device:
+                self._long_tables = (seq_len,) + self._compute(seq_len, self.cos.device)
+            return self._long_tables[1], self._long_tables[2]
+        self.cos, self.sin = self._compute(max(seq_len, 2 * self.cos.shape[0]), self.cos.device)
+        return self.cos, self.sin
+
+    def forward(self, q: Tensor, k: Optional[Tensor], *, position_ids: Optional[Tensor] = None,
+                seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                seq_len: Optional[int] = None, inplace: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        if seq_len is None:
+            dense = position_ids is None and cu_seqlens is None and isinstance(seqlen_offsets, int)
+            seq_len = q.shape[1] + seqlen_offsets if dense else self.cos.shape[0]
+        cos, sin = self.tables(seq_len)
+        return apply_rotary(q, k, cos, sin, position_ids=position_ids, seqlen_offsets=seqlen_offsets,
+                            cu_seqlens=cu_seqlens, interleaved=self.interleaved, inplace=inplace,
+                            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"rotary_dim={self.rotary_dim}, base={self.base}, scaling={self.scaling}, "
+                f"max_position_embeddings={self.max_position_embeddings}, backend={self.backend!r}")

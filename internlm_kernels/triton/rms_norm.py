@@ -1,0 +1,272 @@
+"""Triton RMSNorm and fused add+RMSNorm, forward and backward.
+
+One forward and one backward kernel serve both ops: ``HAS_RESIDUAL`` (and its backward
+counterparts) are constexpr flags, so the plain op compiles without the residual code.
+
+Layout: inputs are (outer, inner, N) views (see ``_checks.as_rows``) whose rows are
+addressed by two strides, so strided activations are read in place; the last dim is
+contiguous. Outputs are contiguous (M, N). Offsets are int64 throughout, so tensors of
+more than 2^31 elements are safe.
+
+Numerics (HF InternLM order): statistics in fp32, ``x_hat = x * rstd`` rounded to the
+activation dtype, then multiplied by the weight in fp32 and rounded to the output dtype.
+The backward treats that rounding as identity, as autograd does on the eager code.
+
+Width: rows up to ``MAX_SINGLE_PASS_N`` stay in registers (one read of x). Wider rows
+are processed in ``LOOP_BLOCK_N`` tiles over two passes (x read twice, the second read
+mostly from L2), which keeps register use bounded for any N.
+
+dweight is deterministic: every program accumulates its own rows' contribution in fp32
+into its own row of a (programs, N) buffer, summed afterwards in a fixed order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# A 16384-wide fp32 row is 64 KiB of registers per row: with 16 warps that is 32 values per
+# thread, the most that stays spill-free. Wider rows use the two-pass tiled path.
+MAX_SINGLE_PASS_N = 16384
+LOOP_BLOCK_N = 4096
+# Narrow rows are batched so each program still moves a few KiB (QK-norm: N = 128).
+TARGET_ELEMENTS_PER_PROGRAM = 4096
+MAX_ROWS_PER_PROGRAM = 64
+
+
+def rms_norm_block_config(n_cols: int):
+    """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for a row width: the one block-size heuristic."""
+    if n_cols <= MAX_SINGLE_PASS_N:
+        block_n = triton.next_power_of_2(max(n_cols, 1))
+        block_m = max(1, min(MAX_ROWS_PER_PROGRAM, TARGET_ELEMENTS_PER_PROGRAM // block_n))
+        single_pass = True
+    else:
+        block_n, block_m, single_pass = LOOP_BLOCK_N, 1, False
+    elements = block_m * block_n
+    # About 8-16 elements per thread: one or two 16-byte vectors of bf16.
+    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    return block_m, block_n, single_pass, num_warps
+
+
+@triton.jit
+def _load_normalized_input(x_ptrs, r_ptrs, mask, HAS_RESIDUAL: tl.constexpr, SUM_DTYPE: tl.constexpr):
+    """The tensor being normalised, in fp32: x, or x + residual rounded to residual_out's dtype."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(SUM_DTYPE).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    # inputs: (outer, inner, N) views, rows addressed by two strides
+    X, stride_x_outer, stride_x_inner,
+    RESIDUAL, stride_r_outer, stride_r_inner,
+    W,
+    # outputs, contiguous: Y (M, N), RESIDUAL_OUT (M, N) for the fused op, RSTD (M,) fp32
+    Y, RESIDUAL_OUT, RSTD,
+    # sizes
+    M, N, rows_inner, eps,
+    # features and tiles
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    outer, inner = rows // rows_inner, rows % rows_inner
+    x_rows = X + outer * stride_x_outer + inner * stride_x_inner
+    r_rows = RESIDUAL + outer * stride_r_outer + inner * stride_r_inner
+    out_rows = rows * N
+    normed_dtype = X.dtype.element_ty
+    sum_dtype = RESIDUAL_OUT.dtype.element_ty
+
+    if SINGLE_PASS:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
+                                   HAS_RESIDUAL, sum_dtype)
+        if HAS_RESIDUAL:
+            tl.store(RESIDUAL_OUT + out_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x_hat = (x * rstd[:, None]).to(normed_dtype).to(tl.float32)
+        tl.store(Y + out_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols < N)[None, :]
+            x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
+                                       HAS_RESIDUAL, sum_dtype)
+            if HAS_RESIDUAL:
+                tl.store(RESIDUAL_OUT + out_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
+            sum_sq += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(sum_sq / N + eps)
+        tl.store(RSTD + rows, rstd, mask=row_ok)
+        # Second pass recomputes x (+ residual) from the inputs rather than reading RESIDUAL_OUT
+        # back, so no thread depends on another thread's global store.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
+                                       HAS_RESIDUAL, sum_dtype)
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            x_hat = (x * rstd[:, None]).to(normed_dtype).to(tl.float32)
+            tl.store(Y + out_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    # inputs: (outer, inner, N) views
+    DY, stride_dy_outer, stride_dy_inner,
+    X, stride_x_outer, stride_x_inner,          # what was normalised: x, or residual_out
+    DRESIDUAL_OUT, stride_dro_outer, stride_dro_inner,
+    W, RSTD,
+    # outputs: DX (M, N) in x's dtype, DRESIDUAL (M, N), DW_PARTIAL (programs, N) fp32
+    DX, DRESIDUAL, DW_PARTIAL,
+    # sizes
+    M, N, rows_inner, rows_per_program,
+    # features and tiles
+    HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    # x_hat was rounded to x's dtype in the forward before meeting the weight, so
+    # dweight = sum_rows dy * round(x_hat); DX has x's dtype.
+    normed_dtype = DX.dtype.element_ty
+    pid = tl.program_id(0)
+    row_begin = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, M)
+
+    if SINGLE_PASS:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for block_begin in range(row_begin, row_end, BLOCK_M):
+            rows = block_begin + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_end
+            outer, inner = rows // rows_inner, rows % rows_inner
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(X + (outer * stride_x_outer + inner * stride_x_inner)[:, None] + cols[None, :],
+                        mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + (outer * stride_dy_outer + inner * stride_dy_inner)[:, None] + cols[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            x_hat = x * rstd[:, None]
+            g = dy * w[None, :]
+            mean_gx = tl.sum(g * x_hat, axis=1) / N
+            dx = (g - x_hat * mean_gx[:, None]) * rstd[:, None]
+            if HAS_DRESIDUAL_OUT:
+                dx += tl.load(DRESIDUAL_OUT + (outer * stride_dro_outer + inner * stride_dro_inner)[:, None]
+                              + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            out_offsets = rows[:, None] * N + cols[None, :]
+            tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+            if STORE_DRESIDUAL:
+                tl.store(DRESIDUAL + out_offsets, dx.to(DRESIDUAL.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                dw += tl.sum(dy * x_hat.to(normed_dtype).to(tl.float32), axis=0)
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
+    else:
+        # Wide rows, one at a time: pass 1 reduces sum(g * x_hat) over tiles, pass 2 writes dx
+        # and adds into this program's own dweight row (zero-initialised by the launcher).
+        dw_row = DW_PARTIAL + pid.to(tl.int64) * N
+        for row in range(row_begin, row_end):
+            outer, inner = row // rows_inner, row % rows_inner
+            x_row = X + outer * stride_x_outer + inner * stride_x_inner
+            dy_row = DY + outer * stride_dy_outer + inner * stride_dy_inner
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                x = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                dy = tl.load(dy_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+                acc += dy * w * x * rstd
+            mean_gx = tl.sum(acc, axis=0) / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                x_hat = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32) * rstd
+                dy = tl.load(dy_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+                dx = (dy * w - x_hat * mean_gx) * rstd
+                if HAS_DRESIDUAL_OUT:
+                    dx += tl.load(DRESIDUAL_OUT + outer * stride_dro_outer + inner * stride_dro_inner + cols,
+                                  mask=col_ok, other=0.0).to(tl.float32)
+                tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=col_ok)
+                if STORE_DRESIDUAL:
+                    tl.store(DRESIDUAL + row * N + cols, dx.to(DRESIDUAL.dtype.element_ty), mask=col_ok)
+                if COMPUTE_DW:
+                    partial = tl.load(dw_row + cols, mask=col_ok, other=0.0)
+                    tl.store(dw_row + cols, partial + dy * x_hat.to(normed_dtype).to(tl.float32), mask=col_ok)
+            # Make this row's dweight stores visible to every thread before the next row reads them.
+            tl.debug_barrier()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
+    """Enough programs to fill the GPU a few times over; each owns one fp32 dweight row."""
+    if device.type == "cuda":
+        return max(1, min(row_blocks, 4 * _num_sms(device.index if device.index is not None else 0)))
+    return max(1, min(row_blocks, 4))  # interpreter: fewer, larger programs are faster
+
+
+def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
+    """Launch the forward. x, residual: (outer, inner, N) views; out, residual_out: (M, N)
+    contiguous; rstd (M,) fp32. residual / residual_out are None for the plain op."""
+    outer, inner, n_cols = x.shape
+    n_rows = outer * inner
+    block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols)
+    has_residual = residual is not None
+    r = residual if has_residual else x
+    grid = (triton.cdiv(n_rows, block_m),)
+    _rms_norm_fwd_kernel[grid](
+        x, x.stride(0), x.stride(1),
+        r, r.stride(0), r.stride(1),
+        weight,
+        out, residual_out if has_residual else out, rstd,
+        n_rows, n_cols, inner, eps,
+        HAS_RESIDUAL=has_residual,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass,
+        num_warps=num_warps,
+    )
+
+
+def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dweight: bool):
+    """Launch the backward. dy, x, dresidual_out: (outer, inner, N) views (dresidual_out may be
+    None); dx, dresidual: (M, N) contiguous outputs (dresidual None for the plain op).
+    Returns dweight in fp32 (N,), or None when not requested."""
+    outer, inner, n_cols = x.shape
+    n_rows = outer * inner
+    block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols)
+    programs = _num_bwd_programs(x.device, triton.cdiv(n_rows, block_m))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    allocate = torch.empty if single_pass else torch.zeros
+    dw_partial = allocate((programs, n_cols) if compute_dweight else (1,), device=x.device, dtype=torch.float32)
+    has_dro = dresidual_out is not None
+    dro = dresidual_out if has_dro else dy
+    _rms_norm_bwd_kernel[(programs,)](
+        dy, dy.stride(0), dy.stride(1),
+        x, x.stride(0), x.stride(1),
+        dro, dro.stride(0), dro.stride(1),
+        weight, rstd,
+        dx, dresidual if dresidual is not None else dx, dw_partial,
+        n_rows, n_cols, inner, rows_per_program,
+        HAS_DRESIDUAL_OUT=has_dro, STORE_DRESIDUAL=dresidual is not None, COMPUTE_DW=compute_dweight,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass,
+        num_warps=num_warps,
+    )
+    return dw_partial.sum(0) if compute_dweight else None

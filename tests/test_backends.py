@@ -1,0 +1,110 @@
+"""Backend choice, availability reporting, the environment override and extension loading."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import internlm_kernels as ik
+from internlm_kernels import backends
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    status = ik.available_backends()
+    assert set(status) == {"cuda", "triton", "torch"}
+    assert status["torch"].available
+    for name, entry in status.items():
+        assert isinstance(entry.available, bool) and entry.reason, name
+    if not torch.cuda.is_available():
+        reason = status["cuda"].reason
+        assert not status["cuda"].available
+        assert any(words in reason for words in ("no CUDA GPU", "not built", "CPU-only", "failed to load"))
+
+
+def test_auto_on_cpu_uses_triton_under_the_interpreter():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    assert backends.TRITON_INTERPRETER, "conftest turns the interpreter on without a GPU"
+    assert backends.choose_backend("auto", torch.device("cpu"), "rms_norm") == "triton"
+
+
+def test_environment_override_replaces_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.choose_backend("auto", torch.device("cpu"), "rms_norm") == "torch"
+    # An explicit choice in code still wins over the environment.
+    if not torch.cuda.is_available():
+        assert backends.choose_backend("triton", torch.device("cpu"), "rms_norm") == "triton"
+    monkeypatch.setenv(backends.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="INTERNLM_KERNELS_BACKEND='fastest' is not a backend"):
+        backends.choose_backend("auto", torch.device("cpu"), "rms_norm")
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match=r"rms_norm: backend must be one of .* got 'cudnn'"):
+        ik.rms_norm(torch.randn(2, 4), torch.ones(4), backend="cudnn")
+
+
+def test_cuda_backend_on_cpu_tensors_raises_clearly():
+    with pytest.raises(RuntimeError, match=r"rms_norm: backend='cuda' cannot serve this call: .*"):
+        ik.rms_norm(torch.randn(2, 4), torch.ones(4), backend="cuda")
+    with pytest.raises(RuntimeError, match=r"apply_rotary: backend='cuda' cannot serve this call"):
+        ik.apply_rotary(torch.randn(1, 2, 1, 4), None, *ik.rotary_cos_sin(2, 4), backend="cuda")
+
+
+def test_unsupported_reason_moves_auto_along():
+    def only_torch(backend):
+        return None if backend == "torch" else "not for this call"
+
+    assert backends.choose_backend("auto", torch.device("cpu"), "op", only_torch) == "torch"
+    with pytest.raises(RuntimeError, match="not for this call"):
+        backends.choose_backend("triton", torch.device("cpu"), "op", only_torch)
+
+
+def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    env["PYTHONPATH"] = cwd
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_import_does_not_import_triton():
+    # Triton fixes interpreted-or-compiled at import; the package must leave that choice open.
+    result = _run_python("import sys, internlm_kernels; print('triton' in sys.modules)", REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_broken_extension_falls_back_with_the_cause_and_rebuild_command(tmp_path):
+    # A stale or foreign build (e.g. after a torch upgrade: "undefined symbol") must not break
+    # the import; the cuda backend reports why and how to rebuild.
+    package = tmp_path / "internlm_kernels"
+    shutil.copytree(os.path.join(REPO, "internlm_kernels"), package,
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not an ELF file")
+    (package / "_C.abi3.so").write_bytes(b"not an ELF file")
+    result = _run_python(
+        "import internlm_kernels as ik, torch\n"
+        "s = ik.available_backends()['cuda']\n"
+        "print(s.available); print(s.reason)\n"
+        "print(ik.rms_norm(torch.randn(2, 8), torch.ones(8)).shape)\n", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    available, reason, shape = result.stdout.strip().splitlines()
+    assert available == "False"
+    assert "failed to load" in reason and "pip install --no-build-isolation" in reason
+    assert shape == "torch.Size([2, 8])"
+
+
+def test_check_command_lists_backends():
+    result = _run_python("from internlm_kernels.__main__ import main; main(['check'])", REPO)
+    assert result.returncode == 0, result.stderr
+    for name in ("cuda", "triton", "torch"):
+        assert f"  {name}" in result.stdout

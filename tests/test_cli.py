@@ -1,0 +1,38 @@
+"""The main job on a machine without a GPU: every op, every backend here, errors and timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_every_op_and_labels_cpu_timings(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the CLI turns the interpreter on by itself
+    result = subprocess.run([sys.executable, "-m", "internlm_kernels", "bench", "--quick", "--json", str(out)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert out.with_suffix(".csv").exists()
+    assert {"gpu", "date", "versions", "ceilings", "results"} <= set(document)
+    rows = document["results"]
+    ops = {row["op"] for row in rows}
+    assert ops == {"rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "fused_add_rms_norm_bwd",
+                   "rotary_fwd", "rotary_bwd"}
+    expected_providers = {"eager", "triton"} | ({"cuda"} if torch.cuda.is_available() else set())
+    for op in ops:
+        providers = {row["provider"] for row in rows if row["op"] == op}
+        assert expected_providers <= providers, (op, providers)
+    for row in rows:
+        # bf16 against the fp32 oracle: small but (for rounding reasons) not zero
+        assert 0 <= row["max_err"] < 0.5, row
+        assert row["ms"] > 0
+    if not torch.cuda.is_available():
+        assert "NOT kernel speed" in result.stdout

@@ -1,0 +1,311 @@
+"""RMSNorm and fused add+RMSNorm: every kernel backend against internlm_kernels.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import internlm_kernels as ik
+from internlm_kernels import reference
+from tests.helpers import DTYPES, KERNEL_BACKENDS, assert_close_dtype, assert_within_eager_error
+
+# (rows, hidden): awkward widths, 1 to past the single-pass limit (16384 -> looped path)
+SHAPES = [(1, 1), (19, 123), (3, 1000), (2, 5120), (5, 8200), (2, 20000)]
+
+
+def _inputs(shape, dtype, device, weight_dtype=None):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    weight = (1 + 0.5 * torch.randn(shape[-1], device=device)).to(weight_dtype or dtype)
+    return x, weight
+
+
+def _grads(fn, inputs, grad_outputs):
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    outputs = fn(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return outputs, torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+def _check_rms_norm(x, weight, backend, eps=1e-6):
+    """Forward against the same-dtype reference; backward by the 3x-eager rule."""
+    dtype = x.dtype
+    out = ik.rms_norm(x, weight, eps, backend=backend)
+    assert_close_dtype(out, reference.rms_norm(x, weight, eps), dtype, "rms_norm out")
+    dy = torch.randn_like(out)
+    (_,), ours = _grads(lambda a, b: ik.rms_norm(a, b, eps, backend=backend), (x, weight), (dy,))
+    (_,), eager = _grads(lambda a, b: reference.rms_norm(a, b, eps), (x, weight), (dy,))
+    (_,), exact = _grads(lambda a, b: reference.rms_norm(a, b, eps), (x.double(), weight.double()),
+                         (dy.double(),))
+    assert ours[0].dtype == x.dtype and ours[1].dtype == weight.dtype
+    assert_within_eager_error(ours, eager, exact, dtype, 3.0, "rms_norm grads")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_matches_reference(backend, dtype, shape, device):
+    _check_rms_norm(*_inputs(shape, dtype, device), backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_mixed_weight_dtype_promotes_like_hf(backend, dtype, device):
+    # HF: weight (fp32) * x_hat.to(bf16) -> fp32 output
+    x, weight = _inputs((7, 96), dtype, device, weight_dtype=torch.float32)
+    out = ik.rms_norm(x, weight, backend=backend)
+    assert out.dtype == torch.promote_types(dtype, torch.float32)
+    _check_rms_norm(x, weight, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["row_slice", "transposed_3d", "permuted_4d", "batched_rows"])
+def test_rms_norm_non_contiguous_rows(backend, layout, device):
+    dtype = torch.bfloat16
+    if layout == "row_slice":  # rows of a wider buffer: row stride 300, hidden 257
+        x = torch.randn(11, 300, device=device, dtype=dtype)[:, 5:262]
+    elif layout == "transposed_3d":  # (S, B, N) seen as (B, S, N)
+        x = torch.randn(6, 3, 160, device=device, dtype=dtype).transpose(0, 1)
+    elif layout == "permuted_4d":  # leading dims that do not merge: copied internally, still correct
+        x = torch.randn(3, 4, 5, 64, device=device, dtype=dtype).permute(2, 0, 1, 3)
+    else:  # every other row of a (B, S, N) activation
+        x = torch.randn(2, 10, 128, device=device, dtype=dtype)[:, ::2]
+    assert not x.is_contiguous()
+    weight = (1 + 0.5 * torch.randn(x.shape[-1], device=device)).to(dtype)
+    _check_rms_norm(x, weight, backend)
+
+
+def _check_fused(x, residual, weight, backend, residual_in_fp32, eps=1e-6):
+    dtype = x.dtype
+    out, residual_out = ik.fused_add_rms_norm(x, residual, weight, eps, residual_in_fp32=residual_in_fp32,
+                                              backend=backend)
+    ref_out, ref_residual_out = reference.fused_add_rms_norm(x, residual, weight, eps, residual_in_fp32)
+    assert_close_dtype(out, ref_out, dtype, "fused out")
+    assert_close_dtype(residual_out, ref_residual_out, residual_out.dtype, "fused residual_out")
+    grads = (torch.randn_like(out), torch.randn_like(residual_out))
+
+    def ours_fn(a, r, w):
+        return ik.fused_add_rms_norm(a, r, w, eps, residual_in_fp32=residual_in_fp32, backend=backend)
+
+    def ref_fn(a, r, w):
+        return reference.fused_add_rms_norm(a, r, w, eps, residual_in_fp32)
+
+    _, ours = _grads(ours_fn, (x, residual, weight), grads)
+    _, eager = _grads(ref_fn, (x, residual, weight), grads)
+    _, exact = _grads(ref_fn, (x.double(), residual.double(), weight.double()), tuple(g.double() for g in grads))
+    assert [g.dtype for g in ours] == [x.dtype, residual.dtype, weight.dtype]
+    assert_within_eager_error(ours, eager, exact, dtype, 3.0, "fused grads")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (19, 123), (2, 5120), (2, 20000)], ids=str)
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["res_dtype", "res_fp32"])
+def test_fused_add_rms_norm_matches_reference(backend, dtype, shape, residual_in_fp32, device):
+    x, weight = _inputs(shape, dtype, device)
+    residual = torch.randn(shape, device=device, dtype=dtype)
+    _check_fused(x, residual, weight, backend, residual_in_fp32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_add_rms_norm_fp32_residual_stream_and_strides(backend, device):
+    # bf16 activations added into an fp32 residual stream; both inputs strided.
+    x = torch.randn(4, 9, 200, device=device, dtype=torch.bfloat16)[:, ::3, :96]
+    residual = torch.randn(4, 3, 128, device=device, dtype=torch.float32)[..., 16:112]
+    weight = (1 + 0.5 * torch.randn(96, device=device)).to(torch.bfloat16)
+    _check_fused(x, residual, weight, backend, residual_in_fp32=False)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradient_through_residual_output_only(backend, device):
+    # The last block's residual_out may be unused: only d(out) flows back (dresidual_out None).
+    x, weight = _inputs((5, 64), torch.float32, device)
+    residual = torch.randn(5, 64, device=device)
+    x.requires_grad_(True)
+    out, _ = ik.fused_add_rms_norm(x, residual, weight, backend=backend)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().requires_grad_(True)
+    out_ref, _ = reference.fused_add_rms_norm(x_ref, residual, weight)
+    (dx_ref,) = torch.autograd.grad(out_ref.sum(), x_ref)
+    assert_close_dtype(dx, dx_ref, torch.float32, "dx")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_frozen_weight_gets_no_gradient(backend, device):
+    x, weight = _inputs((3, 40), torch.float32, device)
+    x.requires_grad_(True)
+    ik.rms_norm(x, weight, backend=backend).sum().backward()
+    assert weight.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+def test_zero_size_inputs_return_empty(backend, device):
+    x = torch.randn(0, 64, device=device, requires_grad=True)
+    weight = torch.randn(64, device=device, requires_grad=True)
+    out = ik.rms_norm(x, weight, backend=backend)
+    assert out.shape == (0, 64)
+    out.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(weight.grad, torch.zeros_like(weight))
+    out, residual_out = ik.fused_add_rms_norm(x, x, weight, backend=backend)
+    assert out.shape == residual_out.shape == (0, 64)
+
+
+def test_torch_backend_is_the_reference(device):
+    x, weight = _inputs((4, 33), torch.bfloat16, device)
+    assert torch.equal(ik.rms_norm(x, weight, backend="torch"), reference.rms_norm(x, weight))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("hidden", [4096, 20000])
+def test_dweight_is_bitwise_deterministic(backend, hidden, device):
+    x, weight = _inputs((4099, hidden), torch.bfloat16, device)
+    residual = torch.randn_like(x)
+    dy = torch.randn_like(x)
+    results = []
+    for _ in range(2):
+        w = weight.detach().requires_grad_(True)
+        out, _ = ik.fused_add_rms_norm(x, residual, w, backend=backend)
+        (dw,) = torch.autograd.grad(out, w, dy)
+        results.append(dw)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_more_than_2_pow_31_elements(backend, device):
+    hidden = 4096
+    rows = (1 << 31) // hidden + 3  # the last rows start past element 2^31
+    needed = rows * hidden * 2 * 3  # x, out, slack (bf16)
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.empty(rows, hidden, device=device, dtype=torch.bfloat16)
+    x[-8:] = torch.randn(8, hidden, device=device, dtype=torch.bfloat16)
+    x[:-8] = 1.0
+    weight = (1 + 0.5 * torch.randn(hidden, device=device)).to(torch.bfloat16)
+    out = ik.rms_norm(x, weight, backend=backend)
+    assert_close_dtype(out[-8:], reference.rms_norm(x[-8:], weight), torch.bfloat16, "rows past 2^31")
+    del out, x
+
+
+@pytest.mark.gpu
+def test_cuda_and_triton_agree(device):
+    x, weight = _inputs((333, 4096), torch.bfloat16, device)
+    residual = torch.randn_like(x)
+    a = ik.fused_add_rms_norm(x, residual, weight, backend="cuda")
+    b = ik.fused_add_rms_norm(x, residual, weight, backend="triton")
+    r = reference.fused_add_rms_norm(x, residual, weight)
+    for ours_cuda, ours_triton, ref in zip(a, b, r):
+        assert_close_dtype(ours_cuda, ref, torch.bfloat16, "cuda vs reference")
+        assert_close_dtype(ours_triton, ref, torch.bfloat16, "triton vs reference")
+        assert_close_dtype(ours_cuda, ours_triton, torch.bfloat16, "cuda vs triton")
+
+
+# --------------------------------------------------------------------------------------
+# modules, registration, compile
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_rmsnorm_module(backend, device):
+    module = ik.nn.RMSNorm(96, eps=1e-5, backend=backend).to(device)
+    with torch.no_grad():
+        module.weight.copy_(1 + 0.5 * torch.randn(96))
+    x = torch.randn(2, 7, 96, device=device)
+    residual = torch.randn(2, 7, 96, device=device)
+    assert_close_dtype(module(x), reference.rms_norm(x, module.weight, 1e-5), torch.float32, "module")
+    out, residual_out = module(x, residual)
+    ref_out, ref_residual = reference.fused_add_rms_norm(x, residual, module.weight, 1e-5)
+    assert_close_dtype(out, ref_out, torch.float32, "module fused")
+    assert_close_dtype(residual_out, ref_residual, torch.float32, "module residual")
+    out.sum().backward()
+    assert module.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, device):
+    x, weight = _inputs((5, 48), torch.float32, device)
+    residual = torch.randn_like(x)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    ops = torch.ops.internlm_kernels
+    torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend))
+    torch.library.opcheck(ops.fused_add_rms_norm_fwd.default, (x, residual, weight, 1e-6, False, backend))
+    rstd = torch.rand(5, device=device) + 0.5
+    torch.library.opcheck(ops.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), weight.detach(), rstd, True,
+                                                     backend))
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_compiles_without_graph_breaks(backend, device):
+    torch._dynamo.reset()
+
+    def block(x, residual, weight):
+        h, residual = ik.fused_add_rms_norm(x * 2, residual, weight, backend=backend)
+        return ik.rms_norm(h, weight, backend=backend) + residual
+
+    compiled = torch.compile(block, fullgraph=True)
+    x, weight = _inputs((6, 64), torch.float32, device)
+    residual = torch.randn_like(x)
+    x.requires_grad_(True)
+    out = compiled(x, residual, weight)
+    expected = block(x, residual, weight)
+    assert_close_dtype(out, expected, torch.float32, "compiled")
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    (dx_eager,) = torch.autograd.grad(expected.sum(), x)
+    assert_close_dtype(dx, dx_eager, torch.float32, "compiled grad")
+
+
+# --------------------------------------------------------------------------------------
+# bad input: clear errors before any launch
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case, error, words", [
+    ("weight_shape", ValueError, ["weight", "(N,)", "(63,)"]),
+    ("int_dtype", TypeError, ["x", "int32"]),
+    ("fp64_dtype", TypeError, ["x", "float64"]),
+    ("last_dim_strided", ValueError, ["x", "contiguous last dimension"]),
+    ("scalar", ValueError, ["x", "(..., N)"]),
+    ("negative_eps", ValueError, ["eps"]),
+    ("not_a_tensor", TypeError, ["weight", "list"]),
+])
+def test_rms_norm_bad_input(backend, case, error, words, device):
+    x = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device)
+    eps = 1e-6
+    if case == "weight_shape":
+        weight = weight[:63]
+    elif case == "int_dtype":
+        x = torch.randint(0, 5, (4, 64), device=device, dtype=torch.int32)
+    elif case == "fp64_dtype":
+        x = x.double()
+    elif case == "last_dim_strided":
+        x = torch.randn(4, 128, device=device)[:, ::2]
+    elif case == "scalar":
+        x = torch.tensor(1.0, device=device)
+    elif case == "negative_eps":
+        eps = -1.0
+    elif case == "not_a_tensor":
+        weight = [1.0] * 64
+    with pytest.raises(error) as info:
+        ik.rms_norm(x, weight, eps, backend=backend)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_add_bad_input(backend, device):
+    x = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device)
+    with pytest.raises(ValueError, match="residual.*shape"):
+        ik.fused_add_rms_norm(x, torch.randn(4, 65, device=device), weight, backend=backend)
+    with pytest.raises(TypeError, match="residual.*int64"):
+        ik.fused_add_rms_norm(x, torch.ones(4, 64, dtype=torch.int64, device=device), weight, backend=backend)
+
+
+@pytest.mark.gpu
+def test_tensors_on_different_devices_raise():
+    with pytest.raises(ValueError, match="weight is on cuda"):
+        ik.rms_norm(torch.randn(4, 8), torch.randn(8, device="cuda"))

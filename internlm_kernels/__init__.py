@@ -14,9 +14,12 @@ __version__ = "0.1.0"
 
 from internlm_kernels import reference  # noqa: F401  (the eager oracle, public on purpose)
 from internlm_kernels.backends import available_backends
-from internlm_kernels.ops import apply_rotary, fused_add_rms_norm, rms_norm, rotary_cos_sin
+from internlm_kernels.ops import (
+    apply_rotary, fused_add_rms_norm, fused_add_rms_norm_, rms_norm, rotary_cos_sin,
+)
 from internlm_kernels import nn  # noqa: E402  (needs the ops above)
 
 __all__ = [
-    "rms_norm", "fused_add_rms_norm", "rotary_cos_sin", "apply_rotary", "available_backends", "nn", "reference",
+    "rms_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "rotary_cos_sin", "apply_rotary",
+    "available_backends", "nn", "reference",
 ]

@@ -87,3 +87,15 @@ def as_rows(t: Tensor) -> Tensor:
     if t.dim() == 1:
         return t.view(1, 1, t.shape[0])
     return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
+def as_rows_view(t: Tensor) -> Optional[Tensor]:
+    """``as_rows(t)`` when it is a view of ``t`` (no copy), else None: for in-place ops,
+    which must write into t itself."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    leading = [(size, stride) for size, stride in zip(t.shape[:-2], t.stride()[:-2]) if size != 1]
+    for (_, outer_stride), (inner_size, inner_stride) in zip(leading, leading[1:]):
+        if outer_stride != inner_size * inner_stride:
+            return None
+    return as_rows(t)

@@ -309,3 +309,52 @@ def test_fused_add_bad_input(backend, device):
 def test_tensors_on_different_devices_raise():
     with pytest.raises(ValueError, match="weight is on cuda"):
         ik.rms_norm(torch.randn(4, 8), torch.randn(8, device="cuda"))
+
+
+# --------------------------------------------------------------------------------------
+# in-place fused add + RMSNorm (inference)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided_rows", "wide_looped", "unmergeable"])
+def test_fused_add_rms_norm_inplace(backend, dtype, layout, device):
+    if layout == "contiguous":
+        x = torch.randn(19, 123, device=device, dtype=dtype)
+        residual = torch.randn(19, 123, device=device, dtype=dtype)
+    elif layout == "strided_rows":  # rows of wider buffers, as slices of a fused activation
+        x = torch.randn(2, 5, 300, device=device, dtype=dtype)[..., 10:170]
+        residual = torch.randn(2, 5, 200, device=device, dtype=dtype)[..., :160]
+    elif layout == "wide_looped":  # past the single-pass width: the two-pass path in place
+        x = torch.randn(2, 20000, device=device, dtype=dtype)
+        residual = torch.randn(2, 20000, device=device, dtype=dtype)
+    else:  # leading dims that no two-stride view covers
+        x = torch.randn(3, 4, 5, 32, device=device, dtype=dtype).permute(2, 0, 1, 3)
+        residual = torch.randn(5, 3, 4, 32, device=device, dtype=dtype)
+    weight = (1 + 0.5 * torch.randn(x.shape[-1], device=device)).to(dtype)
+    expected_out, expected_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-5)
+    untouched = x._base.clone() if x._base is not None else None
+    x_ret, residual_ret = ik.fused_add_rms_norm_(x, residual, weight, 1e-5, backend=backend)
+    assert x_ret is x and residual_ret is residual
+    assert_close_dtype(x, expected_out, dtype, "x <- out")
+    assert_close_dtype(residual, expected_residual, dtype, "residual <- sum")
+    if layout == "strided_rows":  # columns outside the slice are untouched
+        assert torch.equal(x._base[..., :10], untouched[..., :10])
+        assert torch.equal(x._base[..., 170:], untouched[..., 170:])
+
+
+def test_fused_add_rms_norm_inplace_bad_input(device):
+    x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="the output is written into x"):
+        ik.fused_add_rms_norm_(x, x.clone(), torch.ones(64, device=device))  # fp32 weight -> fp32 out
+    with pytest.raises(RuntimeError, match="the in-place op is for inference"):
+        ik.fused_add_rms_norm_(x, x.clone(), torch.ones(64, device=device, dtype=torch.bfloat16,
+                                                       requires_grad=True))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_add_rms_norm_inplace_opcheck(backend, device):
+    x = torch.randn(5, 48, device=device)
+    torch.library.opcheck(torch.ops.internlm_kernels.fused_add_rms_norm_.default,
+                          (x, torch.randn_like(x), torch.randn(48, device=device), 1e-6, backend))

@@ -1,8 +1,9 @@
 // Export table of internlm_kernels._C. Only bindings here: the glue with checks and
 // dispatch lives in the other csrc/torch/*.cpp files, the kernels in csrc/include.
+#include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
-#include <cuda_runtime_api.h>
+#include "glue.h"
 
 #ifndef IK_TORCH_VERSION
 #error "setup.py defines IK_TORCH_VERSION (the torch this extension is built against)"
@@ -23,6 +24,17 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "internlm_kernels CUDA C++ kernels";
+  namespace py = pybind11;
+  using namespace internlm_kernels;
+  m.doc() = "internlm_kernels CUDA C++ kernels (launchers mirror internlm_kernels/triton/)";
   m.def("build_info", &build_info, "torch / CUDA versions and GPU archs this extension was built for");
+  m.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm / fused add+RMSNorm forward", py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("out"), py::arg("residual_out"), py::arg("rstd"), py::arg("eps"));
+  m.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm / fused add+RMSNorm backward; returns fp32 dweight or None",
+        py::arg("dy"), py::arg("normed"), py::arg("dresidual_out"), py::arg("weight"), py::arg("rstd"), py::arg("dx"),
+        py::arg("dresidual"), py::arg("compute_dweight"));
+  m.def("rotary", &rotary, "rotary embedding of q and k (one launch)", py::arg("q"), py::arg("k"), py::arg("q_out"),
+        py::arg("k_out"), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg("seqlen_offsets"),
+        py::arg("seqlen_offset"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
+        py::arg("inplace"));
 }

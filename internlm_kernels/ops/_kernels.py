@@ -1,8 +1,9 @@
 """The kernel modules behind the "triton" and "cuda" backends.
 
-Both expose the same launcher functions with the same signatures (outputs are
-allocated by the ops layer and passed in), so an op picks its kernels with one call.
-Imports are lazy: the package imports on machines without Triton or the extension.
+Both expose the same launcher functions with the same signatures (outputs are allocated
+by the ops layer and passed in): ``internlm_kernels.triton.<op>`` for Triton, the compiled
+extension ``internlm_kernels._C`` itself for CUDA. Imports are lazy, so the package
+imports on machines without Triton or the extension.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_MODULES = {
-    "triton": "internlm_kernels.triton.{op}",
-    "cuda": "internlm_kernels.ops._cuda_{op}",
-}
+from internlm_kernels import backends
 
 
 def kernels(backend: str, op: str) -> ModuleType:
     """Launcher module for ``op`` ("rms_norm", "rotary", ...) on a kernel ``backend``."""
-    if backend not in _MODULES:
-        raise ValueError(f"backend {backend!r} has no kernels; expected one of {tuple(_MODULES)}")
-    return importlib.import_module(_MODULES[backend].format(op=op))
+    if backend == "triton":
+        return importlib.import_module(f"internlm_kernels.triton.{op}")
+    if backend == "cuda":
+        if backends.extension is None:
+            raise RuntimeError(f"the cuda backend is unavailable: {backends.available_backends()['cuda'].reason}")
+        return backends.extension
+    raise ValueError(f"backend {backend!r} has no kernels; expected 'triton' or 'cuda'")

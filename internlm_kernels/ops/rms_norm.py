@@ -8,6 +8,7 @@ Registered ops (namespace ``internlm_kernels``), each with a fake implementation
   fused_add_rms_norm_fwd(x, residual, weight, eps, residual_in_fp32, backend) -> (out, residual_out, rstd)
   fused_add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, x_dtype, residual_dtype,
                          compute_dresidual, compute_dweight, backend) -> (dx, dresidual, dweight)
+  fused_add_rms_norm_(x!, residual!, weight, eps, backend) -> ()        in place, inference
 
 ``backend`` inside an op is "triton" or "cuda"; the "torch" backend calls the eager
 reference directly (so autograd and the compiler see plain PyTorch).
@@ -21,7 +22,7 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    as_rows, check_dim, check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor,
+    as_rows, as_rows_view, check_dim, check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._kernels import kernels
@@ -53,6 +54,18 @@ def _check_norm_args(op: str, x: Tensor, weight: Tensor, eps: float, residual: O
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 
+def _cuda_limits(x: Tensor, weight: Tensor, residual: Optional[Tensor] = None):
+    """The CUDA kernels read each tensor other than x in x's dtype or fp32 (see rms_norm.cuh)."""
+    def unsupported(backend: str) -> Optional[str]:
+        if backend != "cuda":
+            return None
+        for name, t in (("weight", weight), ("residual", residual)):
+            if t is not None and t.dtype not in (x.dtype, torch.float32):
+                return f"the cuda kernels take {name} in x's dtype ({x.dtype}) or float32, got {t.dtype}"
+        return None
+    return unsupported
+
+
 def _output_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     # HF: weight * x_hat.to(x.dtype) -> type promotion of the two.
     return torch.promote_types(x.dtype, weight.dtype)
@@ -72,8 +85,7 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tuple[
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if out.numel() > 0:
-        n = x.shape[-1]
-        kernels(backend, "rms_norm").rms_norm_fwd(as_rows(x), None, weight, out.view(-1, n), None,
+        kernels(backend, "rms_norm").rms_norm_fwd(as_rows(x), None, weight, as_rows(out), None,
                                                    rstd.view(-1), eps)
     return out, rstd
 
@@ -131,7 +143,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str = "au
     (as HF), contiguous. Differentiable in x and weight.
     """
     _check_norm_args("rms_norm", x, weight, eps)
-    chosen = choose_backend(backend, x.device, "rms_norm")
+    chosen = choose_backend(backend, x.device, "rms_norm", _cuda_limits(x, weight))
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps)
     out, _rstd = _rms_norm_fwd(x, weight, float(eps), chosen)
@@ -154,9 +166,8 @@ def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: fl
     residual_out = torch.empty(x.shape, dtype=_residual_out_dtype(residual, residual_in_fp32), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if out.numel() > 0:
-        n = x.shape[-1]
-        kernels(backend, "rms_norm").rms_norm_fwd(as_rows(x), as_rows(residual), weight, out.view(-1, n),
-                                                   residual_out.view(-1, n), rstd.view(-1), eps)
+        kernels(backend, "rms_norm").rms_norm_fwd(as_rows(x), as_rows(residual), weight, as_rows(out),
+                                                   as_rows(residual_out), rstd.view(-1), eps)
     return out, residual_out, rstd
 
 
@@ -228,9 +239,63 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float =
     """
     op = "fused_add_rms_norm"
     _check_norm_args(op, x, weight, eps, residual=residual)
-    chosen = choose_backend(backend, x.device, op)
+    chosen = choose_backend(backend, x.device, op, _cuda_limits(x, weight, residual))
     if chosen == "torch":
         return reference.fused_add_rms_norm(x, residual, weight, eps, residual_in_fp32)
     out, residual_out, _rstd = _fused_add_rms_norm_fwd(x, residual, weight, float(eps), bool(residual_in_fp32),
                                                        chosen)
     return out, residual_out
+
+
+# --------------------------------------------------------------------------------------
+# fused_add_rms_norm_ (in place)
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("internlm_kernels::fused_add_rms_norm_", mutates_args=("x", "residual"))
+def _fused_add_rms_norm_inplace(x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str) -> None:
+    if x.numel() == 0:
+        return
+    x_rows, residual_rows = as_rows_view(x), as_rows_view(residual)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x_rows is None or residual_rows is None:
+        # Rows that no (outer, inner) view can address: compute out of place, copy back.
+        out, residual_out, _ = _fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend)
+        x.copy_(out)
+        residual.copy_(residual_out)
+        return
+    kernels(backend, "rms_norm").rms_norm_fwd(x_rows, residual_rows, weight, x_rows, residual_rows,
+                                               rstd.view(-1), eps)
+
+
+@_fused_add_rms_norm_inplace.register_fake
+def _(x, residual, weight, eps, backend):
+    return None
+
+
+def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
+                        backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """In-place ``fused_add_rms_norm`` for inference (what serving engines use to save memory):
+    ``residual <- x + residual`` (in residual's dtype), then ``x <- rms_norm(residual)``.
+
+    Same numerics as the out-of-place op with ``residual_in_fp32=False``. Needs
+    ``promote(x.dtype, weight.dtype) == x.dtype`` (the output is stored in x). Returns
+    (x, residual). Not differentiable: inputs that require grad raise.
+    """
+    op = "fused_add_rms_norm_"
+    _check_norm_args(op, x, weight, eps, residual=residual)
+    if _output_dtype(x, weight) != x.dtype:
+        raise TypeError(f"{op}: the output is written into x ({x.dtype}), but x and weight ({weight.dtype}) "
+                        f"promote to {_output_dtype(x, weight)}; use weight of dtype {x.dtype} or the "
+                        f"out-of-place fused_add_rms_norm")
+    if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
+        raise RuntimeError(f"{op}: the in-place op is for inference; inputs require grad, so use "
+                           f"fused_add_rms_norm (or run under torch.no_grad())")
+    chosen = choose_backend(backend, x.device, op, _cuda_limits(x, weight, residual))
+    if chosen == "torch":
+        out, residual_out = reference.fused_add_rms_norm(x, residual, weight, eps)
+        residual.copy_(residual_out)
+        x.copy_(out)
+    else:
+        _fused_add_rms_norm_inplace(x, residual, weight, float(eps), chosen)
+    return x, residual

@@ -228,7 +228,17 @@ def apply_rotary(
     with ``inplace=True`` (inference only). Differentiable in q and k.
     """
     _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, inplace)
-    chosen = choose_backend(backend, q.device, "apply_rotary")
+
+    def cuda_limits(candidate: str) -> Optional[str]:
+        if candidate != "cuda":
+            return None
+        if cos.dtype != torch.float32:
+            return f"the cuda kernel takes float32 cos/sin tables, got {cos.dtype}"
+        if cu_seqlens is None and q.shape[0] > 65535:
+            return f"the cuda kernel takes at most 65535 sequences per batch, got {q.shape[0]}"
+        return None
+
+    chosen = choose_backend(backend, q.device, "apply_rotary", cuda_limits)
     if chosen == "torch":
         q_out, k_out = reference.apply_rotary(q, k, cos, sin, position_ids=position_ids,
                                               seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens,
@@ -240,7 +250,10 @@ def apply_rotary(
             k.copy_(k_out)
         return q, k
     k_arg = k if k is not None else q.new_empty(q.shape[:-2] + (0, q.shape[-1]))
-    offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, Tensor) else None
+    # The kernels index these small vectors directly: make them contiguous (no-ops normally).
+    offsets_tensor = seqlen_offsets.contiguous() if isinstance(seqlen_offsets, Tensor) else None
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
     offset_int = 0 if offsets_tensor is not None else int(seqlen_offsets)
     args = (cos, sin, position_ids, offsets_tensor, offset_int, cu_seqlens, bool(interleaved), False, chosen)
     if inplace:

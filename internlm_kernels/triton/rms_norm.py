@@ -67,8 +67,11 @@ def _rms_norm_fwd_kernel(
     X, stride_x_outer, stride_x_inner,
     RESIDUAL, stride_r_outer, stride_r_inner,
     W,
-    # outputs, contiguous: Y (M, N), RESIDUAL_OUT (M, N) for the fused op, RSTD (M,) fp32
-    Y, RESIDUAL_OUT, RSTD,
+    # outputs: (outer, inner, N) views like the inputs (contiguous, or x and residual
+    # themselves for the in-place op); RESIDUAL_OUT only for the fused op; RSTD (M,) fp32
+    Y, stride_y_outer, stride_y_inner,
+    RESIDUAL_OUT, stride_ro_outer, stride_ro_inner,
+    RSTD,
     # sizes
     M, N, rows_inner, eps,
     # features and tiles
@@ -80,7 +83,8 @@ def _rms_norm_fwd_kernel(
     outer, inner = rows // rows_inner, rows % rows_inner
     x_rows = X + outer * stride_x_outer + inner * stride_x_inner
     r_rows = RESIDUAL + outer * stride_r_outer + inner * stride_r_inner
-    out_rows = rows * N
+    y_rows = Y + outer * stride_y_outer + inner * stride_y_inner
+    ro_rows = RESIDUAL_OUT + outer * stride_ro_outer + inner * stride_ro_inner
     normed_dtype = X.dtype.element_ty
     sum_dtype = RESIDUAL_OUT.dtype.element_ty
 
@@ -91,12 +95,12 @@ def _rms_norm_fwd_kernel(
         x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
                                    HAS_RESIDUAL, sum_dtype)
         if HAS_RESIDUAL:
-            tl.store(RESIDUAL_OUT + out_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
+            tl.store(ro_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
         tl.store(RSTD + rows, rstd, mask=row_ok)
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         x_hat = (x * rstd[:, None]).to(normed_dtype).to(tl.float32)
-        tl.store(Y + out_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -105,21 +109,25 @@ def _rms_norm_fwd_kernel(
             x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
                                        HAS_RESIDUAL, sum_dtype)
             if HAS_RESIDUAL:
-                tl.store(RESIDUAL_OUT + out_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
+                tl.store(ro_rows[:, None] + cols[None, :], x.to(sum_dtype), mask=mask)
             sum_sq += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(sum_sq / N + eps)
         tl.store(RSTD + rows, rstd, mask=row_ok)
-        # Second pass recomputes x (+ residual) from the inputs rather than reading RESIDUAL_OUT
-        # back, so no thread depends on another thread's global store.
+        if HAS_RESIDUAL:
+            # Pass 2 reads the sum back from RESIDUAL_OUT (the inputs may have been overwritten
+            # by the in-place op); the barrier makes every thread's pass-1 stores visible.
+            tl.debug_barrier()
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             mask = row_ok[:, None] & col_ok[None, :]
-            x = _load_normalized_input(x_rows[:, None] + cols[None, :], r_rows[:, None] + cols[None, :], mask,
-                                       HAS_RESIDUAL, sum_dtype)
+            if HAS_RESIDUAL:
+                x = tl.load(ro_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
             x_hat = (x * rstd[:, None]).to(normed_dtype).to(tl.float32)
-            tl.store(Y + out_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_rows[:, None] + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -225,19 +233,23 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
 
 
 def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
-    """Launch the forward. x, residual: (outer, inner, N) views; out, residual_out: (M, N)
-    contiguous; rstd (M,) fp32. residual / residual_out are None for the plain op."""
+    """Launch the forward. x, residual, out, residual_out: (outer, inner, N) views (out and
+    residual_out may be x and residual: in place); rstd (M,) fp32. residual and
+    residual_out are None for the plain op."""
     outer, inner, n_cols = x.shape
     n_rows = outer * inner
     block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols)
     has_residual = residual is not None
     r = residual if has_residual else x
+    ro = residual_out if has_residual else out
     grid = (triton.cdiv(n_rows, block_m),)
     _rms_norm_fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
         r, r.stride(0), r.stride(1),
         weight,
-        out, residual_out if has_residual else out, rstd,
+        out, out.stride(0), out.stride(1),
+        ro, ro.stride(0), ro.stride(1),
+        rstd,
         n_rows, n_cols, inner, eps,
         HAS_RESIDUAL=has_residual,
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single_pass,

@@ -1,0 +1,141 @@
+// Device helpers shared by the kernels: dtype conversions, 16-byte vector access, reductions.
+// Torch-free: raw pointers and sizes only.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "internlm_kernels/common.h"
+
+namespace internlm_kernels {
+
+// ---------------------------------------------------------------------------------------
+// float <-> storage conversions. Stores round to nearest even, as PyTorch's casts do.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Round a float through T and back: the value T would store.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// Elements of T in one 16-byte (128-bit) transaction: the unit every kernel moves.
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+};
+
+// ---------------------------------------------------------------------------------------
+// N consecutive elements <-> float[N]. One or more 16-byte accesses when the caller has
+// checked alignment (``vector_ok``) and the chunk is in bounds; element-wise (bounds-checked,
+// zero-filled) otherwise, so any size, stride and pointer works.
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* ptr, int64_t col, int64_t n_cols, bool vector_ok,
+                                            float (&out)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
+  if (vector_ok && col + N <= n_cols) {
+    constexpr int kPerVector = 16 / sizeof(T);
+    const uint4* src = reinterpret_cast<const uint4*>(ptr + col);
+#pragma unroll
+    for (int v = 0; v < N / kPerVector; ++v) {
+      const uint4 raw = src[v];
+      const T* elements = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerVector; ++i) out[v * kPerVector + i] = to_float(elements[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = (col + i < n_cols) ? to_float(ptr[col + i]) : 0.f;
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* ptr, int64_t col, int64_t n_cols, bool vector_ok,
+                                             const float (&in)[N]) {
+  static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
+  if (vector_ok && col + N <= n_cols) {
+    constexpr int kPerVector = 16 / sizeof(T);
+    uint4* dst = reinterpret_cast<uint4*>(ptr + col);
+#pragma unroll
+    for (int v = 0; v < N / kPerVector; ++v) {
+      uint4 raw;
+      T* elements = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerVector; ++i) elements[i] = from_float<T>(in[v * kPerVector + i]);
+      dst[v] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (col + i < n_cols) ptr[col + i] = from_float<T>(in[i]);
+  }
+}
+
+// A tensor whose dtype is either the kernel's T or fp32, decided at run time. The branch is
+// uniform across the grid, so it costs no divergence; it keeps the number of template
+// instantiations (and the build time) small.
+template <int N, typename T>
+__device__ __forceinline__ void load_floats_t_or_f32(const void* ptr, bool is_fp32, int64_t col, int64_t n_cols,
+                                                     bool vector_ok, float (&out)[N]) {
+  if (is_fp32) load_floats<float, N>(static_cast<const float*>(ptr), col, n_cols, vector_ok, out);
+  else load_floats<T, N>(static_cast<const T*>(ptr), col, n_cols, vector_ok, out);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_floats_t_or_f32(void* ptr, bool is_fp32, int64_t col, int64_t n_cols,
+                                                      bool vector_ok, const float (&in)[N]) {
+  if (is_fp32) store_floats<float, N>(static_cast<float*>(ptr), col, n_cols, vector_ok, in);
+  else store_floats<T, N>(static_cast<T*>(ptr), col, n_cols, vector_ok, in);
+}
+
+// base + elements * element_size bytes, for tensors whose dtype is a run-time choice.
+__host__ __device__ __forceinline__ const void* offset_ptr(const void* base, int64_t elements, int64_t element_size) {
+  return static_cast<const char*>(base) + elements * element_size;
+}
+__host__ __device__ __forceinline__ void* offset_ptr(void* base, int64_t elements, int64_t element_size) {
+  return static_cast<char*>(base) + elements * element_size;
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the blockDim.x threads of one row (threadIdx.y picks the row). Every thread of the
+// block must call it. ``scratch`` holds 32 floats per row of the block.
+__device__ __forceinline__ float row_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int warps_per_row = blockDim.x / 32;
+  if (warps_per_row == 1) return v;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* row_scratch = scratch + threadIdx.y * 32;
+  if (lane == 0) row_scratch[warp] = v;
+  __syncthreads();
+  v = (lane < warps_per_row) ? row_scratch[lane] : 0.f;
+  v = warp_sum(v);
+  __syncthreads();  // scratch is reused by the next call
+  return v;
+}
+
+}  // namespace internlm_kernels

@@ -1,0 +1,26 @@
+// Host helpers shared by the launchers and the torch glue. Plain C++ with the CUDA runtime
+// API only (no device code, no torch), so .cpp and .cu files can both include it.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace internlm_kernels {
+
+// 16-byte vector access is valid when the base pointer and every row stride keep 16-byte
+// alignment (the column offset of a chunk is a multiple of the vector width by construction).
+inline bool vectorizable(const void* ptr, int64_t element_size, int64_t stride_a, int64_t stride_b = 0) {
+  return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (stride_a * element_size) % 16 == 0 &&
+         (stride_b * element_size) % 16 == 0;
+}
+
+// SM count of the current device (the launchers size persistent grids with it).
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  return count > 0 ? count : 1;
+}
+
+}  // namespace internlm_kernels

@@ -1,0 +1,353 @@
+// RMSNorm and fused add+RMSNorm kernels, forward and backward, and their launchers.
+//
+// Numerics (HF InternLM order): statistics in fp32; x_hat = x * rstd rounded to x's dtype T,
+// then multiplied by the weight in fp32 and rounded to the output dtype. The fused op adds
+// x + residual in fp32 and normalises the sum *as stored* (rounded to residual_out's dtype).
+//
+// Two paths, chosen on the host from the row width (rms_norm.h, launch_config):
+//  * in registers: each thread keeps up to kMax{Fwd,Bwd}Items 16-byte chunks of its row, so
+//    x (and dy) are read once. Forward up to 16384 columns for 16-bit types (8192 fp32),
+//    backward up to 8192 (4096 fp32). Narrow rows get a warp each, several per block.
+//  * looped, one row per block, two passes over the row (the second mostly hits L1/L2).
+//
+// dweight is deterministic: every (block, row slot) accumulates its own fp32 partial row in
+// shared memory (register path) or in its own workspace row (looped path); a column-sum
+// kernel then adds the partial rows in a fixed order. No atomics.
+//
+// Offsets are int64 throughout; each of the 16-bit and fp32 tensors other than x may be
+// T or fp32 (a uniform run-time branch) to keep template instantiations few.
+#pragma once
+
+#include "internlm_kernels/common.cuh"
+#include "internlm_kernels/rms_norm.h"
+
+namespace internlm_kernels {
+namespace rms_norm_detail {
+
+struct Vectorized {  // which tensors may use 16-byte accesses
+  bool x, residual, weight, out, residual_out, dy, normed, dresidual_out, dx, dresidual;
+};
+
+__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t rows_inner, const RowLayout& layout) {
+  return (row / rows_inner) * layout.stride_outer + (row % rows_inner) * layout.stride_inner;
+}
+
+// --------------------------------------------------------------------------------------
+// forward
+// --------------------------------------------------------------------------------------
+
+// Loads the chunk being normalised into v: x, or x + residual rounded to residual_out's
+// dtype (which is also stored). Returns nothing for out-of-range chunks (v zero).
+template <typename T, bool kFused, int kVec>
+__device__ __forceinline__ void load_input_chunk(const RmsNormFwdParams& p, const Vectorized& vec, int64_t row,
+                                                 int64_t col, float (&v)[kVec]) {
+  const T* x = static_cast<const T*>(p.x) + row_offset(row, p.rows_inner, p.x_layout);
+  load_floats<T, kVec>(x, col, p.cols, vec.x, v);
+  if constexpr (kFused) {
+    float r[kVec];
+    const int64_t r_off = row_offset(row, p.rows_inner, p.residual_layout);
+    const int64_t r_size = p.residual_fp32 ? 4 : sizeof(T);
+    load_floats_t_or_f32<kVec, T>(offset_ptr(p.residual, r_off, r_size), p.residual_fp32, col, p.cols, vec.residual,
+                                  r);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[i] = p.residual_out_fp32 ? v[i] + r[i] : round_to<T>(v[i] + r[i]);
+    const int64_t ro_off = row_offset(row, p.rows_inner, p.residual_out_layout);
+    const int64_t ro_size = p.residual_out_fp32 ? 4 : sizeof(T);
+    store_floats_t_or_f32<kVec, T>(offset_ptr(p.residual_out, ro_off, ro_size), p.residual_out_fp32, col, p.cols,
+                                   vec.residual_out, v);
+  }
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_output_chunk(const RmsNormFwdParams& p, const Vectorized& vec, int64_t row,
+                                                   int64_t col, float rstd, const float (&v)[kVec]) {
+  float w[kVec], y[kVec];
+  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) y[i] = round_to<T>(v[i] * rstd) * w[i];
+  const int64_t off = row_offset(row, p.rows_inner, p.out_layout);
+  store_floats_t_or_f32<kVec, T>(offset_ptr(p.out, off, p.out_fp32 ? 4 : sizeof(T)), p.out_fp32, col, p.cols,
+                                 vec.out, y);
+}
+
+template <typename T, bool kFused>
+__global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const RmsNormFwdParams p,
+                                                                        const Vectorized vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  __shared__ float scratch[kMaxRowsPerBlock * 32];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool row_ok = row < p.rows;
+  float v[kMaxFwdItems][kVec];
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int item = 0; item < kMaxFwdItems; ++item) {
+    const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+    if (row_ok && col < p.cols) {
+      load_input_chunk<T, kFused, kVec>(p, vec, row, col, v[item]);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum_sq += v[item][i] * v[item][i];
+    }
+  }
+  const float rstd = rsqrtf(row_sum(sum_sq, scratch) / float(p.cols) + p.eps);
+  if (!row_ok) return;
+  if (threadIdx.x == 0) p.rstd[row] = rstd;
+#pragma unroll
+  for (int item = 0; item < kMaxFwdItems; ++item) {
+    const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+    if (col < p.cols) store_output_chunk<T, kVec>(p, vec, row, col, rstd, v[item]);
+  }
+}
+
+template <typename T, bool kFused>
+__global__ void __launch_bounds__(kLoopedThreads) rms_norm_fwd_looped_kernel(const RmsNormFwdParams p,
+                                                                            const Vectorized vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const int64_t step = int64_t(blockDim.x) * kVec;
+  float v[kVec];
+  float sum_sq = 0.f;
+  for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
+    load_input_chunk<T, kFused, kVec>(p, vec, row, col, v);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sum_sq += v[i] * v[i];
+  }
+  const float rstd = rsqrtf(row_sum(sum_sq, scratch) / float(p.cols) + p.eps);
+  if (threadIdx.x == 0) p.rstd[row] = rstd;
+  // Pass 2 re-reads what is being normalised. The fused op reads residual_out, which this
+  // same thread stored in pass 1 (same chunk mapping), because in place x and residual
+  // have been overwritten.
+  for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
+    if constexpr (kFused) {
+      const int64_t off = row_offset(row, p.rows_inner, p.residual_out_layout);
+      load_floats_t_or_f32<kVec, T>(offset_ptr(p.residual_out, off, p.residual_out_fp32 ? 4 : sizeof(T)),
+                                    p.residual_out_fp32, col, p.cols, vec.residual_out, v);
+    } else {
+      const T* x = static_cast<const T*>(p.x) + row_offset(row, p.rows_inner, p.x_layout);
+      load_floats<T, kVec>(x, col, p.cols, vec.x, v);
+    }
+    store_output_chunk<T, kVec>(p, vec, row, col, rstd, v);
+  }
+}
+
+// --------------------------------------------------------------------------------------
+// backward
+// --------------------------------------------------------------------------------------
+
+// dx for one chunk, given mean(g * x_hat) of the row; returns the chunk's dweight terms
+// dy * round(x_hat) in dw (x_hat met the weight rounded to x's dtype in the forward).
+template <typename T, bool kFused, int kVec>
+__device__ __forceinline__ void bwd_chunk(const RmsNormBwdParams& p, const Vectorized& vec, int64_t row, int64_t col,
+                                          float rstd, float mean_gx, const float (&x)[kVec], const float (&dy)[kVec],
+                                          float (&dw)[kVec]) {
+  float w[kVec], dx[kVec];
+  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    const float x_hat = x[i] * rstd;
+    dx[i] = (dy[i] * w[i] - x_hat * mean_gx) * rstd;
+    dw[i] = dy[i] * round_to<T>(x_hat);
+  }
+  if (p.dresidual_out != nullptr) {
+    float dro[kVec];
+    const int64_t off = row_offset(row, p.rows_inner, p.dresidual_out_layout);
+    load_floats_t_or_f32<kVec, T>(offset_ptr(p.dresidual_out, off, p.dresidual_out_fp32 ? 4 : sizeof(T)),
+                                  p.dresidual_out_fp32, col, p.cols, vec.dresidual_out, dro);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) dx[i] += dro[i];
+  }
+  store_floats<T, kVec>(static_cast<T*>(p.dx) + row * p.cols, col, p.cols, vec.dx, dx);
+  if (kFused && p.dresidual != nullptr) {
+    store_floats_t_or_f32<kVec, T>(offset_ptr(p.dresidual, row * p.cols, p.dresidual_fp32 ? 4 : sizeof(T)),
+                                   p.dresidual_fp32, col, p.cols, vec.dresidual, dx);
+  }
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ float load_x_dy(const RmsNormBwdParams& p, const Vectorized& vec, int64_t row, int64_t col,
+                                           float (&x)[kVec], float (&dy)[kVec]) {
+  const int64_t x_off = row_offset(row, p.rows_inner, p.normed_layout);
+  load_floats_t_or_f32<kVec, T>(offset_ptr(p.normed, x_off, p.normed_fp32 ? 4 : sizeof(T)), p.normed_fp32, col,
+                                p.cols, vec.normed, x);
+  const int64_t dy_off = row_offset(row, p.rows_inner, p.dy_layout);
+  load_floats_t_or_f32<kVec, T>(offset_ptr(p.dy, dy_off, p.dy_fp32 ? 4 : sizeof(T)), p.dy_fp32, col, p.cols,
+                                vec.dy, dy);
+  float w[kVec];
+  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+  float gx = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) gx += dy[i] * w[i] * x[i];
+  return gx;  // sum of g * x over the chunk (times rstd later)
+}
+
+// Persistent over rows; dweight partials in dynamic shared memory, one row per row slot.
+template <typename T, bool kFused>
+__global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const RmsNormBwdParams p,
+                                                                        const Vectorized vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  __shared__ float scratch[kMaxRowsPerBlock * 32];
+  extern __shared__ float dw_shared[];  // [blockDim.y][cols]
+  float* dw_row = p.dweight_partial != nullptr ? dw_shared + threadIdx.y * p.cols : nullptr;
+  if (dw_row != nullptr) {
+    for (int64_t col = threadIdx.x * int64_t(kVec); col < p.cols; col += int64_t(blockDim.x) * kVec)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i)
+        if (col + i < p.cols) dw_row[col + i] = 0.f;
+  }
+  float x[kMaxBwdItems][kVec], dy[kMaxBwdItems][kVec];
+  const int64_t step = int64_t(gridDim.x) * blockDim.y;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.y; base < p.rows; base += step) {  // uniform trip count
+    const int64_t row = base + threadIdx.y;
+    const bool row_ok = row < p.rows;
+    float gx = 0.f;
+#pragma unroll
+    for (int item = 0; item < kMaxBwdItems; ++item) {
+      const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+      if (row_ok && col < p.cols) gx += load_x_dy<T, kVec>(p, vec, row, col, x[item], dy[item]);
+    }
+    const float rstd = row_ok ? p.rstd[row] : 0.f;
+    const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);
+    if (!row_ok) continue;
+#pragma unroll
+    for (int item = 0; item < kMaxBwdItems; ++item) {
+      const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+      if (col < p.cols) {
+        float dw[kVec];
+        bwd_chunk<T, kFused, kVec>(p, vec, row, col, rstd, mean_gx, x[item], dy[item], dw);
+        if (dw_row != nullptr)
+#pragma unroll
+          for (int i = 0; i < kVec; ++i)
+            if (col + i < p.cols) dw_row[col + i] += dw[i];
+      }
+    }
+  }
+  if (dw_row != nullptr) {  // each thread owns its columns: no synchronisation needed
+    float* out = p.dweight_partial + (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * p.cols;
+    for (int64_t col = threadIdx.x * int64_t(kVec); col < p.cols; col += int64_t(blockDim.x) * kVec)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i)
+        if (col + i < p.cols) out[col + i] = dw_row[col + i];
+  }
+}
+
+// Wide rows: one row at a time per block, dweight added into the block's own workspace row
+// (zeroed by the launcher; each thread only ever touches its own columns).
+template <typename T, bool kFused>
+__global__ void __launch_bounds__(kLoopedThreads, 1) rms_norm_bwd_looped_kernel(const RmsNormBwdParams p,
+                                                                            const Vectorized vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  __shared__ float scratch[32];
+  const int64_t step = int64_t(blockDim.x) * kVec;
+  float* dw_row = p.dweight_partial != nullptr ? p.dweight_partial + int64_t(blockIdx.x) * p.cols : nullptr;
+  float x[kVec], dy[kVec];
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    float gx = 0.f;
+    for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step)
+      gx += load_x_dy<T, kVec>(p, vec, row, col, x, dy);
+    const float rstd = p.rstd[row];
+    const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);
+    for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
+      load_x_dy<T, kVec>(p, vec, row, col, x, dy);
+      float dw[kVec];
+      bwd_chunk<T, kFused, kVec>(p, vec, row, col, rstd, mean_gx, x, dy, dw);
+      if (dw_row != nullptr)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i)
+          if (col + i < p.cols) dw_row[col + i] += dw[i];
+    }
+  }
+}
+
+// dweight[c] = sum over workspace rows, in row order (deterministic). A template so that only
+// the translation units that launch it (the backward instantiations) compile it.
+template <int kThreads>
+__global__ void __launch_bounds__(kThreads) column_sum_kernel(const float* __restrict__ partial, int64_t partial_rows,
+                                                              int64_t cols, float* __restrict__ out) {
+  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  float sum = 0.f;
+  for (int64_t r = 0; r < partial_rows; ++r) sum += partial[r * cols + col];
+  out[col] = sum;
+}
+
+template <typename T>
+Vectorized fwd_vectorized(const RmsNormFwdParams& p) {
+  Vectorized v{};
+  v.x = vectorizable(p.x, sizeof(T), p.x_layout.stride_outer, p.x_layout.stride_inner);
+  v.residual = vectorizable(p.residual, p.residual_fp32 ? 4 : sizeof(T), p.residual_layout.stride_outer,
+                            p.residual_layout.stride_inner);
+  v.weight = vectorizable(p.weight, p.weight_fp32 ? 4 : sizeof(T), 0);
+  v.out = vectorizable(p.out, p.out_fp32 ? 4 : sizeof(T), p.out_layout.stride_outer, p.out_layout.stride_inner);
+  v.residual_out = vectorizable(p.residual_out, p.residual_out_fp32 ? 4 : sizeof(T),
+                                p.residual_out_layout.stride_outer, p.residual_out_layout.stride_inner);
+  return v;
+}
+
+template <typename T>
+Vectorized bwd_vectorized(const RmsNormBwdParams& p) {
+  Vectorized v{};
+  v.dy = vectorizable(p.dy, p.dy_fp32 ? 4 : sizeof(T), p.dy_layout.stride_outer, p.dy_layout.stride_inner);
+  v.normed = vectorizable(p.normed, p.normed_fp32 ? 4 : sizeof(T), p.normed_layout.stride_outer,
+                          p.normed_layout.stride_inner);
+  v.dresidual_out = vectorizable(p.dresidual_out, p.dresidual_out_fp32 ? 4 : sizeof(T),
+                                 p.dresidual_out_layout.stride_outer, p.dresidual_out_layout.stride_inner);
+  v.weight = vectorizable(p.weight, p.weight_fp32 ? 4 : sizeof(T), 0);
+  v.dx = vectorizable(p.dx, sizeof(T), p.cols);
+  v.dresidual = vectorizable(p.dresidual, p.dresidual_fp32 ? 4 : sizeof(T), p.cols);
+  return v;
+}
+
+}  // namespace rms_norm_detail
+
+template <typename T, bool kFused>
+cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& p, cudaStream_t stream) {
+  using namespace rms_norm_detail;
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxFwdItems);
+  const Vectorized vec = fwd_vectorized<T>(p);
+  if (config.in_registers) {
+    const dim3 block(config.threads_per_row, config.rows_per_block);
+    const int64_t blocks = (p.rows + config.rows_per_block - 1) / config.rows_per_block;
+    rms_norm_fwd_kernel<T, kFused><<<dim3(unsigned(blocks)), block, 0, stream>>>(p, vec);
+  } else {
+    rms_norm_fwd_looped_kernel<T, kFused><<<dim3(unsigned(p.rows)), kLoopedThreads, 0, stream>>>(p, vec);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool kFused>
+cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
+  using namespace rms_norm_detail;
+  if (p.rows == 0 || p.cols == 0) {
+    return p.dweight != nullptr ? cudaMemsetAsync(p.dweight, 0, sizeof(float) * p.cols, stream) : cudaSuccess;
+  }
+  const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxBwdItems);
+  const Vectorized vec = bwd_vectorized<T>(p);
+  const int64_t blocks = bwd_blocks(p.rows, config);
+  int64_t partial_rows = blocks;
+  if (config.in_registers) {
+    partial_rows = blocks * config.rows_per_block;
+    const size_t shared = p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * p.cols : 0;
+    auto kernel = rms_norm_bwd_kernel<T, kFused>;
+    if (shared > 48 * 1024) {
+      const cudaError_t error =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+      if (error != cudaSuccess) return error;
+    }
+    kernel<<<dim3(unsigned(blocks)), dim3(config.threads_per_row, config.rows_per_block), shared, stream>>>(p, vec);
+  } else {
+    if (p.dweight_partial != nullptr) {
+      const cudaError_t error = cudaMemsetAsync(p.dweight_partial, 0, sizeof(float) * partial_rows * p.cols, stream);
+      if (error != cudaSuccess) return error;
+    }
+    rms_norm_bwd_looped_kernel<T, kFused><<<dim3(unsigned(blocks)), kLoopedThreads, 0, stream>>>(p, vec);
+  }
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess || p.dweight == nullptr) return error;
+  constexpr int kSumThreads = 256;
+  column_sum_kernel<kSumThreads><<<dim3(unsigned((p.cols + kSumThreads - 1) / kSumThreads)), kSumThreads, 0, stream>>>(
+      p.dweight_partial, partial_rows, p.cols, p.dweight);
+  return cudaGetLastError();
+}
+
+}  // namespace internlm_kernels

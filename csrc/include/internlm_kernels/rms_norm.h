@@ -1,0 +1,127 @@
+// RMSNorm and fused add+RMSNorm: parameter structs and launcher declarations.
+// Plain C++ (no CUDA device code), so the torch glue can include it; the kernels and the
+// launcher definitions are in rms_norm.cuh, instantiated in csrc/instantiations/.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "internlm_kernels/common.h"
+
+namespace internlm_kernels {
+
+// Rows are addressed by two strides, (outer, inner): row r lives at
+// (r / rows_inner) * stride_outer + (r % rows_inner) * stride_inner. Strides in elements.
+struct RowLayout {
+  int64_t stride_outer = 0;
+  int64_t stride_inner = 0;
+};
+
+// Forward. T is the dtype of x (the activation). Other tensors are T or fp32, chosen at run
+// time by the *_fp32 flags: weight (HF keeps it fp32 in mixed precision), residual and
+// residual_out (an fp32 residual stream), out (= promote(x, weight)).
+struct RmsNormFwdParams {
+  const void* x = nullptr;
+  RowLayout x_layout;
+  const void* residual = nullptr;  // fused op only
+  RowLayout residual_layout;
+  bool residual_fp32 = false;
+  const void* weight = nullptr;
+  bool weight_fp32 = false;
+  void* out = nullptr;
+  RowLayout out_layout;
+  bool out_fp32 = false;
+  void* residual_out = nullptr;  // fused op only; may alias residual (in place)
+  RowLayout residual_out_layout;
+  bool residual_out_fp32 = false;
+  float* rstd = nullptr;  // (rows,) fp32, saved for the backward
+  int64_t rows = 0;
+  int64_t rows_inner = 1;
+  int64_t cols = 0;
+  float eps = 1e-6f;
+};
+
+// Backward. ``normed`` is what was normalised: x for the plain op, residual_out for the fused
+// op (T or fp32). dy has the output's dtype (T or fp32). dx has T; dresidual (fused) and
+// dresidual_out (the gradient flowing into residual_out, optional) are T or fp32.
+struct RmsNormBwdParams {
+  const void* dy = nullptr;
+  RowLayout dy_layout;
+  bool dy_fp32 = false;
+  const void* normed = nullptr;
+  RowLayout normed_layout;
+  bool normed_fp32 = false;
+  const void* dresidual_out = nullptr;
+  RowLayout dresidual_out_layout;
+  bool dresidual_out_fp32 = false;
+  const void* weight = nullptr;
+  bool weight_fp32 = false;
+  const float* rstd = nullptr;
+  void* dx = nullptr;  // (rows, cols) contiguous, dtype T
+  void* dresidual = nullptr;  // (rows, cols) contiguous, optional
+  bool dresidual_fp32 = false;
+  float* dweight = nullptr;  // (cols,) fp32 result, optional
+  float* dweight_partial = nullptr;  // workspace: rms_norm_bwd_workspace_floats() floats
+  int64_t rows = 0;
+  int64_t rows_inner = 1;
+  int64_t cols = 0;
+};
+
+template <typename T, bool kFused>
+cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& params, cudaStream_t stream);
+
+template <typename T, bool kFused>
+cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& params, cudaStream_t stream);
+
+namespace rms_norm_detail {
+
+// Chunks (16-byte vectors) per thread on the register path. Forward: 4 x 8 bf16 = 32 fp32
+// registers for the row. Backward keeps x and dy: 2 chunks each (4 spilled 392 bytes at the
+// 128-register budget of a 512-thread block; ptxas report).
+constexpr int kMaxFwdItems = 4;
+constexpr int kMaxBwdItems = 2;
+// 1024 threads per row would cap registers at 64 per thread; 512 keeps the row in registers.
+constexpr int kMaxThreadsPerRow = 512;
+constexpr int kLoopedThreads = 512;
+constexpr int kMaxRowsPerBlock = 4;
+
+struct LaunchConfig {
+  int threads_per_row;  // blockDim.x, a multiple of 32
+  int rows_per_block;   // blockDim.y
+  bool in_registers;
+};
+
+// The one block-shape heuristic, shared by the launchers and the workspace size.
+inline LaunchConfig launch_config(int64_t cols, int vec, int max_items) {
+  const int64_t chunks = (cols + vec - 1) / vec;
+  if (chunks <= 32 * max_items) return {32, kMaxRowsPerBlock, true};  // a warp per row
+  if (chunks <= int64_t(kMaxThreadsPerRow) * max_items) {
+    // About two chunks per thread: loads in flight per thread without leaving most of the
+    // block idle in the reduction.
+    int64_t threads = ((chunks + 1) / 2 + 31) / 32 * 32;
+    if (threads > kMaxThreadsPerRow) threads = kMaxThreadsPerRow;
+    return {int(threads), 1, true};
+  }
+  return {kLoopedThreads, 1, false};
+}
+
+// Persistent backward grid: twice the SM count fills the GPU (two 512-thread blocks per SM)
+// and bounds the dweight workspace to a few MB.
+inline int64_t bwd_blocks(int64_t rows, const LaunchConfig& config) {
+  const int64_t row_blocks = (rows + config.rows_per_block - 1) / config.rows_per_block;
+  const int64_t cap = 2 * int64_t(multiprocessor_count());
+  return row_blocks < cap ? (row_blocks > 0 ? row_blocks : 1) : cap;
+}
+
+}  // namespace rms_norm_detail
+
+// Size of the fp32 dweight workspace the backward needs for these sizes on this GPU.
+inline int64_t rms_norm_bwd_workspace_floats(int64_t rows, int64_t cols, int element_size) {
+  using namespace rms_norm_detail;
+  const LaunchConfig config = launch_config(cols, 16 / element_size, kMaxBwdItems);
+  const int64_t slots = config.in_registers ? config.rows_per_block : 1;
+  return bwd_blocks(rows, config) * slots * cols;
+}
+
+}  // namespace internlm_kernels

@@ -1,0 +1,195 @@
+// Rotary position embedding kernel: q and k in one launch; forward, and backward through
+// ``conjugate`` (rotation by the negative angle).
+//
+// Grid (S, B): one block per token. The token's position is resolved once per block
+// (binary search of cu_seqlens for packed inputs: lengths are read on the device, so CUDA
+// graphs replay correctly with new lengths) and its cos/sin row is shared by every head.
+// Threads walk (head, chunk) items over q's heads then k's; a chunk is kVec rotary pairs,
+// read and written as 16-byte vectors when aligned (rotate-half: two contiguous halves;
+// interleaved: 2 * kVec contiguous values). Offsets are int64.
+//
+// Out-of-table positions give NaN (never an out-of-bounds read); packed tokens past
+// cu_seqlens[-1] are padding and pass through unchanged.
+#pragma once
+
+#include <cmath>
+
+#include "internlm_kernels/common.cuh"
+#include "internlm_kernels/rotary.h"
+
+namespace internlm_kernels {
+namespace rotary_detail {
+
+constexpr int kThreads = 128;
+
+struct Vectorized {
+  bool q, q_out, k, k_out, tables;
+};
+
+__device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, int64_t offset) {
+  return is_int64 ? static_cast<const int64_t*>(ptr)[offset] : int64_t(static_cast<const int32_t*>(ptr)[offset]);
+}
+
+// Index of the packed sequence holding ``token`` = number of sequence ends <= token.
+__device__ __forceinline__ int64_t find_sequence(const int32_t* cu_seqlens, int64_t num_sequences, int64_t token) {
+  int64_t low = 0, high = num_sequences;  // answer in [0, num_sequences]
+  while (low < high) {
+    const int64_t mid = (low + high) / 2;
+    if (int64_t(cu_seqlens[mid + 1]) <= token) low = mid + 1;
+    else high = mid;
+  }
+  return low;
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const RotaryParams& p, bool x_vec,
+                                             bool out_vec, const float (&cos)[kVec], const float (&sin)[kVec]) {
+  float a[kVec], b[kVec];  // the two members of each pair
+  if (p.interleaved) {
+    float both[2 * kVec];
+    load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), x_vec, both);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      a[i] = both[2 * i];
+      b[i] = both[2 * i + 1];
+    }
+  } else {
+    load_floats<T, kVec>(x, pair, p.rotary_half, x_vec, a);
+    load_floats<T, kVec>(x + p.rotary_half, pair, p.rotary_half, x_vec, b);
+  }
+  float ra[kVec], rb[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    ra[i] = a[i] * cos[i] - b[i] * sin[i];
+    rb[i] = b[i] * cos[i] + a[i] * sin[i];
+  }
+  if (p.interleaved) {
+    float both[2 * kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      both[2 * i] = ra[i];
+      both[2 * i + 1] = rb[i];
+    }
+    store_floats<T, 2 * kVec>(out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), out_vec, both);
+  } else {
+    store_floats<T, kVec>(out, pair, p.rotary_half, out_vec, ra);
+    store_floats<T, kVec>(out + p.rotary_half, pair, p.rotary_half, out_vec, rb);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const Vectorized vec) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int64_t token = blockIdx.x, batch = blockIdx.y;
+
+  __shared__ int64_t shared_position;
+  __shared__ bool shared_in_sequence;
+  if (threadIdx.x == 0) {
+    int64_t sequence = batch, local = token;
+    bool in_sequence = true;
+    if (p.cu_seqlens != nullptr) {
+      sequence = find_sequence(p.cu_seqlens, p.num_sequences, token);
+      in_sequence = sequence < p.num_sequences;
+      if (!in_sequence) sequence = p.num_sequences - 1;
+      local = token - (sequence >= 0 ? int64_t(p.cu_seqlens[sequence]) : 0);
+    }
+    int64_t position;
+    if (p.position_ids != nullptr) {
+      position = load_index(p.position_ids, p.position_ids_int64,
+                            batch * p.position_stride_b + token * p.position_stride_s);
+    } else {
+      position = local + p.seqlen_offset;
+      if (p.seqlen_offsets != nullptr && sequence >= 0)
+        position += load_index(p.seqlen_offsets, p.seqlen_offsets_int64, sequence);
+    }
+    shared_position = position;
+    shared_in_sequence = in_sequence;
+  }
+  __syncthreads();
+  const int64_t position = shared_position;
+  const bool in_sequence = shared_in_sequence;
+  const bool in_table = position >= 0 && position < p.table_len;
+
+  const int chunks_per_head = (p.rotary_half + kVec - 1) / kVec;
+  const int items = (p.heads_q + p.heads_k) * chunks_per_head;
+  for (int item = threadIdx.x; item < items; item += blockDim.x) {
+    const int head = item / chunks_per_head;
+    const int pair = (item % chunks_per_head) * kVec;
+    const bool is_q = head < p.heads_q;
+    const T* x;
+    T* out;
+    bool x_vec, out_vec;
+    if (is_q) {
+      x = static_cast<const T*>(p.q) + batch * p.q_stride_b + token * p.q_stride_s + head * p.q_stride_h;
+      out = static_cast<T*>(p.q_out) + batch * p.q_out_stride_b + token * p.q_out_stride_s + head * p.q_out_stride_h;
+      x_vec = vec.q;
+      out_vec = vec.q_out;
+    } else {
+      const int64_t h = head - p.heads_q;
+      x = static_cast<const T*>(p.k) + batch * p.k_stride_b + token * p.k_stride_s + h * p.k_stride_h;
+      out = static_cast<T*>(p.k_out) + batch * p.k_out_stride_b + token * p.k_out_stride_s + h * p.k_out_stride_h;
+      x_vec = vec.k;
+      out_vec = vec.k_out;
+    }
+    float cos[kVec], sin[kVec];
+    if (!in_sequence) {  // padding: identity rotation
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        cos[i] = 1.f;
+        sin[i] = 0.f;
+      }
+    } else if (!in_table) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) cos[i] = sin[i] = nanf("");
+    } else {
+      load_floats<float, kVec>(p.cos + position * p.cos_stride, pair, p.rotary_half, vec.tables, cos);
+      load_floats<float, kVec>(p.sin + position * p.sin_stride, pair, p.rotary_half, vec.tables, sin);
+      if (p.conjugate)
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sin[i] = -sin[i];
+    }
+    rotate_chunk<T, kVec>(x, out, pair, p, x_vec, out_vec, cos, sin);
+  }
+
+  // Out of place with partial rotary: the features past rotary_dim pass through.
+  const int rest = p.head_dim - 2 * p.rotary_half;
+  if (p.inplace || rest == 0) return;
+  for (int item = threadIdx.x; item < (p.heads_q + p.heads_k) * rest; item += blockDim.x) {
+    const int head = item / rest;
+    const int64_t d = 2 * p.rotary_half + item % rest;
+    if (head < p.heads_q) {
+      static_cast<T*>(p.q_out)[batch * p.q_out_stride_b + token * p.q_out_stride_s + head * p.q_out_stride_h + d] =
+          static_cast<const T*>(p.q)[batch * p.q_stride_b + token * p.q_stride_s + head * p.q_stride_h + d];
+    } else {
+      const int64_t h = head - p.heads_q;
+      static_cast<T*>(p.k_out)[batch * p.k_out_stride_b + token * p.k_out_stride_s + h * p.k_out_stride_h + d] =
+          static_cast<const T*>(p.k)[batch * p.k_stride_b + token * p.k_stride_s + h * p.k_stride_h + d];
+    }
+  }
+}
+
+}  // namespace rotary_detail
+
+template <typename T>
+cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
+  using namespace rotary_detail;
+  if (p.batch == 0 || p.seqlen == 0 || p.heads_q + p.heads_k == 0) return cudaSuccess;
+  // The half layout reads each half as vectors, so the half width must keep alignment too.
+  const int64_t half_bytes = int64_t(p.rotary_half) * sizeof(T);
+  const bool halves_ok = p.interleaved || half_bytes % 16 == 0;
+  Vectorized vec{};
+  vec.q = halves_ok && vectorizable(p.q, sizeof(T), p.q_stride_b, p.q_stride_s) &&
+          vectorizable(p.q, sizeof(T), p.q_stride_h);
+  vec.q_out = halves_ok && vectorizable(p.q_out, sizeof(T), p.q_out_stride_b, p.q_out_stride_s) &&
+              vectorizable(p.q_out, sizeof(T), p.q_out_stride_h);
+  vec.k = halves_ok && (p.heads_k == 0 || (vectorizable(p.k, sizeof(T), p.k_stride_b, p.k_stride_s) &&
+                                           vectorizable(p.k, sizeof(T), p.k_stride_h)));
+  vec.k_out = halves_ok && (p.heads_k == 0 || (vectorizable(p.k_out, sizeof(T), p.k_out_stride_b, p.k_out_stride_s) &&
+                                               vectorizable(p.k_out, sizeof(T), p.k_out_stride_h)));
+  vec.tables = vectorizable(p.cos, sizeof(float), p.cos_stride) && vectorizable(p.sin, sizeof(float), p.sin_stride);
+  if (p.batch > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
+  rotary_kernel<T><<<dim3(unsigned(p.seqlen), unsigned(p.batch)), kThreads, 0, stream>>>(p, vec);
+  return cudaGetLastError();
+}
+
+}  // namespace internlm_kernels

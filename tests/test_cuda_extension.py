@@ -1,0 +1,77 @@
+"""The CUDA extension on any machine: build metadata, generated sources, glue validation.
+
+The kernels themselves run in the op tests (parametrized with the ``cuda`` backend, marked
+``gpu``); here is what can be checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from internlm_kernels import backends
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_extension = pytest.mark.skipif(backends.extension is None,
+                                     reason=f"extension not built here: {backends.available_backends()['cuda'].reason}")
+
+
+def test_generated_instantiations_are_up_to_date():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "csrc", "generate_instantiations.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_extension
+def test_build_info_names_the_torch_it_was_built_against():
+    info = backends.extension.build_info()
+    assert info["torch_version"] == torch.__version__
+    assert info["cuda_version"] and info["cuda_archs"]
+
+
+@needs_extension
+def test_glue_rejects_cpu_tensors_before_any_launch():
+    ext = backends.extension
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match=r"rms_norm_fwd \(cuda\): x must be a CUDA tensor"):
+        ext.rms_norm_fwd(x, None, torch.ones(8), torch.empty_like(x), None, torch.empty(4), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm_bwd \(cuda\): dx must be a CUDA tensor"):
+        ext.rms_norm_bwd(x, x, None, torch.ones(8), torch.ones(4), torch.empty(4, 8), None, True)
+    q = torch.randn(1, 4, 2, 8)
+    cos = torch.ones(4, 4)
+    with pytest.raises(RuntimeError, match=r"rotary \(cuda\): q must be a CUDA tensor"):
+        ext.rotary(q, q, q, q, cos, cos, None, None, 0, None, False, False, False)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_glue_rejects_bad_tensors_on_the_gpu():
+    ext = backends.extension
+    x = torch.randn(1, 4, 8, device="cuda")
+    rstd = torch.empty(4, device="cuda")
+    with pytest.raises(RuntimeError, match="weight must be contiguous of shape \\(8,\\)"):
+        ext.rms_norm_fwd(x, None, torch.ones(7, device="cuda"), torch.empty_like(x), None, rstd, 1e-6)
+    with pytest.raises(RuntimeError, match="does not support x of dtype Double"):
+        ext.rms_norm_fwd(x.double(), None, torch.ones(8, device="cuda"), torch.empty_like(x), None, rstd, 1e-6)
+    with pytest.raises(RuntimeError, match="residual and residual_out are given together"):
+        ext.rms_norm_fwd(x, x, torch.ones(8, device="cuda"), torch.empty_like(x), None, rstd, 1e-6)
+    q = torch.randn(1, 4, 2, 8, device="cuda")
+    cos = torch.ones(4, 4, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="does not support cos of dtype Half"):
+        ext.rotary(q, q, q, q, cos, cos, None, None, 0, None, False, False, False)
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_weight_dtypes_it_does_not_read():
+    import internlm_kernels as ik
+
+    x = torch.randn(4, 64, device="cuda", dtype=torch.float16)
+    weight = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="the cuda kernels take weight in x's dtype"):
+        ik.rms_norm(x, weight, backend="cuda")
+    # auto serves it with another backend instead
+    assert ik.rms_norm(x, weight).dtype == torch.float32

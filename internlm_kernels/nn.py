@@ -1,4 +1,5 @@
-"""Modules over the functional ops, for model code: ``ik.nn.RMSNorm``, ``ik.nn.RotaryEmbedding``."""
+"""Modules over the functional ops, for model code: ``ik.nn.RMSNorm``, ``ik.nn.RotaryEmbedding``,
+``ik.nn.Attention``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from internlm_kernels.ops import apply_rotary, fused_add_rms_norm, rms_norm, rotary_cos_sin
+from internlm_kernels.ops import apply_rotary, flash_attention, fused_add_rms_norm, rms_norm, rotary_cos_sin
 
 Tensor = torch.Tensor
 
@@ -98,3 +99,26 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"rotary_dim={self.rotary_dim}, base={self.base}, scaling={self.scaling}, "
                 f"max_position_embeddings={self.max_position_embeddings}, backend={self.backend!r}")
+
+
+class Attention(nn.Module):
+    """Fused softmax attention over (B, S, H, D) or packed (T, H, D) q, k, v (no projections):
+    ``forward(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None)`` -> out, as ``flash_attention``."""
+
+    def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None,
+                 window_size: Tuple[int, int] = (-1, -1), backend: str = "auto"):
+        super().__init__()
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.window_size = tuple(window_size)
+        self.backend = backend
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens_q: Optional[Tensor] = None,
+                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+                max_seqlen_k: Optional[int] = None) -> Tensor:
+        return flash_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale,
+                               window_size=self.window_size, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, window_size={self.window_size}, backend={self.backend!r}"

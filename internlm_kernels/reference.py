@@ -166,8 +166,7 @@ def _rotate(x: Tensor, positions: Tensor, in_sequence: Tensor, cos: Tensor, sin:
     nan = torch.tensor(float("nan"), device=x.device, dtype=wide)
     c = torch.where(in_table[..., None], cos.to(wide)[rows], nan)
     s = torch.where(in_table[..., None], sin.to(wide)[rows], nan)
-    c = torch.where(in_sequence[..., None], c, 1.0)[..., None, :]  # (B, S, 1, half)
-    s = torch.where(in_sequence[..., None], s, 0.0)[..., None, :]
+    c, s = c[..., None, :], s[..., None, :]  # (B, S, 1, half)
     if conjugate:
         s = -s
     rotated = x[..., :rotary_dim].to(wide)
@@ -178,7 +177,9 @@ def _rotate(x: Tensor, positions: Tensor, in_sequence: Tensor, cos: Tensor, sin:
     o1 = x1 * c - x2 * s
     o2 = x2 * c + x1 * s
     out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
-    return torch.cat((out.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+    # Padding tokens (packed, past cu_seqlens[-1]) pass through bit for bit.
+    out = torch.where(in_sequence[..., None, None], out.to(x.dtype), x[..., :rotary_dim])
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
 
 
 def apply_rotary(
@@ -234,13 +235,14 @@ def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size: Sequ
 
 def _attention_dense(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float,
                      window_size: Sequence[int]) -> Tuple[Tensor, Tensor]:
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq) fp32."""
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq) fp32 (fp64
+    for fp64 inputs)."""
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
     allowed = attention_mask(q.shape[1], k.shape[1], causal, window_size, q.device)
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    scores = scores.to(_compute_dtype(scores)).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Rows that see no key: softmax of all -inf is NaN; define them as zero output.
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
@@ -282,7 +284,7 @@ def attention(
     if cu_seqlens_k is None:
         raise ValueError("packed attention needs both cu_seqlens_q and cu_seqlens_k")
     out = q.new_zeros(q.shape[:-1] + v.shape[-1:])
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device, dtype=_compute_dtype(q))
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(starts_q) - 1):
         q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+#include <limits>
+
 #include "checks.h"
 #include "dispatch.h"
 #include "glue.h"
@@ -49,6 +52,7 @@ void rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual
   check_vector(op, "weight", weight, x, cols, {x.scalar_type(), at::kFloat});
   check_rows(op, "out", out, x);
   check_vector(op, "rstd", rstd, x, rows, {at::kFloat});
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows, got ", rows);
   const bool fused = residual.has_value();
   if (fused) {
     check_rows(op, "residual", *residual, x);

@@ -3,6 +3,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
+#include <limits>
+
 #include "checks.h"
 #include "dispatch.h"
 #include "glue.h"
@@ -37,6 +40,16 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
   TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": cos ", cos.sizes(), " and sin ", sin.sizes(), " differ");
   TORCH_CHECK(2 * cos.size(1) <= q.size(3), op, ": rotary_dim ", 2 * cos.size(1), " exceeds head_dim ", q.size(3));
   TORCH_CHECK(q.size(0) <= 65535, op, ": at most 65535 batch rows per launch, got ", q.size(0));
+  TORCH_CHECK(q.size(1) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 tokens, got ", q.size(1));
+  TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535, op, ": too many heads or features: ", q.sizes(),
+              " ", k.sizes());
+  // In place means the outputs are the inputs; out of place they must not share memory.
+  const bool same_q = q_out.data_ptr() == q.data_ptr() && q_out.strides() == q.strides();
+  const bool same_k = k.size(2) == 0 || (k_out.data_ptr() == k.data_ptr() && k_out.strides() == k.strides());
+  TORCH_CHECK(inplace ? (same_q && same_k) : (q_out.data_ptr() != q.data_ptr()), op,
+              ": inplace=", inplace, " but the outputs ", inplace ? "are not" : "are", " the inputs");
+  TORCH_CHECK(!inplace || k.size(2) == 0 || k.data_ptr() != q.data_ptr(), op,
+              ": in place, q and k must not share memory");
 
   RotaryParams p;
   p.q = q.data_ptr();

@@ -6,6 +6,6 @@ Modules are imported lazily by the ops layer, so the package works where Triton 
 import os as _os
 
 if _os.environ.get("TRITON_INTERPRET", "0") == "1":
-    from internlm_kernels.triton._interpreter import patch_bf16_rounding
+    from internlm_kernels.triton._interpreter import patch_bf16
 
-    patch_bf16_rounding()
+    patch_bf16()

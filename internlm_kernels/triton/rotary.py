@@ -89,14 +89,14 @@ def _rotary_kernel(
             ends = tl.load(CU_SEQLENS + idx, mask=idx <= num_sequences, other=2147483647)
             sequence += tl.sum((ends <= token).to(tl.int64), axis=0)
         in_sequence = sequence < num_sequences
-        sequence = tl.minimum(sequence, num_sequences - 1)
+        sequence = tl.maximum(tl.minimum(sequence, num_sequences - 1), 0)
         local_index = token - tl.load(CU_SEQLENS + sequence).to(tl.int64)
     if HAS_POSITION_IDS:
         position = tl.load(POSITION_IDS + batch * stride_pos_b + token * stride_pos_s).to(tl.int64)
     else:
         position = local_index + seqlen_offset
         if HAS_OFFSETS_TENSOR:
-            position += tl.load(SEQLEN_OFFSETS + sequence).to(tl.int64)
+            position += tl.load(SEQLEN_OFFSETS + sequence, mask=sequence < num_sequences, other=0).to(tl.int64)
 
     # --- cos / sin of this position: NaN outside the table, identity for padding tokens
     pairs = tl.arange(0, BLOCK_R)
@@ -104,9 +104,6 @@ def _rotary_kernel(
     in_table = (position >= 0) & (position < table_len)
     cos = tl.load(COS + position * stride_cos + pairs, mask=pair_ok & in_table, other=float("nan")).to(tl.float32)
     sin = tl.load(SIN + position * stride_sin + pairs, mask=pair_ok & in_table, other=float("nan")).to(tl.float32)
-    if IS_VARLEN:
-        cos = tl.where(in_sequence, cos, 1.0)
-        sin = tl.where(in_sequence, sin, 0.0)
     if CONJUGATE:
         sin = -sin
 
@@ -122,11 +119,16 @@ def _rotary_kernel(
         first = pairs
         second = pairs + rotary_half
     mask = head_ok[:, None] & pair_ok[None, :]
-    x1 = tl.load(x_base + first[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_base + second[None, :], mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_base + first[None, :], mask=mask, other=0.0)
+    x2 = tl.load(x_base + second[None, :], mask=mask, other=0.0)
     out_dtype = OUT.dtype.element_ty
-    tl.store(o_base + first[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(out_dtype), mask=mask)
-    tl.store(o_base + second[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(out_dtype), mask=mask)
+    o1 = (x1.to(tl.float32) * cos[None, :] - x2.to(tl.float32) * sin[None, :]).to(out_dtype)
+    o2 = (x2.to(tl.float32) * cos[None, :] + x1.to(tl.float32) * sin[None, :]).to(out_dtype)
+    if IS_VARLEN:  # padding tokens pass through bit for bit
+        o1 = tl.where(in_sequence, o1, x1)
+        o2 = tl.where(in_sequence, o2, x2)
+    tl.store(o_base + first[None, :], o1, mask=mask)
+    tl.store(o_base + second[None, :], o2, mask=mask)
 
     if COPY_REST:  # out of place with partial rotary: features past rotary_dim pass through
         rest = 2 * rotary_half + tl.arange(0, BLOCK_REST)

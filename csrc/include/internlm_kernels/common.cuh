@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "internlm_kernels/common.h"
 
@@ -90,18 +91,24 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t col, int64_t n_cols
 // A tensor whose dtype is either the kernel's T or fp32, decided at run time. The branch is
 // uniform across the grid, so it costs no divergence; it keeps the number of template
 // instantiations (and the build time) small.
+// (For T = float both branches are the same code: decided at compile time, which also frees
+// a predicate register.)
 template <int N, typename T>
 __device__ __forceinline__ void load_floats_t_or_f32(const void* ptr, bool is_fp32, int64_t col, int64_t n_cols,
                                                      bool vector_ok, float (&out)[N]) {
-  if (is_fp32) load_floats<float, N>(static_cast<const float*>(ptr), col, n_cols, vector_ok, out);
-  else load_floats<T, N>(static_cast<const T*>(ptr), col, n_cols, vector_ok, out);
+  if (std::is_same<T, float>::value || is_fp32)
+    load_floats<float, N>(static_cast<const float*>(ptr), col, n_cols, vector_ok, out);
+  else
+    load_floats<T, N>(static_cast<const T*>(ptr), col, n_cols, vector_ok, out);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_floats_t_or_f32(void* ptr, bool is_fp32, int64_t col, int64_t n_cols,
                                                       bool vector_ok, const float (&in)[N]) {
-  if (is_fp32) store_floats<float, N>(static_cast<float*>(ptr), col, n_cols, vector_ok, in);
-  else store_floats<T, N>(static_cast<T*>(ptr), col, n_cols, vector_ok, in);
+  if (std::is_same<T, float>::value || is_fp32)
+    store_floats<float, N>(static_cast<float*>(ptr), col, n_cols, vector_ok, in);
+  else
+    store_floats<T, N>(static_cast<T*>(ptr), col, n_cols, vector_ok, in);
 }
 
 // base + elements * element_size bytes, for tensors whose dtype is a run-time choice.

@@ -180,19 +180,47 @@ __device__ __forceinline__ float load_x_dy(const RmsNormBwdParams& p, const Vect
   return gx;  // sum of g * x over the chunk (times rstd later)
 }
 
+// dw_row[col .. col + kVec) (+)= values, as float4 accesses: a thread's kVec floats are
+// contiguous, so scalar accesses would hit the same banks kVec-ways. Rows are padded to a
+// multiple of 4 floats, so every chunk start is 16-byte aligned.
+template <int kVec>
+__device__ __forceinline__ void add_to_shared(float* dw_row, int64_t col, int64_t cols, const float (&values)[kVec],
+                                              bool overwrite) {
+  if constexpr (kVec % 4 == 0) {
+    if (col + kVec <= cols) {
+      float4* dst = reinterpret_cast<float4*>(dw_row + col);
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v) {
+        float4 current = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f) : dst[v];
+        current.x += values[4 * v];
+        current.y += values[4 * v + 1];
+        current.z += values[4 * v + 2];
+        current.w += values[4 * v + 3];
+        dst[v] = current;
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; ++i)
+    if (col + i < cols) dw_row[col + i] = (overwrite ? 0.f : dw_row[col + i]) + values[i];
+}
+
 // Persistent over rows; dweight partials in dynamic shared memory, one row per row slot.
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const RmsNormBwdParams p,
                                                                         const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
   __shared__ float scratch[kMaxRowsPerBlock * 32];
-  extern __shared__ float dw_shared[];  // [blockDim.y][cols]
-  float* dw_row = p.dweight_partial != nullptr ? dw_shared + threadIdx.y * p.cols : nullptr;
+  extern __shared__ float4 dw_shared[];  // [blockDim.y][padded_cols(cols)] floats
+  float* dw_row = p.dweight_partial != nullptr
+                      ? reinterpret_cast<float*>(dw_shared) + threadIdx.y * padded_cols(p.cols)
+                      : nullptr;
   if (dw_row != nullptr) {
-    for (int64_t col = threadIdx.x * int64_t(kVec); col < p.cols; col += int64_t(blockDim.x) * kVec)
-#pragma unroll
-      for (int i = 0; i < kVec; ++i)
-        if (col + i < p.cols) dw_row[col + i] = 0.f;
+    for (int64_t col = threadIdx.x * int64_t(kVec); col < p.cols; col += int64_t(blockDim.x) * kVec) {
+      const float zeros[kVec] = {};
+      add_to_shared<kVec>(dw_row, col, p.cols, zeros, /*overwrite=*/true);
+    }
   }
   float x[kMaxBwdItems][kVec], dy[kMaxBwdItems][kVec];
   const int64_t step = int64_t(gridDim.x) * blockDim.y;
@@ -214,10 +242,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
       if (col < p.cols) {
         float dw[kVec];
         bwd_chunk<T, kFused, kVec>(p, vec, row, col, rstd, mean_gx, x[item], dy[item], dw);
-        if (dw_row != nullptr)
-#pragma unroll
-          for (int i = 0; i < kVec; ++i)
-            if (col + i < p.cols) dw_row[col + i] += dw[i];
+        if (dw_row != nullptr) add_to_shared<kVec>(dw_row, col, p.cols, dw, /*overwrite=*/false);
       }
     }
   }
@@ -327,7 +352,8 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) 
   int64_t partial_rows = blocks;
   if (config.in_registers) {
     partial_rows = blocks * config.rows_per_block;
-    const size_t shared = p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * p.cols : 0;
+    const size_t shared =
+        p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * padded_cols(p.cols) : 0;
     auto kernel = rms_norm_bwd_kernel<T, kFused>;
     if (shared > 48 * 1024) {
       const cudaError_t error =

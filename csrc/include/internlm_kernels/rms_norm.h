@@ -106,13 +106,22 @@ inline LaunchConfig launch_config(int64_t cols, int vec, int max_items) {
   return {kLoopedThreads, 1, false};
 }
 
-// Persistent backward grid: twice the SM count fills the GPU (two 512-thread blocks per SM)
-// and bounds the dweight workspace to a few MB.
+// Persistent backward grid: about 1024 resident threads per SM (half of an H100 SM's 2048),
+// enough to keep loads in flight, while the fp32 dweight workspace (one row per row slot of
+// every block) stays a few MB, small next to the tensors the backward streams.
+constexpr int kBwdThreadsPerSm = 1024;
+
 inline int64_t bwd_blocks(int64_t rows, const LaunchConfig& config) {
   const int64_t row_blocks = (rows + config.rows_per_block - 1) / config.rows_per_block;
-  const int64_t cap = 2 * int64_t(multiprocessor_count());
+  const int64_t threads = int64_t(config.threads_per_row) * config.rows_per_block;
+  const int64_t per_sm = threads < kBwdThreadsPerSm ? kBwdThreadsPerSm / threads : 1;
+  const int64_t cap = per_sm * int64_t(multiprocessor_count());
   return row_blocks < cap ? (row_blocks > 0 ? row_blocks : 1) : cap;
 }
+
+// Shared-memory dweight rows are padded to 4 floats so every chunk is float4-aligned.
+// (constexpr: also callable from device code under --expt-relaxed-constexpr.)
+constexpr int64_t padded_cols(int64_t cols) { return (cols + 3) / 4 * 4; }
 
 }  // namespace rms_norm_detail
 

@@ -9,7 +9,7 @@
 // interleaved: 2 * kVec contiguous values). Offsets are int64.
 //
 // Out-of-table positions give NaN (never an out-of-bounds read); packed tokens past
-// cu_seqlens[-1] are padding and pass through unchanged.
+// cu_seqlens[-1] are padding and pass through unchanged (copied bit for bit).
 #pragma once
 
 #include <cmath>
@@ -22,8 +22,8 @@ namespace rotary_detail {
 
 constexpr int kThreads = 128;
 
-struct Vectorized {
-  bool q, q_out, k, k_out, tables;
+struct Vectorized {  // 16-byte access allowed for: q and q_out together, k and k_out, the tables
+  bool q, k, tables;
 };
 
 __device__ __forceinline__ int64_t load_index(const void* ptr, bool is_int64, int64_t offset) {
@@ -41,21 +41,21 @@ __device__ __forceinline__ int64_t find_sequence(const int32_t* cu_seqlens, int6
   return low;
 }
 
-template <typename T, int kVec>
-__device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const RotaryParams& p, bool x_vec,
-                                             bool out_vec, const float (&cos)[kVec], const float (&sin)[kVec]) {
+template <typename T, bool kInterleaved, int kVec>
+__device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const RotaryParams& p, bool vec_ok,
+                                             const float (&cos)[kVec], const float (&sin)[kVec]) {
   float a[kVec], b[kVec];  // the two members of each pair
-  if (p.interleaved) {
+  if constexpr (kInterleaved) {
     float both[2 * kVec];
-    load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), x_vec, both);
+    load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok, both);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       a[i] = both[2 * i];
       b[i] = both[2 * i + 1];
     }
   } else {
-    load_floats<T, kVec>(x, pair, p.rotary_half, x_vec, a);
-    load_floats<T, kVec>(x + p.rotary_half, pair, p.rotary_half, x_vec, b);
+    load_floats<T, kVec>(x, pair, p.rotary_half, vec_ok, a);
+    load_floats<T, kVec>(x + p.rotary_half, pair, p.rotary_half, vec_ok, b);
   }
   float ra[kVec], rb[kVec];
 #pragma unroll
@@ -63,21 +63,39 @@ __device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const
     ra[i] = a[i] * cos[i] - b[i] * sin[i];
     rb[i] = b[i] * cos[i] + a[i] * sin[i];
   }
-  if (p.interleaved) {
+  if constexpr (kInterleaved) {
     float both[2 * kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       both[2 * i] = ra[i];
       both[2 * i + 1] = rb[i];
     }
-    store_floats<T, 2 * kVec>(out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), out_vec, both);
+    store_floats<T, 2 * kVec>(out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok, both);
   } else {
-    store_floats<T, kVec>(out, pair, p.rotary_half, out_vec, ra);
-    store_floats<T, kVec>(out + p.rotary_half, pair, p.rotary_half, out_vec, rb);
+    store_floats<T, kVec>(out, pair, p.rotary_half, vec_ok, ra);
+    store_floats<T, kVec>(out + p.rotary_half, pair, p.rotary_half, vec_ok, rb);
   }
 }
 
-template <typename T>
+// Copy elements [col, col + N) of a row unchanged (padding tokens, out of place): raw
+// 16-byte moves when aligned and in bounds, element by element otherwise.
+template <typename T, int N>
+__device__ __forceinline__ void copy_elements(const T* src, T* dst, int64_t col, int64_t n_cols, bool vector_ok) {
+  static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
+  if (vector_ok && col + N <= n_cols) {
+#pragma unroll
+    for (int v = 0; v < int(N * sizeof(T) / 16); ++v)
+      reinterpret_cast<uint4*>(dst + col)[v] = reinterpret_cast<const uint4*>(src + col)[v];
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (col + i < n_cols) dst[col + i] = src[col + i];
+  }
+}
+
+// The layout is a template parameter and the conjugate flag a sign, so the loop keeps few
+// predicates live (with both as run-time flags ptxas spilled predicate registers).
+template <typename T, bool kInterleaved>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
   const int64_t token = blockIdx.x, batch = blockIdx.y;
@@ -109,6 +127,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int64_t position = shared_position;
   const bool in_sequence = shared_in_sequence;
   const bool in_table = position >= 0 && position < p.table_len;
+  const float sin_sign = p.conjugate ? -1.f : 1.f;
 
   const int chunks_per_head = (p.rotary_half + kVec - 1) / kVec;
   const int items = (p.heads_q + p.heads_k) * chunks_per_head;
@@ -118,37 +137,37 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     const bool is_q = head < p.heads_q;
     const T* x;
     T* out;
-    bool x_vec, out_vec;
     if (is_q) {
       x = static_cast<const T*>(p.q) + batch * p.q_stride_b + token * p.q_stride_s + head * p.q_stride_h;
       out = static_cast<T*>(p.q_out) + batch * p.q_out_stride_b + token * p.q_out_stride_s + head * p.q_out_stride_h;
-      x_vec = vec.q;
-      out_vec = vec.q_out;
     } else {
       const int64_t h = head - p.heads_q;
       x = static_cast<const T*>(p.k) + batch * p.k_stride_b + token * p.k_stride_s + h * p.k_stride_h;
       out = static_cast<T*>(p.k_out) + batch * p.k_out_stride_b + token * p.k_out_stride_s + h * p.k_out_stride_h;
-      x_vec = vec.k;
-      out_vec = vec.k_out;
+    }
+    const bool vec_ok = is_q ? vec.q : vec.k;
+    if (!in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
+      if (!p.inplace) {
+        if constexpr (kInterleaved) {
+          copy_elements<T, 2 * kVec>(x, out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok);
+        } else {
+          copy_elements<T, kVec>(x, out, pair, p.rotary_half, vec_ok);
+          copy_elements<T, kVec>(x + p.rotary_half, out + p.rotary_half, pair, p.rotary_half, vec_ok);
+        }
+      }
+      continue;
     }
     float cos[kVec], sin[kVec];
-    if (!in_sequence) {  // padding: identity rotation
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        cos[i] = 1.f;
-        sin[i] = 0.f;
-      }
-    } else if (!in_table) {
+    if (!in_table) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) cos[i] = sin[i] = nanf("");
     } else {
       load_floats<float, kVec>(p.cos + position * p.cos_stride, pair, p.rotary_half, vec.tables, cos);
       load_floats<float, kVec>(p.sin + position * p.sin_stride, pair, p.rotary_half, vec.tables, sin);
-      if (p.conjugate)
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) sin[i] = -sin[i];
+      for (int i = 0; i < kVec; ++i) sin[i] *= sin_sign;
     }
-    rotate_chunk<T, kVec>(x, out, pair, p, x_vec, out_vec, cos, sin);
+    rotate_chunk<T, kInterleaved, kVec>(x, out, pair, p, vec_ok, cos, sin);
   }
 
   // Out of place with partial rotary: the features past rotary_dim pass through.
@@ -177,18 +196,19 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   // The half layout reads each half as vectors, so the half width must keep alignment too.
   const int64_t half_bytes = int64_t(p.rotary_half) * sizeof(T);
   const bool halves_ok = p.interleaved || half_bytes % 16 == 0;
+  auto tensor_ok = [&](const void* ptr, int64_t sb, int64_t ss, int64_t sh) {
+    return vectorizable(ptr, sizeof(T), sb, ss) && vectorizable(ptr, sizeof(T), sh);
+  };
   Vectorized vec{};
-  vec.q = halves_ok && vectorizable(p.q, sizeof(T), p.q_stride_b, p.q_stride_s) &&
-          vectorizable(p.q, sizeof(T), p.q_stride_h);
-  vec.q_out = halves_ok && vectorizable(p.q_out, sizeof(T), p.q_out_stride_b, p.q_out_stride_s) &&
-              vectorizable(p.q_out, sizeof(T), p.q_out_stride_h);
-  vec.k = halves_ok && (p.heads_k == 0 || (vectorizable(p.k, sizeof(T), p.k_stride_b, p.k_stride_s) &&
-                                           vectorizable(p.k, sizeof(T), p.k_stride_h)));
-  vec.k_out = halves_ok && (p.heads_k == 0 || (vectorizable(p.k_out, sizeof(T), p.k_out_stride_b, p.k_out_stride_s) &&
-                                               vectorizable(p.k_out, sizeof(T), p.k_out_stride_h)));
+  vec.q = halves_ok && tensor_ok(p.q, p.q_stride_b, p.q_stride_s, p.q_stride_h) &&
+          tensor_ok(p.q_out, p.q_out_stride_b, p.q_out_stride_s, p.q_out_stride_h);
+  vec.k = halves_ok && (p.heads_k == 0 || (tensor_ok(p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h) &&
+                                           tensor_ok(p.k_out, p.k_out_stride_b, p.k_out_stride_s, p.k_out_stride_h)));
   vec.tables = vectorizable(p.cos, sizeof(float), p.cos_stride) && vectorizable(p.sin, sizeof(float), p.sin_stride);
   if (p.batch > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
-  rotary_kernel<T><<<dim3(unsigned(p.seqlen), unsigned(p.batch)), kThreads, 0, stream>>>(p, vec);
+  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch));
+  if (p.interleaved) rotary_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, vec);
+  else rotary_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, vec);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,359 @@
+"""Fused attention: public functions, torch.library ops, autograd.
+
+Registered ops (namespace ``internlm_kernels``):
+
+  flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
+                 window_right, backend) -> (out, lse)                            differentiable
+  flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+                 window_left, window_right, backend) -> (dq, dk, dv)
+  flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, softmax_scale, causal,
+                     window_left, window_right, backend) -> out                  inference
+
+The API mirrors flash-attention's ``flash_attn_func`` / ``flash_attn_varlen_func`` /
+``flash_attn_with_kvcache`` so model code can switch. The "torch" backend is the eager
+reference (any dtype and head dim; its varlen path syncs with the host).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from internlm_kernels import reference
+from internlm_kernels._checks import (
+    check_cu_seqlens, check_dim, check_dtype, check_last_dim_contiguous, check_same_device, check_same_dtype,
+    check_tensor,
+)
+from internlm_kernels.backends import choose_backend
+from internlm_kernels.ops._kernels import kernels
+from internlm_kernels.ops.rotary import apply_rotary
+
+Tensor = torch.Tensor
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# checks and backend limits
+# --------------------------------------------------------------------------------------
+
+
+def _check_window(op: str, window_size) -> Tuple[int, int]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and
+            all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"{op}: window_size must be (left, right) ints >= -1 (-1: unbounded), got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    if k.shape[-2] != v.shape[-2] or k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: head_dim must match: q has {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of k/v heads ({k.shape[-2]})")
+
+
+def _kernel_limits(op: str, q: Tensor):
+    """Why a kernel backend cannot serve these arguments (None when it can)."""
+    head_dim = q.shape[-1]
+
+    def unsupported(backend: str) -> Optional[str]:
+        if backend == "cuda":
+            return "this build has no CUDA C++ attention kernel (use backend='triton')"
+        if backend == "triton":
+            if q.dtype not in KERNEL_DTYPES:
+                return f"the triton kernels take float16 or bfloat16, got {q.dtype} (auto serves it with torch)"
+            if head_dim > MAX_HEAD_DIM or head_dim % 8:
+                return f"the triton kernels take head_dim a multiple of 8 up to {MAX_HEAD_DIM}, got {head_dim}"
+        return None
+    return unsupported
+
+
+def _check_attention_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t)
+        check_dtype(op, name, t)
+        check_last_dim_contiguous(op, name, t)
+    check_same_dtype(op, "k", k, "q", q)
+    check_same_dtype(op, "v", v, "q", q)
+    check_same_device(op, "q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed and (cu_seqlens_q is None or cu_seqlens_k is None):
+        raise ValueError(f"{op}: packed (varlen) attention needs both cu_seqlens_q and cu_seqlens_k")
+    layout = "(T, H, D) with cu_seqlens" if packed else "(B, S, H, D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_dim(op, name, t, (3,) if packed else (4,), layout)
+    _check_heads(op, q, k, v)
+    if packed:
+        check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, "q", q)
+        check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, "q", q, num_sequences=cu_seqlens_q.shape[0] - 1)
+    elif q.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: q has batch {q.shape[0]} but k has {k.shape[0]}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None and not isinstance(value, int):
+            raise TypeError(f"{op}: {name} must be a host int or None (lengths are read on the device), "
+                            f"got {type(value).__name__}")
+    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+
+
+def _lse_shape(q: Tensor, packed: bool):
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    return t[None] if t.dim() == 3 else t
+
+
+def _lse_as_3d(lse: Tensor) -> Tensor:
+    return lse[None] if lse.dim() == 2 else lse
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------
+
+
+def _new_outputs(q: Tensor, packed: bool) -> Tuple[Tensor, Tensor]:
+    # Packed inputs may carry padding rows past cu_seqlens_q[-1]: defined as zero / -inf.
+    if packed:
+        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
+            torch.full(_lse_shape(q, packed), float("-inf"), device=q.device, dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty(_lse_shape(q, packed), device=q.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                    softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    packed = cu_seqlens_q is not None
+    out, lse = _new_outputs(q, packed)
+    if q.numel() > 0 and k.numel() == 0:  # no keys at all: zeros and -inf, nothing to launch
+        return out.zero_(), lse.fill_(float("-inf"))
+    if q.numel() > 0:
+        kernels(backend, "attention").attention_fwd(
+            _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out), _lse_as_3d(lse), cu_seqlens_q, cu_seqlens_k,
+            softmax_scale, causal, (window_left, window_right))
+    return out, lse
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty(_lse_shape(q, cu_seqlens_q is not None), device=q.device, dtype=torch.float32))
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], softmax_scale: float,
+                    causal: bool, window_left: int, window_right: int,
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    packed = cu_seqlens_q is not None
+    allocate = torch.zeros_like if packed else torch.empty_like  # packed padding rows get zero gradients
+    dq, dk, dv = (allocate(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if q.numel() > 0 and k.numel() > 0:
+        kernels(backend, "attention").attention_bwd(
+            _as_4d(dout), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out), _lse_as_3d(lse),
+            _as_4d(dq), _as_4d(dk), _as_4d(dv), cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
+            (window_left, window_right))
+    elif not packed:
+        for grad in (dq, dk, dv):
+            grad.zero_()
+    return dq, dk, dv
+
+
+@_flash_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right,
+      backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.settings = (softmax_scale, causal, window_left, window_right, backend)
+
+
+def _fwd_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _flash_attn_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                 *ctx.settings)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("internlm_kernels::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
+def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                        cache_seqlens: Tensor, softmax_scale: float, causal: bool, window_left: int,
+                        window_right: int, backend: str) -> Tensor:
+    launch = kernels(backend, "attention")
+    new_tokens = 0
+    if k is not None:
+        launch.kvcache_append(k, k_cache, cache_seqlens)
+        launch.kvcache_append(v, v_cache, cache_seqlens)
+        new_tokens = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.numel() > 0:
+        launch.attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens, softmax_scale, causal,
+                                (window_left, window_right))
+    return out
+
+
+@_flash_attn_kvcache.register_fake
+def _(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_left, window_right, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1),
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+):
+    """Softmax attention, fused: ``softmax(q k^T * scale + mask) v``.
+
+    q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides with a contiguous last dim; or
+    packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with cu_seqlens_q / cu_seqlens_k (B+1,) int32
+    (zero-length sequences allowed; lengths are read on the device, so ``max_seqlen_*`` are
+    optional host ints, accepted for flash-attention compatibility). GQA/MQA when Hq % Hkv
+    == 0: query head i uses KV head i // (Hq / Hkv), with no copy of K/V. ``causal`` aligns
+    to the bottom-right corner when Sq != Sk; ``window_size=(left, right)`` limits each query
+    to keys in [i + Sk - Sq - left, i + Sk - Sq + right] (-1: unbounded). Default scale
+    D ** -0.5. Rows that see no key output zeros (lse -inf).
+
+    Returns out (like q), and with ``return_lse`` the fp32 log-sum-exp (B, Hq, Sq), or
+    (Hq, Tq) packed. Differentiable in q, k, v. The Triton backward uses no atomics, so it
+    is deterministic whether or not ``deterministic`` is set.
+    Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; "auto" hands
+    other calls (float32, odd head dims, CPU tensors) to the eager reference.
+    """
+    op = "flash_attention"
+    _check_attention_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    window = _check_window(op, window_size)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q))
+    if chosen == "torch":
+        return reference.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
+                                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
+    if cu_seqlens_q is not None:
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window[0], window[1],
+                               chosen)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    *,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    cache_seqlens: Union[None, int, Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window_size: Sequence[int] = (-1, -1),
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Decoding / chunked prefill over a preallocated KV cache (inference).
+
+    q (B, Sq, Hq, D); k_cache, v_cache (B, S_max, Hkv, D), updated in place; k, v (B, Snew,
+    Hkv, D) new entries written at positions ``cache_seqlens[b] + i`` (int or (B,) int32
+    tensor; None: the cache already holds S_max - Snew entries). With rotary_cos/sin ((table,
+    rotary_dim / 2), as ``rotary_cos_sin``), q and the new k are first rotated at positions
+    ``cache_seqlens[b] + i``. Each sequence then attends over its cache_seqlens[b] + Snew
+    entries, causal aligned bottom-right. The KV dimension is split across programs
+    (flash-decoding), sized from S_max, so a batch of one fills the GPU and CUDA graphs
+    replay with new lengths. A sequence whose new entries would not fit gets NaN outputs
+    (its cache is left unwritten past the capacity).
+    """
+    op = "flash_attention_with_kvcache"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(op, name, t)
+        check_dtype(op, name, t)
+        check_dim(op, name, t, (4,), "(B, S, H, D)")
+        check_last_dim_contiguous(op, name, t)
+    check_same_dtype(op, "k_cache", k_cache, "q", q)
+    check_same_dtype(op, "v_cache", v_cache, "q", q)
+    if (k is None) != (v is None):
+        raise ValueError(f"{op}: pass k and v together (new cache entries) or neither")
+    check_same_device(op, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
+                      cache_seqlens=cache_seqlens if isinstance(cache_seqlens, Tensor) else None,
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+    _check_heads(op, q, k_cache, v_cache)
+    batch, capacity = q.shape[0], k_cache.shape[1]
+    if k_cache.shape[0] != batch:
+        raise ValueError(f"{op}: k_cache has batch {k_cache.shape[0]} but q has {batch}")
+    new_tokens = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(op, name, t)
+            check_same_dtype(op, name, t, "q", q)
+            check_dim(op, name, t, (4,), "(B, Snew, Hkv, D)")
+            check_last_dim_contiguous(op, name, t)
+            if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:] or t.shape[1] != k.shape[1]:
+                raise ValueError(f"{op}: {name} {tuple(t.shape)} must be (B, Snew, Hkv, D) = "
+                                 f"({batch}, Snew, {k_cache.shape[2]}, {k_cache.shape[3]})")
+        new_tokens = k.shape[1]
+        if new_tokens > capacity:
+            raise ValueError(f"{op}: the cache holds {capacity} positions, too short for {new_tokens} new tokens")
+    if cache_seqlens is None:
+        cache_seqlens = capacity - new_tokens
+    if isinstance(cache_seqlens, int):
+        if cache_seqlens < 0 or cache_seqlens + new_tokens > capacity:
+            raise ValueError(f"{op}: cache_seqlens {cache_seqlens} + {new_tokens} new tokens exceeds the cache "
+                             f"capacity {capacity}")
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        check_tensor(op, "cache_seqlens", cache_seqlens)
+        check_dtype(op, "cache_seqlens", cache_seqlens, (torch.int32,))
+        if tuple(cache_seqlens.shape) != (batch,):
+            raise ValueError(f"{op}: cache_seqlens must be an int or have shape (B,) = ({batch},), "
+                             f"got {tuple(cache_seqlens.shape)}")
+        cache_seqlens = cache_seqlens.contiguous()
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError(f"{op}: pass rotary_cos and rotary_sin together")
+    window = _check_window(op, window_size)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
+                           f"(run under torch.no_grad() or use flash_attention)")
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q))
+    if chosen == "torch":
+        return reference.attention_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
+            window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+    if rotary_cos is not None:
+        q, k = apply_rotary(q, k, rotary_cos, rotary_sin, seqlen_offsets=cache_seqlens,
+                            interleaved=rotary_interleaved, backend=chosen)
+    return _flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, bool(causal), window[0],
+                               window[1], chosen)

@@ -1,0 +1,680 @@
+"""Triton fused attention: FlashAttention-2-style forward and backward, GQA, causal, sliding
+window, packed varlen, and split-KV decoding over a KV cache.
+
+Tiling of queries ("packed rows"). A program owns one KV head and a tile of BLOCK_M rows of
+its query group: row r is query position r // GROUP of query head kv_head * GROUP + r % GROUP.
+Each K/V tile is therefore loaded once for the whole group (no repeat in memory), and a
+decode step (one position, GROUP heads) still fills the tile's rows.
+
+Masks are bottom-right aligned: a query at position i of a sequence with Sq queries and Sk
+keys sees key j when ``j <= i + (Sk - Sq) + right`` (right = 0 when causal) and
+``j >= i + (Sk - Sq) - left`` (each side only when bounded). Key blocks every row of a tile
+fully sees skip the mask (``MASK`` constexpr), as in the Triton tutorial.
+
+Packed varlen: tiles of all sequences are numbered consecutively; a program finds its
+sequence by scanning cu_seqlens on the device (tiles of sequence b: cdiv(len_b * rows per
+position, BLOCK)). The grid is sized from the packed length alone (sum of tiles <= T/BLOCK + B),
+so no host sync and no max_seqlen are needed, and CUDA graphs replay with new lengths.
+
+Backward: one kernel for dK/dV (per key tile, looping over the group's query rows, so dK/dV
+are summed over the group) and one for dQ (per query tile); no atomics, so every run gives
+the same bits. Softmax is computed in base 2 with the scale folded into one multiply.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SEQUENCE_SCAN_BLOCK = 128
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# --------------------------------------------------------------------------------------
+# tile configuration: the one place block sizes are chosen
+# --------------------------------------------------------------------------------------
+
+
+def _shapes(head_dim_padded: int, backward: bool):
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned by head dim so shared memory
+    fits on A100/H100 and the first call tunes only two or three configs."""
+    if INTERPRETER:  # the CPU interpreter: small tiles keep numpy fast
+        return [(16, 16, 4, 1)]
+    if backward:
+        return [(64, 64, 4, 2), (32, 64, 4, 2)] if head_dim_padded <= 128 else [(32, 32, 4, 1), (16, 32, 4, 1)]
+    if head_dim_padded <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    if head_dim_padded <= 128:
+        return [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+    return [(64, 64, 4, 2), (64, 32, 4, 2)]
+
+
+def _config(shape) -> "triton.Config":
+    block_m, block_n, warps, stages = shape
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def _autotuned(kernel, backward: bool, key):
+    """Autotune over ``_shapes`` keyed on head dim, group size and mask kind (Triton's cache
+    key adds the GPU). Under the interpreter the launcher passes the single shape itself."""
+    if INTERPRETER:
+        return kernel
+    every_shape = sorted({shape for dim in (64, 128, 256) for shape in _shapes(dim, backward)})
+
+    def prune(configs, named_args, **kwargs):
+        wanted = set(_shapes(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128)), backward))
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        return kept or configs[:1]
+
+    return triton.autotune(configs=[_config(shape) for shape in every_shape], key=key,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _interpreter_blocks(head_dim_padded: int, backward: bool) -> dict:
+    """BLOCK_M / BLOCK_N passed explicitly when there is no autotuner (the interpreter)."""
+    if not INTERPRETER:
+        return {}
+    block_m, block_n, _, _ = _shapes(head_dim_padded, backward)[0]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n}
+
+
+# --------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _locate_tile(CU_SEQLENS, num_sequences, tile, ROWS_PER_POSITION: tl.constexpr, BLOCK: tl.constexpr,
+                 BLOCK_SEQS: tl.constexpr):
+    """(sequence, tile within it) of a flattened tile index; sequence == num_sequences when the
+    index lies past the last tile (the program then has nothing to do)."""
+    sequence = tile * 0
+    tiles_before = tile * 0
+    running = tile * 0
+    for start in range(0, num_sequences, BLOCK_SEQS):
+        idx = start + tl.arange(0, BLOCK_SEQS)
+        ok = idx < num_sequences
+        begin = tl.load(CU_SEQLENS + idx, mask=ok, other=0)
+        end = tl.load(CU_SEQLENS + idx + 1, mask=ok, other=0)
+        tiles = tl.where(ok, ((end - begin) * ROWS_PER_POSITION + BLOCK - 1) // BLOCK, 0)
+        ends = running + tl.cumsum(tiles, axis=0)
+        done = ok & (ends <= tile)
+        sequence += tl.sum(done.to(tl.int32), axis=0)
+        tiles_before = tl.maximum(tiles_before, tl.max(tl.where(done, ends, 0), axis=0))
+        running += tl.sum(tiles, axis=0)
+    return sequence, tile - tiles_before
+
+
+@triton.jit
+def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence, IS_VARLEN: tl.constexpr,
+                     seqlen_q, seqlen_k):
+    """(q start, q length, k start, k length) of a sequence; zero lengths past the last one."""
+    if IS_VARLEN:
+        valid = sequence < num_sequences
+        s = tl.maximum(tl.minimum(sequence, num_sequences - 1), 0)
+        q_start = tl.load(CU_SEQLENS_Q + s).to(tl.int64)
+        q_len = tl.load(CU_SEQLENS_Q + s + 1, mask=valid, other=0).to(tl.int64) - q_start
+        k_start = tl.load(CU_SEQLENS_K + s).to(tl.int64)
+        k_len = tl.load(CU_SEQLENS_K + s + 1, mask=valid, other=0).to(tl.int64) - k_start
+        q_len = tl.where(valid, q_len, 0)
+        k_len = tl.where(valid, k_len, 0)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        q_len = tl.zeros([], dtype=tl.int64) + seqlen_q
+        k_len = tl.zeros([], dtype=tl.int64) + seqlen_k
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _visible(rows_pos, cols, k_len, shift, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[rows, cols] bool: which keys each query position sees (bottom-right aligned)."""
+    ok = (cols < k_len)[None, :]
+    if HAS_RIGHT:
+        ok = ok & (cols[None, :] <= rows_pos[:, None] + shift + window_right)
+    if HAS_LEFT:
+        ok = ok & (cols[None, :] >= rows_pos[:, None] + shift - window_left)
+    return ok
+
+
+@triton.jit
+def _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks a tile of positions [pos_first, pos_last] touches: [lo, hi), and the inner
+    range [full_lo, full_hi) of blocks every position sees entirely (no mask needed)."""
+    hi = k_len
+    full_hi = k_len
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, pos_last + shift + window_right + 1)
+        full_hi = tl.minimum(full_hi, pos_first + shift + window_right + 1)
+    lo = hi * 0
+    full_lo = hi * 0
+    if HAS_LEFT:
+        lo = tl.maximum(lo, pos_first + shift - window_left)
+        full_lo = tl.maximum(full_lo, pos_last + shift - window_left)
+    hi = tl.maximum(hi, 0)
+    lo = tl.minimum(lo, hi) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi) // BLOCK_N * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# --------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, start, end,
+                    rows_pos, k_len, shift, window_left, window_right, qk_scale, dims, dims_ok,
+                    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        k = tl.load(K_BASE + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
+                    mask=col_ok[None, :] & dims_ok[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        if MASK:
+            qk = tl.where(_visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                          qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V_BASE + cols[:, None].to(tl.int64) * stride_vs + dims[None, :],
+                    mask=col_ok[:, None] & dims_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, stride_qb, stride_qs, stride_qh,
+    K, stride_kb, stride_ks, stride_kh,
+    V, stride_vb, stride_vs, stride_vh,
+    O, stride_ob, stride_os, stride_oh,
+    LSE, stride_lb, stride_lh, stride_ls,
+    CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
+    seqlen_q, seqlen_k, qk_scale, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(2).to(tl.int64)
+    sequence = batch
+    if IS_VARLEN:
+        sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, GROUP, BLOCK_M, 128)
+    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
+                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    rows_pos = rows // GROUP
+    rows_head = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < HEAD_DIM
+    shift = k_len - q_len
+
+    q = tl.load(Q + batch * stride_qb + (q_start + rows_pos)[:, None] * stride_qs + rows_head[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
+    K_BASE = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
+    V_BASE = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
+
+    pos_first = tile.to(tl.int64) * BLOCK_M // GROUP
+    pos_last = tl.maximum(tl.minimum((tile.to(tl.int64) + 1) * BLOCK_M, q_len * GROUP) - 1, 0) // GROUP
+    lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    hi = tl.where(q_len > 0, hi, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    args = (K_BASE, V_BASE, stride_ks, stride_vs)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    False, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + batch * stride_ob + (q_start + rows_pos)[:, None] * stride_os + rows_head[:, None] * stride_oh
+             + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
+    tl.store(LSE + batch * stride_lb + rows_head * stride_lh + (q_start + rows_pos) * stride_ls, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, stride_ob, stride_os, stride_oh,
+    DO, stride_dob, stride_dos, stride_doh,
+    DELTA, stride_lb, stride_lh, stride_ls,
+    seqlen, heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """delta[b, h, s] = sum_d dO * O (fp32): the softmax-gradient correction per query row."""
+    positions = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    batch = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (positions < seqlen)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(O + batch * stride_ob + positions[:, None] * stride_os + head * stride_oh + dims[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + batch * stride_dob + positions[:, None] * stride_dos + head * stride_doh + dims[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + batch * stride_lb + head * stride_lh + positions * stride_ls, tl.sum(o * do, axis=1),
+             mask=positions < seqlen)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, stride_qb, stride_qs, stride_qh,
+    K, stride_kb, stride_ks, stride_kh,
+    V, stride_vb, stride_vs, stride_vh,
+    DO, stride_dob, stride_dos, stride_doh,
+    DK, stride_dkb, stride_dks, stride_dkh,
+    DV, stride_dvb, stride_dvs, stride_dvh,
+    LSE, DELTA, stride_lb, stride_lh, stride_ls,
+    CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(2).to(tl.int64)
+    sequence = batch
+    if IS_VARLEN:
+        sequence, tile = _locate_tile(CU_SEQLENS_K, num_sequences, tile, 1, BLOCK_N, 128)
+    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
+                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    shift = k_len - q_len
+    cols = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_len
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < HEAD_DIM
+    kv_mask = col_ok[:, None] & dims_ok[None, :]
+    k = tl.load(K + batch * stride_kb + (k_start + cols)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + (k_start + cols)[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query positions that can see some key of this tile, as packed rows of the group.
+    col_first = tile.to(tl.int64) * BLOCK_N
+    col_last = tl.minimum(col_first + BLOCK_N, k_len) - 1
+    pos_lo = q_len * 0
+    pos_hi = q_len
+    if HAS_RIGHT:
+        pos_lo = tl.maximum(pos_lo, col_first - shift - window_right)
+    if HAS_LEFT:
+        pos_hi = tl.minimum(pos_hi, col_last - shift + window_left + 1)
+    pos_hi = tl.where(k_len > 0, pos_hi, 0)
+    row_lo = tl.minimum(pos_lo, q_len) * GROUP // BLOCK_M * BLOCK_M
+    row_hi = tl.maximum(pos_hi, 0) * GROUP
+    for start_m in range(row_lo, row_hi, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len * GROUP
+        rows_pos = rows // GROUP
+        rows_head = kv_head * GROUP + rows % GROUP
+        q_mask = row_ok[:, None] & dims_ok[None, :]
+        q = tl.load(Q + batch * stride_qb + (q_start + rows_pos)[:, None] * stride_qs + rows_head[:, None] * stride_qh
+                    + dims[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + batch * stride_dob + (q_start + rows_pos)[:, None] * stride_dos
+                     + rows_head[:, None] * stride_doh + dims[None, :], mask=q_mask, other=0.0)
+        stats = batch * stride_lb + rows_head * stride_lh + (q_start + rows_pos) * stride_ls
+        lse = tl.load(LSE + stats, mask=row_ok, other=0.0) * LOG2E
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that see no key: p is masked to 0 below
+        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+        # Transposed scores: [keys, rows]
+        qk_t = tl.dot(k, tl.trans(q)) * qk_scale
+        visible = tl.trans(_visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT))
+        p_t = tl.where(visible & row_ok[None, :], tl.math.exp2(qk_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = dk * sm_scale
+    tl.store(DK + batch * stride_dkb + (k_start + cols)[:, None] * stride_dks + kv_head * stride_dkh + dims[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + batch * stride_dvb + (k_start + cols)[:, None] * stride_dvs + kv_head * stride_dvh + dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, stride_qb, stride_qs, stride_qh,
+    K, stride_kb, stride_ks, stride_kh,
+    V, stride_vb, stride_vs, stride_vh,
+    DO, stride_dob, stride_dos, stride_doh,
+    DQ, stride_dqb, stride_dqs, stride_dqh,
+    LSE, DELTA, stride_lb, stride_lh, stride_ls,
+    CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(2).to(tl.int64)
+    sequence = batch
+    if IS_VARLEN:
+        sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, GROUP, BLOCK_M, 128)
+    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
+                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    shift = k_len - q_len
+    rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    rows_pos = rows // GROUP
+    rows_head = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dims_ok[None, :]
+    q = tl.load(Q + batch * stride_qb + (q_start + rows_pos)[:, None] * stride_qs + rows_head[:, None] * stride_qh
+                + dims[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + batch * stride_dob + (q_start + rows_pos)[:, None] * stride_dos + rows_head[:, None] * stride_doh
+                 + dims[None, :], mask=q_mask, other=0.0)
+    stats = batch * stride_lb + rows_head * stride_lh + (q_start + rows_pos) * stride_ls
+    lse = tl.load(LSE + stats, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    pos_first = tile.to(tl.int64) * BLOCK_M // GROUP
+    pos_last = tl.maximum(tl.minimum((tile.to(tl.int64) + 1) * BLOCK_M, q_len * GROUP) - 1, 0) // GROUP
+    lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    hi = tl.where(q_len > 0, hi, 0)
+    K_BASE = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
+    V_BASE = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        k_t = tl.load(K_BASE + cols[None, :].to(tl.int64) * stride_ks + dims[:, None],
+                      mask=col_ok[None, :] & dims_ok[:, None], other=0.0)
+        v_t = tl.load(V_BASE + cols[None, :].to(tl.int64) * stride_vs + dims[:, None],
+                      mask=col_ok[None, :] & dims_ok[:, None], other=0.0)
+        qk = tl.dot(q, k_t) * qk_scale
+        visible = _visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(visible & row_ok[:, None], tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    dq = dq * sm_scale
+    tl.store(DQ + batch * stride_dqb + (q_start + rows_pos)[:, None] * stride_dqs + rows_head[:, None] * stride_dqh
+             + dims[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------
+# KV cache: append, split-KV attention, combine
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kvcache_append_kernel(
+    NEW, stride_nb, stride_ns, stride_nh,
+    CACHE, stride_cb, stride_cs, stride_ch,
+    CACHE_SEQLENS, capacity, heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """cache[b, cache_seqlens[b] + i] = new[b, i] for every head; slots past the capacity are
+    skipped (the attention then reports the overflow as NaN)."""
+    i = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2).to(tl.int64)
+    slot = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + i
+    dims = tl.arange(0, BLOCK_D)
+    mask = (dims < HEAD_DIM) & (slot < capacity) & (slot >= 0)
+    values = tl.load(NEW + batch * stride_nb + i * stride_ns + head * stride_nh + dims, mask=mask)
+    tl.store(CACHE + batch * stride_cb + slot * stride_cs + head * stride_ch + dims, values, mask=mask)
+
+
+@triton.jit
+def _attn_decode_split_kernel(
+    Q, stride_qb, stride_qs, stride_qh,
+    K, stride_kb, stride_ks, stride_kh,
+    V, stride_vb, stride_vs, stride_vh,
+    PART_O, PART_LSE,
+    CACHE_SEQLENS, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
+    qk_scale, window_left, window_right,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One tile of packed query rows against one split of one sequence's cache (flash-decoding).
+    Writes the split's normalised output and its log2-sum-exp to the fp32 workspace."""
+    split = tl.program_id(0)
+    tile = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64) // heads_kv
+    kv_head = tl.program_id(2).to(tl.int64) % heads_kv
+    k_len = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + new_tokens  # valid keys after the append
+    q_len = tl.zeros([], dtype=tl.int64) + seqlen_q
+    shift = k_len - q_len
+    k_len = tl.minimum(k_len, capacity)  # past the capacity: reported as NaN by the combine
+    rows = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * GROUP
+    rows_pos = rows // GROUP
+    rows_head = kv_head * GROUP + rows % GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < HEAD_DIM
+    q = tl.load(Q + batch * stride_qb + rows_pos[:, None] * stride_qs + rows_head[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
+    K_BASE = K + batch * stride_kb + kv_head * stride_kh
+    V_BASE = V + batch * stride_vb + kv_head * stride_vh
+
+    pos_first = tile.to(tl.int64) * BLOCK_M // GROUP
+    pos_last = tl.maximum(tl.minimum((tile.to(tl.int64) + 1) * BLOCK_M, q_len * GROUP) - 1, 0) // GROUP
+    lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
+                                          HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    split_lo = split.to(tl.int64) * keys_per_split  # keys_per_split is a multiple of BLOCK_N
+    split_hi = split_lo + keys_per_split
+    lo = tl.maximum(lo, split_lo)
+    hi = tl.maximum(tl.minimum(hi, split_hi), lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    args = (K_BASE, V_BASE, stride_ks, stride_vs)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    False, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift,
+                                    window_left, window_right, qk_scale, dims, dims_ok,
+                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    slot = ((batch * heads_kv + kv_head) * splits + split) * rows_padded + rows
+    tl.store(PART_O + slot[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(PART_LSE + slot, lse2, mask=row_ok)
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    PART_O, PART_LSE,
+    O, stride_ob, stride_os, stride_oh,
+    CACHE_SEQLENS, heads_kv, new_tokens, capacity, splits, rows_padded,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Merge the splits of one packed query row: softmax-weighted by each split's sum-exp."""
+    row = tl.program_id(0).to(tl.int64)
+    batch = tl.program_id(1).to(tl.int64) // heads_kv
+    kv_head = tl.program_id(1).to(tl.int64) % heads_kv
+    dims = tl.arange(0, BLOCK_D)
+    base = (batch * heads_kv + kv_head) * splits * rows_padded + row
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(0, splits, BLOCK_SPLITS):
+        idx = start + tl.arange(0, BLOCK_SPLITS)
+        ok = idx < splits
+        slot = base + idx.to(tl.int64) * rows_padded
+        lse = tl.load(PART_LSE + slot, mask=ok, other=float("-inf"))
+        part = tl.load(PART_O + slot[:, None] * BLOCK_D + dims[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        weight = tl.math.exp2(lse - m_safe)
+        alpha = tl.math.exp2(m - m_safe)
+        acc = acc * alpha + tl.sum(weight[:, None] * part, axis=0)
+        total = total * alpha + tl.sum(weight, axis=0)
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    overflow = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + new_tokens > capacity
+    out = tl.where(overflow, float("nan"), out)
+    position = row // GROUP
+    head = kv_head * GROUP + row % GROUP
+    tl.store(O + batch * stride_ob + position * stride_os + head * stride_oh + dims, out.to(O.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+_fwd = _autotuned(_attn_fwd_kernel, False, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_dkdv = _autotuned(_attn_bwd_dkdv_kernel, True, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_dq = _autotuned(_attn_bwd_dq_kernel, True, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+
+
+def _mask_args(causal: bool, window_size):
+    left, right = window_size
+    if causal:
+        right = 0
+    return dict(window_left=max(left, 0), window_right=max(right, 0)), left >= 0, right >= 0
+
+
+def _grid(rows: int, sequences: int, varlen: bool, batch: int, heads_kv: int, block_key: str):
+    """Dense: (tiles per sequence, B, Hkv). Packed: every sequence's tiles numbered in one axis,
+    bounded by total_rows / BLOCK + B (each sequence wastes at most one partial tile)."""
+    if varlen:
+        return lambda meta: (triton.cdiv(rows, meta[block_key]) + sequences, 1, heads_kv)
+    return lambda meta: (triton.cdiv(rows, meta[block_key]), batch, heads_kv)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
+                  window_size) -> None:
+    """q/out (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) views (packed: B = 1 and cu_seqlens given);
+    lse (B, Hq, Sq) fp32 view. Writes out and lse."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    varlen = cu_seqlens_q is not None
+    sequences = cu_seqlens_q.shape[0] - 1 if varlen else batch
+    window, has_left, has_right = _mask_args(causal, window_size)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    _fwd[_grid(seqlen_q * group, sequences, varlen, batch, heads_kv, "BLOCK_M")](
+        q, *_strides(q), k, *_strides(k), v, *_strides(v), out, *_strides(out), lse, *_strides(lse),
+        cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E, **window,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        **_interpreter_blocks(block_d, False),
+    )
+
+
+def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale: float,
+                  causal: bool, window_size) -> None:
+    """Gradients of attention_fwd. Same layouts; dq/dk/dv are written (packed padding rows are
+    left as the caller initialised them)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    varlen = cu_seqlens_q is not None
+    sequences = cu_seqlens_q.shape[0] - 1 if varlen else batch
+    window, has_left, has_right = _mask_args(causal, window_size)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+
+    delta = torch.empty_like(lse)
+    block_s = 16 if INTERPRETER else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, block_s), batch, heads_q)](
+        out, *_strides(out), dout, *_strides(dout), delta, *_strides(lse),
+        seqlen_q, heads_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
+    )
+    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
+                  HAS_RIGHT=has_right, **_interpreter_blocks(block_d, True))
+    tensors = (q, *_strides(q), k, *_strides(k), v, *_strides(v), dout, *_strides(dout))
+    scalars = (cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E, softmax_scale)
+    _dkdv[_grid(seqlen_k, sequences, varlen, batch, heads_kv, "BLOCK_N")](
+        *tensors, dk, *_strides(dk), dv, *_strides(dv), lse, delta, *_strides(lse), *scalars, **window, **common)
+    _dq[_grid(seqlen_q * group, sequences, varlen, batch, heads_kv, "BLOCK_M")](
+        *tensors, dq, *_strides(dq), lse, delta, *_strides(lse), *scalars, **window, **common)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def kvcache_append(new, cache, cache_seqlens) -> None:
+    """cache[b, cache_seqlens[b] + i] = new[b, i]; new (B, Snew, H, D), cache (B, S_max, H, D)."""
+    batch, new_tokens, heads, head_dim = new.shape
+    if new.numel() == 0:
+        return
+    _kvcache_append_kernel[(new_tokens, batch, heads)](
+        new, *_strides(new), cache, *_strides(cache), cache_seqlens, cache.shape[1], heads,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
+                     window_size) -> None:
+    """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D) holding
+    cache_seqlens[b] + new_tokens valid entries; writes out (B, Sq, Hq, D)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    capacity, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    group = heads_q // heads_kv
+    rows = seqlen_q * group
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    block_n = 16 if INTERPRETER else 64
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tiles = triton.cdiv(rows, block_m)
+    # Enough programs to fill the GPU twice over, each split at least a few key blocks long.
+    # Sized from the capacity (host-known), not the lengths (device), so CUDA graphs replay.
+    sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
+    max_splits = max(1, triton.cdiv(capacity, 4 * block_n))
+    splits = max(1, min(max_splits, triton.cdiv(2 * sms, batch * heads_kv * tiles), 128))
+    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    rows_padded = tiles * block_m
+    part_o = torch.empty((batch, heads_kv, splits, rows_padded, block_d), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((batch, heads_kv, splits, rows_padded), device=q.device, dtype=torch.float32)
+    window, has_left, has_right = _mask_args(causal, window_size)
+    _attn_decode_split_kernel[(splits, tiles, batch * heads_kv)](
+        q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
+        cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
+        softmax_scale * LOG2E, **window,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    _attn_decode_combine_kernel[(rows, batch * heads_kv)](
+        part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows_padded,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, triton.next_power_of_2(splits)),
+    )
+
+

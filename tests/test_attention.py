@@ -1,0 +1,365 @@
+"""Fused attention (Triton) against internlm_kernels.reference, forward and backward.
+
+Tolerance (DESIGN.md, flash-attention's rule): against an fp64 evaluation of the reference,
+the kernel's max error is at most 2x (forward) / 3x (backward) the error of the eager
+reference run in the same low dtype. Shapes are small so the CPU interpreter stays quick;
+the same tests run at these sizes on a GPU, plus the GPU-only ones at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import internlm_kernels as ik
+from internlm_kernels import reference
+from tests.helpers import assert_within_eager_error
+
+ATTENTION_BACKENDS = [pytest.param("triton", id="triton")]
+LOW_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device, packed=False):
+    shape_q = (seqlen_q, heads_q, head_dim) if packed else (batch, seqlen_q, heads_q, head_dim)
+    shape_k = (seqlen_k, heads_kv, head_dim) if packed else (batch, seqlen_k, heads_kv, head_dim)
+    return (torch.randn(shape_q, device=device, dtype=dtype), torch.randn(shape_k, device=device, dtype=dtype),
+            torch.randn(shape_k, device=device, dtype=dtype))
+
+
+def _check(q, k, v, backend, **kwargs):
+    """Forward (out and lse) by the 2x rule, backward by the 3x rule, all against fp64."""
+    dtype = q.dtype
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = ik.flash_attention(*inputs, return_lse=True, backend=backend, **kwargs)
+    eager_inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    eager = reference.attention(*eager_inputs, **kwargs)
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    exact, exact_lse = reference.attention(*exact_inputs, return_lse=True, **kwargs)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_within_eager_error([out], [eager], [exact], dtype, 2.0, "out")
+    assert lse.dtype == torch.float32 and lse.shape == exact_lse.shape
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "rows that see no key: lse -inf"
+    seen = torch.isfinite(exact_lse)
+    torch.testing.assert_close(lse[seen].double(), exact_lse[seen], rtol=1e-4, atol=1e-4)
+
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, grad)
+    theirs = torch.autograd.grad(eager, eager_inputs, grad)
+    exact_grads = torch.autograd.grad(exact, exact_inputs, grad.double())
+    assert_within_eager_error(ours, theirs, exact_grads, dtype, 3.0, "dq, dk, dv")
+    return out, ours
+
+
+CASES = {
+    # name: (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, kwargs)
+    "mha": (2, 33, 33, 4, 4, 32, {}),
+    "mha_causal": (2, 33, 33, 4, 4, 32, {"causal": True}),
+    "gqa3_causal": (2, 21, 21, 6, 2, 32, {"causal": True}),
+    "gqa8_causal": (1, 19, 19, 16, 2, 32, {"causal": True}),
+    "mqa": (2, 17, 23, 4, 1, 64, {}),
+    "sq_lt_sk_causal": (1, 17, 40, 4, 2, 32, {"causal": True}),
+    "sq_gt_sk_causal": (1, 40, 17, 4, 2, 16, {"causal": True}),  # first 23 queries see no key
+    "window_both": (2, 20, 20, 4, 2, 16, {"window_size": (3, 2)}),
+    "window_left_causal": (1, 24, 24, 2, 1, 64, {"causal": True, "window_size": (5, -1)}),
+    "window_right_only": (1, 18, 26, 2, 2, 32, {"window_size": (-1, 4)}),
+    "scale": (1, 16, 16, 2, 2, 32, {"causal": True, "softmax_scale": 0.3}),
+}
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attention_matches_reference(backend, dtype, case, device):
+    batch, sq, sk, hq, hkv, d, kwargs = CASES[case]
+    _check(*_qkv(batch, sq, sk, hq, hkv, d, dtype, device), backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
+def test_attention_head_dims(backend, head_dim, device):
+    _check(*_qkv(1, 20, 20, 2, 1, head_dim, torch.bfloat16, device), backend, causal=True)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_strided_inputs(backend, device):
+    # q, k, v as slices of one fused qkv projection (B, S, Hq + 2 Hkv, D): no copies needed.
+    qkv = torch.randn(2, 19, 6 + 2 * 2, 32, device=device, dtype=torch.float16)
+    q, k, v = qkv[:, :, :6], qkv[:, :, 6:8], qkv[:, :, 8:]
+    assert not q.is_contiguous()
+    _check(q, k, v, backend, causal=True)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_packed_varlen(backend, causal, device):
+    # sequences of (q, k) lengths (3, 5), (0, 2) empty queries, (1, 1), (16, 22); then 2 padding rows
+    cu_q = torch.tensor([0, 3, 3, 4, 20], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 8, 30], device=device, dtype=torch.int32)
+    q, k, v = _qkv(None, 22, 31, 6, 2, 32, torch.bfloat16, device, packed=True)
+    out, (dq, dk, dv) = _check(q, k, v, backend, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.equal(out[20:], torch.zeros_like(out[20:])), "padding query rows are zero"
+    assert torch.equal(dq[20:], torch.zeros_like(dq[20:])) and torch.equal(dk[30:], torch.zeros_like(dk[30:]))
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_varlen_equals_per_sequence_dense(backend, device):
+    lengths = [5, 1, 12]
+    cu = torch.tensor([0, 5, 6, 18], device=device, dtype=torch.int32)
+    q, k, v = _qkv(None, 18, 18, 4, 2, 32, torch.float16, device, packed=True)
+    packed = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+    start = 0
+    for length in lengths:
+        piece = slice(start, start + length)
+        dense = ik.flash_attention(q[None, piece], k[None, piece], v[None, piece], causal=True, backend=backend)
+        torch.testing.assert_close(packed[piece], dense[0], rtol=0, atol=0)
+        start += length
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_module(backend, device):
+    module = ik.nn.Attention(causal=True, window_size=(4, 0), backend=backend)
+    q, k, v = _qkv(1, 12, 12, 4, 2, 32, torch.float16, device)
+    expected = reference.attention(q, k, v, causal=True, window_size=(4, 0))
+    torch.testing.assert_close(module(q, k, v), expected, rtol=2e-3, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------
+
+
+def _cache(batch, capacity, heads_kv, head_dim, dtype, device):
+    return (torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype),
+            torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("new_tokens", [1, 3])
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
+    dtype = torch.bfloat16
+    k_cache, v_cache = _cache(3, 48, 2, 32, dtype, device)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    lengths = torch.tensor([0, 9, 44], device=device, dtype=torch.int32)  # 44 + 3 fills nearly all 48
+    q = torch.randn(3, new_tokens, 6, 32, device=device, dtype=dtype)
+    k_new = torch.randn(3, new_tokens, 2, 32, device=device, dtype=dtype)
+    v_new = torch.randn(3, new_tokens, 2, 32, device=device, dtype=dtype)
+    tables = ik.rotary_cos_sin(48, 32, device=device) if rotary else (None, None)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lengths,
+                                              rotary_cos=tables[0], rotary_sin=tables[1], backend=backend)
+        expected = reference.attention_with_kvcache(q, ref_k, ref_v, k=k_new, v=v_new, cache_seqlens=lengths,
+                                                    rotary_cos=tables[0], rotary_sin=tables[1])
+        exact = reference.attention_with_kvcache(
+            q.double(), ref_k.double().clone(), ref_v.double().clone(), k=k_new.double(), v=v_new.double(),
+            cache_seqlens=lengths, rotary_cos=tables[0], rotary_sin=tables[1])
+    # The cache writes are exact copies (rotated in the input dtype when rotary is fused).
+    torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=1e-2 if rotary else 0)
+    assert torch.equal(v_cache, ref_v), "v entries are copied bit for bit, nothing else changes"
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "kvcache out")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kvcache_rotary_fused_equals_rotary_then_attention(backend, device):
+    dtype = torch.float16
+    k_cache, v_cache = _cache(2, 32, 2, 32, dtype, device)
+    lengths = torch.tensor([4, 20], device=device, dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 32, device=device, dtype=dtype)
+    k_new = torch.randn(2, 1, 2, 32, device=device, dtype=dtype)
+    v_new = torch.randn(2, 1, 2, 32, device=device, dtype=dtype)
+    cos, sin = ik.rotary_cos_sin(32, 32, device=device)
+    with torch.no_grad():
+        fused = ik.flash_attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k_new, v=v_new,
+                                                cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin,
+                                                backend=backend)
+        q_rot, k_rot = ik.apply_rotary(q, k_new, cos, sin, seqlen_offsets=lengths, backend=backend)
+        for b, length in enumerate(lengths.tolist()):
+            keys = torch.cat((k_cache[b:b + 1, :length], k_rot[b:b + 1]), dim=1)
+            values = torch.cat((v_cache[b:b + 1, :length], v_new[b:b + 1]), dim=1)
+            step = ik.flash_attention(q_rot[b:b + 1], keys, values, causal=True, backend=backend)
+            torch.testing.assert_close(fused[b:b + 1], step, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kvcache_decode_without_new_entries_and_with_window(backend, device):
+    dtype = torch.float16
+    k_cache, v_cache = _cache(2, 40, 1, 64, dtype, device)
+    lengths = torch.tensor([1, 37], device=device, dtype=torch.int32)
+    q = torch.randn(2, 1, 4, 64, device=device, dtype=dtype)
+    for window in [(-1, -1), (8, 0)]:
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, window_size=window,
+                                              backend=backend)
+        expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, window_size=window)
+        exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(),
+                                                 cache_seqlens=lengths, window_size=window)
+        assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"decode window {window}")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
+    k_cache, v_cache = _cache(2, 16, 1, 32, torch.float16, device)
+    before_k = k_cache.clone()
+    lengths = torch.tensor([3, 15], device=device, dtype=torch.int32)  # 15 + 2 > 16 for the second
+    new = torch.randn(2, 2, 1, 32, device=device, dtype=torch.float16)
+    out = ik.flash_attention_with_kvcache(torch.randn(2, 2, 2, 32, device=device, dtype=torch.float16), k_cache,
+                                          v_cache, k=new, v=new, cache_seqlens=lengths, backend=backend)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    assert torch.equal(k_cache[1, :15], before_k[1, :15]) and torch.equal(k_cache[1, 15], new[1, 0])
+
+
+# --------------------------------------------------------------------------------------
+# registration, compile, backend choice
+# --------------------------------------------------------------------------------------
+
+
+def test_fp32_goes_to_the_reference_under_auto_and_raises_for_triton(device):
+    q, k, v = _qkv(1, 8, 8, 2, 1, 16, torch.float32, device)
+    torch.testing.assert_close(ik.flash_attention(q, k, v, causal=True), reference.attention(q, k, v, causal=True))
+    with pytest.raises(RuntimeError, match="the triton kernels take float16 or bfloat16"):
+        ik.flash_attention(q, k, v, backend="triton")
+    with pytest.raises(RuntimeError, match="backend=.cuda. cannot serve this call"):
+        ik.flash_attention(q.half(), k.half(), v.half(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_opcheck(backend, device):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 11, 4, 2, 16, torch.float16, device))
+    ops = torch.ops.internlm_kernels
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, None, None, 0.25, True, -1, -1, backend))
+    cu = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
+    qp, kp, vp = (t.requires_grad_(True) for t in _qkv(None, 9, 9, 4, 2, 16, torch.float16, device, packed=True))
+    torch.library.opcheck(ops.flash_attn_fwd.default, (qp, kp, vp, cu, cu, 0.25, False, 2, 1, backend))
+    k_cache, v_cache = _cache(2, 12, 2, 16, torch.float16, device)
+    lengths = torch.tensor([2, 7], device=device, dtype=torch.int32)
+    new = torch.randn(2, 1, 2, 16, device=device, dtype=torch.float16)
+    torch.library.opcheck(ops.flash_attn_kvcache.default,
+                          (torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
+                           lengths, 0.25, True, -1, -1, backend))
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_compiles_without_graph_breaks_varlen_lengths_on_device(backend, device):
+    torch._dynamo.reset()
+
+    def layer(q, k, v, cu):  # no max_seqlen: lengths stay on the device
+        return ik.flash_attention(q * 0.5, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    q, k, v = _qkv(None, 14, 14, 4, 2, 16, torch.float16, device, packed=True)
+    q.requires_grad_(True)
+    for cu in ([0, 5, 14], [0, 1, 2, 14]):
+        cu = torch.tensor(cu, device=device, dtype=torch.int32)
+        out = compiled(q, k, v, cu)
+        expected = layer(q, k, v, cu)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        (dq,) = torch.autograd.grad(out.float().sum(), q)
+        (dq_eager,) = torch.autograd.grad(expected.float().sum(), q)
+        torch.testing.assert_close(dq, dq_eager, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+
+BAD_CASES = {
+    "heads_not_multiple": (ValueError, "q heads (6) must be a multiple of k/v heads (4)"),
+    "head_dim_mismatch": (ValueError, "head_dim must match: q has 32, k 16"),
+    "head_dim_too_large": (RuntimeError, "head_dim a multiple of 8 up to 256, got 264"),
+    "cu_seqlens_dtype": (TypeError, "cu_seqlens_q must be int32"),
+    "cu_seqlens_shape": (ValueError, "cu_seqlens_k must have shape (B+1,) = (3,)"),
+    "only_one_cu_seqlens": (ValueError, "needs both cu_seqlens_q and cu_seqlens_k"),
+    "window": (ValueError, "window_size must be (left, right)"),
+    "max_seqlen_tensor": (TypeError, "max_seqlen_q must be a host int"),
+    "batch_mismatch": (ValueError, "q has batch 2 but k has 1"),
+    "dtype_mix": (TypeError, "k has dtype torch.bfloat16 but q has torch.float16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_attention_bad_input(case, device):
+    q, k, v = _qkv(2, 8, 8, 4, 2, 32, torch.float16, device)
+    kwargs = {"backend": "triton"}
+    if case == "heads_not_multiple":
+        q = torch.randn(2, 8, 6, 32, device=device, dtype=torch.float16)
+        k = v = torch.randn(2, 8, 4, 32, device=device, dtype=torch.float16)
+    elif case == "head_dim_mismatch":
+        k = v = torch.randn(2, 8, 2, 16, device=device, dtype=torch.float16)
+    elif case == "head_dim_too_large":
+        q, k, v = _qkv(1, 4, 4, 2, 2, 264, torch.float16, device)
+    elif case in ("cu_seqlens_dtype", "cu_seqlens_shape", "only_one_cu_seqlens"):
+        q, k, v = (t[0] for t in (q, k, v))
+        cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
+        if case == "cu_seqlens_dtype":
+            kwargs.update(cu_seqlens_q=cu.long(), cu_seqlens_k=cu)
+        elif case == "cu_seqlens_shape":
+            kwargs.update(cu_seqlens_q=cu, cu_seqlens_k=cu[:2])
+        else:
+            kwargs.update(cu_seqlens_q=cu)
+    elif case == "window":
+        kwargs["window_size"] = (-2, 0)
+    elif case == "max_seqlen_tensor":
+        kwargs["max_seqlen_q"] = torch.tensor(8)
+    elif case == "batch_mismatch":
+        k, v = k[:1], v[:1]
+    elif case == "dtype_mix":
+        k = k.bfloat16()
+    error, message = BAD_CASES[case]
+    with pytest.raises(error) as info:
+        ik.flash_attention(q, k, v, **kwargs)
+    assert message in str(info.value), f"{message!r} not in {info.value!r}"
+
+
+def test_kvcache_bad_input(device):
+    k_cache, v_cache = _cache(2, 8, 2, 16, torch.float16, device)
+    q = torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16)
+    new = torch.randn(2, 3, 2, 16, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="cache_seqlens 6 \\+ 3 new tokens exceeds the cache capacity 8"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=new, v=new, cache_seqlens=6)
+    with pytest.raises(ValueError, match="too short for 9 new tokens"):
+        big = torch.randn(2, 9, 2, 16, device=device, dtype=torch.float16)
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=big, v=big, cache_seqlens=0)
+    with pytest.raises(TypeError, match="cache_seqlens has dtype torch.int64"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2], device=device))
+    with pytest.raises(ValueError, match="pass k and v together"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=new)
+    with pytest.raises(RuntimeError, match="KV-cache attention is for inference"):
+        ik.flash_attention_with_kvcache(q.requires_grad_(True), k_cache, v_cache, cache_seqlens=1)
+
+
+# --------------------------------------------------------------------------------------
+# GPU only
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_backward_is_bitwise_deterministic(device):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 700, 700, 32, 8, 128, torch.bfloat16, device))
+    grad = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = ik.flash_attention(q, k, v, causal=True, deterministic=True, backend="triton")
+        runs.append(torch.autograd.grad(out, (q, k, v), grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+def test_realistic_shapes_against_sdpa(device):
+    q, k, v = _qkv(2, 1024, 1024, 32, 8, 128, torch.bfloat16, device)
+    _check(q, k, v, "triton", causal=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_varlen_lengths(device):
+    q, k, v = _qkv(None, 256, 256, 8, 2, 64, torch.bfloat16, device, packed=True)
+    cu = torch.tensor([0, 100, 256], device=device, dtype=torch.int32)
+    ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")  # tune outside
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+    for lengths in ([0, 100, 256], [0, 7, 200, 256][:3], [0, 256, 256]):
+        cu.copy_(torch.tensor(lengths, device=device, dtype=torch.int32))
+        graph.replay()
+        expected = reference.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

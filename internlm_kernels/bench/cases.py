@@ -1,17 +1,21 @@
-"""Benchmark cases: for each op and shape, one callable per provider plus the fp32 oracle.
+"""Benchmark cases: for each op and shape, one callable per provider plus an error check.
 
-A case's providers all compute the same thing on the same inputs; ``run()`` returns the
-result (forward outputs, or the gradients for a backward case) so the harness can
-report each provider's max error against the reference evaluated in fp32.
+A case's providers all compute the same thing on the same inputs; calling one returns the
+result (forward outputs, or the gradients for a backward case) and ``case.error(result)``
+gives its max error against the reference evaluated in fp32 (or None where that oracle
+would not fit in memory). Cases are built lazily, one at a time, so big inputs never
+coexist.
 
-Providers: our "cuda" and "triton" backends, "eager" (the reference in the input
-dtype), "torch_compile" (the reference compiled by inductor), "torch_rms_norm"
-(``torch.nn.functional.rms_norm``) and "liger" when liger-kernel is installed.
+Providers: our "cuda" and "triton" backends, "eager" (the reference in the input dtype),
+"torch_compile" (the reference compiled by inductor), "torch_rms_norm"
+(``torch.nn.functional.rms_norm``), PyTorch SDPA with one backend each ("sdpa_flash",
+"sdpa_cudnn", "sdpa_efficient", "sdpa_math") and "liger" when liger-kernel is installed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +36,8 @@ class Case:
     bytes_moved: Optional[int]
     flops: Optional[float]
     providers: Dict[str, Callable[[], object]]
-    expected: Tuple[Tensor, ...]  # fp32 oracle for max_err
+    error: Callable[[object], Optional[float]]  # max error of a provider's result
+    note: str = ""
 
 
 def kernel_backends(device: torch.device, op: str) -> List[str]:
@@ -52,8 +57,12 @@ def _as_tuple(result) -> Tuple[Tensor, ...]:
 
 
 def max_error(result, expected: Sequence[Tensor]) -> float:
-    return max(float((r.float() - e).abs().max()) if r.numel() else 0.0
+    return max(float((r.float() - e.float()).abs().max()) if r.numel() else 0.0
                for r, e in zip(_as_tuple(result), expected))
+
+
+def _against(expected: Sequence[Tensor]) -> Callable[[object], float]:
+    return functools.partial(max_error, expected=tuple(expected))
 
 
 def _backward_runner(forward: Callable[[], object], inputs: Sequence[Tensor], grads: Sequence[Tensor]):
@@ -113,7 +122,7 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
         # fwd reads x (and residual), writes out (and residual_out)
         bytes_moved = (4 if fused else 2) * rows * hidden * element
         expected = tuple(t.detach() for t in _as_tuple(oracle(*(t.float() for t in inputs))))
-        return Case(f"{op}_fwd", dtype, shape, bytes_moved, None, impls, expected)
+        return Case(f"{op}_fwd", dtype, shape, bytes_moved, None, impls, _against(expected))
 
     for t in inputs:
         t.requires_grad_(True)
@@ -123,7 +132,7 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
     runners = {name: _backward_runner(fn, inputs, grads) for name, fn in impls.items()}
     # bwd reads dy, x (fused: dy, d residual_out, residual_out), writes dx (fused: dx, d residual)
     bytes_moved = (5 if fused else 3) * rows * hidden * element
-    return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, tuple(e.detach() for e in expected))
+    return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected))
 
 
 def rotary_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k: int, head_dim: int,
@@ -144,7 +153,7 @@ def rotary_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k: i
     bytes_moved = 2 * (q.numel() + k.numel()) * q.element_size()  # read and write q and k
     if not backward:
         expected = reference.apply_rotary(q.float(), k.float(), cos, sin)
-        return Case("rotary_fwd", dtype, shape, bytes_moved, None, impls, expected)
+        return Case("rotary_fwd", dtype, shape, bytes_moved, None, impls, _against(expected))
     q.requires_grad_(True)
     k.requires_grad_(True)
     grads = (torch.randn_like(q), torch.randn_like(k))
@@ -152,30 +161,138 @@ def rotary_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k: i
     expected = torch.autograd.grad(reference.apply_rotary(q32, k32, cos, sin), (q32, k32),
                                    [g.float() for g in grads])
     runners = {name: _backward_runner(fn, (q, k), grads) for name, fn in impls.items()}
-    return Case("rotary_bwd", dtype, shape, bytes_moved, None, runners, tuple(e.detach() for e in expected))
+    return Case("rotary_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected))
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                 "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+EAGER_MAX_SCORES = 1 << 31  # eager materialises B * H * Sq * Sk scores: skip it beyond this
+
+
+def _sdpa(name: str, q, k, v, causal: bool):
+    """SDPA restricted to one backend on (B, S, H, D) tensors, GQA without repeating K/V."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+
+    def run():  # transposes inside, so they join the autograd graph of a backward case
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True)
+        return out.transpose(1, 2)
+    return run
+
+
+def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_kv: int, head_dim: int,
+                   causal: bool, providers: Sequence[str], *, backward: bool) -> Case:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, seqlen, h, head_dim, device=device, dtype=dtype, generator=gen)
+               for h in (heads_q, heads_kv, heads_kv))
+    impls: Dict[str, Callable[[], object]] = {}
+    if "triton" in providers and "triton" in kernel_backends(device, "flash_attention"):
+        impls["triton"] = lambda: ik.flash_attention(q, k, v, causal=causal, backend="triton")
+    small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
+    if "eager" in providers and small_enough:
+        impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)
+    if "torch_compile" in providers and small_enough:
+        impls["torch_compile"] = lambda f=_compiled(reference.attention): f(q, k, v, causal=causal)
+    for name in SDPA_BACKENDS:
+        if name in providers and (device.type == "cuda" or name == "sdpa_math") and \
+                (name != "sdpa_math" or small_enough):
+            impls[name] = _sdpa(name, q, k, v, causal)
+
+    shape = {"B": batch, "S": seqlen, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim, "causal": int(causal)}
+    flops = reference.attention_flops(batch, heads_q, seqlen, seqlen, head_dim, causal, backward=backward)
+    # Oracle on the last query rows only (bottom-right alignment keeps their positions), so
+    # 16K-token cases need no S x S fp32 matrix.
+    tail = min(seqlen, 128)
+    if not backward:
+        expected = reference.attention(q[:1, -tail:].float(), k[:1].float(), v[:1].float(), causal=causal)
+        return Case("attention_fwd", dtype, shape, None, flops, impls,
+                    lambda out: max_error(out[:1, -tail:], (expected,)))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    grad = torch.randn_like(q)
+    runners = {name: _backward_runner(fn, (q, k, v), (grad,)) for name, fn in impls.items()}
+    error = (lambda grads: None)
+    if small_enough:
+        exact = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+        expected = torch.autograd.grad(reference.attention(*exact, causal=causal), exact, grad.float())
+        error = _against(expected)
+    return Case("attention_bwd", dtype, shape, None, flops, runners, error)
+
+
+def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_kv: int, head_dim: int,
+                providers: Sequence[str]) -> Case:
+    """One new query token per sequence over a full KV cache: memory-bound, GB/s of KV read."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, 1, heads_q, head_dim, device=device, dtype=dtype, generator=gen)
+    k_cache, v_cache = (torch.randn(batch, cache_len, heads_kv, head_dim, device=device, dtype=dtype,
+                                    generator=gen) for _ in range(2))
+    lengths = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
+    impls: Dict[str, Callable[[], object]] = {}
+    if "triton" in providers and "triton" in kernel_backends(device, "flash_attention_with_kvcache"):
+        impls["triton"] = lambda: ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                                  backend="triton")
+    if "eager" in providers:
+        impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
+    for name in SDPA_BACKENDS:
+        if name in providers and (device.type == "cuda" or name == "sdpa_math"):
+            impls[name] = _sdpa(name, q, k_cache, v_cache, causal=False)  # one query sees every key
+    expected = reference.attention(q[:1].float(), k_cache[:1].float(), v_cache[:1].float(), causal=True)
+    bytes_moved = 2 * k_cache.numel() * k_cache.element_size()
+    shape = {"B": batch, "L": cache_len, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim}
+    return Case("attention_decode", dtype, shape, bytes_moved, None, impls,
+                lambda out: max_error(out[:1], (expected,)))
 
 
 OPS = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "fused_add_rms_norm_bwd", "rotary_fwd",
-       "rotary_bwd")
+       "rotary_bwd", "attention_fwd", "attention_bwd", "attention_decode")
 
 
 def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, providers: Sequence[str],
-                *, small: bool) -> List[Case]:
-    """The default shapes: InternLM2-7B on a GPU (M = 16384 tokens, hidden 4096 and 8192;
-    32 q / 8 kv heads of 128), tiny ones on a CPU."""
+                *, small: bool, quick: bool = False) -> List[Callable[[], Case]]:
+    """Factories of the default cases (built one at a time by the caller).
+
+    GPU: InternLM2-7B shapes: norms at M = 16384 tokens, hidden 4096 and 8192; rotary and
+    attention with 32 q / 8 kv heads of 128, 16K tokens per batch (B * S = 16384), causal and
+    not, head dims 64 and 128 (quick: causal and not at S = 8K, d 128); decode at B in
+    {1, 8, 64} x cache length in {4K, 32K}. CPU: tiny shapes."""
     norm_shapes = [(64, 512)] if small else [(16384, 4096), (16384, 8192)]
     rotary_shapes = [(1, 16, 4, 2, 64)] if small else [(4, 4096, 32, 8, 128)]
-    cases: List[Case] = []
+    if small:
+        attention_shapes = [(1, 32, 4, 2, 32, True)]
+        decode_shapes = [(2, 64, 4, 2, 32)]
+    else:
+        seqlens = [8192] if quick else [1024, 4096, 8192, 16384]
+        dims = [128] if quick else [64, 128]
+        attention_shapes = [(16384 // s, s, 32, 8, d, causal) for d in dims for causal in (True, False)
+                            for s in seqlens]
+        decode_shapes = [(b, length, 32, 8, 128) for b in (1, 8, 64) for length in (4096, 32768)]
+        if quick:
+            decode_shapes = [(1, 32768, 32, 8, 128), (64, 4096, 32, 8, 128)]
+    factories: List[Callable[[], Case]] = []
     for op in ops:
         kind, _, direction = op.rpartition("_")
         backward = direction == "bwd"
         if kind in ("rms_norm", "fused_add_rms_norm"):
             for rows, hidden in norm_shapes:
-                cases.append(rms_norm_cases(device, dtype, rows, hidden, providers,
-                                            fused=kind == "fused_add_rms_norm", backward=backward))
+                factories.append(functools.partial(rms_norm_cases, device, dtype, rows, hidden, providers,
+                                                   fused=kind == "fused_add_rms_norm", backward=backward))
         elif kind == "rotary":
             for shape in rotary_shapes:
-                cases.append(rotary_case(device, dtype, *shape, providers, backward=backward))
+                factories.append(functools.partial(rotary_case, device, dtype, *shape, providers, backward=backward))
+        elif op in ("attention_fwd", "attention_bwd"):
+            for shape in attention_shapes:
+                factories.append(functools.partial(attention_case, device, dtype, *shape, providers,
+                                                   backward=backward))
+        elif op == "attention_decode":
+            for shape in decode_shapes:
+                factories.append(functools.partial(decode_case, device, dtype, *shape, providers))
         else:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    return cases
+    return factories

@@ -139,12 +139,12 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    header = f"{'op':<24} {'provider':<14} {'dtype':<9} {'shape':<28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} " \
+    header = f"{'op':<24} {'provider':<14} {'dtype':<9} {'shape':<36} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} " \
              f"{'of ceil':>7} {'max err':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = ",".join(f"{k}={v}" for k, v in row.shape.items())
-        lines.append(f"{row.op:<24} {row.provider:<14} {row.dtype:<9} {shape:<28} {row.ms:>9.4f} "
+        lines.append(f"{row.op:<24} {row.provider:<14} {row.dtype:<9} {shape:<36} {row.ms:>9.4f} "
                      f"{_fmt(row.gbps, '8.1f')} {_fmt(row.tflops, '8.1f')} {_fmt(row.frac_of_ceiling, '7.2f')} "
                      f"{_fmt(row.max_err, '9.2e')}")
     return "\n".join(lines)

@@ -20,8 +20,9 @@ from internlm_kernels.ops import (
     rotary_cos_sin,
 )
 from internlm_kernels import nn  # noqa: E402  (needs the ops above)
+from internlm_kernels.patch import patch, unpatch  # noqa: E402
 
 __all__ = [
     "rms_norm", "fused_add_rms_norm", "fused_add_rms_norm_", "rotary_cos_sin", "apply_rotary",
-    "flash_attention", "flash_attention_with_kvcache", "available_backends", "nn", "reference",
+    "flash_attention", "flash_attention_with_kvcache", "available_backends", "nn", "reference", "patch", "unpatch",
 ]

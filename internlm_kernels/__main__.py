@@ -1,4 +1,4 @@
-"""Command line: ``python -m internlm_kernels {bench,check}``."""
+"""Command line: ``python -m internlm_kernels {bench,check,generate}``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,57 @@ def check() -> int:
     return 0
 
 
+def generate(args) -> int:
+    """Generate from a local checkpoint directory or a preset (random weights), streaming."""
+    import os
+    import time
+
+    import torch
+
+    from internlm_kernels.models import InternLMForCausalLM, ModelArgs
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    tokenizer = None
+    if os.path.isdir(args.model):
+        model = InternLMForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, backend=args.backend)
+        tokenizer_path = os.path.join(args.model, "tokenizer.model")
+        if os.path.exists(tokenizer_path):
+            try:
+                import sentencepiece
+                tokenizer = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+            except ImportError:
+                print("tokenizer.model found but sentencepiece is not installed (pip install sentencepiece)")
+    else:
+        torch.manual_seed(0)
+        model = InternLMForCausalLM(ModelArgs.from_name(args.model), backend=args.backend).to(device, dtype).eval()
+        print(f"preset {args.model}: random weights (the output is meaningless, the speed is not)")
+    if tokenizer is not None:
+        ids = [model.args.bos_token_id] if model.args.bos_token_id is not None else []
+        ids += tokenizer.encode(args.prompt)
+        show = lambda token_ids: tokenizer.decode(token_ids)  # noqa: E731
+    else:
+        print("no tokenizer: the prompt is read as token ids and the output printed as token ids")
+        ids = [int(t) for t in args.prompt.replace(",", " ").split()]
+        show = lambda token_ids: " ".join(map(str, token_ids))  # noqa: E731
+    prompt = torch.tensor([ids], device=device)
+    generated = []
+
+    def stream(token):
+        generated.append(int(token[0]))
+        print(show([generated[-1]]), end=" " if tokenizer is None else "", flush=True)
+
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   on_token=stream)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(f"\n{len(generated)} tokens in {seconds:.2f} s: {len(generated) / seconds:.1f} tokens/s "
+          f"(prefill of {len(ids)} included; {device}, {str(dtype).replace('torch.', '')}, backend {args.backend})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m internlm_kernels", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,9 +95,20 @@ def main(argv=None) -> int:
 
     bench_cli.add_arguments(bench)
     commands.add_parser("check", help="print which backends are available here and why not")
+    gen = commands.add_parser("generate", help="generate text (or token ids) with the reference model")
+    gen.add_argument("--model", required=True, help="a local HF-format directory, or a preset name")
+    gen.add_argument("--prompt", required=True, help="text (with tokenizer.model) or token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"])
+    gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    gen.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench_cli.run(args)
+    if args.command == "generate":
+        return generate(args)
     return check()
 
 

@@ -73,6 +73,20 @@ class RotaryEmbedding(nn.Module):
     def _compute(self, seq_len: int, device) -> Tuple[Tensor, Tensor]:
         return rotary_cos_sin(seq_len, self.rotary_dim, base=self.base, scaling=self.scaling, device=device)
 
+    def reset_tables(self) -> None:
+        """Recompute the tables on the current device (after ``to_empty`` or a device move)."""
+        self.cos, self.sin = self._compute(self.max_position_embeddings, self.cos.device)
+        self._long_tables = None
+
+    def _apply(self, fn, recurse=True):
+        # The tables stay fp32 whatever dtype the model is cast to: angles rounded to bf16
+        # would cost accuracy for nothing (the kernels read fp32 tables at no extra cost).
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self.cos.float(), self.sin.float()
+        self._long_tables = None
+        return self
+
     def tables(self, seq_len: int) -> Tuple[Tensor, Tensor]:
         """cos, sin covering positions [0, seq_len)."""
         if seq_len <= self.cos.shape[0]:

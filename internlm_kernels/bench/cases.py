@@ -37,7 +37,7 @@ class Case:
     flops: Optional[float]
     providers: Dict[str, Callable[[], object]]
     error: Callable[[object], Optional[float]]  # max error of a provider's result
-    note: str = ""
+    tokens: Optional[int] = None  # end-to-end cases: tokens processed per call (tokens/s)
 
 
 def kernel_backends(device: torch.device, op: str) -> List[str]:
@@ -250,8 +250,63 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
                 lambda out: max_error(out[:1], (expected,)))
 
 
+# --------------------------------------------------------------------------------------
+# end to end: the reference model
+# --------------------------------------------------------------------------------------
+
+MODEL_PROVIDERS = {"triton": "auto", "eager": "torch"}  # provider -> model backend ("auto": our kernels)
+
+
+def model_case(device, dtype, op: str, preset: str, layers: Optional[int], batch: int, seqlen: int,
+               new_tokens: int, providers: Sequence[str]) -> Case:
+    """model_prefill / model_decode / model_train_step of a preset with random weights
+    (``layers`` overrides the depth so big presets fit). The row's ms is per call; the
+    harness reports tokens/s from ``tokens``; peak memory is measured per provider."""
+    from internlm_kernels.models import InternLMForCausalLM, ModelArgs
+
+    args = ModelArgs.from_name(preset)
+    if layers is not None:
+        args = dataclasses.replace(args, num_layers=layers)
+    torch.manual_seed(0)
+    base = InternLMForCausalLM(args, backend="auto").to(device=device, dtype=dtype)
+    ids = torch.randint(0, args.vocab_size, (batch, seqlen), device=device)
+    impls: Dict[str, Callable[[], object]] = {}
+    for provider in providers:
+        if provider in MODEL_PROVIDERS or provider == "torch_compile":
+            model = InternLMForCausalLM(args, backend=MODEL_PROVIDERS.get(provider, "torch")).to(device, dtype)
+            model.load_state_dict(base.state_dict())
+            forward = torch.compile(model) if provider == "torch_compile" else model
+            if op == "model_prefill":
+                impls[provider] = lambda m=forward: _no_grad(m, ids)
+            elif op == "model_decode":
+                impls[provider] = lambda m=model: m.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+            else:
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                impls[provider] = functools.partial(_train_step, forward, optimizer, ids)
+    tokens = batch * (new_tokens if op == "model_decode" else seqlen)
+    shape = {"preset": preset, "layers": args.num_layers, "B": batch, "S": seqlen}
+    if op == "model_decode":
+        shape["new"] = new_tokens
+    return Case(op, dtype, shape, None, None, impls, lambda result: None, tokens=tokens)
+
+
+def _no_grad(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def _train_step(model, optimizer, ids):
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 OPS = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "fused_add_rms_norm_bwd", "rotary_fwd",
-       "rotary_bwd", "attention_fwd", "attention_bwd", "attention_decode")
+       "rotary_bwd", "attention_fwd", "attention_bwd", "attention_decode", "model_prefill", "model_decode",
+       "model_train_step")
 
 
 def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, providers: Sequence[str],
@@ -275,6 +330,16 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
         decode_shapes = [(b, length, 32, 8, 128) for b in (1, 8, 64) for length in (4096, 32768)]
         if quick:
             decode_shapes = [(1, 32768, 32, 8, 128), (64, 4096, 32, 8, 128)]
+    if small:
+        model_shapes = {"model_prefill": [("tiny-internlm2", None, 1, 16, 0)],
+                        "model_decode": [("tiny-internlm2", None, 1, 8, 4)],
+                        "model_train_step": [("tiny-internlm2", None, 2, 16, 0)]}
+    else:  # InternLM2-1.8B- and 7B-shaped (7B with 4 layers for training: AdamW states must fit)
+        model_shapes = {"model_prefill": [("internlm2-1_8b", None, 1, 4096, 0), ("internlm2-7b", None, 1, 4096, 0)],
+                        "model_decode": [("internlm2-1_8b", None, 8, 128, 128), ("internlm2-7b", None, 8, 128, 128)],
+                        "model_train_step": [("internlm2-1_8b", None, 4, 2048, 0), ("internlm2-7b", 4, 4, 2048, 0)]}
+        if quick:
+            model_shapes = {op: shapes[:1] for op, shapes in model_shapes.items()}
     factories: List[Callable[[], Case]] = []
     for op in ops:
         kind, _, direction = op.rpartition("_")
@@ -293,6 +358,9 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
         elif op == "attention_decode":
             for shape in decode_shapes:
                 factories.append(functools.partial(decode_case, device, dtype, *shape, providers))
+        elif op.startswith("model_"):
+            for shape in model_shapes[op]:
+                factories.append(functools.partial(model_case, device, dtype, op, *shape, providers))
         else:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     return factories

@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         for provider, fn in case.providers.items():
             print(f"[case {index}/{len(factories)}] {case.op} {provider} {case.shape}", file=sys.stderr, flush=True)
             try:
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
                 error = case.error(fn())
                 timing = time_call(fn, device, quick=args.quick)
             except Exception as exc:  # one failing provider must not hide the others' numbers
@@ -96,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
                 row.gbps = case.bytes_moved / timing.median_ms / 1e6
             if case.flops is not None:
                 row.tflops = case.flops / timing.median_ms / 1e9
+            if case.tokens is not None:
+                row.tokens_per_s = case.tokens / timing.median_ms * 1e3
+                if on_gpu:
+                    row.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
             rows.append(row)
         del case
         if on_gpu:

@@ -110,6 +110,8 @@ class Row:
     frac_of_ceiling: Optional[float] = None
     max_err: Optional[float] = None
     speedup_vs: Dict[str, float] = dataclasses.field(default_factory=dict)
+    tokens_per_s: Optional[float] = None  # end-to-end rows
+    peak_memory_gib: Optional[float] = None
 
     def to_json(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
@@ -140,13 +142,13 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def format_table(rows: List[Row]) -> str:
     header = f"{'op':<24} {'provider':<14} {'dtype':<9} {'shape':<36} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} " \
-             f"{'of ceil':>7} {'max err':>9}"
+             f"{'of ceil':>7} {'max err':>9} {'tok/s':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = ",".join(f"{k}={v}" for k, v in row.shape.items())
         lines.append(f"{row.op:<24} {row.provider:<14} {row.dtype:<9} {shape:<36} {row.ms:>9.4f} "
                      f"{_fmt(row.gbps, '8.1f')} {_fmt(row.tflops, '8.1f')} {_fmt(row.frac_of_ceiling, '7.2f')} "
-                     f"{_fmt(row.max_err, '9.2e')}")
+                     f"{_fmt(row.max_err, '9.2e')} {_fmt(row.tokens_per_s, '9.0f')}")
     return "\n".join(lines)
 
 
@@ -160,8 +162,9 @@ def write_results(path: str, env: Dict[str, object], ceilings: Dict[str, Optiona
         f.write("\n")
     csv_path = os.path.splitext(path)[0] + ".csv"
     with open(csv_path, "w") as f:
-        f.write("op,provider,dtype,shape,ms,gbps,tflops,frac_of_ceiling,max_err\n")
+        f.write("op,provider,dtype,shape,ms,gbps,tflops,frac_of_ceiling,max_err,tokens_per_s\n")
         for row in rows:
             shape = ";".join(f"{k}={v}" for k, v in row.shape.items())
             f.write(f"{row.op},{row.provider},{row.dtype},{shape},{row.ms:.6f},{_fmt(row.gbps, '.2f')},"
-                    f"{_fmt(row.tflops, '.2f')},{_fmt(row.frac_of_ceiling, '.4f')},{_fmt(row.max_err, '.3e')}\n")
+                    f"{_fmt(row.tflops, '.2f')},{_fmt(row.frac_of_ceiling, '.4f')},{_fmt(row.max_err, '.3e')},"
+                    f"{_fmt(row.tokens_per_s, '.1f')}\n")

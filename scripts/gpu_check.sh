@@ -32,7 +32,7 @@ cat "$OUT/env.txt"
 stamp "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 {
   INTERNLM_KERNELS_NO_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . &&
-  timeout 300 $PY setup.py build_ext --inplace
+  timeout 200 $PY setup.py build_ext --inplace
 } > "$OUT/build.log" 2>&1
 echo "build exit code: $?" | tee -a "$OUT/build.log"
 # ptxas resource report: registers, shared memory and spills per kernel.
@@ -40,14 +40,16 @@ grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" > "$OUT/p
 $PY -m internlm_kernels check > "$OUT/check.txt" 2>&1; cat "$OUT/check.txt"
 
 stamp "tests"
-timeout 270 $PY -m pytest tests -q -rfEs -p no:cacheprovider --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+# One attention tile shape per head dim in the tests (the benchmark below autotunes).
+INTERNLM_KERNELS_AUTOTUNE=0 timeout 200 $PY -m pytest tests -q -rfEs -p no:cacheprovider \
+  --deselect tests/test_triton_compile.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 echo "pytest exit code: $?" >> "$OUT/tests.log"
 tail -n 30 "$OUT/tests.log"
 
 stamp "benchmark"
 gpu_slug=$($PY -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 bench_json="$OUT/${gpu_slug}-$(date +%Y%m%d).json"
-timeout 150 $PY -m internlm_kernels bench --quick --json "$bench_json" > "$OUT/bench.log" 2>&1
+timeout 170 $PY -m internlm_kernels bench --quick --json "$bench_json" > "$OUT/bench.log" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench.log"
 
 stamp "summary"

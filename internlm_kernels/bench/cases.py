@@ -317,7 +317,12 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
     attention with 32 q / 8 kv heads of 128, 16K tokens per batch (B * S = 16384), causal and
     not, head dims 64 and 128 (quick: causal and not at S = 8K, d 128); decode at B in
     {1, 8, 64} x cache length in {4K, 32K}. CPU: tiny shapes."""
-    norm_shapes = [(64, 512)] if small else [(16384, 4096), (16384, 8192)]
+    if small:
+        norm_shapes = [(64, 512)]
+    elif quick:
+        norm_shapes = [(16384, 4096), (16384, 8192)]
+    else:  # hidden sizes of the InternLM family, for the GB/s-vs-size plots
+        norm_shapes = [(16384, n) for n in (1024, 2048, 4096, 5120, 6144, 8192, 16384)]
     rotary_shapes = [(1, 16, 4, 2, 64)] if small else [(4, 4096, 32, 8, 128)]
     if small:
         attention_shapes = [(1, 32, 4, 2, 32, True)]
@@ -359,8 +364,10 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
             for shape in decode_shapes:
                 factories.append(functools.partial(decode_case, device, dtype, *shape, providers))
         elif op.startswith("model_"):
+            # quick: no torch.compile of whole models (minutes of compilation per preset)
+            model_providers = [p for p in providers if not (quick and p == "torch_compile")]
             for shape in model_shapes[op]:
-                factories.append(functools.partial(model_case, device, dtype, op, *shape, providers))
+                factories.append(functools.partial(model_case, device, dtype, op, *shape, model_providers))
         else:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     return factories

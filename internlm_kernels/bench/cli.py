@@ -106,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         del case
         if on_gpu:
             torch.cuda.empty_cache()
+        # Written after every case, so a run stopped by a time limit keeps what it measured.
+        fill_ceiling_fractions(rows, ceilings)
+        fill_speedups(rows)
+        write_results(args.json or _default_json_path(env, on_gpu), env, ceilings, rows)
     fill_ceiling_fractions(rows, ceilings)
     fill_speedups(rows)
 

@@ -37,7 +37,7 @@ TARGET_ELEMENTS_PER_PROGRAM = 4096
 MAX_ROWS_PER_PROGRAM = 64
 
 
-def rms_norm_block_config(n_cols: int):
+def rms_norm_block_config(n_cols: int, backward: bool = False):
     """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for a row width: the one block-size heuristic."""
     if n_cols <= MAX_SINGLE_PASS_N:
         block_n = triton.next_power_of_2(max(n_cols, 1))
@@ -46,8 +46,11 @@ def rms_norm_block_config(n_cols: int):
     else:
         block_n, block_m, single_pass = LOOP_BLOCK_N, 1, False
     elements = block_m * block_n
-    # About 8-16 elements per thread: one or two 16-byte vectors of bf16.
-    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    # At most 16 elements of a row per thread in the forward (two 16-byte vectors of bf16), 8 in
+    # the backward, which keeps x, dy, the weight and five pointer tensors live (16 spilled in
+    # the fused backward at N = 8192: scripts/compile_triton_kernels.py).
+    per_thread = 8 if backward else 16
+    num_warps = min(32, max(4, elements // (per_thread * 32)))
     return block_m, block_n, single_pass, num_warps
 
 
@@ -263,7 +266,7 @@ def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dwei
     Returns dweight in fp32 (N,), or None when not requested."""
     outer, inner, n_cols = x.shape
     n_rows = outer * inner
-    block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols)
+    block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols, backward=True)
     programs = _num_bwd_programs(x.device, triton.cdiv(n_rows, block_m))
     rows_per_program = triton.cdiv(n_rows, programs)
     allocate = torch.empty if single_pass else torch.zeros

@@ -1,0 +1,165 @@
+"""Compile every Triton kernel ahead of time for real GPUs, without a GPU.
+
+    python scripts/compile_triton_kernels.py [--arch 90] [--arch 80] [--report]
+
+The CPU test suite runs the Triton kernels under the interpreter, which never goes through
+Triton's NVIDIA backend. This script does: each kernel is lowered to PTX and cubin (ptxas)
+for the given architectures with the launch configurations the launchers use (autotune
+candidates included), so type errors, unsupported constructs and register spills show up
+on a machine with no GPU. It must run without TRITON_INTERPRET (it sets it to 0).
+
+Exit status 1 if any kernel fails to compile (with --strict, also if any spills registers).
+Spills are always listed: they are expected for some attention tiles on sm_90 (Triton keeps
+wgmma accumulators in registers), and the autotuner picks among the candidates on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from internlm_kernels.triton import attention, rms_norm, rotary  # noqa: E402
+
+FLOATS = {"eps", "qk_scale", "sm_scale"}
+SIZES = {"M", "N"}  # upper-case names that are not pointers
+
+
+def signature(kernel, constexprs: dict, pointers: dict, default_pointer: str) -> dict:
+    """Argument types by the kernels' naming convention: UPPERCASE names are pointers (dtype
+    from ``pointers`` or the default), FLOATS are fp32, the rest int32 (strides, sizes), as
+    Triton types integer arguments that fit (the kernels widen to int64 where offsets can
+    exceed 2^31)."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name[0].isupper() and name not in SIZES:
+            types[name] = pointers.get(name, default_pointer)
+        elif name in FLOATS:
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def cases(quick: bool = False):
+    """(label, kernel, constexprs, pointer dtypes, default pointer dtype, num_warps, num_stages).
+    quick: every kernel and code path, but attention only in bf16 with its first tile shape."""
+    for dtype in ("bf16", "fp16", "fp32"):
+        for fused in (False, True):
+            for n_cols in (128, 4096, 8192, 20000):
+                block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols)
+                meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
+                yield (f"rms_norm_fwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_fwd_kernel,
+                       {"HAS_RESIDUAL": fused, **meta}, {"RSTD": "fp32"}, f"*{dtype}", warps, 1)
+                block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols, backward=True)
+                meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
+                yield (f"rms_norm_bwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_bwd_kernel,
+                       {"HAS_DRESIDUAL_OUT": fused, "STORE_DRESIDUAL": fused, "COMPUTE_DW": True, **meta},
+                       {"RSTD": "fp32", "DW_PARTIAL": "fp32"}, f"*{dtype}", warps, 1)
+        for interleaved in (False, True):
+            block_h, block_r, block_rest, warps = rotary.rotary_block_config(32, 8, 128, 128)
+            yield (f"rotary {dtype} interleaved={interleaved}", rotary._rotary_kernel,
+                   {"HAS_POSITION_IDS": False, "HAS_OFFSETS_TENSOR": True, "IS_VARLEN": True,
+                    "INTERLEAVED": interleaved, "CONJUGATE": False, "COPY_REST": True, "BLOCK_H": block_h,
+                    "BLOCK_R": block_r, "BLOCK_REST": block_rest, "BLOCK_SEQS": rotary.SEQUENCE_SEARCH_BLOCK},
+                   {"COS": "fp32", "SIN": "fp32", "POSITION_IDS": "i64", "SEQLEN_OFFSETS": "i64",
+                    "CU_SEQLENS": "i32"}, f"*{dtype}", warps, 1)
+    stats = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}
+    for dtype in ("bf16",) if quick else ("bf16", "fp16"):
+        for head_dim in (64, 128, 256):
+            for causal, varlen in ((True, False), (False, True)):
+                flags = {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_VARLEN": varlen,
+                         "HAS_LEFT": not causal, "HAS_RIGHT": causal}
+                shapes_fwd = attention._shapes(head_dim, backward=False)
+                shapes_bwd = attention._shapes(head_dim, backward=True)
+                if quick:
+                    shapes_fwd, shapes_bwd = shapes_fwd[:1], shapes_bwd[:1]
+                for block_m, block_n, warps, stages in shapes_fwd:
+                    yield (f"attention_fwd {dtype} d={head_dim} causal={causal} varlen={varlen} "
+                           f"{block_m}x{block_n}w{warps}s{stages}", attention._attn_fwd_kernel,
+                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)
+                for block_m, block_n, warps, stages in shapes_bwd:
+                    for label, kernel in (("dkdv", attention._attn_bwd_dkdv_kernel),
+                                          ("dq", attention._attn_bwd_dq_kernel)):
+                        yield (f"attention_bwd_{label} {dtype} d={head_dim} causal={causal} varlen={varlen} "
+                               f"{block_m}x{block_n}w{warps}s{stages}", kernel,
+                               {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)
+            yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
+                   {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
+                   {"DELTA": "*fp32"}, f"*{dtype}", 4, 1)
+            yield (f"kvcache_append {dtype} d={head_dim}", attention._kvcache_append_kernel,
+                   {"HEAD_DIM": head_dim, "BLOCK_D": head_dim}, {"CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1)
+            block_n, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
+            yield (f"decode_split {dtype} d={head_dim}", attention._attn_decode_split_kernel,
+                   {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
+                    "BLOCK_M": 16, "BLOCK_N": block_n},
+                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", warps, 1)
+            yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
+                   {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},
+                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1)
+
+
+def resource_usage(cubin: bytes) -> str:
+    """Registers / spills of a cubin, from Triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 90 and 80)")
+    parser.add_argument("--report", action="store_true", help="print registers per kernel")
+    parser.add_argument("--filter", default="", help="only kernels whose label contains this")
+    parser.add_argument("--quick", action="store_true", help="attention in bf16 with one tile shape only")
+    parser.add_argument("--strict", action="store_true", help="fail on register spills too")
+    args = parser.parse_args()
+    failures, spills = [], []
+    for arch in args.arch or [90, 80]:
+        target = GPUTarget("cuda", arch, 32)
+        for label, kernel, constexprs, pointers, default_pointer, warps, stages in cases(args.quick):
+            if args.filter not in label:
+                continue
+            fn = kernel
+            pointer_types = {k: (v if v.startswith("*") else f"*{v}") for k, v in pointers.items()}
+            try:
+                compiled = triton.compile(ASTSource(fn, signature(fn, constexprs, pointer_types, default_pointer),
+                                                    constexprs),
+                                          target=target, options={"num_warps": warps, "num_stages": stages})
+            except Exception as error:  # report every failure, not only the first
+                failures.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                continue
+            usage = resource_usage(compiled.asm["cubin"])
+            registers = re.search(r"REG:(\d+)", usage)
+            stack_match = re.search(r"STACK:(\d+)", usage)
+            stack = int(stack_match.group(1)) if stack_match else 0
+            if stack > 0:
+                spills.append(f"sm_{arch} {label}: {stack} bytes of stack (register spills)")
+            if args.report:
+                print(f"sm_{arch} {label}: {registers.group(1) if registers else '?'} registers, stack {stack}")
+    for spill in spills:
+        print("SPILL", spill)
+    for failure in failures:
+        print("FAIL", failure)
+    print(f"{'all kernels compiled' if not failures else f'{len(failures)} failed to compile'}; "
+          f"{len(spills)} with register spills")
+    return 1 if failures or (args.strict and spills) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

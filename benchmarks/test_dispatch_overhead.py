@@ -54,3 +54,16 @@ def test_apply_rotary_call_overhead(benchmark, backend):
     cos, sin = ik.rotary_cos_sin(4, 16, device=DEVICE)
     ik.apply_rotary(q, k, cos, sin, backend=backend)
     benchmark(lambda: _sync(ik.apply_rotary(q, k, cos, sin, backend=backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_call_overhead_compiled(benchmark, backend):
+    """The same call inside torch.compile: the custom op is one graph node, so the Python
+    checks and backend choice run at trace time, not per call."""
+    _skip_unless_dispatch_measurable(backend)
+    x = torch.randn(8, 64, device=DEVICE)
+    weight = torch.ones(64, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: ik.rms_norm(t, weight, backend=backend), fullgraph=True)
+    compiled(x)
+    benchmark(lambda: _sync(compiled(x)))

@@ -118,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     print(f"\nresults: {path} (+ .csv)")
+    from internlm_kernels.bench.report import plot_results
+
+    plots = plot_results(path)
+    if plots:
+        print(f"plots: {', '.join(plots)}")
     if not on_gpu:
         print("(CPU run: ms are CPU/interpreter timings, not kernel speed)")
     return 0

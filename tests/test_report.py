@@ -1,0 +1,35 @@
+"""The README table and plots are generated from results files (GPU.md format)."""
+
+import json
+
+from internlm_kernels.bench import report
+
+
+def _results(path, gpu, date, gbps):
+    document = {"gpu": gpu, "date": date, "versions": {"torch": "2.11.0"},
+                "ceilings": {"copy_gbps": 3000.0, "gemm_bf16_tflops": 790.0},
+                "results": [{"op": "rms_norm_fwd", "provider": "triton", "dtype": "bfloat16",
+                             "shape": {"M": 16384, "N": 4096}, "ms": 0.1, "gbps": gbps, "tflops": None,
+                             "frac_of_ceiling": gbps / 3000.0, "max_err": 0.004,
+                             "speedup_vs": {"eager": 8.0, "torch_compile": 1.3}},
+                            {"op": "rms_norm_fwd", "provider": "eager", "dtype": "bfloat16",
+                             "shape": {"M": 16384, "N": 4096}, "ms": 0.8, "gbps": gbps / 8, "tflops": None,
+                             "frac_of_ceiling": None, "max_err": 0.004, "speedup_vs": {}}]}
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_table_lists_our_rows_with_ratios(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS_DIR", str(tmp_path))
+    _results(tmp_path / "nvidia-h100-20261201.json", "NVIDIA H100", "2026-12-01", 2700.0)
+    newest = _results(tmp_path / "nvidia-h100-20261205.json", "NVIDIA H100", "2026-12-05", 2850.0)
+    assert report.latest_results() == [newest]
+    table = report.results_table(report.latest_results())
+    assert "## NVIDIA H100 (2026-12-05)" in table
+    assert "| rms_norm_fwd | M=16384,N=4096 | triton | 2850.0 GB/s | 0.95 |" in table
+    assert "eager 8.00x, torch_compile 1.30x" in table
+    assert "| eager |" not in table  # baselines appear as ratios, not rows
+
+
+def test_table_without_results_says_how_to_get_them():
+    assert "No GPU results are committed yet" in report.results_table([])

@@ -147,6 +147,26 @@ def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence, IS_VAR
 
 
 @triton.jit
+def _program_tile(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr,
+                  TILE_KEYS: tl.constexpr, ROWS_PER_POSITION: tl.constexpr, BLOCK: tl.constexpr):
+    """What a program of the (tiles, batch, kv head) grid works on: its tile index within the
+    sequence (tiles of packed query rows, or of keys with TILE_KEYS), the batch row and KV
+    head (int64), and the sequence bounds (see _sequence_bounds)."""
+    tile = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(2).to(tl.int64)
+    sequence = tl.program_id(1)
+    if IS_VARLEN:
+        if TILE_KEYS:
+            sequence, tile = _locate_tile(CU_SEQLENS_K, num_sequences, tile, ROWS_PER_POSITION, BLOCK, 128)
+        else:
+            sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, ROWS_PER_POSITION, BLOCK, 128)
+    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
+                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    return tile, batch, kv_head, q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def _visible(rows_pos, cols, k_len, shift, window_left, window_right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[rows, cols] bool: which keys each query position sees (bottom-right aligned)."""
@@ -251,14 +271,8 @@ def _attn_fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    kv_head = tl.program_id(2).to(tl.int64)
-    sequence = tl.program_id(1)
-    if IS_VARLEN:
-        sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, GROUP, BLOCK_M, 128)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
-                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
+        CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, seqlen_q, seqlen_k, IS_VARLEN, False, GROUP, BLOCK_M)
     rows_pos, rows_sub, pos_first, pos_last, row_ok = _packed_rows(tile, q_len, GROUP, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < HEAD_DIM
@@ -339,14 +353,8 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    kv_head = tl.program_id(2).to(tl.int64)
-    sequence = tl.program_id(1)
-    if IS_VARLEN:
-        sequence, tile = _locate_tile(CU_SEQLENS_K, num_sequences, tile, 1, BLOCK_N, 128)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
-                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
+        CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, seqlen_q, seqlen_k, IS_VARLEN, True, 1, BLOCK_N)
     shift = k_len - q_len
     col_first = tile * BLOCK_N
     cols = col_first + tl.arange(0, BLOCK_N)
@@ -416,14 +424,8 @@ def _attn_bwd_dq_kernel(
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
-    kv_head = tl.program_id(2).to(tl.int64)
-    sequence = tl.program_id(1)
-    if IS_VARLEN:
-        sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, GROUP, BLOCK_M, 128)
-    q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
-                                                      IS_VARLEN, seqlen_q, seqlen_k)
+    tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
+        CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, seqlen_q, seqlen_k, IS_VARLEN, False, GROUP, BLOCK_M)
     shift = k_len - q_len
     rows_pos, rows_sub, pos_first, pos_last, row_ok = _packed_rows(tile, q_len, GROUP, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)

@@ -17,7 +17,7 @@ Numerics follow the HF InternLM/LLaMA eager code where that code defines them:
   to the exact value and within the bf16 tolerance of HF's result.)
 * Attention: scores ``q @ k^T`` and the final ``p @ v`` in the input dtype,
   softmax in fp32, as HF's eager attention. Call it with ``.float()`` inputs to
-  get the fp32 oracle used by the tolerance rule in DESIGN.md.
+  get the fp32 oracle of the tolerance rule (tests/helpers.py).
 
 Conventions shared with the kernels (and documented on the public API):
 

@@ -1,4 +1,4 @@
-"""Tolerance rules of DESIGN.md, in one place, and the kernel-backend parametrization."""
+"""The tolerance rules of the test suite, in one place, and the kernel-backend parametrization."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused attention (Triton) against internlm_kernels.reference, forward and backward.
 
-Tolerance (DESIGN.md, flash-attention's rule): against an fp64 evaluation of the reference,
+Tolerance (flash-attention's rule, tests/helpers.py): against an fp64 evaluation of the reference,
 the kernel's max error is at most 2x (forward) / 3x (backward) the error of the eager
 reference run in the same low dtype. Shapes are small so the CPU interpreter stays quick;
 the same tests run at these sizes on a GPU, plus the GPU-only ones at the end.

@@ -267,7 +267,7 @@ def test_training_20_steps_bf16_on_gpu():
 
 def test_bf16_model_three_run_rule():
     """Ours in bf16 (every kernel: Triton attention too) vs the reference in fp32, no worse
-    than twice the reference run in bf16 on the same weights (DESIGN.md)."""
+    than twice the reference run in bf16 on the same weights."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-internlm2")
     reference32 = InternLMForCausalLM(args, backend="torch").eval()

@@ -248,6 +248,33 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, star
 
 
 @triton.jit
+def _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
+            window_left, window_right, qk_scale, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention of a query tile over key blocks [lo, hi): masked edges, unmasked middle
+    [full_lo, full_hi). Returns the normalised output (fp32) and the log2-sum-exp per row
+    (-inf, with a zero output, for rows that see no key)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    args = (K_BASE, V_BASE, stride_ks, stride_vs)
+    even_d: tl.constexpr = BLOCK_D == HEAD_DIM
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift, window_left,
+                                    window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift, window_left,
+                                    window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift, window_left,
+                                    window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
+                                    BLOCK_N)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    return out, lse2
+
+
+@triton.jit
 def _packed_rows(tile, q_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows of a query tile: (row index, position, head within the group, first / last
     position of the tile, in-range mask); all int32."""
@@ -288,23 +315,10 @@ def _attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
     hi = tl.where(q_len > 0, hi, 0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    args = (K_BASE, V_BASE, stride_ks, stride_vs)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    False, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
+    out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
+                        window_left, window_right, qk_scale, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    lse = lse2 * LN2
     o_rows = (rows_pos - pos_first)[:, None] * stride_os + rows_sub[:, None] * stride_oh + dims[None, :]
     O_BASE = O + batch * stride_ob + (q_start + pos_first) * stride_os + kv_head * GROUP * stride_oh
     tl.store(O_BASE + o_rows, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
@@ -532,22 +546,8 @@ def _attn_decode_split_kernel(
     hi = tl.maximum(tl.minimum(hi, split_hi), lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    args = (K_BASE, V_BASE, stride_ks, stride_vs)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    False, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift,
-                                    window_left, window_right, qk_scale,
-                                    True, HAS_LEFT, HAS_RIGHT, BLOCK_D == HEAD_DIM, HEAD_DIM, BLOCK_D, BLOCK_N)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
+                        window_left, window_right, qk_scale, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N)
     slot = ((batch * heads_kv + kv_head) * splits + split) * rows_padded + rows.to(tl.int64)
     tl.store(PART_O + slot[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
     tl.store(PART_LSE + slot, lse2, mask=row_ok)

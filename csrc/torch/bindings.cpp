@@ -37,4 +37,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_out"), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg("seqlen_offsets"),
         py::arg("seqlen_offset"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
         py::arg("inplace"));
+  m.def("attention_fwd", &attention_fwd, "fused attention forward (writes out and lse)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"));
+  m.def("attention_bwd", &attention_bwd, "fused attention backward (writes dq, dk, dv)", py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("softmax_scale"), py::arg("causal"),
+        py::arg("window_size"));
+  m.def("kvcache_append", &kvcache_append, "write new K or V entries into a cache at cache_seqlens",
+        py::arg("new_entries"), py::arg("cache"), py::arg("cache_seqlens"));
+  m.def("attention_decode", &attention_decode, "split-KV attention over a KV cache", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("out"), py::arg("cache_seqlens"), py::arg("new_tokens"), py::arg("softmax_scale"),
+        py::arg("causal"), py::arg("window_size"));
 }

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 namespace internlm_kernels {
 
@@ -27,5 +28,27 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
             const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& position_ids,
             const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
             const std::optional<at::Tensor>& cu_seqlens, bool interleaved, bool conjugate, bool inplace);
+
+// Attention (tensor cores; float16 / bfloat16, head_dim 64 or 128). q / out (B, Sq, Hq, D),
+// k / v (B, Sk, Hkv, D) views, packed as (1, T, H, D) with cu_seqlens; lse (B, Hq, Sq) fp32.
+// window_size (left, right), -1 unbounded; causal sets right to 0.
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+                   const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
+                   std::tuple<int64_t, int64_t> window_size);
+
+void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv, const std::optional<at::Tensor>& cu_seqlens_q,
+                   const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
+                   std::tuple<int64_t, int64_t> window_size);
+
+// cache[b, cache_seqlens[b] + i] = new_entries[b, i]; new_entries (B, Snew, H, D), cache (B, S_max, H, D).
+void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, const at::Tensor& cache_seqlens);
+
+// Split-KV attention of q (B, Sq, Hq, D) over caches holding cache_seqlens[b] + new_tokens entries.
+void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
+                      const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
+                      std::tuple<int64_t, int64_t> window_size);
 
 }  // namespace internlm_kernels

@@ -1,0 +1,947 @@
+// Fused attention on tensor cores (FlashAttention-2 style): forward, backward (dK/dV and
+// dQ kernels), split-KV decoding with its combine kernel, and the KV-cache append.
+//
+// Work split. Query rows are "packed" as in the Triton kernels: row r of a sequence is query
+// position r / group of query head kv_head * group + r % group, so a program owns one KV
+// head and a tile of its group's rows, and every K/V tile it loads serves the whole group
+// (GQA/MQA without repeating K/V; a decode step with 1 position still fills 8 rows with
+// group 8). Programs: forward and dQ per tile of packed rows, dK/dV per tile of keys (summed
+// over the group's rows: no atomics anywhere, so the backward is deterministic), decode per
+// (split of the cache, row tile).
+//
+// Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
+// m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts). Operands stream from global
+// memory through a two-stage cp.async ring in shared memory (the next tile loads while the
+// tensor cores work on the current one); ldmatrix reads them from XOR-swizzled tiles, so
+// neither side has bank conflicts. The softmax runs in base 2 with the scale folded into one
+// multiply; P goes from the score accumulators straight into the A operand of P V.
+//
+// Masks are bottom-right aligned (attention.h). Key tiles every row of a query tile sees in
+// full skip the mask; tiles nobody sees are never loaded. Packed (varlen) programs find
+// their sequence by a warp-wide scan of cu_seqlens on the device, so no host sync and no
+// max_seqlen are needed and CUDA graphs replay with new lengths.
+//
+// A Hopper path (wgmma + TMA) would be another traits/kernel pair behind the same launchers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "internlm_kernels/attention.h"
+#include "internlm_kernels/common.cuh"
+#include "internlm_kernels/mma.cuh"
+
+namespace internlm_kernels {
+namespace attention_detail {
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------------
+// Tile shapes
+// ---------------------------------------------------------------------------------------
+
+// A program's tile: kBlockM rows (queries, or keys for dK/dV) split over kWarpsM warps, a
+// stream of kBlockN-row tiles of the other operand, split over kWarpsN warps (decode only:
+// its row tile is small, so the warps share the keys and merge at the end).
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_>
+struct TileTraits {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kWarpRows = kBlockM / kWarpsM;  // rows of one warp
+  static constexpr int kMTiles = kWarpRows / 16;       // 16-row mma tiles of one warp
+  static constexpr int kWarpKeys = kBlockN / kWarpsN;  // streamed rows one warp multiplies with
+  static constexpr int kNTiles = kWarpKeys / 8;        // 8-column accumulator tiles of S
+  static constexpr int kDimTiles = kHeadDim / 8;       // 8-column accumulator tiles of O / dQ / dK / dV
+  static constexpr int kKSteps = kHeadDim / 16;        // k steps of a product over the head dim
+  using RowTile = mma::SwizzledTile<kBlockM, kHeadDim>;
+  using StreamTile = mma::SwizzledTile<kBlockN, kHeadDim>;
+  static_assert(kWarpRows % 16 == 0 && kWarpKeys % 16 == 0, "warps own whole 16-row / 16-key mma tiles");
+  static_assert(kHeadDim % 64 == 0, "head_dim 64 or 128 (the swizzle spans 64 values)");
+};
+
+// Forward: 128 query rows x 64 keys, 8 warps of 16 rows; shared memory Q + 2 stages of K and
+// V = 96 KB at d = 128. ptxas (CUDA 13.0, sm_90a): 214 registers at d = 128, 131 at d = 64,
+// no spills. Rejected without a GPU: 4 warps of two 16-row tiles (each K/V fragment feeds
+// two mma) spills 104 B at d = 128 (128 x 64) and 40 B at 128 x 32.
+template <typename T, int kHeadDim>
+using ForwardTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1>;
+
+// Decode: one 16-row tile (a few positions x the group), 4 warps sharing each 64-key tile.
+template <typename T, int kHeadDim>
+using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>;
+
+// dK/dV: 64 keys (16 per warp) x tiles of query rows; at d = 128 the fp32 dK and dV slabs
+// take 128 registers per thread, so the row tiles are 32 rows there and 64 at d = 64.
+template <typename T, int kHeadDim>
+using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
+
+// dQ: 64 query rows (16 per warp) x 64-key tiles.
+template <typename T, int kHeadDim>
+using BwdQueryTraits = TileTraits<T, kHeadDim, 64, 64, 4, 1>;
+
+// ---------------------------------------------------------------------------------------
+// Where a program works: sequence bounds, visible keys
+// ---------------------------------------------------------------------------------------
+
+// (sequence, tile within it) of the flattened tile index ``tile`` of a packed batch whose
+// sequence s has cdiv(len_s * rows_per_position, block) tiles; sequence == num_sequences
+// past the last tile. Every lane of the calling warp gets the same answer.
+__device__ __forceinline__ void locate_tile(const int32_t* cu_seqlens, int num_sequences, int tile,
+                                            int rows_per_position, int block, int& sequence, int& local_tile) {
+  const int lane = threadIdx.x % 32;
+  int before = 0;  // tiles of the sequences already scanned
+  for (int base = 0; base < num_sequences; base += 32) {
+    const int s = base + lane;
+    int tiles = 0;
+    if (s < num_sequences) {
+      const int64_t rows = int64_t(cu_seqlens[s + 1] - cu_seqlens[s]) * rows_per_position;
+      tiles = static_cast<int>((rows + block - 1) / block);
+    }
+    int inclusive = tiles;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int up = __shfl_up_sync(kFullMask, inclusive, offset);
+      if (lane >= offset) inclusive += up;
+    }
+    // Inclusive counts never decrease, so the first lane past ``tile`` is a non-empty sequence.
+    const unsigned hit = __ballot_sync(kFullMask, before + inclusive > tile);
+    if (hit != 0) {
+      const int first = __ffs(hit) - 1;
+      const int exclusive = __shfl_sync(kFullMask, inclusive - tiles, first);
+      sequence = base + first;
+      local_tile = tile - before - exclusive;
+      return;
+    }
+    before += __shfl_sync(kFullMask, inclusive, 31);
+  }
+  sequence = num_sequences;
+  local_tile = 0;
+}
+
+struct ProgramTile {
+  int tile;                 // row tile (or key tile) within the sequence
+  int64_t batch, kv_head;   // grid coordinates
+  int64_t q_start, k_start; // first token of the sequence in the (packed) tensors
+  int q_len, k_len;         // 0 when the program has no sequence
+};
+
+// The grid is (tiles, B, Hkv) for dense inputs and (total tiles + sequences, 1, Hkv) for
+// packed ones. ``tile_keys``: tiles count keys (dK/dV) instead of packed query rows.
+__device__ __forceinline__ ProgramTile program_tile(const AttentionParams& p, bool tile_keys, int block) {
+  ProgramTile t;
+  t.tile = blockIdx.x;
+  t.batch = blockIdx.y;
+  t.kv_head = blockIdx.z;
+  t.q_start = t.k_start = 0;
+  t.q_len = p.seqlen_q;
+  t.k_len = p.seqlen_k;
+  if (p.cu_seqlens_q != nullptr) {
+    int sequence = 0;
+    locate_tile(tile_keys ? p.cu_seqlens_k : p.cu_seqlens_q, p.num_sequences, blockIdx.x, tile_keys ? 1 : p.group,
+                block, sequence, t.tile);
+    if (sequence >= p.num_sequences) {
+      t.q_len = t.k_len = 0;
+      return t;
+    }
+    t.q_start = p.cu_seqlens_q[sequence];
+    t.k_start = p.cu_seqlens_k[sequence];
+    t.q_len = p.cu_seqlens_q[sequence + 1] - p.cu_seqlens_q[sequence];
+    t.k_len = p.cu_seqlens_k[sequence + 1] - p.cu_seqlens_k[sequence];
+  }
+  return t;
+}
+
+// Keys [x, y] query position ``pos`` sees (empty when y < x). Bounds never decrease with
+// the position, which the tile-range functions below rely on.
+template <bool kHasWindow>
+__device__ __forceinline__ int2 visible_keys(const AttentionParams& p, int pos, int k_len, int shift) {
+  int first = 0, last = k_len - 1;
+  if constexpr (kHasWindow) {
+    const int64_t anchor = int64_t(pos) + shift;
+    if (p.has_right) last = static_cast<int>(max(min(anchor + p.window_right, int64_t(last)), int64_t(-1)));
+    if (p.has_left) first = static_cast<int>(min(max(anchor - p.window_left, int64_t(0)), int64_t(k_len)));
+  }
+  return make_int2(first, last);
+}
+
+// Key tiles a tile of query positions [pos_first, pos_last] touches: [lo, hi), and [full_lo,
+// full_hi), the keys every position of the tile sees (tiles inside it need no mask).
+struct KeyRange {
+  int lo, full_lo, full_hi, hi;
+  __device__ __forceinline__ bool needs_mask(int n0, int block) const {
+    return !(n0 >= full_lo && n0 + block <= full_hi);
+  }
+};
+
+template <bool kHasWindow, int kBlockN>
+__device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int pos_first, int pos_last, int k_len,
+                                              int shift) {
+  const int2 first = visible_keys<kHasWindow>(p, pos_first, k_len, shift);
+  const int2 last = visible_keys<kHasWindow>(p, pos_last, k_len, shift);
+  KeyRange r;
+  r.hi = max(last.y + 1, 0);
+  r.lo = min(first.x, r.hi) / kBlockN * kBlockN;
+  r.full_lo = min(max((last.x + kBlockN - 1) / kBlockN * kBlockN, r.lo), r.hi);
+  r.full_hi = max(min(first.y + 1, r.hi) / kBlockN * kBlockN, r.full_lo);
+  return r;
+}
+
+// Packed row -> global address of its (position, head) in a (B, S, H, D) tensor whose
+// (batch, sequence start, first head of the group) is ``base``.
+template <typename T>
+__device__ __forceinline__ const void* packed_row_address(const void* base, int row, int group, int64_t stride_s,
+                                                          int64_t stride_h) {
+  const int pos = row / group, head = row - pos * group;
+  return static_cast<const T*>(base) + int64_t(pos) * stride_s + int64_t(head) * stride_h;
+}
+
+template <typename T>
+__device__ __forceinline__ const void* tensor_base(const void* ptr, int64_t batch, int64_t stride_b, int64_t start,
+                                                   int64_t stride_s, int64_t head, int64_t stride_h) {
+  return static_cast<const T*>(ptr) + batch * stride_b + start * stride_s + head * stride_h;
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp-level products (each warp computes its own slab)
+// ---------------------------------------------------------------------------------------
+
+// acc[kMTiles][kNTiles] += A B^T over the head dim: A rows [a_row0, a_row0 + 16 kMTiles) of
+// one tile, B rows [b_row0, b_row0 + 8 kNTiles) of another (both row-major, head dim last:
+// Q K^T, dO V^T, K Q^T, V dO^T). Each B fragment is read once and used kMTiles times.
+template <typename T, class ATile, class BTile, int kMTiles, int kNTiles, int kKSteps>
+__device__ __forceinline__ void gemm_abt(float (&acc)[kMTiles][kNTiles][4], uint32_t a_tile, int a_row0,
+                                         uint32_t b_tile, int b_row0, int lane) {
+  static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  const uint32_t a_offset = ATile::a_lane_offset(lane), b_offset = BTile::b_lane_offset(lane);
+#pragma unroll
+  for (int k = 0; k < kKSteps; ++k) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) mma::ldmatrix_x4(a[mt], ATile::address(a_tile, a_row0 + 16 * mt, a_offset, k));
+#pragma unroll
+    for (int n = 0; n < kNTiles / 2; ++n) {
+      uint32_t b[4];
+      mma::ldmatrix_x4(b, BTile::address(b_tile, b_row0 + 16 * n, b_offset, k));
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma::mma_16816<T>(acc[mt][2 * n], a[mt], b[0], b[1]);
+        mma::mma_16816<T>(acc[mt][2 * n + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[kMTiles][kNTiles] += P B: P in registers (score-shaped accumulators: kKTiles16 * 2
+// tiles of 8 columns, rounded to T here), B rows [b_row0, b_row0 + 16 kKTiles16) of a
+// row-major tile over all its columns (P V, P^T dO, dS^T Q, dS K).
+template <typename T, class BTile, int kMTiles, int kKTiles16, int kNTiles>
+__device__ __forceinline__ void gemm_pb(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][2 * kKTiles16][4],
+                                        uint32_t b_tile, int b_row0, int lane) {
+  static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  const uint32_t b_offset = BTile::b_trans_lane_offset(lane);
+#pragma unroll
+  for (int kt = 0; kt < kKTiles16; ++kt) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) mma::c_to_a<T>(p[mt][2 * kt], p[mt][2 * kt + 1], a[mt]);
+#pragma unroll
+    for (int n = 0; n < kNTiles / 2; ++n) {
+      uint32_t b[4];
+      mma::ldmatrix_x4_trans(b, BTile::address(b_tile, b_row0 + 16 * kt, b_offset, n));
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma::mma_16816<T>(acc[mt][2 * n], a[mt], b[0], b[1]);
+        mma::mma_16816<T>(acc[mt][2 * n + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void zero(float (&acc)[kMTiles][kNTiles][4]) {
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+}
+
+// Write a warp's accumulator slab (rows [row0, row0 + 16 kMTiles) of ``tile``), times
+// ``scale``, rounded to T, into shared memory; the caller copies it out in 16-byte rows.
+template <typename T, class Tile, int kMTiles, int kDimTiles>
+__device__ __forceinline__ void stage_rows(char* tile, int row0, const float (&acc)[kMTiles][kDimTiles][4],
+                                           float scale, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 16 * mt + g + 8 * r;
+        *reinterpret_cast<uint32_t*>(tile + Tile::element_offset(row, 8 * dt + 2 * t)) =
+            mma::pack2<T>(acc[mt][dt][2 * r] * scale, acc[mt][dt][2 * r + 1] * scale);
+      }
+}
+
+// Copy ``rows`` staged rows [row0, row0 + rows) of ``tile`` to global memory, 16 bytes at a
+// time by the 32 lanes of a warp; ``row_target(r)`` gives the destination or nullptr (skip).
+template <class Tile, class RowTarget>
+__device__ __forceinline__ void store_rows(const char* tile, int row0, int rows, int lane, RowTarget row_target) {
+  for (int i = lane; i < rows * Tile::kChunks; i += 32) {
+    const int r = i / Tile::kChunks, chunk = i % Tile::kChunks;
+    char* target = static_cast<char*>(row_target(r));
+    if (target != nullptr)
+      *reinterpret_cast<uint4*>(target + chunk * 16) =
+          *reinterpret_cast<const uint4*>(tile + Tile::offset(row0 + r, chunk));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward and split-KV decode
+// ---------------------------------------------------------------------------------------
+
+// Online softmax over one tile of scores (in place: s becomes p, in base 2): masks, updates
+// each row's running max and (thread-partial) sum, rescales the output accumulators.
+template <class Tr>
+__device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
+                                               float (&acc)[Tr::kMTiles][Tr::kDimTiles][4],
+                                               float (&row_max)[Tr::kMTiles][2], float (&row_sum)[Tr::kMTiles][2],
+                                               const int2 (&visible)[Tr::kMTiles][2], float scale_log2,
+                                               bool needs_mask, int key0, int lane) {
+  const int t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = s[mt][nt][2 * r + e] * scale_log2;
+          if (needs_mask) {
+            const int key = key0 + 8 * nt + 2 * t + e;
+            if (key < visible[mt][r].x || key > visible[mt][r].y) x = -INFINITY;
+          }
+          s[mt][nt][2 * r + e] = x;
+          tile_max = fmaxf(tile_max, x);
+        }
+      const float new_max = fmaxf(row_max[mt][r], mma::quad_max(tile_max));
+      const float base = new_max == -INFINITY ? 0.f : new_max;  // rows that have seen no key yet
+      const float alpha = exp2f(row_max[mt][r] - base);
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2f(s[mt][nt][2 * r + e] - base);
+          s[mt][nt][2 * r + e] = p;
+          sum += p;
+        }
+      row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < Tr::kDimTiles; ++dt) {
+        acc[mt][dt][2 * r] *= alpha;
+        acc[mt][dt][2 * r + 1] *= alpha;
+      }
+      row_max[mt][r] = new_max;
+    }
+}
+
+// One program of the forward (kDecode = false: writes out and lse) or of the split-KV
+// decode (writes the split's partial output and log2-sum-exp).
+template <class Tr, bool kHasWindow, bool kDecode>
+__global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const AttentionDecodeParams p) {
+  using T = typename Tr::T;
+  using RowTile = typename Tr::RowTile;
+  using StreamTile = typename Tr::StreamTile;
+  extern __shared__ __align__(128) char smem[];
+  char* q_tile = smem;
+  char* kv_tiles = smem + RowTile::kBytes;  // stages: K0 V0 K1 V1
+  const uint32_t q_address = mma::shared_address(q_tile);
+  const uint32_t kv_address = mma::shared_address(kv_tiles);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp_m = warp % Tr::kWarpsM, warp_n = warp / Tr::kWarpsM;
+  const int warp_row0 = warp_m * Tr::kWarpRows, warp_key0 = warp_n * Tr::kWarpKeys;
+
+  ProgramTile pt;
+  int shift = 0, split = 0;
+  if constexpr (kDecode) {
+    split = blockIdx.x;
+    pt.tile = blockIdx.y;
+    pt.batch = blockIdx.z / p.heads_kv;
+    pt.kv_head = blockIdx.z % p.heads_kv;
+    pt.q_start = pt.k_start = 0;
+    pt.q_len = p.seqlen_q;
+    const int64_t valid_keys = int64_t(p.cache_seqlens[pt.batch]) + p.new_tokens;
+    shift = static_cast<int>(valid_keys - pt.q_len);
+    pt.k_len = static_cast<int>(max(min(valid_keys, int64_t(p.capacity)), int64_t(0)));  // overflow: NaN later
+  } else {
+    pt = program_tile(p, false, Tr::kBlockM);
+    shift = pt.k_len - pt.q_len;
+  }
+  const int rows = pt.q_len * p.group;
+  const int row0 = pt.tile * Tr::kBlockM;
+  if (row0 >= rows) return;  // packed grids have a few spare programs
+
+  const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s,
+                                      pt.kv_head * p.group, p.q_stride_h);
+  mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, [&](int r) -> const void* {
+    return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
+  });
+
+  const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
+  KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
+  if constexpr (kDecode) {  // this program's split of the cache (keys_per_split: whole tiles)
+    const int split_lo = split * p.keys_per_split, split_hi = split_lo + p.keys_per_split;
+    range.lo = max(range.lo, split_lo);
+    range.hi = max(min(range.hi, split_hi), range.lo);
+    range.full_lo = min(max(range.full_lo, range.lo), range.hi);
+    range.full_hi = min(max(range.full_hi, range.full_lo), range.hi);
+  }
+  const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
+  const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
+  const int k_len = pt.k_len;
+  auto load_kv = [&](int n0, int stage) {
+    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage, p.k, [&](int r) -> const void* {
+      return n0 + r < k_len ? static_cast<const T*>(k_base) + int64_t(n0 + r) * p.k_stride_s : nullptr;
+    });
+    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, [&](int r) -> const void* {
+      return n0 + r < k_len ? static_cast<const T*>(v_base) + int64_t(n0 + r) * p.v_stride_s : nullptr;
+    });
+  };
+  if (range.lo < range.hi) load_kv(range.lo, 0);
+  mma::cp_async_commit();
+
+  // This thread's rows: visible key bounds.
+  const int g = lane / 4;
+  int2 visible[Tr::kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      visible[mt][r] = visible_keys<kHasWindow>(p, (row0 + warp_row0 + 16 * mt + g + 8 * r) / p.group, k_len, shift);
+
+  float acc[Tr::kMTiles][Tr::kDimTiles][4];
+  float row_max[Tr::kMTiles][2], row_sum[Tr::kMTiles][2];
+  zero(acc);
+#pragma unroll
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_max[mt][r] = -INFINITY, row_sum[mt][r] = 0.f;
+
+  int stage = 0;
+  for (int n0 = range.lo; n0 < range.hi; n0 += Tr::kBlockN, stage ^= 1) {
+    if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();  // this tile (and Q) landed; the next one is in flight
+    __syncthreads();
+    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    float s[Tr::kMTiles][Tr::kNTiles][4];
+    zero(s);
+    gemm_abt<T, RowTile, StreamTile, Tr::kMTiles, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage,
+                                                                           warp_key0, lane);
+    online_softmax<Tr>(s, acc, row_max, row_sum, visible, p.scale_log2, range.needs_mask(n0, Tr::kBlockN),
+                       n0 + warp_key0, lane);
+    gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kWarpKeys / 16, Tr::kDimTiles>(acc, s, k_stage + StreamTile::kBytes,
+                                                                           warp_key0, lane);
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  mma::cp_async_wait<0>();
+  __syncthreads();  // no copy (Q included, when no key tile ran) still lands in what follows
+
+  const int t = lane % 4;
+  if constexpr (!kDecode) {
+    static_assert(Tr::kWarpsN == 1, "the forward's warps own whole rows");
+    const void* out_base = tensor_base<T>(p.out, pt.batch, p.out_stride_b, pt.q_start, p.out_stride_s,
+                                          pt.kv_head * p.group, p.out_stride_h);
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float total = mma::quad_sum(row_sum[mt][r]);
+        const bool seen = total > 0.f;  // rows that see no key: zeros and lse -inf
+        const float inv = seen ? 1.f / total : 0.f;
+#pragma unroll
+        for (int dt = 0; dt < Tr::kDimTiles; ++dt) {
+          acc[mt][dt][2 * r] *= inv;
+          acc[mt][dt][2 * r + 1] *= inv;
+        }
+        const int row = row0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (t == 0 && row < rows) {
+          const int pos = row / p.group, head = row - pos * p.group;
+          p.lse[pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
+                (pt.q_start + pos) * p.lse_stride_s] = seen ? (row_max[mt][r] + log2f(total)) * kLn2 : -INFINITY;
+        }
+      }
+    // Each warp stages its own rows in its own part of the Q tile (only it read them).
+    stage_rows<T, RowTile>(q_tile, warp_row0, acc, 1.f, lane);
+    __syncwarp();
+    store_rows<RowTile>(q_tile, warp_row0, Tr::kWarpRows, lane, [&](int r) -> void* {
+      const int row = row0 + warp_row0 + r;
+      return row < rows ? const_cast<void*>(packed_row_address<T>(out_base, row, p.group, p.out_stride_s,
+                                                                   p.out_stride_h))
+                        : nullptr;
+    });
+  } else {
+    // Warps hold partial results over different keys of the same 16 rows: merge them through
+    // shared memory (fp32 accumulators in the K/V stages, max and sum in the Q tile).
+    static_assert(Tr::kMTiles == 1 && Tr::kWarpsM == 1, "decode: one 16-row tile shared by every warp");
+    static_assert(Tr::kWarpsN * 16 * Tr::kHeadDim * 4 <= 4 * StreamTile::kBytes, "merge buffer fits the stages");
+    static_assert(2 * Tr::kWarpsN * 16 * 4 <= RowTile::kBytes, "max / sum fit the Q tile");
+    float* merge_acc = reinterpret_cast<float*>(kv_tiles);  // [warp][16 rows][head_dim]
+    float* merge_max = reinterpret_cast<float*>(q_tile);    // [warp][16 rows]
+    float* merge_sum = merge_max + Tr::kWarpsN * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = g + 8 * r;
+      const float total = mma::quad_sum(row_sum[0][r]);
+      if (t == 0) {
+        merge_max[warp_n * 16 + row] = row_max[0][r];
+        merge_sum[warp_n * 16 + row] = total;
+      }
+#pragma unroll
+      for (int dt = 0; dt < Tr::kDimTiles; ++dt)
+        *reinterpret_cast<float2*>(merge_acc + (warp_n * 16 + row) * Tr::kHeadDim + 8 * dt + 2 * t) =
+            make_float2(acc[0][dt][2 * r], acc[0][dt][2 * r + 1]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 16 * Tr::kHeadDim / 4; i += Tr::kThreads) {
+      const int row = i / (Tr::kHeadDim / 4), col = 4 * (i % (Tr::kHeadDim / 4));
+      float best = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < Tr::kWarpsN; ++w) best = fmaxf(best, merge_max[w * 16 + row]);
+      const float base = best == -INFINITY ? 0.f : best;
+      float total = 0.f;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < Tr::kWarpsN; ++w) {
+        const float weight = exp2f(merge_max[w * 16 + row] - base);
+        const float4 part = *reinterpret_cast<const float4*>(merge_acc + (w * 16 + row) * Tr::kHeadDim + col);
+        total += weight * merge_sum[w * 16 + row];
+        sum.x += weight * part.x, sum.y += weight * part.y, sum.z += weight * part.z, sum.w += weight * part.w;
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      if (row0 + row < rows) {
+        const int64_t slot = ((pt.batch * p.heads_kv + pt.kv_head) * p.splits + split) * int64_t(p.rows_padded) +
+                             row0 + row;
+        *reinterpret_cast<float4*>(p.partial_out + slot * Tr::kHeadDim + col) =
+            make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv);
+        if (col == 0) p.partial_lse[slot] = total > 0.f ? base + log2f(total) : -INFINITY;
+      }
+    }
+  }
+}
+
+// Merge the splits of one packed query row (one warp per row): softmax-weighted by each
+// split's sum-exp. Sequences whose new entries overflowed the cache get NaN.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128) attention_decode_combine_kernel(const AttentionDecodeParams p) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * 4 + threadIdx.x / 32;
+  if (row >= p.seqlen_q * p.group) return;
+  const int64_t batch = blockIdx.y / p.heads_kv, kv_head = blockIdx.y % p.heads_kv;
+  const int64_t first_slot = (batch * p.heads_kv + kv_head) * p.splits * int64_t(p.rows_padded) + row;
+  float best = -INFINITY, total = 0.f, acc[kPerLane] = {};
+  for (int split = 0; split < p.splits; ++split) {
+    const int64_t slot = first_slot + int64_t(split) * p.rows_padded;
+    const float lse = p.partial_lse[slot];
+    if (lse == -INFINITY) continue;  // the split saw no key
+    const float new_best = fmaxf(best, lse);
+    const float alpha = exp2f(best - new_best), weight = exp2f(lse - new_best);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * alpha + weight * p.partial_out[slot * kHeadDim + lane * kPerLane + i];
+    total = total * alpha + weight;
+    best = new_best;
+  }
+  const bool overflow = int64_t(p.cache_seqlens[batch]) + p.new_tokens > p.capacity;
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int pos = row / p.group, head = static_cast<int>(kv_head) * p.group + row % p.group;
+  T* out = static_cast<T*>(p.out) + batch * p.out_stride_b + int64_t(pos) * p.out_stride_s + int64_t(head) * p.out_stride_h;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) out[lane * kPerLane + i] = from_float<T>(overflow ? NAN : acc[i] * inv);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+// delta[b, h, s] = sum_d dout * out (fp32), one warp per (b, s, h) row, 16-byte loads.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttentionBwdParams p) {
+  constexpr int kChunks = kHeadDim / 8;
+  static_assert(kChunks <= 32, "one 16-byte chunk per lane");
+  const int lane = threadIdx.x % 32;
+  const int64_t index = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;  // over (b, s, h)
+  const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
+  if (index >= rows) return;
+  const int64_t head = index % p.heads_q, pos = (index / p.heads_q) % p.seqlen_q;
+  const int64_t batch = index / (int64_t(p.heads_q) * p.seqlen_q);
+  float sum = 0.f;
+  if (lane < kChunks) {
+    float o[8], d[8];
+    load_floats<T, 8>(static_cast<const T*>(p.out) + batch * p.out_stride_b + pos * p.out_stride_s +
+                          head * p.out_stride_h, lane * 8, kHeadDim, true, o);
+    load_floats<T, 8>(static_cast<const T*>(p.dout) + batch * p.dout_stride_b + pos * p.dout_stride_s +
+                          head * p.dout_stride_h, lane * 8, kHeadDim, true, d);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += o[i] * d[i];
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) p.delta[batch * p.lse_stride_b + head * p.lse_stride_h + pos * p.lse_stride_s] = sum;
+}
+
+// Per packed query row of the backward: log2-sum-exp (+inf for rows that must get p = 0:
+// padding rows past the sequence and rows that saw no key in the forward), delta, and the
+// visible key bounds.
+struct BwdRow {
+  float lse2, delta;
+  int2 visible;
+};
+
+template <typename T, bool kHasWindow>
+__device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const ProgramTile& pt, int row, int rows,
+                                          int shift) {
+  BwdRow info{INFINITY, 0.f, make_int2(0, -1)};
+  if (row >= rows) return info;
+  const int pos = row / p.group, head = row - pos * p.group;
+  const int64_t stats = pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
+                        (pt.q_start + pos) * p.lse_stride_s;
+  const float lse = p.lse[stats];
+  info.lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
+  info.delta = p.delta[stats];
+  info.visible = visible_keys<kHasWindow>(p, pos, pt.k_len, shift);
+  return info;
+}
+
+// p = exp2(s * scale_log2 - lse2), zero outside the visible keys; then ds = p * (dp - delta).
+// ``rows`` of the score tile are queries (dQ kernel) or keys (dK/dV kernel, transposed).
+__device__ __forceinline__ float bwd_probability(float s, float scale_log2, const BwdRow& row, int key, bool needs_mask) {
+  if (needs_mask && (key < row.visible.x || key > row.visible.y)) return 0.f;
+  return exp2f(s * scale_log2 - row.lse2);
+}
+
+// dK and dV of one tile of keys: loops over the query rows of the group that see it.
+template <class Tr, bool kHasWindow>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+  using T = typename Tr::T;
+  using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
+  using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages
+  static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-key slab per warp");
+  extern __shared__ __align__(128) char smem[];
+  char* k_tile = smem;
+  char* v_tile = smem + KeyTile::kBytes;
+  char* q_tiles = v_tile + KeyTile::kBytes;  // stages: Q0 dO0 Q1 dO1
+  BwdRow* row_info = reinterpret_cast<BwdRow*>(q_tiles + 4 * QueryTile::kBytes);  // [2][kBlockN]
+  const uint32_t k_address = mma::shared_address(k_tile), v_address = mma::shared_address(v_tile);
+  const uint32_t q_address = mma::shared_address(q_tiles);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp_key0 = warp * 16;
+
+  const ProgramTile pt = program_tile(p, true, Tr::kBlockM);
+  const int key0 = pt.tile * Tr::kBlockM;
+  if (key0 >= pt.k_len) return;
+  const int shift = pt.k_len - pt.q_len, rows = pt.q_len * p.group;
+
+  const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
+  const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
+  mma::load_tile_async<KeyTile, Tr::kThreads>(k_address, p.k, [&](int r) -> const void* {
+    return key0 + r < pt.k_len ? static_cast<const T*>(k_base) + int64_t(key0 + r) * p.k_stride_s : nullptr;
+  });
+  mma::load_tile_async<KeyTile, Tr::kThreads>(v_address, p.v, [&](int r) -> const void* {
+    return key0 + r < pt.k_len ? static_cast<const T*>(v_base) + int64_t(key0 + r) * p.v_stride_s : nullptr;
+  });
+
+  // Packed query rows that see some key of this tile.
+  const int key_last = min(key0 + Tr::kBlockM, pt.k_len) - 1;
+  int64_t pos_lo = 0, pos_hi = pt.q_len;
+  if constexpr (kHasWindow) {
+    if (p.has_right) pos_lo = max(pos_lo, int64_t(key0) - shift - p.window_right);
+    if (p.has_left) pos_hi = min(pos_hi, int64_t(key_last) - shift + p.window_left + 1);
+  }
+  const int row_lo = static_cast<int>(min(pos_lo, int64_t(pt.q_len)) * p.group / Tr::kBlockN * Tr::kBlockN);
+  const int row_hi = static_cast<int>(max(pos_hi, int64_t(0)) * p.group);
+
+  const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s, pt.kv_head * p.group,
+                                      p.q_stride_h);
+  const void* do_base = tensor_base<T>(p.dout, pt.batch, p.dout_stride_b, pt.q_start, p.dout_stride_s,
+                                       pt.kv_head * p.group, p.dout_stride_h);
+  auto load_rows = [&](int m0, int stage) {
+    const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes;
+    mma::load_tile_async<QueryTile, Tr::kThreads>(q_stage, p.q, [&](int r) -> const void* {
+      return m0 + r < rows ? packed_row_address<T>(q_base, m0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
+    });
+    mma::load_tile_async<QueryTile, Tr::kThreads>(q_stage + QueryTile::kBytes, p.dout, [&](int r) -> const void* {
+      return m0 + r < rows ? packed_row_address<T>(do_base, m0 + r, p.group, p.dout_stride_s, p.dout_stride_h)
+                           : nullptr;
+    });
+    for (int r = threadIdx.x; r < Tr::kBlockN; r += Tr::kThreads)
+      row_info[stage * Tr::kBlockN + r] = bwd_row<T, kHasWindow>(p, pt, m0 + r, rows, shift);
+  };
+  if (row_lo < row_hi) load_rows(row_lo, 0);
+  mma::cp_async_commit();
+
+  float dk[1][Tr::kDimTiles][4], dv[1][Tr::kDimTiles][4];
+  zero(dk);
+  zero(dv);
+  const int g = lane / 4, t = lane % 4;
+  int stage = 0;
+  for (int m0 = row_lo; m0 < row_hi; m0 += Tr::kBlockN, stage ^= 1) {
+    if (m0 + Tr::kBlockN < row_hi) load_rows(m0 + Tr::kBlockN, stage ^ 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes, do_stage = q_stage + QueryTile::kBytes;
+    const BwdRow* info = row_info + stage * Tr::kBlockN;
+    // Whether some (key, row) pair of this tile pair is hidden: tiles past the keys' end, or
+    // rows whose visible range does not cover every key of the tile.
+    bool needs_mask = key0 + Tr::kBlockM > pt.k_len;
+    if constexpr (kHasWindow) {
+      const int first_pos = m0 / p.group, last_pos = (min(m0 + Tr::kBlockN, rows) - 1) / p.group;
+      needs_mask = needs_mask || visible_keys<kHasWindow>(p, last_pos, pt.k_len, shift).x > key0 ||
+                   visible_keys<kHasWindow>(p, first_pos, pt.k_len, shift).y < key0 + Tr::kBlockM - 1;
+    }
+
+    // S^T = K Q^T: this warp's 16 keys x the tile's query rows.
+    float pt_[1][Tr::kNTiles][4];
+    zero(pt_);
+    gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(pt_, k_address, warp_key0, q_stage, 0, lane);
+#pragma unroll
+    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + warp_key0 + g + 8 * (e / 2);
+        pt_[0][nt][e] = bwd_probability(pt_[0][nt][e], p.scale_log2, info[8 * nt + 2 * t + e % 2], key, needs_mask);
+      }
+    // dV += P^T dO
+    gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dv, pt_, do_stage, 0, lane);
+    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place of P^T
+    float dpt[1][Tr::kNTiles][4];
+    zero(dpt);
+    gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(dpt, v_address, warp_key0, do_stage, 0, lane);
+#pragma unroll
+    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - info[8 * nt + 2 * t + e % 2].delta;
+    // dK += dS^T Q (scaled once at the end)
+    gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();
+  __syncthreads();  // K / V copies by other threads landed before this warp reuses its rows
+
+  // Each warp stages its own 16 keys in its own rows of the K and V tiles (only it read them).
+  stage_rows<T, KeyTile>(k_tile, warp_key0, dk, p.scale, lane);
+  stage_rows<T, KeyTile>(v_tile, warp_key0, dv, 1.f, lane);
+  __syncwarp();
+  T* dk_base = static_cast<T*>(p.dk) + pt.batch * p.dk_stride_b + pt.k_start * p.dk_stride_s + pt.kv_head * p.dk_stride_h;
+  T* dv_base = static_cast<T*>(p.dv) + pt.batch * p.dv_stride_b + pt.k_start * p.dv_stride_s + pt.kv_head * p.dv_stride_h;
+  const int first_key = key0 + warp_key0;
+  store_rows<KeyTile>(k_tile, warp_key0, 16, lane, [&](int r) -> void* {
+    return first_key + r < pt.k_len ? dk_base + int64_t(first_key + r) * p.dk_stride_s : nullptr;
+  });
+  store_rows<KeyTile>(v_tile, warp_key0, 16, lane, [&](int r) -> void* {
+    return first_key + r < pt.k_len ? dv_base + int64_t(first_key + r) * p.dv_stride_s : nullptr;
+  });
+}
+
+// dQ of one tile of packed query rows: loops over the key tiles they see.
+template <class Tr, bool kHasWindow>
+__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const AttentionBwdParams p) {
+  using T = typename Tr::T;
+  using RowTile = typename Tr::RowTile;        // Q, dO; then the dQ staging (in Q)
+  using StreamTile = typename Tr::StreamTile;  // K and V, two stages
+  static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-row slab per warp");
+  extern __shared__ __align__(128) char smem[];
+  char* q_tile = smem;
+  char* do_tile = smem + RowTile::kBytes;
+  char* kv_tiles = do_tile + RowTile::kBytes;  // stages: K0 V0 K1 V1
+  const uint32_t q_address = mma::shared_address(q_tile), do_address = mma::shared_address(do_tile);
+  const uint32_t kv_address = mma::shared_address(kv_tiles);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warp_row0 = warp * 16;
+
+  const ProgramTile pt = program_tile(p, false, Tr::kBlockM);
+  const int rows = pt.q_len * p.group, row0 = pt.tile * Tr::kBlockM;
+  if (row0 >= rows) return;
+  const int shift = pt.k_len - pt.q_len;
+
+  const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s, pt.kv_head * p.group,
+                                      p.q_stride_h);
+  const void* do_base = tensor_base<T>(p.dout, pt.batch, p.dout_stride_b, pt.q_start, p.dout_stride_s,
+                                       pt.kv_head * p.group, p.dout_stride_h);
+  mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, [&](int r) -> const void* {
+    return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
+  });
+  mma::load_tile_async<RowTile, Tr::kThreads>(do_address, p.dout, [&](int r) -> const void* {
+    return row0 + r < rows ? packed_row_address<T>(do_base, row0 + r, p.group, p.dout_stride_s, p.dout_stride_h)
+                           : nullptr;
+  });
+  const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
+  const KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
+  const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
+  const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
+  auto load_kv = [&](int n0, int stage) {
+    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage, p.k, [&](int r) -> const void* {
+      return n0 + r < pt.k_len ? static_cast<const T*>(k_base) + int64_t(n0 + r) * p.k_stride_s : nullptr;
+    });
+    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, [&](int r) -> const void* {
+      return n0 + r < pt.k_len ? static_cast<const T*>(v_base) + int64_t(n0 + r) * p.v_stride_s : nullptr;
+    });
+  };
+  if (range.lo < range.hi) load_kv(range.lo, 0);
+  mma::cp_async_commit();
+
+  const int g = lane / 4, t = lane % 4;
+  BwdRow info[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) info[r] = bwd_row<T, kHasWindow>(p, pt, row0 + warp_row0 + g + 8 * r, rows, shift);
+
+  float dq[1][Tr::kDimTiles][4];
+  zero(dq);
+  int stage = 0;
+  for (int n0 = range.lo; n0 < range.hi; n0 += Tr::kBlockN, stage ^= 1) {
+    if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes, v_stage = k_stage + StreamTile::kBytes;
+    const bool needs_mask = range.needs_mask(n0, Tr::kBlockN);
+    float s[1][Tr::kNTiles][4], dp[1][Tr::kNTiles][4];
+    zero(s);
+    zero(dp);
+    gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage, 0, lane);
+    gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(dp, do_address, warp_row0, v_stage, 0, lane);
+#pragma unroll
+    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const BwdRow& row = info[e / 2];
+        const float prob = bwd_probability(s[0][nt][e], p.scale_log2, row, n0 + 8 * nt + 2 * t + e % 2, needs_mask);
+        s[0][nt][e] = prob * (dp[0][nt][e] - row.delta);  // dS
+      }
+    gemm_pb<T, StreamTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dq, s, k_stage, 0, lane);
+    __syncthreads();
+  }
+  mma::cp_async_wait<0>();
+  __syncthreads();
+
+  stage_rows<T, RowTile>(q_tile, warp_row0, dq, p.scale, lane);
+  __syncwarp();
+  const void* dq_base = tensor_base<T>(p.dq, pt.batch, p.dq_stride_b, pt.q_start, p.dq_stride_s, pt.kv_head * p.group,
+                                       p.dq_stride_h);
+  store_rows<RowTile>(q_tile, warp_row0, 16, lane, [&](int r) -> void* {
+    const int row = row0 + warp_row0 + r;
+    return row < rows ? const_cast<void*>(packed_row_address<T>(dq_base, row, p.group, p.dq_stride_s, p.dq_stride_h))
+                      : nullptr;
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// KV-cache append: one block per (new token, batch row), 16-byte chunks over heads x dim.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppendParams p) {
+  constexpr int kPerChunk = 16 / sizeof(T);
+  const int64_t i = blockIdx.x, batch = blockIdx.y;
+  const int64_t slot = int64_t(p.cache_seqlens[batch]) + i;
+  if (slot < 0 || slot >= p.capacity) return;
+  const int chunks = p.head_dim / kPerChunk;
+  const T* source = static_cast<const T*>(p.source) + batch * p.source_stride_b + i * p.source_stride_s;
+  T* target = static_cast<T*>(p.cache) + batch * p.cache_stride_b + slot * p.cache_stride_s;
+  for (int c = threadIdx.x; c < p.heads * chunks; c += blockDim.x) {
+    const int64_t head = c / chunks, col = int64_t(c % chunks) * kPerChunk;
+    *reinterpret_cast<uint4*>(target + head * p.cache_stride_h + col) =
+        *reinterpret_cast<const uint4*>(source + head * p.source_stride_h + col);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch helpers
+// ---------------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// (tiles, B, Hkv) for dense inputs; (total tiles + sequences, 1, Hkv) for packed ones
+// (each sequence wastes at most one partial tile).
+inline dim3 tile_grid(const AttentionParams& p, int64_t rows_per_sequence, int block) {
+  if (p.cu_seqlens_q != nullptr)
+    return dim3(static_cast<unsigned>(ceil_div(rows_per_sequence, block) + p.num_sequences), 1, p.heads_kv);
+  return dim3(static_cast<unsigned>(ceil_div(rows_per_sequence, block)), p.batch, p.heads_kv);
+}
+
+// Kernels above 48 KB of dynamic shared memory must opt in (sm_80: up to 163 KB, sm_90: 227 KB).
+template <class Kernel, class Params>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream, const Params& p) {
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (error != cudaSuccess) return error;
+  }
+  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace attention_detail
+
+template <typename T, int kHeadDim, bool kHasWindow>
+cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
+  using namespace attention_detail;
+  using Tr = ForwardTraits<T, kHeadDim>;
+  AttentionDecodeParams p;
+  static_cast<AttentionParams&>(p) = params;
+  const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
+  return launch(attention_fwd_kernel<Tr, kHasWindow, false>, tile_grid(p, int64_t(p.seqlen_q) * p.group, Tr::kBlockM),
+                Tr::kThreads, smem, stream, p);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_attention_decode(const AttentionDecodeParams& p, cudaStream_t stream) {
+  using namespace attention_detail;
+  using Tr = DecodeTraits<T, kHeadDim>;
+  const int64_t rows = int64_t(p.seqlen_q) * p.group;
+  const dim3 grid(p.splits, static_cast<unsigned>(ceil_div(rows, Tr::kBlockM)), p.batch * p.heads_kv);
+  // The mask is a run-time choice here: decode steps are bandwidth-bound, the mask test is free.
+  const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
+  cudaError_t error = launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, smem, stream, p);
+  if (error != cudaSuccess) return error;
+  const dim3 combine_grid(static_cast<unsigned>(ceil_div(rows, 4)), p.batch * p.heads_kv);
+  return launch(attention_decode_combine_kernel<T, kHeadDim>, combine_grid, 128, 0, stream, p);
+}
+
+template <typename T>
+cudaError_t launch_kvcache_append(const KvcacheAppendParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.new_tokens == 0) return cudaSuccess;
+  attention_detail::kvcache_append_kernel<T><<<dim3(p.new_tokens, p.batch), 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim, bool kHasWindow>
+cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
+  using namespace attention_detail;
+  const int64_t delta_rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
+  cudaError_t error = launch(attention_bwd_delta_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
+                             128, 0, stream, p);
+  if (error != cudaSuccess) return error;
+  using KeyTr = BwdKeyTraits<T, kHeadDim>;
+  const int key_smem = 2 * KeyTr::RowTile::kBytes + 4 * KeyTr::StreamTile::kBytes +
+                       2 * KeyTr::kBlockN * static_cast<int>(sizeof(BwdRow));
+  error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow>, tile_grid(p, p.seqlen_k, KeyTr::kBlockM),
+                 KeyTr::kThreads, key_smem, stream, p);
+  if (error != cudaSuccess) return error;
+  using QueryTr = BwdQueryTraits<T, kHeadDim>;
+  const int query_smem = 2 * QueryTr::RowTile::kBytes + 4 * QueryTr::StreamTile::kBytes;
+  return launch(attention_bwd_dq_kernel<QueryTr, kHasWindow>, tile_grid(p, int64_t(p.seqlen_q) * p.group, QueryTr::kBlockM),
+                QueryTr::kThreads, query_smem, stream, p);
+}
+
+}  // namespace internlm_kernels

@@ -1,0 +1,118 @@
+// Fused attention: parameter structs, launcher declarations and the decode workspace size
+// (plain C++; kernels in attention.cuh).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "internlm_kernels/common.h"
+
+namespace internlm_kernels {
+
+// q / out (B, Sq, Hq, D) and k / v (B, Sk, Hkv, D) with any strides (elements) and a
+// contiguous last dim; packed (varlen) inputs are (1, T, H, D) with cu_seqlens. Every
+// pointer and row stride keeps 16-byte alignment (the glue checks). lse (B, Hq, Sq) fp32,
+// natural log, strided. Query head h uses KV head h / group.
+// Masks are bottom-right aligned: with shift = Sk - Sq of the sequence, query position i
+// sees key j when j <= i + shift + window_right (has_right; causal is window_right = 0)
+// and j >= i + shift - window_left (has_left).
+struct AttentionParams {
+  const void* q = nullptr;
+  int64_t q_stride_b = 0, q_stride_s = 0, q_stride_h = 0;
+  const void* k = nullptr;
+  int64_t k_stride_b = 0, k_stride_s = 0, k_stride_h = 0;
+  const void* v = nullptr;
+  int64_t v_stride_b = 0, v_stride_s = 0, v_stride_h = 0;
+  void* out = nullptr;
+  int64_t out_stride_b = 0, out_stride_s = 0, out_stride_h = 0;
+  float* lse = nullptr;
+  int64_t lse_stride_b = 0, lse_stride_h = 0, lse_stride_s = 0;
+  const int32_t* cu_seqlens_q = nullptr;  // (num_sequences + 1,), both or neither
+  const int32_t* cu_seqlens_k = nullptr;
+  int num_sequences = 0;
+  int batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, group = 1;
+  float scale = 1.f;       // softmax scale
+  float scale_log2 = 1.f;  // scale * log2(e): softmax runs in base 2
+  bool has_left = false, has_right = false;
+  int window_left = 0, window_right = 0;  // >= 0, clamped below 2^30
+};
+
+// Backward: dout like out; dq like q, dk / dv like k / v; delta (fp32, lse's strides) is
+// workspace the launcher fills with rowsum(dout * out).
+struct AttentionBwdParams : AttentionParams {
+  const void* dout = nullptr;
+  int64_t dout_stride_b = 0, dout_stride_s = 0, dout_stride_h = 0;
+  void* dq = nullptr;
+  int64_t dq_stride_b = 0, dq_stride_s = 0, dq_stride_h = 0;
+  void* dk = nullptr;
+  int64_t dk_stride_b = 0, dk_stride_s = 0, dk_stride_h = 0;
+  void* dv = nullptr;
+  int64_t dv_stride_b = 0, dv_stride_s = 0, dv_stride_h = 0;
+  float* delta = nullptr;
+};
+
+// Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,
+// D); sequence b holds cache_seqlens[b] + new_tokens valid entries (the new ones already
+// appended). Each (split, tile, batch, kv head) program writes a normalised fp32 partial
+// output and its log2-sum-exp to the workspace; a combine kernel merges the splits.
+struct AttentionDecodeParams : AttentionParams {
+  const int32_t* cache_seqlens = nullptr;  // (B,)
+  int new_tokens = 0, capacity = 0;
+  int splits = 1, keys_per_split = 0, rows_padded = 0;
+  float* partial_out = nullptr;  // (B, Hkv, splits, rows_padded, D)
+  float* partial_lse = nullptr;  // (B, Hkv, splits, rows_padded)
+};
+
+// Decode tiles: 16 packed query rows (decode steps have Sq * group = a few rows).
+constexpr int kDecodeBlockM = 16;
+constexpr int kDecodeBlockN = 64;
+
+struct DecodeSplits {
+  int splits, keys_per_split, rows_padded;
+};
+
+// How the decode kernel splits the cache: enough programs to fill the GPU twice over, each
+// split at least 4 key tiles long, at most 128 splits. Sized from the capacity (known on the
+// host), never from the lengths (on the device), so CUDA graphs replay with new lengths.
+inline DecodeSplits decode_splits(int64_t batch, int64_t heads_kv, int64_t rows, int64_t capacity, int sm_count) {
+  const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t tiles = cdiv(rows, kDecodeBlockM);
+  const int64_t max_splits = cdiv(capacity, 4 * kDecodeBlockN);
+  int64_t splits = cdiv(2 * sm_count, batch * heads_kv * tiles);
+  splits = splits < max_splits ? splits : max_splits;
+  splits = splits < 128 ? splits : 128;
+  splits = splits > 1 ? splits : 1;
+  const int64_t keys_per_split = cdiv(cdiv(capacity, splits), kDecodeBlockN) * kDecodeBlockN;
+  return {static_cast<int>(splits), static_cast<int>(keys_per_split), static_cast<int>(tiles * kDecodeBlockM)};
+}
+
+// Head dims with a tensor-core kernel (others are served by Triton under "auto").
+constexpr bool attention_head_dim_supported(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+// T: __half or __nv_bfloat16. kHasWindow: some bound (causal or a window) is set; false
+// compiles the mask down to the sequence-end test.
+template <typename T, int kHeadDim, bool kHasWindow>
+cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t stream);
+
+template <typename T, int kHeadDim, bool kHasWindow>
+cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
+
+template <typename T, int kHeadDim>
+cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStream_t stream);
+
+// cache[b, cache_seqlens[b] + i] = new_entries[b, i] for i < new_tokens, every head; slots
+// past the capacity are skipped (the decode then reports the sequence as NaN).
+struct KvcacheAppendParams {
+  const void* source = nullptr;
+  int64_t source_stride_b = 0, source_stride_s = 0, source_stride_h = 0;
+  void* cache = nullptr;
+  int64_t cache_stride_b = 0, cache_stride_s = 0, cache_stride_h = 0;
+  const int32_t* cache_seqlens = nullptr;
+  int batch = 0, new_tokens = 0, heads = 0, head_dim = 0, capacity = 0;
+};
+
+template <typename T>
+cudaError_t launch_kvcache_append(const KvcacheAppendParams& params, cudaStream_t stream);
+
+}  // namespace internlm_kernels

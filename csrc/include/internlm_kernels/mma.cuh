@@ -1,0 +1,192 @@
+// Ampere-class tensor-core primitives (sm_80+, also run on sm_90): inline PTX for
+// cp.async, ldmatrix and mma.sync.m16n8k16, plus the swizzled shared-memory tile they read.
+// Torch-free. The fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16"):
+// with g = lane / 4 and t = lane % 4,
+//   A (16 x 16, row-major), 4 registers of 2 x 16-bit:  a0 (g, 2t..2t+1), a1 (g + 8, 2t..),
+//                                                       a2 (g, 2t + 8..), a3 (g + 8, 2t + 8..)
+//   B (16 x 8, k-major),    2 registers:                b0 (k = 2t..2t+1, n = g), b1 (k = 2t + 8.., n = g)
+//   C (16 x 8, fp32),       4 floats:                   c0, c1 (g, 2t..2t+1), c2, c3 (g + 8, 2t..)
+// so the C fragments of two neighbouring 8-column tiles are, packed to 16 bits, the A
+// fragment of the next product (P = softmax(S) feeds P V without a trip through memory).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace internlm_kernels {
+namespace mma {
+
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// ---------------------------------------------------------------------------------------
+// cp.async: global -> shared without a register round trip, so the next K/V tile streams in
+// while the tensor cores work on the current one. ``valid == false`` writes 16 zero bytes
+// (rows past the sequence end) and reads nothing; ``src`` must still be a mapped address.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most ``kPending`` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ---------------------------------------------------------------------------------------
+// ldmatrix: four 8x8 16-bit matrices per warp; lane l gives the address of row l % 8 of
+// matrix l / 8, and register i receives matrix i in the mma fragment layout (``trans``:
+// transposed, for B operands stored n-major such as V in P V).
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// ---------------------------------------------------------------------------------------
+// d += a * b on one 16x8x16 tile, fp32 accumulation. T: __half or __nv_bfloat16.
+// ---------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
+                "tensor-core attention takes float16 or bfloat16");
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one register of two T, ``low`` in the low half (the lower column index),
+// rounded to nearest even as PyTorch's casts do.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float low, float high) {
+  if constexpr (std::is_same<T, __half>::value) {
+    const __half2 packed = __floats2half2_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&packed);
+  } else {
+    const __nv_bfloat162 packed = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<const uint32_t*>(&packed);
+  }
+}
+
+// The A fragment (16 rows x 16 columns) made of two neighbouring C fragments (columns
+// 0..7 and 8..15), rounded to T.
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&right)[4], uint32_t (&a)[4]) {
+  a[0] = pack2<T>(left[0], left[1]);
+  a[1] = pack2<T>(left[2], left[3]);
+  a[2] = pack2<T>(right[0], right[1]);
+  a[3] = pack2<T>(right[2], right[3]);
+}
+
+// ---------------------------------------------------------------------------------------
+// A shared-memory tile of kRows rows x kCols 16-bit values, stored as 16-byte chunks with
+// chunk c of row r at position c ^ (r % 8). ldmatrix reads the same chunk of 8 consecutive
+// rows; unswizzled, rows of 128 or 256 bytes put them all in the same 4 banks (8-way
+// conflict); XOR-ed, the 8 rows land in 8 different chunks = all 32 banks. cp.async writes
+// 8 consecutive chunks of one row, also conflict-free.
+// ---------------------------------------------------------------------------------------
+
+template <int kRows_, int kCols>
+struct SwizzledTile {
+  static constexpr int kRows = kRows_;
+  static constexpr int kChunks = kCols / 8;  // 16-byte chunks per row
+  static constexpr int kBytes = kRows * kChunks * 16;
+  static_assert(kCols % 64 == 0, "the XOR swizzle spans 8 chunks: rows of a multiple of 64 values");
+  static_assert(kRows % 16 == 0, "tiles hold whole 16-row mma tiles");
+
+  __device__ __forceinline__ static uint32_t offset(int row, int chunk) {
+    return static_cast<uint32_t>((row * kChunks + (chunk ^ (row & 7))) * 16);
+  }
+
+  // Byte offset of element ``col`` of ``row`` (for the epilogue's 4-byte writes).
+  __device__ __forceinline__ static uint32_t element_offset(int row, int col) {
+    return offset(row, col / 8) + (col % 8) * 2;
+  }
+
+  // ldmatrix addresses. The 16-row x 16-column block at row0 (a multiple of 8), k step j
+  // (columns 16 j .. 16 j + 15) is read at  tile + row0 * kRowBytes + (lane_offset ^ 32 j):
+  // chunk (2 j + c) ^ (row % 8) = 2 j ^ (c ^ row % 8) for c in {0, 1}, and 32 j < kRowBytes,
+  // so one XOR with a compile-time constant replaces a per-step swizzle computation (and the
+  // compiler keeps one offset per operand, not one per step).
+  static constexpr int kRowBytes = kChunks * 16;
+
+  __device__ __forceinline__ static uint32_t address(uint32_t tile, int row0, uint32_t lane_offset, int step) {
+    return tile + row0 * kRowBytes + (lane_offset ^ (32u * step));
+  }
+
+  // A operand (rows = m, columns = k): lane l reads row l % 16, chunk l / 16 (matrices:
+  // rows 0-7 / 8-15 x columns 0-7, then 8-15 = a0..a3).
+  __device__ __forceinline__ static uint32_t a_lane_offset(int lane) { return offset(lane % 16, lane / 16); }
+
+  // B operand stored n-major (rows = n, columns = k, e.g. K in Q K^T): registers {b0, b1} of
+  // n rows [row0, row0 + 8), then of [row0 + 8, row0 + 16).
+  __device__ __forceinline__ static uint32_t b_lane_offset(int lane) {
+    return offset(lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
+  }
+
+  // B operand stored k-major (rows = k, columns = n, e.g. V in P V), read with ldmatrix.trans:
+  // k rows [row0, row0 + 16); step j gives {b0, b1} of n columns [16 j, 16 j + 8), then of
+  // [16 j + 8, 16 j + 16).
+  __device__ __forceinline__ static uint32_t b_trans_lane_offset(int lane) {
+    return offset(lane % 8 + ((lane / 8) % 2) * 8, lane / 16);
+  }
+};
+
+// Copy kRows rows of kCols 16-bit values into a swizzled tile with cp.async, kThreads
+// threads cooperating. ``row_source(r)`` returns the global address of row r, or nullptr
+// for rows outside the tensor (zero-filled; ``fallback`` is the mapped address handed to
+// the zero-byte copy).
+template <class Tile, int kThreads, class RowSource>
+__device__ __forceinline__ void load_tile_async(uint32_t tile_base, const void* fallback, RowSource row_source) {
+  constexpr int kTotal = Tile::kRows * Tile::kChunks;
+  static_assert(kTotal % kThreads == 0, "whole chunks per thread");
+#pragma unroll
+  for (int j = 0; j < kTotal / kThreads; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    const int row = i / Tile::kChunks, chunk = i % Tile::kChunks;
+    const char* source = static_cast<const char*>(row_source(row));
+    cp_async_16(tile_base + Tile::offset(row, chunk), source ? source + chunk * 16 : fallback, source != nullptr);
+  }
+}
+
+// Sum / max over the 4 threads of a quad (the threads sharing an accumulator row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+}  // namespace mma
+}  // namespace internlm_kernels

@@ -1,0 +1,250 @@
+// Torch glue of the tensor-core attention kernels: checks, params, dtype / head-dim / mask
+// dispatch, workspaces, stream. Mirrors internlm_kernels/triton/attention.py's launchers.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "checks.h"
+#include "dispatch.h"
+#include "glue.h"
+#include "internlm_kernels/attention.h"
+
+namespace internlm_kernels {
+namespace {
+
+// Windows wider than any sequence are unbounded; the cap keeps position arithmetic in range.
+constexpr int64_t kWindowCap = int64_t(1) << 30;
+constexpr int64_t kMaxGridYZ = 65535;
+
+// A (B, S, H, D) operand: on q's device, q's dtype, head_dim D, and rows the kernels can
+// move as 16-byte chunks (aligned base, strides of a multiple of 8 elements).
+void check_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  check_cuda(op, name, t, q);
+  check_dim(op, name, t, 4);
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", q has ",
+              q.scalar_type());
+  TORCH_CHECK(t.size(3) == q.size(3), op, ": ", name, " has head_dim ", t.size(3), ", q has ", q.size(3));
+  TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ", t.strides());
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  TORCH_CHECK(aligned, op, ": ", name, " must start 16-byte aligned with strides that are multiples of 8 elements "
+              "(the kernels move 16-byte rows), got strides ", t.strides());
+}
+
+void check_lse(const char* op, const char* name, const at::Tensor& lse, const at::Tensor& q) {
+  check_cuda(op, name, lse, q);
+  check_dtype_in(op, name, lse, {at::kFloat});
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) && lse.size(2) == q.size(1), op,
+              ": ", name, " must be (B, Hq, Sq) = (", q.size(0), ", ", q.size(2), ", ", q.size(1), "), got ",
+              lse.sizes());
+}
+
+const int32_t* cu_seqlens_pointer(const char* op, const char* name, const std::optional<at::Tensor>& cu,
+                                  const at::Tensor& q, int64_t num_sequences) {
+  if (!cu.has_value()) return nullptr;
+  check_cuda(op, name, *cu, q);
+  check_dtype_in(op, name, *cu, {at::kInt});
+  TORCH_CHECK(cu->dim() == 1 && cu->is_contiguous() && cu->size(0) == num_sequences + 1, op, ": ", name,
+              " must be contiguous (", num_sequences + 1, ",), got ", cu->sizes());
+  return cu->data_ptr<int32_t>();
+}
+
+// Checks and params shared by the forward, backward and decode.
+AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out, const std::optional<at::Tensor>& cu_seqlens_q,
+                            const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
+                            std::tuple<int64_t, int64_t> window_size) {
+  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
+  check_dtype_in(op, "q", q, {at::kHalf, at::kBFloat16});
+  TORCH_CHECK(attention_head_dim_supported(q.size(-1)), op, ": the cuda kernels have head_dim 64 and 128, got ",
+              q.size(-1), " (backend='triton' serves multiples of 8 up to 256)");
+  for (const auto& [name, t] :
+       {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}, {"out", out}})
+    check_operand(op, name, t, q);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " must have the same shape");
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out ", out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), op, ": q has batch ", q.size(0), " but k has ", k.size(0));
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": q heads (", q.size(2),
+              ") must be a multiple of k/v heads (", k.size(2), ")");
+  const int64_t group = q.size(2) / k.size(2);
+  TORCH_CHECK(q.size(1) * group < std::numeric_limits<int32_t>::max() / 2 &&
+                  k.size(1) < std::numeric_limits<int32_t>::max() / 2,
+              op, ": sequences too long for 32-bit row indices: q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(q.size(0) <= kMaxGridYZ && k.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,
+              " batch rows and KV heads per launch, got ", q.size(0), " and ", k.size(2));
+
+  AttentionParams p;
+  p.q = q.data_ptr();
+  p.q_stride_b = q.stride(0), p.q_stride_s = q.stride(1), p.q_stride_h = q.stride(2);
+  p.k = k.data_ptr();
+  p.k_stride_b = k.stride(0), p.k_stride_s = k.stride(1), p.k_stride_h = k.stride(2);
+  p.v = v.data_ptr();
+  p.v_stride_b = v.stride(0), p.v_stride_s = v.stride(1), p.v_stride_h = v.stride(2);
+  p.out = out.data_ptr();
+  p.out_stride_b = out.stride(0), p.out_stride_s = out.stride(1), p.out_stride_h = out.stride(2);
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), op,
+              ": pass cu_seqlens_q and cu_seqlens_k together");
+  if (cu_seqlens_q.has_value()) {
+    TORCH_CHECK(q.size(0) == 1, op, ": packed inputs arrive as (1, T, H, D), got q ", q.sizes());
+    const int64_t num_sequences = cu_seqlens_q->numel() - 1;
+    TORCH_CHECK(num_sequences >= 0 && num_sequences < std::numeric_limits<int32_t>::max() / 2, op,
+                ": cu_seqlens_q must hold B + 1 offsets, got ", cu_seqlens_q->sizes());
+    p.cu_seqlens_q = cu_seqlens_pointer(op, "cu_seqlens_q", cu_seqlens_q, q, num_sequences);
+    p.cu_seqlens_k = cu_seqlens_pointer(op, "cu_seqlens_k", cu_seqlens_k, q, num_sequences);
+    p.num_sequences = static_cast<int>(num_sequences);
+  }
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen_q = static_cast<int>(q.size(1)), p.seqlen_k = static_cast<int>(k.size(1));
+  p.heads_q = static_cast<int>(q.size(2)), p.heads_kv = static_cast<int>(k.size(2));
+  p.group = static_cast<int>(group);
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  auto [left, right] = window_size;
+  if (causal) right = 0;
+  p.has_left = left >= 0, p.has_right = right >= 0;
+  p.window_left = static_cast<int>(std::clamp<int64_t>(left, 0, kWindowCap));
+  p.window_right = static_cast<int>(std::clamp<int64_t>(right, 0, kWindowCap));
+  return p;
+}
+
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(error));
+}
+
+}  // namespace
+
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+                   const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
+                   std::tuple<int64_t, int64_t> window_size) {
+  constexpr const char* op = "attention_fwd (cuda)";
+  AttentionParams p = make_params(op, q, k, v, out, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size);
+  check_lse(op, "lse", lse, q);
+  p.lse = lse.data_ptr<float>();
+  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
+  if (q.numel() == 0 || k.numel() == 0) return;  // the ops layer fills outputs for key-less calls
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] {
+      return IK_BOOL_SWITCH(p.has_left || p.has_right, kHasWindow,
+                            [&] { return launch_attention_fwd<T, kHeadDim, kHasWindow>(p, stream); });
+    });
+  }));
+}
+
+void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                   const at::Tensor& dv, const std::optional<at::Tensor>& cu_seqlens_q,
+                   const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
+                   std::tuple<int64_t, int64_t> window_size) {
+  constexpr const char* op = "attention_bwd (cuda)";
+  AttentionBwdParams p;
+  static_cast<AttentionParams&>(p) =
+      make_params(op, q, k, v, out, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size);
+  check_lse(op, "lse", lse, q);
+  TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous (its strides also index delta), got strides ",
+              lse.strides());
+  for (const auto& [name, t, like] : {std::tuple<const char*, const at::Tensor&, const at::Tensor&>{"dout", dout, q},
+                                      {"dq", dq, q}, {"dk", dk, k}, {"dv", dv, k}}) {
+    check_operand(op, name, t, q);
+    TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  }
+  if (q.numel() == 0 || k.numel() == 0) return;
+  const at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  p.lse = lse.data_ptr<float>();
+  p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
+  p.delta = delta.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dout_stride_b = dout.stride(0), p.dout_stride_s = dout.stride(1), p.dout_stride_h = dout.stride(2);
+  p.dq = dq.data_ptr();
+  p.dq_stride_b = dq.stride(0), p.dq_stride_s = dq.stride(1), p.dq_stride_h = dq.stride(2);
+  p.dk = dk.data_ptr();
+  p.dk_stride_b = dk.stride(0), p.dk_stride_s = dk.stride(1), p.dk_stride_h = dk.stride(2);
+  p.dv = dv.data_ptr();
+  p.dv_stride_b = dv.stride(0), p.dv_stride_s = dv.stride(1), p.dv_stride_h = dv.stride(2);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] {
+      return IK_BOOL_SWITCH(p.has_left || p.has_right, kHasWindow,
+                            [&] { return launch_attention_bwd<T, kHeadDim, kHasWindow>(p, stream); });
+    });
+  }));
+}
+
+void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, const at::Tensor& cache_seqlens) {
+  constexpr const char* op = "kvcache_append (cuda)";
+  TORCH_CHECK(cache.is_cuda(), op, ": cache must be a CUDA tensor, got one on ", cache.device());
+  check_dtype_in(op, "cache", cache, {at::kHalf, at::kBFloat16});
+  check_operand(op, "cache", cache, cache);
+  check_operand(op, "new entries", new_entries, cache);
+  TORCH_CHECK(new_entries.size(0) == cache.size(0) && new_entries.size(2) == cache.size(2), op, ": new entries ",
+              new_entries.sizes(), " do not match the cache ", cache.sizes());
+  TORCH_CHECK(new_entries.size(1) <= cache.size(1), op, ": ", new_entries.size(1), " new entries exceed the capacity ",
+              cache.size(1));
+  check_cuda(op, "cache_seqlens", cache_seqlens, cache);
+  check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == cache.size(0) && cache_seqlens.is_contiguous(), op,
+              ": cache_seqlens must be contiguous (B,), got ", cache_seqlens.sizes());
+  TORCH_CHECK(cache.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows, got ", cache.size(0));
+  TORCH_CHECK(cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && cache.size(3) % 8 == 0, op,
+              ": unsupported cache shape ", cache.sizes());
+  KvcacheAppendParams p;
+  p.source = new_entries.data_ptr();
+  p.source_stride_b = new_entries.stride(0), p.source_stride_s = new_entries.stride(1);
+  p.source_stride_h = new_entries.stride(2);
+  p.cache = cache.data_ptr();
+  p.cache_stride_b = cache.stride(0), p.cache_stride_s = cache.stride(1), p.cache_stride_h = cache.stride(2);
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.batch = static_cast<int>(cache.size(0)), p.new_tokens = static_cast<int>(new_entries.size(1));
+  p.heads = static_cast<int>(cache.size(2)), p.head_dim = static_cast<int>(cache.size(3));
+  p.capacity = static_cast<int>(cache.size(1));
+  if (new_entries.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(cache.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch(op, IK_HALF_DTYPE_SWITCH(cache.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
+}
+
+void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
+                      const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
+                      std::tuple<int64_t, int64_t> window_size) {
+  constexpr const char* op = "attention_decode (cuda)";
+  AttentionDecodeParams p;
+  static_cast<AttentionParams&>(p) =
+      make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt, softmax_scale, causal, window_size);
+  check_cuda(op, "cache_seqlens", cache_seqlens, q);
+  check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == q.size(0) && cache_seqlens.is_contiguous(), op,
+              ": cache_seqlens must be contiguous (B,), got ", cache_seqlens.sizes());
+  TORCH_CHECK(new_tokens >= 0 && new_tokens <= k_cache.size(1), op, ": new_tokens ", new_tokens,
+              " must be in [0, capacity ", k_cache.size(1), "]");
+  TORCH_CHECK(q.size(0) * k_cache.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,
+              " (batch row, KV head) pairs per launch, got ", q.size(0) * k_cache.size(2));
+  if (q.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.new_tokens = static_cast<int>(new_tokens);
+  p.capacity = static_cast<int>(k_cache.size(1));
+  const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, k_cache.size(1),
+                                            multiprocessor_count());
+  p.splits = splits.splits, p.keys_per_split = splits.keys_per_split, p.rows_padded = splits.rows_padded;
+  const auto workspace = q.options().dtype(at::kFloat);
+  const at::Tensor partial_out =
+      at::empty({q.size(0), k_cache.size(2), splits.splits, splits.rows_padded, q.size(3)}, workspace);
+  const at::Tensor partial_lse = at::empty({q.size(0), k_cache.size(2), splits.splits, splits.rows_padded}, workspace);
+  p.partial_out = partial_out.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] { return launch_attention_decode<T, kHeadDim>(p, stream); });
+  }));
+}
+
+}  // namespace internlm_kernels

@@ -1,9 +1,11 @@
-"""Fused attention (Triton) against internlm_kernels.reference, forward and backward.
+"""Fused attention (Triton and CUDA) against internlm_kernels.reference, forward and backward.
 
 Tolerance (flash-attention's rule, tests/helpers.py): against an fp64 evaluation of the reference,
 the kernel's max error is at most 2x (forward) / 3x (backward) the error of the eager
 reference run in the same low dtype. Shapes are small so the CPU interpreter stays quick;
-the same tests run at these sizes on a GPU, plus the GPU-only ones at the end.
+the same tests run at these sizes on a GPU, plus the GPU-only ones at the end. The CUDA
+kernels have head_dim 64 and 128: their cases use the nearest of the two (``_dim``), and the
+other head dims check the refusal and the "auto" fallback instead.
 """
 
 from __future__ import annotations
@@ -13,10 +15,18 @@ import torch
 
 import internlm_kernels as ik
 from internlm_kernels import reference
-from tests.helpers import assert_within_eager_error
+from internlm_kernels.ops.attention import CUDA_HEAD_DIMS
+from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
 
-ATTENTION_BACKENDS = [pytest.param("triton", id="triton")]
+ATTENTION_BACKENDS = KERNEL_BACKENDS
 LOW_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _dim(backend: str, head_dim: int) -> int:
+    """The head dim a case runs at on ``backend``: the CUDA kernels have 64 and 128 only."""
+    if backend != "cuda":
+        return head_dim
+    return next(d for d in CUDA_HEAD_DIMS if d >= head_dim)
 
 
 def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device, packed=False):
@@ -71,19 +81,24 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_attention_matches_reference(backend, dtype, case, device):
     batch, sq, sk, hq, hkv, d, kwargs = CASES[case]
-    _check(*_qkv(batch, sq, sk, hq, hkv, d, dtype, device), backend, **kwargs)
+    _check(*_qkv(batch, sq, sk, hq, hkv, _dim(backend, d), dtype, device), backend, **kwargs)
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
 def test_attention_head_dims(backend, head_dim, device):
-    _check(*_qkv(1, 20, 20, 2, 1, head_dim, torch.bfloat16, device), backend, causal=True)
+    q, k, v = _qkv(1, 20, 20, 2, 1, head_dim, torch.bfloat16, device)
+    if backend == "cuda" and head_dim not in CUDA_HEAD_DIMS:
+        with pytest.raises(RuntimeError, match=f"the cuda kernels have head_dim .*, got {head_dim}"):
+            ik.flash_attention(q, k, v, causal=True, backend="cuda")
+        return
+    _check(q, k, v, backend, causal=True)
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_attention_strided_inputs(backend, device):
     # q, k, v as slices of one fused qkv projection (B, S, Hq + 2 Hkv, D): no copies needed.
-    qkv = torch.randn(2, 19, 6 + 2 * 2, 32, device=device, dtype=torch.float16)
+    qkv = torch.randn(2, 19, 6 + 2 * 2, _dim(backend, 32), device=device, dtype=torch.float16)
     q, k, v = qkv[:, :, :6], qkv[:, :, 6:8], qkv[:, :, 8:]
     assert not q.is_contiguous()
     _check(q, k, v, backend, causal=True)
@@ -95,7 +110,7 @@ def test_attention_packed_varlen(backend, causal, device):
     # sequences of (q, k) lengths (3, 5), (0, 2) empty queries, (1, 1), (16, 22); then 2 padding rows
     cu_q = torch.tensor([0, 3, 3, 4, 20], device=device, dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 7, 8, 30], device=device, dtype=torch.int32)
-    q, k, v = _qkv(None, 22, 31, 6, 2, 32, torch.bfloat16, device, packed=True)
+    q, k, v = _qkv(None, 22, 31, 6, 2, _dim(backend, 32), torch.bfloat16, device, packed=True)
     out, (dq, dk, dv) = _check(q, k, v, backend, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert torch.equal(out[20:], torch.zeros_like(out[20:])), "padding query rows are zero"
     assert torch.equal(dq[20:], torch.zeros_like(dq[20:])) and torch.equal(dk[30:], torch.zeros_like(dk[30:]))
@@ -105,7 +120,7 @@ def test_attention_packed_varlen(backend, causal, device):
 def test_attention_varlen_equals_per_sequence_dense(backend, device):
     lengths = [5, 1, 12]
     cu = torch.tensor([0, 5, 6, 18], device=device, dtype=torch.int32)
-    q, k, v = _qkv(None, 18, 18, 4, 2, 32, torch.float16, device, packed=True)
+    q, k, v = _qkv(None, 18, 18, 4, 2, _dim(backend, 32), torch.float16, device, packed=True)
     packed = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
     start = 0
     for length in lengths:
@@ -118,7 +133,7 @@ def test_attention_varlen_equals_per_sequence_dense(backend, device):
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_attention_module(backend, device):
     module = ik.nn.Attention(causal=True, window_size=(4, 0), backend=backend)
-    q, k, v = _qkv(1, 12, 12, 4, 2, 32, torch.float16, device)
+    q, k, v = _qkv(1, 12, 12, 4, 2, _dim(backend, 32), torch.float16, device)
     expected = reference.attention(q, k, v, causal=True, window_size=(4, 0))
     torch.testing.assert_close(module(q, k, v), expected, rtol=2e-3, atol=2e-3)
 
@@ -137,14 +152,14 @@ def _cache(batch, capacity, heads_kv, head_dim, dtype, device):
 @pytest.mark.parametrize("new_tokens", [1, 3])
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
-    dtype = torch.bfloat16
-    k_cache, v_cache = _cache(3, 48, 2, 32, dtype, device)
+    dtype, d = torch.bfloat16, _dim(backend, 32)
+    k_cache, v_cache = _cache(3, 48, 2, d, dtype, device)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     lengths = torch.tensor([0, 9, 44], device=device, dtype=torch.int32)  # 44 + 3 fills nearly all 48
-    q = torch.randn(3, new_tokens, 6, 32, device=device, dtype=dtype)
-    k_new = torch.randn(3, new_tokens, 2, 32, device=device, dtype=dtype)
-    v_new = torch.randn(3, new_tokens, 2, 32, device=device, dtype=dtype)
-    tables = ik.rotary_cos_sin(48, 32, device=device) if rotary else (None, None)
+    q = torch.randn(3, new_tokens, 6, d, device=device, dtype=dtype)
+    k_new = torch.randn(3, new_tokens, 2, d, device=device, dtype=dtype)
+    v_new = torch.randn(3, new_tokens, 2, d, device=device, dtype=dtype)
+    tables = ik.rotary_cos_sin(48, d, device=device) if rotary else (None, None)
     with torch.no_grad():
         out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lengths,
                                               rotary_cos=tables[0], rotary_sin=tables[1], backend=backend)
@@ -161,13 +176,13 @@ def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_kvcache_rotary_fused_equals_rotary_then_attention(backend, device):
-    dtype = torch.float16
-    k_cache, v_cache = _cache(2, 32, 2, 32, dtype, device)
+    dtype, d = torch.float16, _dim(backend, 32)
+    k_cache, v_cache = _cache(2, 32, 2, d, dtype, device)
     lengths = torch.tensor([4, 20], device=device, dtype=torch.int32)
-    q = torch.randn(2, 1, 4, 32, device=device, dtype=dtype)
-    k_new = torch.randn(2, 1, 2, 32, device=device, dtype=dtype)
-    v_new = torch.randn(2, 1, 2, 32, device=device, dtype=dtype)
-    cos, sin = ik.rotary_cos_sin(32, 32, device=device)
+    q = torch.randn(2, 1, 4, d, device=device, dtype=dtype)
+    k_new = torch.randn(2, 1, 2, d, device=device, dtype=dtype)
+    v_new = torch.randn(2, 1, 2, d, device=device, dtype=dtype)
+    cos, sin = ik.rotary_cos_sin(32, d, device=device)
     with torch.no_grad():
         fused = ik.flash_attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k_new, v=v_new,
                                                 cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin,
@@ -197,11 +212,12 @@ def test_kvcache_decode_without_new_entries_and_with_window(backend, device):
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
-    k_cache, v_cache = _cache(2, 16, 1, 32, torch.float16, device)
+    d = _dim(backend, 32)
+    k_cache, v_cache = _cache(2, 16, 1, d, torch.float16, device)
     before_k = k_cache.clone()
     lengths = torch.tensor([3, 15], device=device, dtype=torch.int32)  # 15 + 2 > 16 for the second
-    new = torch.randn(2, 2, 1, 32, device=device, dtype=torch.float16)
-    out = ik.flash_attention_with_kvcache(torch.randn(2, 2, 2, 32, device=device, dtype=torch.float16), k_cache,
+    new = torch.randn(2, 2, 1, d, device=device, dtype=torch.float16)
+    out = ik.flash_attention_with_kvcache(torch.randn(2, 2, 2, d, device=device, dtype=torch.float16), k_cache,
                                           v_cache, k=new, v=new, cache_seqlens=lengths, backend=backend)
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
     assert torch.equal(k_cache[1, :15], before_k[1, :15]) and torch.equal(k_cache[1, 15], new[1, 0])
@@ -223,17 +239,18 @@ def test_fp32_goes_to_the_reference_under_auto_and_raises_for_triton(device):
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_opcheck(backend, device):
-    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 11, 4, 2, 16, torch.float16, device))
+    d = _dim(backend, 16)
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 11, 4, 2, d, torch.float16, device))
     ops = torch.ops.internlm_kernels
     torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, None, None, 0.25, True, -1, -1, backend))
     cu = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
-    qp, kp, vp = (t.requires_grad_(True) for t in _qkv(None, 9, 9, 4, 2, 16, torch.float16, device, packed=True))
+    qp, kp, vp = (t.requires_grad_(True) for t in _qkv(None, 9, 9, 4, 2, d, torch.float16, device, packed=True))
     torch.library.opcheck(ops.flash_attn_fwd.default, (qp, kp, vp, cu, cu, 0.25, False, 2, 1, backend))
-    k_cache, v_cache = _cache(2, 12, 2, 16, torch.float16, device)
+    k_cache, v_cache = _cache(2, 12, 2, d, torch.float16, device)
     lengths = torch.tensor([2, 7], device=device, dtype=torch.int32)
-    new = torch.randn(2, 1, 2, 16, device=device, dtype=torch.float16)
+    new = torch.randn(2, 1, 2, d, device=device, dtype=torch.float16)
     torch.library.opcheck(ops.flash_attn_kvcache.default,
-                          (torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
+                          (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
                            lengths, 0.25, True, -1, -1, backend))
 
 
@@ -245,7 +262,7 @@ def test_compiles_without_graph_breaks_varlen_lengths_on_device(backend, device)
         return ik.flash_attention(q * 0.5, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
 
     compiled = torch.compile(layer, fullgraph=True)
-    q, k, v = _qkv(None, 14, 14, 4, 2, 16, torch.float16, device, packed=True)
+    q, k, v = _qkv(None, 14, 14, 4, 2, _dim(backend, 16), torch.float16, device, packed=True)
     q.requires_grad_(True)
     for cu in ([0, 5, 14], [0, 1, 2, 14]):
         cu = torch.tensor(cu, device=device, dtype=torch.int32)
@@ -333,33 +350,73 @@ def test_kvcache_bad_input(device):
 
 
 @pytest.mark.gpu
-def test_backward_is_bitwise_deterministic(device):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backward_is_bitwise_deterministic(backend, device):
     q, k, v = (t.requires_grad_(True) for t in _qkv(2, 700, 700, 32, 8, 128, torch.bfloat16, device))
     grad = torch.randn_like(q)
     runs = []
     for _ in range(2):
-        out = ik.flash_attention(q, k, v, causal=True, deterministic=True, backend="triton")
+        out = ik.flash_attention(q, k, v, causal=True, deterministic=True, backend=backend)
         runs.append(torch.autograd.grad(out, (q, k, v), grad))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
 
 @pytest.mark.gpu
-def test_realistic_shapes_against_sdpa(device):
-    q, k, v = _qkv(2, 1024, 1024, 32, 8, 128, torch.bfloat16, device)
-    _check(q, k, v, "triton", causal=True)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_realistic_shapes_against_sdpa(backend, head_dim, device):
+    q, k, v = _qkv(2, 1024, 1024, 32, 8, head_dim, torch.bfloat16, device)
+    _check(q, k, v, backend, causal=True)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_with_new_varlen_lengths(device):
+@pytest.mark.parametrize("case", ["causal", "window", "varlen"])
+def test_cuda_triton_reference_three_way(case, device):
+    """The two kernel backends agree with each other as closely as each agrees with fp64."""
+    kwargs, packed = {"causal": True}, False
+    if case == "window":
+        kwargs = {"window_size": (100, 30)}
+    if case == "varlen":
+        packed = True
+        cu = torch.tensor([0, 1, 300, 301, 777], device=device, dtype=torch.int32)
+        kwargs.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
+    q, k, v = _qkv(2, 777, 777, 16, 2, 128, torch.bfloat16, device, packed=packed)
+    cuda_out, cuda_grads = _check(q, k, v, "cuda", **kwargs)
+    triton_out, triton_grads = _check(q, k, v, "triton", **kwargs)
+    exact = reference.attention(q.double(), k.double(), v.double(), **kwargs)
+    bound = 2 * (triton_out.double() - exact).abs().max().item() + 1e-3
+    assert (cuda_out.double() - triton_out.double()).abs().max().item() <= bound
+    for ours, theirs in zip(cuda_grads, triton_grads):
+        scale = theirs.double().abs().max().item()
+        assert (ours.double() - theirs.double()).abs().max().item() <= 0.05 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replay_with_new_varlen_lengths(backend, device):
     q, k, v = _qkv(None, 256, 256, 8, 2, 64, torch.bfloat16, device, packed=True)
     cu = torch.tensor([0, 100, 256], device=device, dtype=torch.int32)
-    ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")  # tune outside
+    ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)  # tune outside
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="triton")
+        out = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
     for lengths in ([0, 100, 256], [0, 7, 200, 256][:3], [0, 256, 256]):
         cu.copy_(torch.tensor(lengths, device=device, dtype=torch.int32))
         graph.replay()
         expected = reference.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_decode_long_cache_many_splits(backend, device):
+    """A batch of one over an 8K cache: the split-KV path with many splits, GQA 8."""
+    k_cache, v_cache = _cache(1, 8192, 4, 128, torch.bfloat16, device)
+    q = torch.randn(1, 1, 32, 128, device=device, dtype=torch.bfloat16)
+    lengths = torch.tensor([8000], device=device, dtype=torch.int32)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, backend=backend)
+    expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lengths)
+    assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "long decode")

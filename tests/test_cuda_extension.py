@@ -45,6 +45,17 @@ def test_glue_rejects_cpu_tensors_before_any_launch():
     cos = torch.ones(4, 4)
     with pytest.raises(RuntimeError, match=r"rotary \(cuda\): q must be a CUDA tensor"):
         ext.rotary(q, q, q, q, cos, cos, None, None, 0, None, False, False, False)
+    q = torch.randn(1, 4, 2, 64, dtype=torch.float16)
+    lse = torch.empty(1, 2, 4)
+    with pytest.raises(RuntimeError, match=r"attention_fwd \(cuda\): q must be a CUDA tensor"):
+        ext.attention_fwd(q, q, q, torch.empty_like(q), lse, None, None, 0.125, True, (-1, -1))
+    with pytest.raises(RuntimeError, match=r"attention_bwd \(cuda\): q must be a CUDA tensor"):
+        ext.attention_bwd(q, q, q, q, q, lse, q, q, q, None, None, 0.125, False, (-1, -1))
+    with pytest.raises(RuntimeError, match=r"attention_decode \(cuda\): q must be a CUDA tensor"):
+        ext.attention_decode(q, q, q, torch.empty_like(q), torch.zeros(1, dtype=torch.int32), 0, 0.125, True,
+                             (-1, -1))
+    with pytest.raises(RuntimeError, match=r"kvcache_append \(cuda\): cache must be a CUDA tensor"):
+        ext.kvcache_append(q, q, torch.zeros(1, dtype=torch.int32))
 
 
 @pytest.mark.gpu

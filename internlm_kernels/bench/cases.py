@@ -24,6 +24,7 @@ import torch
 import internlm_kernels as ik
 from internlm_kernels import reference
 from internlm_kernels.backends import choose_backend
+from internlm_kernels.ops.attention import CUDA_HEAD_DIMS
 
 Tensor = torch.Tensor
 
@@ -193,8 +194,9 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     q, k, v = (torch.randn(batch, seqlen, h, head_dim, device=device, dtype=dtype, generator=gen)
                for h in (heads_q, heads_kv, heads_kv))
     impls: Dict[str, Callable[[], object]] = {}
-    if "triton" in providers and "triton" in kernel_backends(device, "flash_attention"):
-        impls["triton"] = lambda: ik.flash_attention(q, k, v, causal=causal, backend="triton")
+    for backend in kernel_backends(device, "flash_attention"):
+        if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
+            impls[backend] = lambda b=backend: ik.flash_attention(q, k, v, causal=causal, backend=b)
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
     if "eager" in providers and small_enough:
         impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)
@@ -235,9 +237,10 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
                                     generator=gen) for _ in range(2))
     lengths = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
     impls: Dict[str, Callable[[], object]] = {}
-    if "triton" in providers and "triton" in kernel_backends(device, "flash_attention_with_kvcache"):
-        impls["triton"] = lambda: ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
-                                                                  backend="triton")
+    for backend in kernel_backends(device, "flash_attention_with_kvcache"):
+        if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
+            impls[backend] = lambda b=backend: ik.flash_attention_with_kvcache(q, k_cache, v_cache,
+                                                                               cache_seqlens=lengths, backend=b)
     if "eager" in providers:
         impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
     for name in SDPA_BACKENDS:

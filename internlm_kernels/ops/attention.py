@@ -55,16 +55,38 @@ def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of k/v heads ({k.shape[-2]})")
 
 
-def _kernel_limits(op: str, q: Tensor):
+CUDA_HEAD_DIMS = (64, 128)
+
+
+def _rows_aligned(t: Optional[Tensor]) -> bool:
+    """Whether the CUDA kernels can move t's (.., D) rows as 16-byte chunks: aligned start,
+    strides of size > 1 dims a multiple of 8 elements."""
+    if t is None:
+        return True
+    return t.data_ptr() % 16 == 0 and all(size <= 1 or stride % 8 == 0
+                                          for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def _kernel_limits(op: str, q: Tensor, *operands: Optional[Tensor]):
     """Why a kernel backend cannot serve these arguments (None when it can)."""
     head_dim = q.shape[-1]
 
     def unsupported(backend: str) -> Optional[str]:
+        if backend == "torch":
+            return None
+        if q.dtype not in KERNEL_DTYPES:
+            return f"the {backend} kernels take float16 or bfloat16, got {q.dtype} (auto serves it with torch)"
         if backend == "cuda":
-            return "this build has no CUDA C++ attention kernel (use backend='triton')"
+            from internlm_kernels import backends
+            if not hasattr(backends.extension, "attention_fwd"):
+                return ("this build of internlm_kernels._C predates its attention kernels; rebuild it "
+                        "(python setup.py build_ext --inplace)")
+            if head_dim not in CUDA_HEAD_DIMS:
+                return f"the cuda kernels have head_dim {CUDA_HEAD_DIMS}, got {head_dim} (triton serves it)"
+            if not all(_rows_aligned(t) for t in (q, *operands)):
+                return ("the cuda kernels need 16-byte aligned inputs with strides that are multiples of 8 "
+                        "elements (triton serves any strides)")
         if backend == "triton":
-            if q.dtype not in KERNEL_DTYPES:
-                return f"the triton kernels take float16 or bfloat16, got {q.dtype} (auto serves it with torch)"
             if head_dim > MAX_HEAD_DIM or head_dim % 8:
                 return f"the triton kernels take head_dim a multiple of 8 up to {MAX_HEAD_DIM}, got {head_dim}"
         return None
@@ -185,8 +207,10 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = _flash_attn_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                 *ctx.settings)
+    dout = _last_dim_contiguous(dout)
+    if ctx.settings[-1] == "cuda" and not _rows_aligned(dout):  # e.g. a gradient sliced from a wider one
+        dout = dout.contiguous()
+    dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.settings)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -249,15 +273,17 @@ def flash_attention(
 
     Returns out (like q), and with ``return_lse`` the fp32 log-sum-exp (B, Hq, Sq), or
     (Hq, Tq) packed. Differentiable in q, k, v. The Triton backward uses no atomics, so it
-    is deterministic whether or not ``deterministic`` is set.
-    Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; "auto" hands
-    other calls (float32, odd head dims, CPU tensors) to the eager reference.
+    is deterministic whether or not ``deterministic`` is set; so is the CUDA one (dK/dV per key
+    tile summed over the query group, dQ in its own kernel).
+    Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; CUDA float16 /
+    bfloat16 with head_dim 64 or 128 and 16-byte aligned rows; "auto" hands other calls
+    (float32, odd head dims, CPU tensors) to the eager reference.
     """
     op = "flash_attention"
     _check_attention_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     window = _check_window(op, window_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q))
+    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q, k, v))
     if chosen == "torch":
         return reference.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
@@ -347,7 +373,7 @@ def flash_attention_with_kvcache(
         raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
                            f"(run under torch.no_grad() or use flash_attention)")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q))
+    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q, k_cache, v_cache, k, v))
     if chosen == "torch":
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,

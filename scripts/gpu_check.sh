@@ -32,7 +32,7 @@ cat "$OUT/env.txt"
 stamp "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 {
   INTERNLM_KERNELS_NO_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . &&
-  timeout 200 $PY setup.py build_ext --inplace
+  timeout 180 $PY setup.py build_ext --inplace
 } > "$OUT/build.log" 2>&1
 echo "build exit code: $?" | tee -a "$OUT/build.log"
 # ptxas resource report: registers, shared memory and spills per kernel.
@@ -40,16 +40,23 @@ grep -E "Compiling entry|Used [0-9]+ registers|spill" "$OUT/build.log" > "$OUT/p
 $PY -m internlm_kernels check > "$OUT/check.txt" 2>&1; cat "$OUT/check.txt"
 
 stamp "tests"
-# One attention tile shape per head dim in the tests (the benchmark below autotunes).
-INTERNLM_KERNELS_AUTOTUNE=0 timeout 200 $PY -m pytest tests -q -rfEs -p no:cacheprovider \
-  --deselect tests/test_triton_compile.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+# One attention tile shape per head dim in the tests (the benchmark below autotunes). The
+# attention tests run in their own process: a kernel fault there cannot take the rest down.
+export INTERNLM_KERNELS_AUTOTUNE=0
+timeout 130 $PY -m pytest tests -q -rfEs -p no:cacheprovider --deselect tests/test_triton_compile.py \
+  --ignore tests/test_attention.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 echo "pytest exit code: $?" >> "$OUT/tests.log"
-tail -n 30 "$OUT/tests.log"
+tail -n 20 "$OUT/tests.log"
+timeout 130 $PY -m pytest tests/test_attention.py -q -rfEs -p no:cacheprovider \
+  --junitxml="$OUT/junit-attention.xml" > "$OUT/tests-attention.log" 2>&1
+echo "pytest exit code: $?" >> "$OUT/tests-attention.log"
+tail -n 20 "$OUT/tests-attention.log"
+unset INTERNLM_KERNELS_AUTOTUNE
 
 stamp "benchmark"
 gpu_slug=$($PY -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 bench_json="$OUT/${gpu_slug}-$(date +%Y%m%d).json"
-timeout 170 $PY -m internlm_kernels bench --quick --json "$bench_json" > "$OUT/bench.log" 2>&1
+timeout 150 $PY -m internlm_kernels bench --quick --json "$bench_json" > "$OUT/bench.log" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench.log"
 
 stamp "summary"

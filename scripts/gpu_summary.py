@@ -11,19 +11,21 @@ import xml.etree.ElementTree as ElementTree
 
 
 def tests_summary(out: str) -> list:
-    path = os.path.join(out, "junit.xml")
-    if not os.path.exists(path):
-        return ["tests: no junit.xml (pytest did not finish: see tests.log)"]
-    root = ElementTree.parse(path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    lines = [f"tests: {counts['tests']} run, {counts['failures']} failed, {counts['errors']} errors, "
-             f"{counts['skipped']} skipped"]
-    for case in suite.iter("testcase"):
-        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-        if problem is not None:
-            message = (problem.get("message") or "").splitlines()[0][:160] if problem.get("message") else ""
-            lines.append(f"  FAIL {case.get('classname')}::{case.get('name')}: {message}")
+    paths = sorted(glob.glob(os.path.join(out, "junit*.xml")))
+    if not paths:
+        return ["tests: no junit*.xml (pytest did not finish: see tests*.log)"]
+    lines = []
+    for path in paths:
+        root = ElementTree.parse(path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+        lines.append(f"tests ({os.path.basename(path)}): {counts['tests']} run, {counts['failures']} failed, "
+                     f"{counts['errors']} errors, {counts['skipped']} skipped")
+        for case in suite.iter("testcase"):
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
+                message = (problem.get("message") or "").splitlines()[0][:160] if problem.get("message") else ""
+                lines.append(f"  FAIL {case.get('classname')}::{case.get('name')}: {message}")
     return lines
 
 

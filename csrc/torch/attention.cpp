@@ -37,6 +37,13 @@ void check_operand(const char* op, const char* name, const at::Tensor& t, const 
               "(the kernels move 16-byte rows), got strides ", t.strides());
 }
 
+// A (B, S, H, D) tensor's data pointer and row strides into a params struct's fields.
+template <typename Pointer>
+void bind_rows(const at::Tensor& t, Pointer& data, int64_t& stride_b, int64_t& stride_s, int64_t& stride_h) {
+  data = static_cast<Pointer>(t.data_ptr());
+  stride_b = t.stride(0), stride_s = t.stride(1), stride_h = t.stride(2);
+}
+
 void check_lse(const char* op, const char* name, const at::Tensor& lse, const at::Tensor& q) {
   check_cuda(op, name, lse, q);
   check_dtype_in(op, name, lse, {at::kFloat});
@@ -80,14 +87,10 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
               " batch rows and KV heads per launch, got ", q.size(0), " and ", k.size(2));
 
   AttentionParams p;
-  p.q = q.data_ptr();
-  p.q_stride_b = q.stride(0), p.q_stride_s = q.stride(1), p.q_stride_h = q.stride(2);
-  p.k = k.data_ptr();
-  p.k_stride_b = k.stride(0), p.k_stride_s = k.stride(1), p.k_stride_h = k.stride(2);
-  p.v = v.data_ptr();
-  p.v_stride_b = v.stride(0), p.v_stride_s = v.stride(1), p.v_stride_h = v.stride(2);
-  p.out = out.data_ptr();
-  p.out_stride_b = out.stride(0), p.out_stride_s = out.stride(1), p.out_stride_h = out.stride(2);
+  bind_rows(q, p.q, p.q_stride_b, p.q_stride_s, p.q_stride_h);
+  bind_rows(k, p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h);
+  bind_rows(v, p.v, p.v_stride_b, p.v_stride_s, p.v_stride_h);
+  bind_rows(out, p.out, p.out_stride_b, p.out_stride_s, p.out_stride_h);
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), op,
               ": pass cu_seqlens_q and cu_seqlens_k together");
   if (cu_seqlens_q.has_value()) {
@@ -161,14 +164,10 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   p.lse = lse.data_ptr<float>();
   p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
   p.delta = delta.data_ptr<float>();
-  p.dout = dout.data_ptr();
-  p.dout_stride_b = dout.stride(0), p.dout_stride_s = dout.stride(1), p.dout_stride_h = dout.stride(2);
-  p.dq = dq.data_ptr();
-  p.dq_stride_b = dq.stride(0), p.dq_stride_s = dq.stride(1), p.dq_stride_h = dq.stride(2);
-  p.dk = dk.data_ptr();
-  p.dk_stride_b = dk.stride(0), p.dk_stride_s = dk.stride(1), p.dk_stride_h = dk.stride(2);
-  p.dv = dv.data_ptr();
-  p.dv_stride_b = dv.stride(0), p.dv_stride_s = dv.stride(1), p.dv_stride_h = dv.stride(2);
+  bind_rows(dout, p.dout, p.dout_stride_b, p.dout_stride_s, p.dout_stride_h);
+  bind_rows(dq, p.dq, p.dq_stride_b, p.dq_stride_s, p.dq_stride_h);
+  bind_rows(dk, p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h);
+  bind_rows(dv, p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
@@ -197,11 +196,8 @@ void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, cons
   TORCH_CHECK(cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && cache.size(3) % 8 == 0, op,
               ": unsupported cache shape ", cache.sizes());
   KvcacheAppendParams p;
-  p.source = new_entries.data_ptr();
-  p.source_stride_b = new_entries.stride(0), p.source_stride_s = new_entries.stride(1);
-  p.source_stride_h = new_entries.stride(2);
-  p.cache = cache.data_ptr();
-  p.cache_stride_b = cache.stride(0), p.cache_stride_s = cache.stride(1), p.cache_stride_h = cache.stride(2);
+  bind_rows(new_entries, p.source, p.source_stride_b, p.source_stride_s, p.source_stride_h);
+  bind_rows(cache, p.cache, p.cache_stride_b, p.cache_stride_s, p.cache_stride_h);
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.batch = static_cast<int>(cache.size(0)), p.new_tokens = static_cast<int>(new_entries.size(1));
   p.heads = static_cast<int>(cache.size(2)), p.head_dim = static_cast<int>(cache.size(3));

@@ -223,6 +223,9 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
               " must be in [0, capacity ", k_cache.size(1), "]");
   TORCH_CHECK(q.size(0) * k_cache.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,
               " (batch row, KV head) pairs per launch, got ", q.size(0) * k_cache.size(2));
+  TORCH_CHECK((q.size(1) * p.group + kDecodeBlockM - 1) / kDecodeBlockM <= kMaxGridYZ, op, ": at most ",
+              kMaxGridYZ * kDecodeBlockM, " query rows (positions x group) per decode call, got ", q.size(1) * p.group,
+              " (use flash_attention for long prefills)");
   if (q.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

@@ -12,7 +12,7 @@
 // Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
 // m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts). Operands stream from global
 // memory through a two-stage cp.async ring in shared memory (the next tile loads while the
-// tensor cores work on the current one); ldmatrix reads them from XOR-swizzled tiles, so
+// tensor cores work on the current one; one barrier per tile); ldmatrix reads them from XOR-swizzled tiles, so
 // neither side has bank conflicts. The softmax runs in base 2 with the scale folded into one
 // multiply; P goes from the score accumulators straight into the A operand of P V.
 //
@@ -216,6 +216,8 @@ template <typename T, class ATile, class BTile, int kMTiles, int kNTiles, int kK
 __device__ __forceinline__ void gemm_abt(float (&acc)[kMTiles][kNTiles][4], uint32_t a_tile, int a_row0,
                                          uint32_t b_tile, int b_row0, int lane) {
   static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  static_assert(2 * kKSteps <= ATile::kChunks && 2 * kKSteps <= BTile::kChunks,
+                "SwizzledTile::address: k steps stay inside a row (row0 arguments are multiples of 16)");
   const uint32_t a_offset = ATile::a_lane_offset(lane), b_offset = BTile::b_lane_offset(lane);
 #pragma unroll
   for (int k = 0; k < kKSteps; ++k) {
@@ -242,6 +244,7 @@ template <typename T, class BTile, int kMTiles, int kKTiles16, int kNTiles>
 __device__ __forceinline__ void gemm_pb(float (&acc)[kMTiles][kNTiles][4], const float (&p)[kMTiles][2 * kKTiles16][4],
                                         uint32_t b_tile, int b_row0, int lane) {
   static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  static_assert(kNTiles <= BTile::kChunks, "SwizzledTile::address: column steps stay inside a row");
   const uint32_t b_offset = BTile::b_trans_lane_offset(lane);
 #pragma unroll
   for (int kt = 0; kt < kKTiles16; ++kt) {
@@ -439,10 +442,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
   int stage = 0;
   for (int n0 = range.lo; n0 < range.hi; n0 += Tr::kBlockN, stage ^= 1) {
+    // One barrier per tile: after it, this tile (and Q) has landed for every thread, and every
+    // warp is done with the other stage (the previous tile), which the next tile then refills
+    // while the tensor cores work on this one.
+    mma::cp_async_wait<0>();
+    __syncthreads();
     if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
-    mma::cp_async_wait<1>();  // this tile (and Q) landed; the next one is in flight
-    __syncthreads();
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
     float s[Tr::kMTiles][Tr::kNTiles][4];
     zero(s);
@@ -452,7 +458,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
                        n0 + warp_key0, lane);
     gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kWarpKeys / 16, Tr::kDimTiles>(acc, s, k_stage + StreamTile::kBytes,
                                                                            warp_key0, lane);
-    __syncthreads();  // every warp is done with this stage before it is refilled
   }
   mma::cp_async_wait<0>();
   __syncthreads();  // no copy (Q included, when no key tile ran) still lands in what follows
@@ -695,10 +700,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const int g = lane / 4, t = lane % 4;
   int stage = 0;
   for (int m0 = row_lo; m0 < row_hi; m0 += Tr::kBlockN, stage ^= 1) {
+    mma::cp_async_wait<0>();  // one barrier per tile, as in the forward
+    __syncthreads();
     if (m0 + Tr::kBlockN < row_hi) load_rows(m0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
-    mma::cp_async_wait<1>();
-    __syncthreads();
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes, do_stage = q_stage + QueryTile::kBytes;
     const BwdRow* info = row_info + stage * Tr::kBlockN;
     // Whether some (key, row) pair of this tile pair is hidden: tiles past the keys' end, or
@@ -733,7 +738,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
       for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - info[8 * nt + 2 * t + e % 2].delta;
     // dK += dS^T Q (scaled once at the end)
     gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
-    __syncthreads();
   }
   mma::cp_async_wait<0>();
   __syncthreads();  // K / V copies by other threads landed before this warp reuses its rows
@@ -810,10 +814,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   zero(dq);
   int stage = 0;
   for (int n0 = range.lo; n0 < range.hi; n0 += Tr::kBlockN, stage ^= 1) {
+    mma::cp_async_wait<0>();  // one barrier per tile, as in the forward
+    __syncthreads();
     if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
-    mma::cp_async_wait<1>();
-    __syncthreads();
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes, v_stage = k_stage + StreamTile::kBytes;
     const bool needs_mask = range.needs_mask(n0, Tr::kBlockN);
     float s[1][Tr::kNTiles][4], dp[1][Tr::kNTiles][4];
@@ -830,7 +834,6 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
         s[0][nt][e] = prob * (dp[0][nt][e] - row.delta);  // dS
       }
     gemm_pb<T, StreamTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dq, s, k_stage, 0, lane);
-    __syncthreads();
   }
   mma::cp_async_wait<0>();
   __syncthreads();

@@ -257,7 +257,8 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
 # end to end: the reference model
 # --------------------------------------------------------------------------------------
 
-MODEL_PROVIDERS = {"triton": "auto", "eager": "torch"}  # provider -> model backend ("auto": our kernels)
+# provider -> model backend ("auto": our kernels as "auto" picks them; "cuda": every op in CUDA C++)
+MODEL_PROVIDERS = {"triton": "auto", "cuda": "cuda", "eager": "torch"}
 
 
 def model_case(device, dtype, op: str, preset: str, layers: Optional[int], batch: int, seqlen: int,
@@ -274,7 +275,10 @@ def model_case(device, dtype, op: str, preset: str, layers: Optional[int], batch
     base = InternLMForCausalLM(args, backend="auto").to(device=device, dtype=dtype)
     ids = torch.randint(0, args.vocab_size, (batch, seqlen), device=device)
     impls: Dict[str, Callable[[], object]] = {}
+    cuda_serves = "cuda" in kernel_backends(device, "flash_attention") and args.head_dim in CUDA_HEAD_DIMS
     for provider in providers:
+        if provider == "cuda" and not cuda_serves:
+            continue
         if provider in MODEL_PROVIDERS or provider == "torch_compile":
             model = InternLMForCausalLM(args, backend=MODEL_PROVIDERS.get(provider, "torch")).to(device, dtype)
             model.load_state_dict(base.state_dict())

@@ -63,8 +63,11 @@ def _rows_aligned(t: Optional[Tensor]) -> bool:
     strides of size > 1 dims a multiple of 8 elements."""
     if t is None:
         return True
-    return t.data_ptr() % 16 == 0 and all(size <= 1 or stride % 8 == 0
-                                          for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    # The storage offset, not data_ptr(): it is known while torch.compile traces with fake
+    # tensors, and PyTorch's allocators align storages to at least 16 bytes (the glue checks
+    # the real pointer too).
+    return (t.storage_offset() * t.element_size()) % 16 == 0 and all(
+        size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
 def _kernel_limits(op: str, q: Tensor, *operands: Optional[Tensor]):

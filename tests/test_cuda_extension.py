@@ -77,6 +77,32 @@ def test_glue_rejects_bad_tensors_on_the_gpu():
 
 
 @pytest.mark.gpu
+@needs_extension
+def test_attention_glue_rejects_bad_tensors_on_the_gpu():
+    ext = backends.extension
+    q = torch.randn(1, 8, 4, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    lse = torch.empty(1, 4, 8, device="cuda")
+    out = torch.empty_like(q)
+    no_window = (-1, -1)
+    with pytest.raises(RuntimeError, match="the cuda kernels have head_dim 64 and 128, got 32"):
+        ext.attention_fwd(q[..., :32], k[..., :32], k[..., :32], out[..., :32], lse, None, None, 1.0, True, no_window)
+    with pytest.raises(RuntimeError, match="does not support q of dtype Float"):
+        ext.attention_fwd(q.float(), k.float(), k.float(), out.float(), lse, None, None, 1.0, True, no_window)
+    unaligned = torch.randn(1, 8, 2, 65, device="cuda", dtype=torch.float16)[..., 1:]
+    with pytest.raises(RuntimeError, match="k must start 16-byte aligned"):
+        ext.attention_fwd(q, unaligned, k, out, lse, None, None, 1.0, True, no_window)
+    three_heads = k[:, :, :1].expand(1, 8, 3, 64)
+    with pytest.raises(RuntimeError, match="must be a multiple of k/v heads"):
+        ext.attention_fwd(q, three_heads, three_heads, out, lse, None, None, 1.0, True, no_window)
+    with pytest.raises(RuntimeError, match=r"lse must be \(B, Hq, Sq\)"):
+        ext.attention_fwd(q, k, k, out, lse[:, :2], None, None, 1.0, True, no_window)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be contiguous"):
+        cu = torch.tensor([0, 3, 8], device="cuda", dtype=torch.int32)
+        ext.attention_fwd(q, k, k, out, lse, cu[::2], cu, 1.0, True, no_window)
+
+
+@pytest.mark.gpu
 def test_cuda_refuses_weight_dtypes_it_does_not_read():
     import internlm_kernels as ik
 

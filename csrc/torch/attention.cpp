@@ -2,8 +2,6 @@
 // dispatch, workspaces, stream. Mirrors internlm_kernels/triton/attention.py's launchers.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -14,6 +12,7 @@
 #include "dispatch.h"
 #include "glue.h"
 #include "internlm_kernels/attention.h"
+#include "launch_scope.h"
 
 namespace internlm_kernels {
 namespace {
@@ -67,7 +66,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
                             const at::Tensor& out, const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
                             std::tuple<int64_t, int64_t> window_size) {
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
+  check_kernel_device(op, "q", q);
   check_dtype_in(op, "q", q, {at::kHalf, at::kBFloat16});
   TORCH_CHECK(attention_head_dim_supported(q.size(-1)), op, ": the cuda kernels have head_dim 64 and 128, got ",
               q.size(-1), " (backend='triton' serves multiples of 8 up to 256)");
@@ -117,7 +116,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
 }
 
 void check_launch(const char* op, cudaError_t error) {
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
 
 }  // namespace
@@ -132,8 +131,8 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.lse = lse.data_ptr<float>();
   p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
   if (q.numel() == 0 || k.numel() == 0) return;  // the ops layer fills outputs for key-less calls
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(q);
+  const cudaStream_t stream = scope.stream();
   check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] {
       return IK_BOOL_SWITCH(p.has_left || p.has_right, kHasWindow,
@@ -168,8 +167,8 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   bind_rows(dq, p.dq, p.dq_stride_b, p.dq_stride_s, p.dq_stride_h);
   bind_rows(dk, p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h);
   bind_rows(dv, p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(q);
+  const cudaStream_t stream = scope.stream();
   check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] {
       return IK_BOOL_SWITCH(p.has_left || p.has_right, kHasWindow,
@@ -180,7 +179,7 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
 void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, const at::Tensor& cache_seqlens) {
   constexpr const char* op = "kvcache_append (cuda)";
-  TORCH_CHECK(cache.is_cuda(), op, ": cache must be a CUDA tensor, got one on ", cache.device());
+  check_kernel_device(op, "cache", cache);
   check_dtype_in(op, "cache", cache, {at::kHalf, at::kBFloat16});
   check_operand(op, "cache", cache, cache);
   check_operand(op, "new entries", new_entries, cache);
@@ -203,8 +202,8 @@ void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, cons
   p.heads = static_cast<int>(cache.size(2)), p.head_dim = static_cast<int>(cache.size(3));
   p.capacity = static_cast<int>(cache.size(1));
   if (new_entries.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(cache.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(cache);
+  const cudaStream_t stream = scope.stream();
   check_launch(op, IK_HALF_DTYPE_SWITCH(cache.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
 }
 
@@ -227,8 +226,8 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
               kMaxGridYZ * kDecodeBlockM, " query rows (positions x group) per decode call, got ", q.size(1) * p.group,
               " (use flash_attention for long prefills)");
   if (q.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(q);
+  const cudaStream_t stream = scope.stream();
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.new_tokens = static_cast<int>(new_tokens);
   p.capacity = static_cast<int>(k_cache.size(1));

@@ -9,8 +9,21 @@
 
 namespace internlm_kernels {
 
+// The device the kernels run on: the GPU, or the CPU in the emulation build (IK_CUDA_EMULATION).
+#ifdef IK_CUDA_EMULATION
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+#define IK_KERNEL_DEVICE "a CPU tensor (CUDA emulation build)"
+#else
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+#define IK_KERNEL_DEVICE "a CUDA tensor"
+#endif
+
+inline void check_kernel_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(on_kernel_device(t), op, ": ", name, " must be " IK_KERNEL_DEVICE ", got one on ", t.device());
+}
+
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& reference) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  check_kernel_device(op, name, t);
   TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(), " but the other tensors are on ",
               reference.device());
 }

@@ -11,6 +11,14 @@
 
 #include "internlm_kernels/common.h"
 
+#ifdef IK_CUDA_EMULATION
+#include "internlm_kernels/emulation.h"
+// The kernels' dynamic shared memory: the block's buffer under the CPU emulation.
+#define IK_DYNAMIC_SHARED(NAME) char* NAME = ::internlm_kernels::emulation::current_block->shared
+#else
+#define IK_DYNAMIC_SHARED(NAME) extern __shared__ __align__(128) char NAME[]
+#endif
+
 namespace internlm_kernels {
 
 // ---------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ inline bool vectorizable(const void* ptr, int64_t element_size, int64_t stride_a
 
 // SM count of the current device (the launchers size persistent grids with it).
 inline int multiprocessor_count() {
+#ifdef IK_CUDA_EMULATION
+  return 4;  // the CPU emulation's pretend GPU: small, so split-KV decoding still splits
+#endif
   int device = 0, count = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 1;
   if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;

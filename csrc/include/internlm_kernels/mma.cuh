@@ -16,11 +16,19 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifdef IK_CUDA_EMULATION
+#include "internlm_kernels/emulation.h"
+#endif
+
 namespace internlm_kernels {
 namespace mma {
 
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+#ifdef IK_CUDA_EMULATION
+  return emulation::shared_address(ptr);
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -29,6 +37,14 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
 // (rows past the sequence end) and reads nothing; ``src`` must still be a mapped address.
 // ---------------------------------------------------------------------------------------
 
+#ifdef IK_CUDA_EMULATION
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  emulation::cp_async_16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -41,6 +57,7 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
+#endif
 
 // ---------------------------------------------------------------------------------------
 // ldmatrix: four 8x8 16-bit matrices per warp; lane l gives the address of row l % 8 of
@@ -49,15 +66,23 @@ __device__ __forceinline__ void cp_async_wait() {
 // ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) {
+#ifdef IK_CUDA_EMULATION
+  emulation::ldmatrix_x4(r, address, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+#ifdef IK_CUDA_EMULATION
+  emulation::ldmatrix_x4(r, address, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(address));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -68,6 +93,14 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "tensor-core attention takes float16 or bfloat16");
+#ifdef IK_CUDA_EMULATION
+  emulation::mma_16816(d, a, b0, b1, [](uint16_t bits) {
+    T value;
+    std::memcpy(&value, &bits, 2);
+    if constexpr (std::is_same<T, __half>::value) return __half2float(value);
+    else return __bfloat162float(value);
+  });
+#else
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -81,6 +114,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // Two floats -> one register of two T, ``low`` in the low half (the lower column index),

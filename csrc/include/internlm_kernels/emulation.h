@@ -1,0 +1,224 @@
+// A CPU emulation of the CUDA execution model, so the kernels' own source runs on a machine
+// without a GPU (compiled by the host compiler with -DIK_CUDA_EMULATION; see
+// tests/test_cuda_emulation.py). What the Triton interpreter is to the Triton kernels.
+//
+// Each CUDA thread of a block is an OS thread; blocks run one after another. __syncthreads
+// is a barrier over the block, warp collectives (shuffles, ballot, ldmatrix, mma.sync) a
+// barrier over the warp's 32 lanes with an exchange buffer, so fragment layouts, lane
+// address maps, masks and tile indexing are exercised exactly as written. Semantics follow
+// the PTX ISA; mma accumulates in fp32 (its summation order may differ from the hardware's).
+// cp.async copies at once (the wait is a no-op), so the emulation cannot find a missing
+// cp.async.wait or barrier: races stay a question for the GPU run. Shared memory starts
+// filled with 0xFF bytes (NaN in every float format) and every shared access is bounds- and
+// alignment-checked, so a read of an unwritten or out-of-range byte shows up.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <vector_functions.h>
+#include <vector_types.h>
+
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace internlm_kernels {
+namespace emulation {
+
+constexpr int kWarpSize = 32;
+
+struct Warp {
+  std::barrier<> barrier{kWarpSize};
+  alignas(16) uint32_t words[kWarpSize][16];  // one lane's contribution to a collective
+};
+
+struct Block {
+  dim3 index, grid, dim;
+  char* shared = nullptr;
+  size_t shared_bytes = 0;
+  std::unique_ptr<std::barrier<>> barrier;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+inline thread_local Block* current_block = nullptr;
+inline thread_local uint3 thread_index{0, 0, 0};
+
+inline int linear_thread() {
+  return static_cast<int>(thread_index.x + current_block->dim.x * (thread_index.y + current_block->dim.y * thread_index.z));
+}
+inline int lane() { return linear_thread() % kWarpSize; }
+inline Warp& warp() { return *current_block->warps[linear_thread() / kWarpSize]; }
+
+[[noreturn]] inline void fail(const std::string& what) {
+  std::fprintf(stderr, "internlm_kernels emulation: %s\n", what.c_str());
+  std::abort();  // a kernel fault: stop loudly, as the GPU would
+}
+
+// Every lane's ``value``, in lane order (all 32 lanes must call it).
+template <typename T>
+std::array<T, kWarpSize> gather(const T& value) {
+  static_assert(sizeof(T) <= sizeof(Warp::words[0]), "fits a lane's exchange slot");
+  Warp& w = warp();
+  std::memcpy(w.words[lane()], &value, sizeof(T));
+  w.barrier.arrive_and_wait();
+  std::array<T, kWarpSize> all;
+  for (int l = 0; l < kWarpSize; ++l) std::memcpy(&all[l], w.words[l], sizeof(T));
+  w.barrier.arrive_and_wait();  // nobody overwrites a slot before every lane read it
+  return all;
+}
+
+inline char* shared_bytes(uint32_t address, size_t bytes, size_t alignment) {
+  if (address + bytes > current_block->shared_bytes || address % alignment != 0)
+    fail("shared memory access at byte " + std::to_string(address) + " (+" + std::to_string(bytes) +
+         ") outside the " + std::to_string(current_block->shared_bytes) + "-byte dynamic allocation or misaligned");
+  return current_block->shared + address;
+}
+
+inline uint32_t shared_address(const void* ptr) {
+  const char* p = static_cast<const char*>(ptr);
+  if (p < current_block->shared || p > current_block->shared + current_block->shared_bytes)
+    fail("generic-to-shared conversion of a pointer outside shared memory");
+  return static_cast<uint32_t>(p - current_block->shared);
+}
+
+// ldmatrix.x4 (.trans): lane l gives the row address of row l % 8 of matrix l / 8.
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
+  const auto rows = gather(address);
+  const int l = lane();
+  for (int i = 0; i < 4; ++i) {
+    if (!transposed) {  // row l / 4 of matrix i, elements 2 (l % 4) and 2 (l % 4) + 1
+      std::memcpy(&r[i], shared_bytes(rows[8 * i + l / 4], 16, 16) + 4 * (l % 4), 4);
+    } else {  // column l / 4 of matrix i, rows 2 (l % 4) and 2 (l % 4) + 1
+      uint16_t low, high;
+      std::memcpy(&low, shared_bytes(rows[8 * i + 2 * (l % 4)], 16, 16) + 2 * (l / 4), 2);
+      std::memcpy(&high, shared_bytes(rows[8 * i + 2 * (l % 4) + 1], 16, 16) + 2 * (l / 4), 2);
+      r[i] = uint32_t(low) | (uint32_t(high) << 16);
+    }
+  }
+}
+
+// mma.sync.m16n8k16.row.col with fp32 accumulators; ``to_float`` widens one 16-bit value.
+template <class ToFloat>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, ToFloat to_float) {
+  struct Fragments {
+    uint32_t a[4], b[2];
+    float c[4];
+  };
+  Fragments mine{{a[0], a[1], a[2], a[3]}, {b0, b1}, {d[0], d[1], d[2], d[3]}};
+  const auto all = gather(mine);
+  float A[16][16], B[16][8], C[16][8];
+  const auto unpack = [&](uint32_t packed, float& low, float& high) {
+    low = to_float(static_cast<uint16_t>(packed & 0xffffu));
+    high = to_float(static_cast<uint16_t>(packed >> 16));
+  };
+  for (int l = 0; l < kWarpSize; ++l) {
+    const int g = l / 4, t = l % 4;
+    const Fragments& f = all[l];
+    unpack(f.a[0], A[g][2 * t], A[g][2 * t + 1]);
+    unpack(f.a[1], A[g + 8][2 * t], A[g + 8][2 * t + 1]);
+    unpack(f.a[2], A[g][2 * t + 8], A[g][2 * t + 9]);
+    unpack(f.a[3], A[g + 8][2 * t + 8], A[g + 8][2 * t + 9]);
+    unpack(f.b[0], B[2 * t][g], B[2 * t + 1][g]);
+    unpack(f.b[1], B[2 * t + 8][g], B[2 * t + 9][g]);
+    C[g][2 * t] = f.c[0], C[g][2 * t + 1] = f.c[1], C[g + 8][2 * t] = f.c[2], C[g + 8][2 * t + 1] = f.c[3];
+  }
+  const int g = lane() / 4, t = lane() % 4;
+  const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int e = 0; e < 4; ++e) {
+    float sum = C[rows[e]][cols[e]];
+    for (int k = 0; k < 16; ++k) sum += A[rows[e]][k] * B[k][cols[e]];
+    d[e] = sum;
+  }
+}
+
+// cp.async of 16 bytes (zeros when !valid), done at once.
+inline void cp_async_16(uint32_t destination, const void* source, bool valid) {
+  char* target = shared_bytes(destination, 16, 16);
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(source) % 16 != 0) fail("cp.async from a global address not 16-byte aligned");
+    std::memcpy(target, source, 16);
+  } else {
+    std::memset(target, 0, 16);
+  }
+}
+
+// Run ``kernel(params)`` over ``grid`` blocks of ``block`` threads with ``shared`` bytes of
+// dynamic shared memory.
+template <class Params>
+cudaError_t launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared, const Params& params) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads % kWarpSize != 0) fail("blocks of whole warps only");
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Block b;
+        b.index = dim3(x, y, z), b.grid = grid, b.dim = block;
+        std::vector<char> memory(shared + 16, static_cast<char>(0xff));
+        b.shared = memory.data() + (16 - reinterpret_cast<uintptr_t>(memory.data()) % 16) % 16;
+        b.shared_bytes = shared;
+        b.barrier = std::make_unique<std::barrier<>>(threads);
+        for (int w = 0; w < threads / kWarpSize; ++w) b.warps.push_back(std::make_unique<Warp>());
+        std::vector<std::thread> workers;
+        workers.reserve(threads);
+        for (int t = 0; t < threads; ++t)
+          workers.emplace_back([&, t] {
+            current_block = &b;
+            thread_index = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            kernel(params);
+            // A thread that has exited no longer holds back a barrier (as on sm_70+).
+            b.barrier->arrive_and_drop();
+            b.warps[t / kWarpSize]->barrier.arrive_and_drop();
+          });
+        for (auto& worker : workers) worker.join();
+      }
+  return cudaSuccess;
+}
+
+}  // namespace emulation
+}  // namespace internlm_kernels
+
+// CUDA built-ins for the kernels' source.
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define threadIdx (::internlm_kernels::emulation::thread_index)
+#define blockIdx (::internlm_kernels::emulation::current_block->index)
+#define blockDim (::internlm_kernels::emulation::current_block->dim)
+#define gridDim (::internlm_kernels::emulation::current_block->grid)
+
+inline void __syncthreads() { ::internlm_kernels::emulation::current_block->barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { ::internlm_kernels::emulation::warp().barrier.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_sync(unsigned, T value, int source) {
+  return ::internlm_kernels::emulation::gather(value)[source & 31];
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int mask) {
+  return ::internlm_kernels::emulation::gather(value)[(::internlm_kernels::emulation::lane() ^ mask) & 31];
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T value, unsigned delta) {
+  const int lane = ::internlm_kernels::emulation::lane();
+  const int source = lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane;
+  return ::internlm_kernels::emulation::gather(value)[source];
+}
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  const auto all = ::internlm_kernels::emulation::gather(predicate != 0);
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= unsigned(all[l]) << l;
+  return bits;
+}
+inline int __ffs(unsigned value) { return __builtin_ffs(static_cast<int>(value)); }
+
+template <typename T>
+inline T min(T a, T b) { return b < a ? b : a; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }

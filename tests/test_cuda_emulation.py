@@ -1,13 +1,14 @@
-"""The CUDA C++ attention kernels' own source, run on the CPU.
+"""The CUDA C++ kernels' own source, run on the CPU.
 
 csrc/include/internlm_kernels/emulation.h emulates the CUDA execution model on the host
 (one OS thread per CUDA thread, block and warp barriers, shuffles, ldmatrix, mma.sync and
-cp.async per the PTX ISA). This module compiles the attention kernels, their torch glue and
-bindings with the host compiler and -DIK_CUDA_EMULATION into an extension that takes CPU
-tensors, then holds it to the same rules as the GPU tests: the 2x / 3x eager-error rule
-against fp64 for forward and backward, exact cache writes, NaN on overflow. What it cannot
-see: timing, and races between cp.async and barriers (copies land at once); those need the
-GPU run (tests/test_attention.py with the cuda backend).
+cp.async per the PTX ISA). This module compiles every kernel of internlm_kernels._C, the
+torch glue and the bindings with the host compiler and -DIK_CUDA_EMULATION into an
+extension that takes CPU tensors, then holds it to the GPU tests' rules: attention by the
+2x / 3x eager-error rule against fp64 (forward, backward, varlen, decode, cache writes);
+RMSNorm and rotary through the public ops with backend="cuda", running the test bodies of
+tests/test_rms_norm.py and tests/test_rotary.py. What it cannot see: timing, and races
+between cp.async and barriers (copies land at once); those need the GPU run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
 the first run builds into build/emulation (about 2 minutes on 2 cores).
@@ -21,8 +22,11 @@ import os
 import pytest
 import torch
 
+import internlm_kernels as ik
 from internlm_kernels import reference
-from tests.helpers import assert_within_eager_error
+from tests import test_rms_norm as rms_tests
+from tests import test_rotary as rotary_tests
+from tests.helpers import DTYPES, assert_within_eager_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -38,9 +42,9 @@ def kernels():
     build = os.path.join(REPO, "build", "emulation")
     wrappers = os.path.join(build, "sources")
     os.makedirs(wrappers, exist_ok=True)
-    sources = [os.path.join(REPO, "csrc", "torch", name) for name in ("bindings.cpp", "attention.cpp")]
+    sources = sorted(glob.glob(os.path.join(REPO, "csrc", "torch", "*.cpp")))
     # The generated instantiation files, compiled as C++ (one wrapper each, so they build in parallel).
-    for path in sorted(glob.glob(os.path.join(REPO, "csrc", "instantiations", "attention_*.cu"))):
+    for path in sorted(glob.glob(os.path.join(REPO, "csrc", "instantiations", "*.cu"))):
         wrapper = os.path.join(wrappers, os.path.basename(path)[:-3] + ".cpp")
         text = f'#include "{path}"\n'
         if not os.path.exists(wrapper) or open(wrapper).read() != text:
@@ -54,6 +58,17 @@ def kernels():
                       # ninja runs the command through a shell: keep the string macros' quotes
                       f"""'-DIK_TORCH_VERSION="{torch.__version__}"'""", """'-DIK_CUDA_ARCHS="emulation"'"""],
         verbose=False)
+
+
+@pytest.fixture
+def cuda_backend(kernels, monkeypatch):
+    """backend="cuda" served by the emulated extension on CPU tensors, through the real ops."""
+    from internlm_kernels import backends
+
+    device_reason = backends._device_reason
+    monkeypatch.setattr(backends, "extension", kernels)
+    monkeypatch.setattr(backends, "_device_reason",
+                        lambda backend, device: None if backend == "cuda" else device_reason(backend, device))
 
 
 def _mask(causal, window_size):
@@ -206,3 +221,78 @@ def test_emulated_glue_checks_run_before_any_launch(kernels):
     unaligned = torch.randn(1, 8, 2, 65, dtype=torch.float16)[..., 1:]
     with pytest.raises(RuntimeError, match="k must start 16-byte aligned"):
         kernels.attention_fwd(q, unaligned, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
+
+
+# --------------------------------------------------------------------------------------
+# RMSNorm and rotary: the op test bodies, with backend="cuda" on the emulated kernels
+# --------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", rms_tests.SHAPES, ids=str)
+def test_emulated_rms_norm_matches_reference(cuda_backend, dtype, shape):
+    rms_tests.test_rms_norm_matches_reference("cuda", dtype, shape, CPU)
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "transposed_3d", "permuted_4d", "batched_rows"])
+def test_emulated_rms_norm_non_contiguous_rows(cuda_backend, layout):
+    rms_tests.test_rms_norm_non_contiguous_rows("cuda", layout, CPU)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (19, 123), (2, 5120), (2, 20000)], ids=str)
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["res_dtype", "res_fp32"])
+def test_emulated_fused_add_rms_norm_matches_reference(cuda_backend, dtype, shape, residual_in_fp32):
+    rms_tests.test_fused_add_rms_norm_matches_reference("cuda", dtype, shape, residual_in_fp32, CPU)
+
+
+def test_emulated_fused_add_rms_norm_fp32_residual_stream_and_strides(cuda_backend):
+    rms_tests.test_fused_add_rms_norm_fp32_residual_stream_and_strides("cuda", CPU)
+
+
+def test_emulated_rms_norm_gradient_through_residual_output_only(cuda_backend):
+    rms_tests.test_gradient_through_residual_output_only("cuda", CPU)
+
+
+@pytest.mark.parametrize("hidden", [4096, 20000])  # register path, looped path
+def test_emulated_dweight_is_bitwise_deterministic(cuda_backend, hidden):
+    # tests/test_rms_norm.py's 4099 rows, cut to 67 (several blocks of partial rows) for the emulation.
+    x = torch.randn(67, hidden, dtype=torch.bfloat16)
+    residual, dy = torch.randn_like(x), torch.randn_like(x)
+    weight = 1 + 0.5 * torch.randn(hidden, dtype=torch.bfloat16)
+    results = []
+    for _ in range(2):
+        w = weight.detach().requires_grad_(True)
+        out, _ = ik.fused_add_rms_norm(x, residual, w, backend="cuda")
+        results.append(torch.autograd.grad(out, w, dy)[0])
+    assert torch.equal(results[0], results[1])
+
+
+def test_emulated_rms_norm_zero_size(cuda_backend):
+    rms_tests.test_zero_size_inputs_return_empty("cuda", CPU)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("rotary_dim", [16, 10], ids=["full", "partial"])
+def test_emulated_rotary_matches_reference(cuda_backend, dtype, interleaved, rotary_dim):
+    rotary_tests.test_rotary_matches_reference("cuda", dtype, interleaved, rotary_dim, CPU)
+
+
+@pytest.mark.parametrize("positions", ["per_batch", "shared", "offsets_tensor"])
+def test_emulated_rotary_positions(cuda_backend, positions):
+    rotary_tests.test_rotary_positions("cuda", positions, CPU)
+
+
+def test_emulated_rotary_packed_varlen(cuda_backend):
+    rotary_tests.test_rotary_packed_varlen("cuda", CPU)
+    rotary_tests.test_rotary_packed_with_position_ids("cuda", CPU)
+
+
+def test_emulated_rotary_strided_inplace_and_out_of_table(cuda_backend):
+    rotary_tests.test_rotary_strided_views("cuda", CPU)
+    rotary_tests.test_rotary_inplace("cuda", CPU)
+    rotary_tests.test_positions_outside_table_give_nan("cuda", CPU)
+    rotary_tests.test_zero_size("cuda", CPU)

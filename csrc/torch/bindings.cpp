@@ -28,7 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace internlm_kernels;
   m.doc() = "internlm_kernels CUDA C++ kernels (launchers mirror internlm_kernels/triton/)";
   m.def("build_info", &build_info, "torch / CUDA versions and GPU archs this extension was built for");
-#ifndef IK_CUDA_EMULATION  // the CPU emulation build (tests/test_cuda_emulation.py) has the attention kernels only
   m.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm / fused add+RMSNorm forward", py::arg("x"), py::arg("residual"),
         py::arg("weight"), py::arg("out"), py::arg("residual_out"), py::arg("rstd"), py::arg("eps"));
   m.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm / fused add+RMSNorm backward; returns fp32 dweight or None",
@@ -38,7 +37,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_out"), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg("seqlen_offsets"),
         py::arg("seqlen_offset"), py::arg("cu_seqlens"), py::arg("interleaved"), py::arg("conjugate"),
         py::arg("inplace"));
-#endif
   m.def("attention_fwd", &attention_fwd, "fused attention forward (writes out and lse)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"));

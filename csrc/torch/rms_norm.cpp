@@ -1,8 +1,6 @@
 // Torch glue of RMSNorm and fused add+RMSNorm: checks, params, dtype dispatch, stream.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <limits>
@@ -10,6 +8,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "glue.h"
+#include "launch_scope.h"
 #include "internlm_kernels/rms_norm.h"
 
 namespace internlm_kernels {
@@ -42,7 +41,7 @@ void rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual
                   const at::Tensor& out, const std::optional<at::Tensor>& residual_out, const at::Tensor& rstd,
                   double eps) {
   constexpr const char* op = "rms_norm_fwd (cuda)";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  check_kernel_device(op, "x", x);
   check_dim(op, "x", x, 3);
   check_last_dim_contiguous(op, "x", x);
   check_dtype_in(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
@@ -81,12 +80,12 @@ void rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual
   p.cols = cols;
   p.eps = static_cast<float>(eps);
 
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(x);
+  const cudaStream_t stream = scope.stream();
   const cudaError_t error = IK_DTYPE_SWITCH(x.scalar_type(), op, [&] {
     return IK_BOOL_SWITCH(fused, kFused, [&] { return launch_rms_norm_fwd<T, kFused>(p, stream); });
   });
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
 
 std::optional<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& normed,
@@ -94,7 +93,7 @@ std::optional<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& n
                                        const at::Tensor& rstd, const at::Tensor& dx,
                                        const std::optional<at::Tensor>& dresidual, bool compute_dweight) {
   constexpr const char* op = "rms_norm_bwd (cuda)";
-  TORCH_CHECK(dx.is_cuda(), op, ": dx must be a CUDA tensor, got one on ", dx.device());
+  check_kernel_device(op, "dx", dx);
   check_dtype_in(op, "dx", dx, {at::kFloat, at::kHalf, at::kBFloat16});
   check_dim(op, "normed", normed, 3);
   const int64_t cols = normed.size(2), rows = normed.size(0) * normed.size(1);
@@ -114,7 +113,7 @@ std::optional<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& n
     check_dtype_in(op, "dresidual", *dresidual, {dx.scalar_type(), at::kFloat});
   }
 
-  const c10::cuda::CUDAGuard guard(dx.device());
+  const LaunchScope scope(dx);
   const auto fp32 = dx.options().dtype(at::kFloat);
   std::optional<at::Tensor> dweight, workspace;
   if (compute_dweight) {
@@ -150,11 +149,11 @@ std::optional<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& n
   p.rows_inner = normed.size(1);
   p.cols = cols;
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = scope.stream();
   const cudaError_t error = IK_DTYPE_SWITCH(dx.scalar_type(), op, [&] {
     return IK_BOOL_SWITCH(dresidual.has_value(), kFused, [&] { return launch_rms_norm_bwd<T, kFused>(p, stream); });
   });
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
   return dweight;
 }
 

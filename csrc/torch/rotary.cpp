@@ -1,7 +1,5 @@
 // Torch glue of the rotary kernel: checks, params, dtype dispatch, stream.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <limits>
@@ -9,6 +7,7 @@
 #include "checks.h"
 #include "dispatch.h"
 #include "glue.h"
+#include "launch_scope.h"
 #include "internlm_kernels/rotary.h"
 
 namespace internlm_kernels {
@@ -18,7 +17,7 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
             const std::optional<at::Tensor>& seqlen_offsets, int64_t seqlen_offset,
             const std::optional<at::Tensor>& cu_seqlens, bool interleaved, bool conjugate, bool inplace) {
   constexpr const char* op = "rotary (cuda)";
-  TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
+  check_kernel_device(op, "q", q);
   check_dtype_in(op, "q", q, {at::kFloat, at::kHalf, at::kBFloat16});
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"q_out", q_out},
                                 {"k_out", k_out}}) {
@@ -103,10 +102,10 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
   p.head_dim = static_cast<int>(q.size(3)), p.rotary_half = static_cast<int>(cos.size(1));
   p.interleaved = interleaved, p.conjugate = conjugate, p.inplace = inplace;
 
-  const c10::cuda::CUDAGuard guard(q.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const LaunchScope scope(q);
+  const cudaStream_t stream = scope.stream();
   const cudaError_t error = IK_DTYPE_SWITCH(q.scalar_type(), op, [&] { return launch_rotary<T>(p, stream); });
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(error));
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
 
 }  // namespace internlm_kernels

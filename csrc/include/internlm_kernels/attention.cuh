@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   using T = typename Tr::T;
   using RowTile = typename Tr::RowTile;
   using StreamTile = typename Tr::StreamTile;
-  IK_DYNAMIC_SHARED(smem);
+  IK_DYNAMIC_SHARED(char, smem);
   char* q_tile = smem;
   char* kv_tiles = smem + RowTile::kBytes;  // stages: K0 V0 K1 V1
   const uint32_t q_address = mma::shared_address(q_tile);
@@ -641,7 +641,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
   using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages
   static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-key slab per warp");
-  IK_DYNAMIC_SHARED(smem);
+  IK_DYNAMIC_SHARED(char, smem);
   char* k_tile = smem;
   char* v_tile = smem + KeyTile::kBytes;
   char* q_tiles = v_tile + KeyTile::kBytes;  // stages: Q0 dO0 Q1 dO1
@@ -764,7 +764,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   using RowTile = typename Tr::RowTile;        // Q, dO; then the dQ staging (in Q)
   using StreamTile = typename Tr::StreamTile;  // K and V, two stages
   static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-row slab per warp");
-  IK_DYNAMIC_SHARED(smem);
+  IK_DYNAMIC_SHARED(char, smem);
   char* q_tile = smem;
   char* do_tile = smem + RowTile::kBytes;
   char* kv_tiles = do_tile + RowTile::kBytes;  // stages: K0 V0 K1 V1
@@ -883,19 +883,9 @@ inline dim3 tile_grid(const AttentionParams& p, int64_t rows_per_sequence, int b
   return dim3(static_cast<unsigned>(ceil_div(rows_per_sequence, block)), p.batch, p.heads_kv);
 }
 
-// Kernels above 48 KB of dynamic shared memory must opt in (sm_80: up to 163 KB, sm_90: 227 KB).
 template <class Kernel, class Params>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream, const Params& p) {
-#ifdef IK_CUDA_EMULATION
-  return emulation::launch(kernel, grid, dim3(threads), smem_bytes, p);
-#else
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (error != cudaSuccess) return error;
-  }
-  kernel<<<grid, threads, smem_bytes, stream>>>(p);
-  return cudaGetLastError();
-#endif
+  return launch_kernel(kernel, grid, dim3(threads), smem_bytes, stream, p);
 }
 
 }  // namespace attention_detail

@@ -7,16 +7,24 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "internlm_kernels/common.h"
 
+// Shared memory declarations that also build for the CPU emulation (emulation.h):
+//   IK_SHARED_ARRAY(float, scratch, 32);   a block's __shared__ float scratch[32]
+//   IK_DYNAMIC_SHARED(char, smem);         the dynamic allocation, as char smem[]
 #ifdef IK_CUDA_EMULATION
 #include "internlm_kernels/emulation.h"
-// The kernels' dynamic shared memory: the block's buffer under the CPU emulation.
-#define IK_DYNAMIC_SHARED(NAME) char* NAME = ::internlm_kernels::emulation::current_block->shared
+#define IK_SHARED_ARRAY(TYPE, NAME, COUNT)  \
+  static const char NAME##_site = 0;        \
+  TYPE* const NAME = ::internlm_kernels::emulation::static_shared<TYPE>(&NAME##_site, COUNT)
+#define IK_DYNAMIC_SHARED(TYPE, NAME) \
+  TYPE* const NAME = reinterpret_cast<TYPE*>(::internlm_kernels::emulation::current_block->shared)
 #else
-#define IK_DYNAMIC_SHARED(NAME) extern __shared__ __align__(128) char NAME[]
+#define IK_SHARED_ARRAY(TYPE, NAME, COUNT) __shared__ TYPE NAME[COUNT]
+#define IK_DYNAMIC_SHARED(TYPE, NAME) extern __shared__ __align__(128) TYPE NAME[]
 #endif
 
 namespace internlm_kernels {
@@ -125,6 +133,36 @@ __host__ __device__ __forceinline__ const void* offset_ptr(const void* base, int
 }
 __host__ __device__ __forceinline__ void* offset_ptr(void* base, int64_t elements, int64_t element_size) {
   return static_cast<char*>(base) + elements * element_size;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launches: kernel<<<grid, block, shared, stream>>>(args...), with the opt-in for more than
+// 48 KB of dynamic shared memory (sm_80: up to 163 KB, sm_90: 227 KB); under the emulation,
+// on CPU threads. And a zero fill on the stream.
+// ---------------------------------------------------------------------------------------
+
+template <class... KernelArgs, class... Args>
+cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+                          const Args&... args) {
+#ifdef IK_CUDA_EMULATION
+  return emulation::launch(kernel, grid, block, shared, args...);
+#else
+  if (shared > 48 * 1024) {
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+    if (error != cudaSuccess) return error;
+  }
+  kernel<<<grid, block, shared, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
+inline cudaError_t zero_async(void* ptr, size_t bytes, cudaStream_t stream) {
+#ifdef IK_CUDA_EMULATION
+  std::memset(ptr, 0, bytes);
+  return cudaSuccess;
+#else
+  return cudaMemsetAsync(ptr, 0, bytes, stream);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

@@ -20,11 +20,14 @@
 #include <algorithm>
 #include <array>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -46,6 +49,8 @@ struct Block {
   size_t shared_bytes = 0;
   std::unique_ptr<std::barrier<>> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::mutex static_mutex;  // static __shared__ arrays, by declaration site
+  std::map<const void*, std::vector<char>> static_arrays;
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -150,10 +155,22 @@ inline void cp_async_16(uint32_t destination, const void* source, bool valid) {
   }
 }
 
-// Run ``kernel(params)`` over ``grid`` blocks of ``block`` threads with ``shared`` bytes of
+// A block's __shared__ array declared at ``site`` (one per declaration; the first thread
+// to arrive allocates it, 0xFF-filled like the dynamic allocation).
+template <typename T>
+T* static_shared(const void* site, size_t count) {
+  Block& b = *current_block;
+  std::lock_guard<std::mutex> lock(b.static_mutex);
+  auto& memory = b.static_arrays[site];
+  if (memory.empty()) memory.assign(sizeof(T) * count + 16, static_cast<char>(0xff));
+  char* data = memory.data();
+  return reinterpret_cast<T*>(data + (16 - reinterpret_cast<uintptr_t>(data) % 16) % 16);
+}
+
+// Run ``kernel(args...)`` over ``grid`` blocks of ``block`` threads with ``shared`` bytes of
 // dynamic shared memory.
-template <class Params>
-cudaError_t launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared, const Params& params) {
+template <class... KernelArgs, class... Args>
+cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, const Args&... args) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % kWarpSize != 0) fail("blocks of whole warps only");
   for (unsigned z = 0; z < grid.z; ++z)
@@ -172,7 +189,7 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, dim3 block, size_t shared,
           workers.emplace_back([&, t] {
             current_block = &b;
             thread_index = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            kernel(params);
+            kernel(args...);
             // A thread that has exited no longer holds back a barrier (as on sm_70+).
             b.barrier->arrive_and_drop();
             b.warps[t / kWarpSize]->barrier.arrive_and_drop();
@@ -217,6 +234,7 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
   return bits;
 }
 inline int __ffs(unsigned value) { return __builtin_ffs(static_cast<int>(value)); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }  // the GPU's is within 2 ulp of this
 
 template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }

@@ -74,7 +74,7 @@ template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const RmsNormFwdParams p,
                                                                         const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
-  __shared__ float scratch[kMaxRowsPerBlock * 32];
+  IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool row_ok = row < p.rows;
   float v[kMaxFwdItems][kVec];
@@ -102,7 +102,7 @@ template <typename T, bool kFused>
 __global__ void __launch_bounds__(kLoopedThreads) rms_norm_fwd_looped_kernel(const RmsNormFwdParams p,
                                                                             const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
-  __shared__ float scratch[32];
+  IK_SHARED_ARRAY(float, scratch, 32);
   const int64_t row = blockIdx.x;
   const int64_t step = int64_t(blockDim.x) * kVec;
   float v[kVec];
@@ -211,8 +211,8 @@ template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const RmsNormBwdParams p,
                                                                         const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
-  __shared__ float scratch[kMaxRowsPerBlock * 32];
-  extern __shared__ float4 dw_shared[];  // [blockDim.y][padded_cols(cols)] floats
+  IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
+  IK_DYNAMIC_SHARED(float4, dw_shared);  // [blockDim.y][padded_cols(cols)] floats
   float* dw_row = p.dweight_partial != nullptr
                       ? reinterpret_cast<float*>(dw_shared) + threadIdx.y * padded_cols(p.cols)
                       : nullptr;
@@ -261,7 +261,7 @@ template <typename T, bool kFused>
 __global__ void __launch_bounds__(kLoopedThreads, 1) rms_norm_bwd_looped_kernel(const RmsNormBwdParams p,
                                                                             const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
-  __shared__ float scratch[32];
+  IK_SHARED_ARRAY(float, scratch, 32);
   const int64_t step = int64_t(blockDim.x) * kVec;
   float* dw_row = p.dweight_partial != nullptr ? p.dweight_partial + int64_t(blockIdx.x) * p.cols : nullptr;
   float x[kVec], dy[kVec];
@@ -333,47 +333,41 @@ cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& p, cudaStream_t stream) 
   if (config.in_registers) {
     const dim3 block(config.threads_per_row, config.rows_per_block);
     const int64_t blocks = (p.rows + config.rows_per_block - 1) / config.rows_per_block;
-    rms_norm_fwd_kernel<T, kFused><<<dim3(unsigned(blocks)), block, 0, stream>>>(p, vec);
-  } else {
-    rms_norm_fwd_looped_kernel<T, kFused><<<dim3(unsigned(p.rows)), kLoopedThreads, 0, stream>>>(p, vec);
+    return launch_kernel(rms_norm_fwd_kernel<T, kFused>, dim3(unsigned(blocks)), block, 0, stream, p, vec);
   }
-  return cudaGetLastError();
+  return launch_kernel(rms_norm_fwd_looped_kernel<T, kFused>, dim3(unsigned(p.rows)), dim3(kLoopedThreads), 0, stream,
+                       p, vec);
 }
 
 template <typename T, bool kFused>
 cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
   using namespace rms_norm_detail;
   if (p.rows == 0 || p.cols == 0) {
-    return p.dweight != nullptr ? cudaMemsetAsync(p.dweight, 0, sizeof(float) * p.cols, stream) : cudaSuccess;
+    return p.dweight != nullptr ? zero_async(p.dweight, sizeof(float) * p.cols, stream) : cudaSuccess;
   }
   const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxBwdItems);
   const Vectorized vec = bwd_vectorized<T>(p);
   const int64_t blocks = bwd_blocks(p.rows, config);
   int64_t partial_rows = blocks;
+  cudaError_t error = cudaSuccess;
   if (config.in_registers) {
     partial_rows = blocks * config.rows_per_block;
     const size_t shared =
         p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * padded_cols(p.cols) : 0;
-    auto kernel = rms_norm_bwd_kernel<T, kFused>;
-    if (shared > 48 * 1024) {
-      const cudaError_t error =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
-      if (error != cudaSuccess) return error;
-    }
-    kernel<<<dim3(unsigned(blocks)), dim3(config.threads_per_row, config.rows_per_block), shared, stream>>>(p, vec);
+    error = launch_kernel(rms_norm_bwd_kernel<T, kFused>, dim3(unsigned(blocks)),
+                          dim3(config.threads_per_row, config.rows_per_block), shared, stream, p, vec);
   } else {
     if (p.dweight_partial != nullptr) {
-      const cudaError_t error = cudaMemsetAsync(p.dweight_partial, 0, sizeof(float) * partial_rows * p.cols, stream);
+      error = zero_async(p.dweight_partial, sizeof(float) * partial_rows * p.cols, stream);
       if (error != cudaSuccess) return error;
     }
-    rms_norm_bwd_looped_kernel<T, kFused><<<dim3(unsigned(blocks)), kLoopedThreads, 0, stream>>>(p, vec);
+    error = launch_kernel(rms_norm_bwd_looped_kernel<T, kFused>, dim3(unsigned(blocks)), dim3(kLoopedThreads), 0,
+                          stream, p, vec);
   }
-  cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess || p.dweight == nullptr) return error;
   constexpr int kSumThreads = 256;
-  column_sum_kernel<kSumThreads><<<dim3(unsigned((p.cols + kSumThreads - 1) / kSumThreads)), kSumThreads, 0, stream>>>(
-      p.dweight_partial, partial_rows, p.cols, p.dweight);
-  return cudaGetLastError();
+  return launch_kernel(column_sum_kernel<kSumThreads>, dim3(unsigned((p.cols + kSumThreads - 1) / kSumThreads)),
+                       dim3(kSumThreads), 0, stream, p.dweight_partial, partial_rows, p.cols, p.dweight);
 }
 
 }  // namespace internlm_kernels

@@ -100,8 +100,8 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   constexpr int kVec = Vec<T>::kSize;
   const int64_t token = blockIdx.x, batch = blockIdx.y;
 
-  __shared__ int64_t shared_position;
-  __shared__ bool shared_in_sequence;
+  IK_SHARED_ARRAY(int64_t, shared_position, 1);
+  IK_SHARED_ARRAY(bool, shared_in_sequence, 1);
   if (threadIdx.x == 0) {
     int64_t sequence = batch, local = token;
     bool in_sequence = true;
@@ -120,12 +120,12 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
       if (p.seqlen_offsets != nullptr && sequence >= 0)
         position += load_index(p.seqlen_offsets, p.seqlen_offsets_int64, sequence);
     }
-    shared_position = position;
-    shared_in_sequence = in_sequence;
+    *shared_position = position;
+    *shared_in_sequence = in_sequence;
   }
   __syncthreads();
-  const int64_t position = shared_position;
-  const bool in_sequence = shared_in_sequence;
+  const int64_t position = *shared_position;
+  const bool in_sequence = *shared_in_sequence;
   const bool in_table = position >= 0 && position < p.table_len;
   const float sin_sign = p.conjugate ? -1.f : 1.f;
 
@@ -207,9 +207,8 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   vec.tables = vectorizable(p.cos, sizeof(float), p.cos_stride) && vectorizable(p.sin, sizeof(float), p.sin_stride);
   if (p.batch > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
   const dim3 grid(unsigned(p.seqlen), unsigned(p.batch));
-  if (p.interleaved) rotary_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, vec);
-  else rotary_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, vec);
-  return cudaGetLastError();
+  if (p.interleaved) return launch_kernel(rotary_kernel<T, true>, grid, dim3(kThreads), 0, stream, p, vec);
+  return launch_kernel(rotary_kernel<T, false>, grid, dim3(kThreads), 0, stream, p, vec);
 }
 
 }  // namespace internlm_kernels

@@ -22,6 +22,8 @@
 // max_seqlen are needed and CUDA graphs replay with new lengths.
 //
 // A Hopper path (wgmma + TMA) would be another traits/kernel pair behind the same launchers.
+// The same source runs on the CPU under emulation.h (tests/test_cuda_emulation.py), which is
+// how CI checks fragment layouts, indexing and masks without a GPU.
 #pragma once
 
 #include <cmath>

@@ -4,10 +4,9 @@ csrc/include/internlm_kernels/emulation.h emulates the CUDA execution model on t
 (one OS thread per CUDA thread, block and warp barriers, shuffles, ldmatrix, mma.sync and
 cp.async per the PTX ISA). This module compiles every kernel of internlm_kernels._C, the
 torch glue and the bindings with the host compiler and -DIK_CUDA_EMULATION into an
-extension that takes CPU tensors, then holds it to the GPU tests' rules: attention by the
-2x / 3x eager-error rule against fp64 (forward, backward, varlen, decode, cache writes);
-RMSNorm and rotary through the public ops with backend="cuda", running the test bodies of
-tests/test_rms_norm.py and tests/test_rotary.py. What it cannot see: timing, and races
+extension that takes CPU tensors and serves backend="cuda" (the ``cuda_backend`` fixture),
+then runs the op test bodies of tests/test_attention.py, test_rms_norm.py and test_rotary.py
+through the public ops, at sizes the emulation runs quickly. What it cannot see: timing, and races
 between cp.async and barriers (copies land at once); those need the GPU run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
@@ -24,6 +23,7 @@ import torch
 
 import internlm_kernels as ik
 from internlm_kernels import reference
+from tests import test_attention as attention_tests
 from tests import test_rms_norm as rms_tests
 from tests import test_rotary as rotary_tests
 from tests.helpers import DTYPES, assert_within_eager_error
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not HAVE_HEADERS, reason=f"no CUDA headers under
 
 @pytest.fixture(scope="module")
 def kernels():
-    """The emulated extension: same functions and signatures as internlm_kernels._C's attention."""
+    """The emulated extension: the functions and signatures of internlm_kernels._C."""
     from torch.utils import cpp_extension
 
     build = os.path.join(REPO, "build", "emulation")
@@ -71,54 +71,7 @@ def cuda_backend(kernels, monkeypatch):
                         lambda backend, device: None if backend == "cuda" else device_reason(backend, device))
 
 
-def _mask(causal, window_size):
-    return bool(causal), tuple(window_size)
-
-
-def _forward(kernels, q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, cu_seqlens_q=None,
-             cu_seqlens_k=None):
-    """out, lse as the ops layer allocates them (packed: zeros / -inf for padding rows)."""
-    packed = cu_seqlens_q is not None
-    q4, k4, v4 = (t[None] if packed else t for t in (q, k, v))
-    out = torch.zeros_like(q4) if packed else torch.empty_like(q4)
-    lse = torch.full((1, q.shape[1], q.shape[0]), float("-inf")) if packed else \
-        torch.empty(q.shape[0], q.shape[2], q.shape[1])
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    kernels.attention_fwd(q4, k4, v4, out, lse, cu_seqlens_q, cu_seqlens_k, scale, *_mask(causal, window_size))
-    return (out[0], lse[0]) if packed else (out, lse)
-
-
-def _backward(kernels, dout, q, k, v, out, lse, causal=False, window_size=(-1, -1), softmax_scale=None,
-              cu_seqlens_q=None, cu_seqlens_k=None):
-    packed = cu_seqlens_q is not None
-    as4 = (lambda t: t[None]) if packed else (lambda t: t)
-    grads = [torch.zeros_like(t) for t in (q, k, v)]
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    kernels.attention_bwd(as4(dout), as4(q), as4(k), as4(v), as4(out), lse[None] if packed else lse,
-                          *(as4(g) for g in grads), cu_seqlens_q, cu_seqlens_k, scale, *_mask(causal, window_size))
-    return grads
-
-
-def _check(kernels, q, k, v, **kwargs):
-    """Forward by the 2x rule (and lse), backward by the 3x rule, against fp64."""
-    dtype = q.dtype
-    out, lse = _forward(kernels, q, k, v, **kwargs)
-    eager_inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    eager = reference.attention(*eager_inputs, **kwargs)
-    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    exact, exact_lse = reference.attention(*exact_inputs, return_lse=True, **kwargs)
-    assert_within_eager_error([out], [eager], [exact], dtype, 2.0, "out")
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "rows that see no key: lse -inf"
-    seen = torch.isfinite(exact_lse)
-    torch.testing.assert_close(lse[seen].double(), exact_lse[seen], rtol=1e-4, atol=1e-4)
-
-    dout = torch.randn_like(out)
-    ours = _backward(kernels, dout, q, k, v, out, lse, **kwargs)
-    theirs = torch.autograd.grad(eager, eager_inputs, dout)
-    exact_grads = torch.autograd.grad(exact, exact_inputs, dout.double())
-    assert_within_eager_error(ours, theirs, exact_grads, dtype, 3.0, "dq, dk, dv")
-    return out, ours
-
+CPU = torch.device("cpu")
 
 CASES = {
     # name: (batch, seqlen_q, seqlen_k, heads_q, heads_kv, kwargs); small: every CUDA thread is an OS thread
@@ -132,83 +85,60 @@ CASES = {
 }
 
 
-def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype):
-    return (torch.randn(batch, seqlen_q, heads_q, head_dim, dtype=dtype),
-            torch.randn(batch, seqlen_k, heads_kv, head_dim, dtype=dtype),
-            torch.randn(batch, seqlen_k, heads_kv, head_dim, dtype=dtype))
-
-
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_emulated_attention_matches_reference(kernels, case, dtype, head_dim):
+def test_emulated_attention_matches_reference(cuda_backend, case, dtype, head_dim):
     batch, sq, sk, hq, hkv, kwargs = CASES[case]
-    _check(kernels, *_qkv(batch, sq, sk, hq, hkv, head_dim, dtype), **kwargs)
+    attention_tests._check(*attention_tests._qkv(batch, sq, sk, hq, hkv, head_dim, dtype, CPU), "cuda", **kwargs)
 
 
-def test_emulated_attention_strided_inputs(kernels):
-    qkv = torch.randn(1, 19, 3 + 2, 64, dtype=torch.bfloat16)  # slices of one fused projection
-    q, k, v = qkv[:, :, :3], qkv[:, :, 3:4], qkv[:, :, 4:]
-    _check(kernels, q, k, v, causal=True)
+def test_emulated_attention_strided_inputs(cuda_backend):
+    attention_tests.test_attention_strided_inputs("cuda", CPU)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_emulated_attention_packed_varlen(kernels, causal):
-    # (q, k) lengths (3, 5), (0, 2) empty queries, (1, 1), (16, 22); then 2 padding rows
-    cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
-    cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)
-    q = torch.randn(22, 4, 64, dtype=torch.bfloat16)
-    k, v = torch.randn(31, 2, 64, dtype=torch.bfloat16), torch.randn(31, 2, 64, dtype=torch.bfloat16)
-    out, (dq, dk, dv) = _check(kernels, q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    assert torch.equal(out[20:], torch.zeros_like(out[20:])), "padding query rows are zero"
-    assert torch.equal(dq[20:], torch.zeros_like(dq[20:])) and torch.equal(dk[30:], torch.zeros_like(dk[30:]))
+def test_emulated_attention_packed_varlen(cuda_backend, causal):
+    attention_tests.test_attention_packed_varlen("cuda", causal, CPU)
+    attention_tests.test_attention_varlen_equals_per_sequence_dense("cuda", CPU)
 
 
-def test_emulated_backward_is_deterministic(kernels):
-    q, k, v = _qkv(1, 40, 40, 4, 2, 64, torch.bfloat16)
-    out, lse = _forward(kernels, q, k, v, causal=True)
-    dout = torch.randn_like(out)
-    first = _backward(kernels, dout, q, k, v, out, lse, causal=True)
-    second = _backward(kernels, dout, q, k, v, out, lse, causal=True)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+def test_emulated_backward_is_deterministic(cuda_backend):
+    q, k, v = (t.requires_grad_(True) for t in attention_tests._qkv(1, 40, 40, 4, 2, 64, torch.bfloat16, CPU))
+    grad = torch.randn_like(q)
+    runs = [torch.autograd.grad(ik.flash_attention(q, k, v, causal=True, backend="cuda"), (q, k, v), grad)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 3])
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_emulated_kvcache_append_and_attend(cuda_backend, new_tokens, rotary):
+    attention_tests.test_kvcache_append_and_attend("cuda", new_tokens, rotary, CPU)
+
+
+def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
+    attention_tests.test_kvcache_decode_without_new_entries_and_with_window("cuda", CPU)
+    attention_tests.test_kvcache_overflow_is_nan_not_a_wild_write("cuda", CPU)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("window", [(-1, -1), (8, 0)], ids=["full", "window"])
-def test_emulated_kvcache_append_and_decode(kernels, head_dim, window):
-    """Append 2 new entries, then split-KV decoding (the emulated GPU has 4 SMs, so the 300-slot
-    cache is split) of 2 positions x group 4 against the reference."""
+def test_emulated_decode_over_several_splits(cuda_backend, head_dim):
+    """A 300-slot cache: the emulated GPU has 4 SMs, so the decode splits it and the combine
+    kernel merges the parts; 2 positions x group 4."""
     dtype = torch.bfloat16
-    batch, capacity, heads_kv, group, new = 3, 300, 2, 4, 2
-    k_cache, v_cache = (torch.randn(batch, capacity, heads_kv, head_dim, dtype=dtype) for _ in range(2))
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    k_cache, v_cache = (torch.randn(3, 300, 2, head_dim, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([0, 37, 298], dtype=torch.int32)
-    q = torch.randn(batch, new, heads_kv * group, head_dim, dtype=dtype)
-    k_new, v_new = (torch.randn(batch, new, heads_kv, head_dim, dtype=dtype) for _ in range(2))
-    kernels.kvcache_append(k_new, k_cache, lengths)
-    kernels.kvcache_append(v_new, v_cache, lengths)
-    out = torch.empty_like(q)
-    kernels.attention_decode(q, k_cache, v_cache, out, lengths, new, head_dim ** -0.5, True, window)
-    expected = reference.attention_with_kvcache(q, ref_k, ref_v, k=k_new, v=v_new, cache_seqlens=lengths,
-                                                window_size=window)
-    exact = reference.attention_with_kvcache(q.double(), ref_k.double(), ref_v.double(), k=k_new.double(),
-                                             v=v_new.double(), cache_seqlens=lengths, window_size=window)
-    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v), "cache writes are exact copies"
-    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"decode {window}")
-
-
-def test_emulated_decode_overflow_is_nan_not_a_wild_write(kernels):
-    k_cache, v_cache = (torch.randn(2, 16, 1, 64, dtype=torch.float16) for _ in range(2))
-    before = k_cache.clone()
-    lengths = torch.tensor([3, 15], dtype=torch.int32)  # 15 + 2 > 16 for the second
-    new = torch.randn(2, 2, 1, 64, dtype=torch.float16)
-    kernels.kvcache_append(new, k_cache, lengths)
-    kernels.kvcache_append(new, v_cache, lengths)
-    q = torch.randn(2, 2, 2, 64, dtype=torch.float16)
-    out = torch.empty_like(q)
-    kernels.attention_decode(q, k_cache, v_cache, out, lengths, 2, 0.125, True, (-1, -1))
-    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
-    assert torch.equal(k_cache[1, :15], before[1, :15]) and torch.equal(k_cache[1, 15], new[1, 0])
+    q = torch.randn(3, 2, 8, head_dim, dtype=dtype)
+    k_new, v_new = (torch.randn(3, 2, 2, head_dim, dtype=dtype) for _ in range(2))
+    expected = reference.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k_new, v=v_new,
+                                                cache_seqlens=lengths)
+    exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), k=k_new.double(),
+                                             v=v_new.double(), cache_seqlens=lengths)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lengths,
+                                              backend="cuda")
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "decode over splits")
 
 
 def test_emulated_glue_checks_run_before_any_launch(kernels):
@@ -226,8 +156,6 @@ def test_emulated_glue_checks_run_before_any_launch(kernels):
 # --------------------------------------------------------------------------------------
 # RMSNorm and rotary: the op test bodies, with backend="cuda" on the emulated kernels
 # --------------------------------------------------------------------------------------
-
-CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

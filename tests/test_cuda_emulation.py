@@ -6,8 +6,11 @@ cp.async per the PTX ISA). This module compiles every kernel of internlm_kernels
 torch glue and the bindings with the host compiler and -DIK_CUDA_EMULATION into an
 extension that takes CPU tensors and serves backend="cuda" (the ``cuda_backend`` fixture),
 then runs the op test bodies of tests/test_attention.py, test_rms_norm.py and test_rotary.py
-through the public ops, at sizes the emulation runs quickly. What it cannot see: timing, and races
-between cp.async and barriers (copies land at once); those need the GPU run.
+through the public ops, at sizes the emulation runs quickly. The emulation also race-checks the
+cp.async pipeline (copies land at their wait; a read or copy that no barrier orders against
+another thread's copy fails the launch); tests/emulation_probe.cpp checks that check on small
+pipelines. What it cannot see: timing, and races through plain shared-memory loads and stores;
+those need the GPU run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
 the first run builds into build/emulation (about 2 minutes on 2 cores).
@@ -16,6 +19,7 @@ the first run builds into build/emulation (about 2 minutes on 2 cores).
 from __future__ import annotations
 
 import glob
+import re
 import os
 
 import pytest
@@ -32,6 +36,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 HAVE_HEADERS = os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_bf16.h"))
 pytestmark = pytest.mark.skipif(not HAVE_HEADERS, reason=f"no CUDA headers under {CUDA_HOME} (set CUDA_HOME)")
+
+
+EMULATION_FLAGS = [
+    "-O1", "-DIK_CUDA_EMULATION", "-Wno-unknown-pragmas",
+    # ninja runs the command through a shell: keep the string macros' quotes
+    f"""'-DIK_TORCH_VERSION="{torch.__version__}"'""", """'-DIK_CUDA_ARCHS="emulation"'"""]
+INCLUDES = [os.path.join(REPO, "csrc", "include"), os.path.join(CUDA_HOME, "include")]
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +62,39 @@ def kernels():
             with open(wrapper, "w") as f:
                 f.write(text)
         sources.append(wrapper)
-    return cpp_extension.load(
-        name="internlm_kernels_emulated", sources=sources, build_directory=build,
-        extra_include_paths=[os.path.join(REPO, "csrc", "include"), os.path.join(CUDA_HOME, "include")],
-        extra_cflags=["-O1", "-DIK_CUDA_EMULATION", "-Wno-unknown-pragmas",
-                      # ninja runs the command through a shell: keep the string macros' quotes
-                      f"""'-DIK_TORCH_VERSION="{torch.__version__}"'""", """'-DIK_CUDA_ARCHS="emulation"'"""],
-        verbose=False)
+    return cpp_extension.load(name="internlm_kernels_emulated", sources=sources, build_directory=build,
+                              extra_include_paths=INCLUDES, extra_cflags=EMULATION_FLAGS, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def probe():
+    """tests/emulation_probe.cpp: small cp.async pipelines, correct and broken."""
+    from torch.utils import cpp_extension
+
+    build = os.path.join(REPO, "build", "emulation_probe")
+    os.makedirs(build, exist_ok=True)
+    return cpp_extension.load(name="internlm_kernels_emulation_probe", build_directory=build,
+                              sources=[os.path.join(REPO, "tests", "emulation_probe.cpp")],
+                              extra_include_paths=INCLUDES, extra_cflags=EMULATION_FLAGS, verbose=False)
+
+
+@pytest.mark.parametrize("pattern", ["correct", "refill_with_barrier", "pipelined_reads_retired"])
+def test_race_check_passes_synchronised_pipelines(probe, pattern):
+    assert probe.run_probe(pattern) == ""  # "" also means every lane read the values copied
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("no_wait", r"not yet waited for|before the cp.async.wait_group that retires its own copy"),
+    ("no_barrier", r"reads bytes \[\d+, \d+\) in barrier interval 0, which no barrier separates from thread \d+'s "
+                   r"cp.async into them \(issued in barrier interval 0, waited in interval 0\)"),
+    ("refill_without_barrier", r"may land before (other threads|thread \d+) read them in the same barrier interval 1"
+                               r"|no barrier separates"),
+    ("pipelined_reads_in_flight", r"not yet waited for|before the cp.async.wait_group that retires its own copy"),
+])
+def test_race_check_finds_missing_synchronisation(probe, pattern, message):
+    fault = probe.run_probe(pattern)
+    assert fault.startswith("shared-memory race in block (0, 0, 0): "), fault
+    assert re.search(message, fault), fault
 
 
 @pytest.fixture
@@ -82,6 +119,8 @@ CASES = {
     "window_both": (2, 20, 20, 2, 1, {"window_size": (3, 2)}),
     "window_left_causal": (1, 72, 72, 1, 1, {"causal": True, "window_size": (5, -1)}),
     "scale": (1, 16, 16, 2, 2, {"causal": True, "softmax_scale": 0.3}),
+    # 4 key tiles and 3 row tiles: the two-stage rings refill a stage, which the race check watches
+    "long_keys_causal": (1, 70, 200, 2, 1, {"causal": True}),
 }
 
 

@@ -1,12 +1,17 @@
 // What a launch needs from torch besides the tensors: the device guard, the current stream
 // and error text. The CPU emulation build (-DIK_CUDA_EMULATION) has no CUDA runtime: no
-// guard, a null stream, kernels that report no errors.
+// guard, a null stream, and the emulation's message (a race it found) as the error text.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <cuda_runtime_api.h>
 
-#ifndef IK_CUDA_EMULATION
+#ifdef IK_CUDA_EMULATION
+#include <mutex>
+#include <string>
+
+#include "internlm_kernels/emulation.h"
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -20,7 +25,10 @@ class LaunchScope {
   cudaStream_t stream() const { return nullptr; }
 };
 
-inline const char* error_text(cudaError_t) { return "error in the CUDA emulation"; }
+inline std::string error_text(cudaError_t) {
+  std::lock_guard<std::mutex> lock(emulation::last_fault_mutex);
+  return "CUDA emulation: " + emulation::last_fault;
+}
 #else
 class LaunchScope {
  public:

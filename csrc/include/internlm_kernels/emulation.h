@@ -7,10 +7,20 @@
 // barrier over the warp's 32 lanes with an exchange buffer, so fragment layouts, lane
 // address maps, masks and tile indexing are exercised exactly as written. Semantics follow
 // the PTX ISA; mma accumulates in fp32 (its summation order may differ from the hardware's).
-// cp.async copies at once (the wait is a no-op), so the emulation cannot find a missing
-// cp.async.wait or barrier: races stay a question for the GPU run. Shared memory starts
-// filled with 0xFF bytes (NaN in every float format) and every shared access is bounds- and
-// alignment-checked, so a read of an unwritten or out-of-range byte shows up.
+// Shared memory starts filled with 0xFF bytes (NaN in every float format) and every shared
+// access is bounds- and alignment-checked, so a read of an unwritten or out-of-range byte
+// shows up.
+//
+// The asynchronous copy pipeline is race-checked. A cp.async lands only when its thread's
+// cp.async.wait_group retires its group (so a missing wait leaves NaN bytes), and a shadow of
+// the dynamic shared memory, per 16-byte chunk, records each copy's writer and the barrier
+// intervals (__syncthreads epochs) in which it may land, from issue to wait, and which
+// threads read the chunk with ldmatrix in which interval. A read that may overlap another
+// thread's copy without a barrier between them, a copy into a chunk another thread read in
+// the same interval, and two copies that may land in the same interval are faults: the
+// launch fails with a message naming the byte range, the threads and the intervals. Plain
+// loads and stores to shared memory (the output staging, the decode merge, the norm
+// reductions) are not tracked.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -43,10 +53,23 @@ struct Warp {
   alignas(16) uint32_t words[kWarpSize][16];  // one lane's contribution to a collective
 };
 
+// Race-check shadow of one 16-byte chunk of dynamic shared memory (see the header comment).
+struct ChunkShadow {
+  static constexpr int kInFlight = 1 << 30;  // write_to of a copy not yet waited for
+  static constexpr int kSeveral = -2;        // reader: more than one thread in read_epoch
+  int writer = -1;                           // thread of the latest cp.async into the chunk
+  int write_from = 0, write_to = 0;          // barrier intervals in which that copy may land
+  int reader = -1, read_epoch = -1;          // latest interval an ldmatrix read the chunk, and by whom
+};
+
 struct Block {
   dim3 index, grid, dim;
   char* shared = nullptr;
   size_t shared_bytes = 0;
+  std::vector<ChunkShadow> shadow;          // shared_bytes / 16 chunks
+  std::array<std::mutex, 64> shadow_locks;  // striped over the chunks
+  std::mutex fault_mutex;
+  std::string fault;                        // the first race found in this block
   std::unique_ptr<std::barrier<>> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::mutex static_mutex;  // static __shared__ arrays, by declaration site
@@ -55,6 +78,21 @@ struct Block {
 
 inline thread_local Block* current_block = nullptr;
 inline thread_local uint3 thread_index{0, 0, 0};
+inline thread_local int epoch = 0;  // __syncthreads this thread has passed: its barrier interval
+
+// A cp.async issued but not yet retired by a wait: it lands (and its chunk's write interval
+// closes) when cp.async.wait_group retires its group.
+struct InFlightCopy {
+  uint32_t destination;
+  int group;  // commit groups before it: the group it joins at the next commit
+  std::array<char, 16> data;
+};
+inline thread_local std::vector<InFlightCopy> in_flight;
+inline thread_local int committed_groups = 0;
+
+// The message of the last failed launch (error_text under the emulation).
+inline std::mutex last_fault_mutex;
+inline std::string last_fault = "no error";
 
 inline int linear_thread() {
   return static_cast<int>(thread_index.x + current_block->dim.x * (thread_index.y + current_block->dim.y * thread_index.z));
@@ -94,8 +132,76 @@ inline uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(p - current_block->shared);
 }
 
+inline void report_race(const std::string& what) {
+  Block& b = *current_block;
+  std::lock_guard<std::mutex> lock(b.fault_mutex);
+  if (b.fault.empty())
+    b.fault = "shared-memory race in block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) + ", " +
+              std::to_string(b.index.z) + "): " + what;
+}
+
+inline std::string describe_interval(int from, int to) {
+  const std::string end = to == ChunkShadow::kInFlight ? "not yet waited for" : "waited in interval " + std::to_string(to);
+  return "issued in barrier interval " + std::to_string(from) + ", " + end;
+}
+
+// Run ``check(chunk)`` on the shadow of the 16-byte chunk at ``address``, under its lock.
+template <class Check>
+void with_shadow(uint32_t address, Check check) {
+  Block& b = *current_block;
+  const size_t index = address / 16;
+  std::lock_guard<std::mutex> lock(b.shadow_locks[index % b.shadow_locks.size()]);
+  check(b.shadow[index]);
+}
+
+inline std::string chunk_name(uint32_t address) {
+  return "bytes [" + std::to_string(address) + ", " + std::to_string(address + 16) + ")";
+}
+
+// This thread reads the 16-byte chunk at ``address`` (an ldmatrix row).
+inline void note_read(uint32_t address) {
+  const int me = linear_thread();
+  with_shadow(address, [&](ChunkShadow& c) {
+    const bool in_flight = c.write_to == ChunkShadow::kInFlight;
+    if (c.writer == me && in_flight) {
+      report_race("thread " + std::to_string(me) + " reads " + chunk_name(address) +
+                  " before the cp.async.wait_group that retires its own copy into them");
+    } else if (c.writer >= 0 && c.writer != me && c.write_from <= epoch && c.write_to >= epoch) {
+      report_race("thread " + std::to_string(me) + " reads " + chunk_name(address) + " in barrier interval " +
+                  std::to_string(epoch) + ", which no barrier separates from thread " + std::to_string(c.writer) +
+                  "'s cp.async into them (" + describe_interval(c.write_from, c.write_to) + ")");
+    }
+    if (c.read_epoch != epoch) {
+      c.read_epoch = epoch, c.reader = me;
+    } else if (c.reader != me) {
+      c.reader = ChunkShadow::kSeveral;
+    }
+  });
+}
+
+// This thread issues a cp.async into the 16-byte chunk at ``address``.
+inline void note_copy(uint32_t address) {
+  const int me = linear_thread();
+  with_shadow(address, [&](ChunkShadow& c) {
+    if (c.read_epoch == epoch && c.reader != me) {
+      report_race("thread " + std::to_string(me) + "'s cp.async into " + chunk_name(address) +
+                  " may land before " +
+                  (c.reader == ChunkShadow::kSeveral ? std::string("other threads")
+                                                     : "thread " + std::to_string(c.reader)) +
+                  " read them in the same barrier interval " + std::to_string(epoch));
+    } else if (c.writer >= 0 && c.write_to >= epoch && (c.writer != me || c.write_to == ChunkShadow::kInFlight)) {
+      report_race("two cp.async into " + chunk_name(address) + " may land in barrier interval " +
+                  std::to_string(epoch) + ": thread " + std::to_string(c.writer) + "'s (" +
+                  describe_interval(c.write_from, c.write_to) + ") and thread " + std::to_string(me) + "'s");
+    }
+    c.writer = me, c.write_from = epoch, c.write_to = ChunkShadow::kInFlight;
+  });
+}
+
 // ldmatrix.x4 (.trans): lane l gives the row address of row l % 8 of matrix l / 8.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
+  shared_bytes(address, 16, 16);
+  note_read(address);
   const auto rows = gather(address);
   const int l = lane();
   for (int i = 0; i < 4; ++i) {
@@ -144,15 +250,36 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
   }
 }
 
-// cp.async of 16 bytes (zeros when !valid), done at once.
+// cp.async of 16 bytes (zeros when !valid): read now, landed by the wait that retires it.
 inline void cp_async_16(uint32_t destination, const void* source, bool valid) {
-  char* target = shared_bytes(destination, 16, 16);
+  shared_bytes(destination, 16, 16);
+  InFlightCopy copy{destination, committed_groups, {}};
   if (valid) {
     if (reinterpret_cast<uintptr_t>(source) % 16 != 0) fail("cp.async from a global address not 16-byte aligned");
-    std::memcpy(target, source, 16);
-  } else {
-    std::memset(target, 0, 16);
+    std::memcpy(copy.data.data(), source, 16);
   }
+  note_copy(destination);
+  in_flight.push_back(copy);
+}
+
+inline void cp_async_commit() { ++committed_groups; }
+
+// cp.async.wait_group: land every copy of all but the ``pending`` most recent committed groups
+// (copies not yet committed stay in flight, as in the PTX ISA).
+inline void cp_async_wait(int pending) {
+  const int retire_before = committed_groups - pending;
+  std::vector<InFlightCopy> still;
+  for (const InFlightCopy& copy : in_flight) {
+    if (copy.group >= retire_before) {
+      still.push_back(copy);
+      continue;
+    }
+    with_shadow(copy.destination, [&](ChunkShadow& c) {
+      std::memcpy(shared_bytes(copy.destination, 16, 16), copy.data.data(), 16);
+      c.write_to = epoch;
+    });
+  }
+  in_flight.swap(still);
 }
 
 // A block's __shared__ array declared at ``site`` (one per declaration; the first thread
@@ -181,6 +308,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
         std::vector<char> memory(shared + 16, static_cast<char>(0xff));
         b.shared = memory.data() + (16 - reinterpret_cast<uintptr_t>(memory.data()) % 16) % 16;
         b.shared_bytes = shared;
+        b.shadow.assign(shared / 16 + 1, ChunkShadow{});
         b.barrier = std::make_unique<std::barrier<>>(threads);
         for (int w = 0; w < threads / kWarpSize; ++w) b.warps.push_back(std::make_unique<Warp>());
         std::vector<std::thread> workers;
@@ -189,12 +317,19 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
           workers.emplace_back([&, t] {
             current_block = &b;
             thread_index = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            epoch = 0, committed_groups = 0, in_flight.clear();
             kernel(args...);
+            in_flight.clear();  // copies never waited for: whoever reads them was already flagged
             // A thread that has exited no longer holds back a barrier (as on sm_70+).
             b.barrier->arrive_and_drop();
             b.warps[t / kWarpSize]->barrier.arrive_and_drop();
           });
         for (auto& worker : workers) worker.join();
+        if (!b.fault.empty()) {
+          std::lock_guard<std::mutex> lock(last_fault_mutex);
+          last_fault = b.fault;
+          return cudaErrorLaunchFailure;
+        }
       }
   return cudaSuccess;
 }
@@ -210,7 +345,10 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 #define blockDim (::internlm_kernels::emulation::current_block->dim)
 #define gridDim (::internlm_kernels::emulation::current_block->grid)
 
-inline void __syncthreads() { ::internlm_kernels::emulation::current_block->barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+  ::internlm_kernels::emulation::current_block->barrier->arrive_and_wait();
+  ++::internlm_kernels::emulation::epoch;
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { ::internlm_kernels::emulation::warp().barrier.arrive_and_wait(); }
 
 template <typename T>

@@ -41,9 +41,11 @@ __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   emulation::cp_async_16(dst, src, valid);
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { emulation::cp_async_commit(); }
 template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+  emulation::cp_async_wait(kPending);
+}
 #else
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;

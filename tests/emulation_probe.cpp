@@ -1,0 +1,132 @@
+// Small cp.async / ldmatrix pipelines, each correct or missing one piece of synchronisation,
+// for tests/test_cuda_emulation.py: the emulation's race check (emulation.h) must pass the
+// correct ones with the right data and fail each broken one with a message that says why.
+// Built with -DIK_CUDA_EMULATION only.
+#include <torch/extension.h>
+
+#include <cstring>
+#include <string>
+
+#include "internlm_kernels/common.cuh"
+#include "internlm_kernels/mma.cuh"
+
+namespace internlm_kernels {
+namespace {
+
+constexpr int kThreads = 64;    // two warps
+constexpr int kRowBytes = 16;   // one 16-byte chunk per row: 8 x 16-bit values
+constexpr int kTileRows = 16;   // rows 0-15 are copied by threads 0-15, all in warp 0
+constexpr int kTileBytes = kTileRows * kRowBytes;
+
+enum class Pattern {
+  kCorrect,                  // copy, commit, wait, barrier, read
+  kNoWait,                   // copy, commit, barrier, read
+  kNoBarrier,                // copy, commit, wait, read
+  kRefillWithBarrier,        // ... read, barrier, copy again into the same tile, wait, barrier, read
+  kRefillWithoutBarrier,     // ... read, copy again into the same tile (another warp may still read it)
+  kPipelinedReadsRetired,    // copy tile 0, commit, copy tile 1, commit, wait_group 1, barrier, read tile 0
+  kPipelinedReadsInFlight,   // the same, but read tile 1, whose group wait_group 1 left in flight
+};
+
+struct ProbeParams {
+  const uint16_t* source;  // two tiles of kTileRows x 8 values
+  uint32_t* out;           // [kThreads] register 0 of each lane's last ldmatrix
+  Pattern pattern;
+};
+
+__device__ void copy_tile(uint32_t tile, const uint16_t* source) {
+  if (threadIdx.x < kTileRows)
+    mma::cp_async_16(tile + threadIdx.x * kRowBytes, source + threadIdx.x * (kRowBytes / 2), true);
+}
+
+// Every warp reads all 16 rows (lanes 16-31 repeat lanes 0-15), so warp 1 reads warp 0's copies.
+__device__ void read_tile(uint32_t tile, const ProbeParams& p) {
+  uint32_t r[4];
+  mma::ldmatrix_x4(r, tile + (threadIdx.x % 16) * kRowBytes);
+  p.out[threadIdx.x] = r[0];
+}
+
+__global__ void probe_kernel(const ProbeParams p) {
+  IK_DYNAMIC_SHARED(char, smem);
+  const uint32_t tile0 = mma::shared_address(smem), tile1 = tile0 + kTileBytes;
+  copy_tile(tile0, p.source);
+  mma::cp_async_commit();
+  switch (p.pattern) {
+    case Pattern::kCorrect:
+    case Pattern::kRefillWithBarrier:
+    case Pattern::kRefillWithoutBarrier:
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      read_tile(tile0, p);
+      if (p.pattern == Pattern::kCorrect) return;
+      if (p.pattern == Pattern::kRefillWithBarrier) __syncthreads();
+      copy_tile(tile0, p.source + kTileRows * 8);
+      mma::cp_async_commit();
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      read_tile(tile0, p);
+      return;
+    case Pattern::kNoWait:
+      __syncthreads();
+      read_tile(tile0, p);
+      return;
+    case Pattern::kNoBarrier:
+      mma::cp_async_wait<0>();
+      read_tile(tile0, p);
+      return;
+    case Pattern::kPipelinedReadsRetired:
+    case Pattern::kPipelinedReadsInFlight:
+      copy_tile(tile1, p.source + kTileRows * 8);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+      __syncthreads();
+      read_tile(p.pattern == Pattern::kPipelinedReadsRetired ? tile0 : tile1, p);
+      mma::cp_async_wait<0>();
+      return;
+  }
+}
+
+// Runs ``pattern``; returns "" when the launch passes and every lane read the right values,
+// else the emulation's message (or what was wrong with the data).
+std::string run_probe(const std::string& name) {
+  static const std::pair<const char*, Pattern> kPatterns[] = {
+      {"correct", Pattern::kCorrect},
+      {"no_wait", Pattern::kNoWait},
+      {"no_barrier", Pattern::kNoBarrier},
+      {"refill_with_barrier", Pattern::kRefillWithBarrier},
+      {"refill_without_barrier", Pattern::kRefillWithoutBarrier},
+      {"pipelined_reads_retired", Pattern::kPipelinedReadsRetired},
+      {"pipelined_reads_in_flight", Pattern::kPipelinedReadsInFlight},
+  };
+  const Pattern* pattern = nullptr;
+  for (const auto& entry : kPatterns)
+    if (name == entry.first) pattern = &entry.second;
+  TORCH_CHECK(pattern != nullptr, "run_probe: unknown pattern '", name, "'");
+
+  alignas(16) uint16_t source[2 * kTileRows * 8];
+  for (int i = 0; i < 2 * kTileRows * 8; ++i) source[i] = static_cast<uint16_t>(1000 + i);
+  uint32_t out[kThreads] = {};
+  const cudaError_t error =
+      launch_kernel(probe_kernel, dim3(1), dim3(kThreads), 2 * kTileBytes, nullptr, ProbeParams{source, out, *pattern});
+  if (error != cudaSuccess) {
+    std::lock_guard<std::mutex> lock(emulation::last_fault_mutex);
+    return emulation::last_fault;
+  }
+  // Register 0 of lane l holds row l / 4, values 2 (l % 4) and 2 (l % 4) + 1 of the tile read last.
+  const bool second_tile = *pattern == Pattern::kRefillWithBarrier || *pattern == Pattern::kRefillWithoutBarrier ||
+                           *pattern == Pattern::kPipelinedReadsInFlight;
+  const uint16_t* tile = source + (second_tile ? kTileRows * 8 : 0);
+  for (int l = 0; l < kThreads; ++l) {
+    const int lane = l % 32;
+    const uint32_t expected = tile[(lane / 4) * 8 + 2 * (lane % 4)] | (uint32_t(tile[(lane / 4) * 8 + 2 * (lane % 4) + 1]) << 16);
+    if (out[l] != expected) return "thread " + std::to_string(l) + " read wrong data";
+  }
+  return "";
+}
+
+}  // namespace
+}  // namespace internlm_kernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run_probe", &internlm_kernels::run_probe, "run one cp.async / ldmatrix pattern under the CUDA emulation");
+}

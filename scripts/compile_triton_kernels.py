@@ -98,13 +98,18 @@ def cases(quick: bool = False):
             yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
                    {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
                    {"DELTA": "*fp32"}, f"*{dtype}", 4, 1)
-            yield (f"kvcache_append {dtype} d={head_dim}", attention._kvcache_append_kernel,
-                   {"HEAD_DIM": head_dim, "BLOCK_D": head_dim}, {"CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1)
+            tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32"}
             block_n, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
-            yield (f"decode_split {dtype} d={head_dim}", attention._attn_decode_split_kernel,
-                   {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
-                    "BLOCK_M": 16, "BLOCK_N": block_n},
-                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", warps, 1)
+            for rotary_in_kernel in (False, True):
+                rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False}
+                yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel}",
+                       attention._kvcache_append_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope},
+                       tables, f"*{dtype}", 4, 1)
+                yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel}",
+                       attention._attn_decode_split_kernel,
+                       {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
+                        "BLOCK_M": 16, "BLOCK_N": block_n, **rope},
+                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1)
             yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
                    {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},
                    {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1)

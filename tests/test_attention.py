@@ -96,6 +96,19 @@ def test_attention_head_dims(backend, head_dim, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_nan_in_a_query_row_stays_in_that_row(backend, device):
+    """A NaN query gives that row NaN (as eager attention does), not a quiet zero, and leaves
+    the other rows alone."""
+    q, k, v = _qkv(1, 12, 20, 2, 1, _dim(backend, 32), torch.float16, device)
+    q[0, 5, 1, 3] = float("nan")
+    out, lse = ik.flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert torch.isnan(out[0, 5, 1]).all() and torch.isnan(lse[0, 1, 5])
+    nan_row = torch.zeros_like(out, dtype=torch.bool)
+    nan_row[0, 5, 1] = True
+    assert torch.isfinite(out[~nan_row]).all()
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_attention_strided_inputs(backend, device):
     # q, k, v as slices of one fused qkv projection (B, S, Hq + 2 Hkv, D): no copies needed.
     qkv = torch.randn(2, 19, 6 + 2 * 2, _dim(backend, 32), device=device, dtype=torch.float16)
@@ -175,24 +188,48 @@ def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
-def test_kvcache_rotary_fused_equals_rotary_then_attention(backend, device):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_kvcache_rotary_fused_equals_rotary_then_attention(backend, interleaved, partial, device):
+    """The kernels rotate q and the new k themselves; the same as apply_rotary, then attention.
+    Partial: rotary_dim 3 D / 8, so the rotated features end inside a 16-byte chunk."""
     dtype, d = torch.float16, _dim(backend, 32)
     k_cache, v_cache = _cache(2, 32, 2, d, dtype, device)
     lengths = torch.tensor([4, 20], device=device, dtype=torch.int32)
     q = torch.randn(2, 1, 4, d, device=device, dtype=dtype)
     k_new = torch.randn(2, 1, 2, d, device=device, dtype=dtype)
     v_new = torch.randn(2, 1, 2, d, device=device, dtype=dtype)
-    cos, sin = ik.rotary_cos_sin(32, d, device=device)
+    cos, sin = ik.rotary_cos_sin(32, 3 * d // 8 if partial else d, device=device)
+    fused_k_cache = k_cache.clone()
     with torch.no_grad():
-        fused = ik.flash_attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k_new, v=v_new,
+        fused = ik.flash_attention_with_kvcache(q, fused_k_cache, v_cache.clone(), k=k_new, v=v_new,
                                                 cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin,
-                                                backend=backend)
-        q_rot, k_rot = ik.apply_rotary(q, k_new, cos, sin, seqlen_offsets=lengths, backend=backend)
+                                                rotary_interleaved=interleaved, backend=backend)
+        q_rot, k_rot = ik.apply_rotary(q, k_new, cos, sin, seqlen_offsets=lengths, interleaved=interleaved,
+                                       backend=backend)
         for b, length in enumerate(lengths.tolist()):
+            # the rotated k lands in the cache as apply_rotary rounds it (fp32 math, one rounding)
+            torch.testing.assert_close(fused_k_cache[b, length], k_rot[b, 0], rtol=1e-3, atol=1e-3)
             keys = torch.cat((k_cache[b:b + 1, :length], k_rot[b:b + 1]), dim=1)
             values = torch.cat((v_cache[b:b + 1, :length], v_new[b:b + 1]), dim=1)
             step = ik.flash_attention(q_rot[b:b + 1], keys, values, causal=True, backend=backend)
             torch.testing.assert_close(fused[b:b + 1], step, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kvcache_rotary_past_the_table_is_nan(backend, device):
+    """Positions past the cos/sin table give NaN (as apply_rotary), never an out-of-bounds read."""
+    dtype, d = torch.bfloat16, _dim(backend, 32)
+    k_cache, v_cache = _cache(2, 32, 1, d, dtype, device)
+    lengths = torch.tensor([3, 20], device=device, dtype=torch.int32)  # the table ends at position 16
+    cos, sin = ik.rotary_cos_sin(16, d, device=device)
+    new = torch.randn(2, 1, 1, d, device=device, dtype=dtype)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(torch.randn(2, 1, 2, d, device=device, dtype=dtype), k_cache, v_cache,
+                                              k=new, v=new, cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin,
+                                              backend=backend)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    assert torch.isfinite(k_cache[0, 3]).all() and torch.isnan(k_cache[1, 20]).all()
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
@@ -249,9 +286,10 @@ def test_opcheck(backend, device):
     k_cache, v_cache = _cache(2, 12, 2, d, torch.float16, device)
     lengths = torch.tensor([2, 7], device=device, dtype=torch.int32)
     new = torch.randn(2, 1, 2, d, device=device, dtype=torch.float16)
+    cos, sin = ik.rotary_cos_sin(12, d, device=device)
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
-                           lengths, 0.25, True, -1, -1, backend))
+                           lengths, cos, sin, False, 0.25, True, -1, -1, backend))
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

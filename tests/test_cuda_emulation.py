@@ -132,6 +132,10 @@ def test_emulated_attention_matches_reference(cuda_backend, case, dtype, head_di
     attention_tests._check(*attention_tests._qkv(batch, sq, sk, hq, hkv, head_dim, dtype, CPU), "cuda", **kwargs)
 
 
+def test_emulated_nan_in_a_query_row_stays_in_that_row(cuda_backend):
+    attention_tests.test_nan_in_a_query_row_stays_in_that_row("cuda", CPU)
+
+
 def test_emulated_attention_strided_inputs(cuda_backend):
     attention_tests.test_attention_strided_inputs("cuda", CPU)
 
@@ -154,6 +158,16 @@ def test_emulated_backward_is_deterministic(cuda_backend):
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 def test_emulated_kvcache_append_and_attend(cuda_backend, new_tokens, rotary):
     attention_tests.test_kvcache_append_and_attend("cuda", new_tokens, rotary, CPU)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+def test_emulated_kvcache_rotary_inside_the_kernels(cuda_backend, interleaved, partial):
+    attention_tests.test_kvcache_rotary_fused_equals_rotary_then_attention("cuda", interleaved, partial, CPU)
+
+
+def test_emulated_kvcache_rotary_past_the_table_is_nan(cuda_backend):
+    attention_tests.test_kvcache_rotary_past_the_table_is_nan("cuda", CPU)
 
 
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
@@ -190,6 +204,17 @@ def test_emulated_glue_checks_run_before_any_launch(kernels):
     unaligned = torch.randn(1, 8, 2, 65, dtype=torch.float16)[..., 1:]
     with pytest.raises(RuntimeError, match="k must start 16-byte aligned"):
         kernels.attention_fwd(q, unaligned, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
+    lengths = torch.zeros(1, dtype=torch.int32)
+    cos = torch.ones(16, 32)
+    with pytest.raises(RuntimeError, match="does not support rotary_cos of dtype Half"):
+        kernels.kvcache_append(k, k, k, k, lengths, cos.half(), cos.half(), False)
+    with pytest.raises(RuntimeError, match="rotary_dim 160 exceeds head_dim 64"):
+        kernels.attention_decode(q, k, k, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), torch.ones(4, 80),
+                                 torch.ones(4, 80), False)
+    with pytest.raises(RuntimeError, match="pass rotary_cos and rotary_sin together"):
+        kernels.attention_decode(q, k, k, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), cos, None, False)
+    with pytest.raises(RuntimeError, match=r"cache_seqlens must be contiguous \(B,\) = \(1,\)"):
+        kernels.kvcache_append(k, k, k, k, torch.zeros(2, dtype=torch.int32), None, None, False)
 
 
 # --------------------------------------------------------------------------------------

@@ -115,6 +115,40 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
   return p;
 }
 
+// cache_seqlens: contiguous int32 (B,) on the tensors' device.
+void check_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, const at::Tensor& like) {
+  check_cuda(op, "cache_seqlens", cache_seqlens, like);
+  check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == like.size(0) && cache_seqlens.is_contiguous(), op,
+              ": cache_seqlens must be contiguous (B,) = (", like.size(0), ",), got ", cache_seqlens.sizes(),
+              " with strides ", cache_seqlens.strides());
+  TORCH_CHECK(like.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows, got ", like.size(0));
+}
+
+// The rotary tables of the KV-cache calls (both or neither): fp32 (table_len, rotary_dim / 2)
+// with a contiguous last dim, rotary_dim <= head_dim.
+RotaryTables rotary_tables(const char* op, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                           bool interleaved, const at::Tensor& like) {
+  RotaryTables tables;
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": pass rotary_cos and rotary_sin together");
+  if (!cos.has_value()) return tables;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"rotary_cos", *cos}, {"rotary_sin", *sin}}) {
+    check_cuda(op, name, t, like);
+    check_dim(op, name, t, 2);
+    check_last_dim_contiguous(op, name, t);
+    check_dtype_in(op, name, t, {at::kFloat});
+  }
+  TORCH_CHECK(cos->sizes() == sin->sizes(), op, ": rotary_cos ", cos->sizes(), " and rotary_sin ", sin->sizes(),
+              " differ");
+  TORCH_CHECK(2 * cos->size(1) <= like.size(3), op, ": rotary_dim ", 2 * cos->size(1), " exceeds head_dim ",
+              like.size(3));
+  tables.cos = cos->data_ptr<float>(), tables.sin = sin->data_ptr<float>();
+  tables.cos_stride = cos->stride(0), tables.sin_stride = sin->stride(0), tables.table_len = cos->size(0);
+  tables.rotary_half = static_cast<int>(cos->size(1));
+  tables.interleaved = interleaved;
+  return tables;
+}
+
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
@@ -177,47 +211,50 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   }));
 }
 
-void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, const at::Tensor& cache_seqlens) {
+void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& rotary_cos,
+                    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
   constexpr const char* op = "kvcache_append (cuda)";
-  check_kernel_device(op, "cache", cache);
-  check_dtype_in(op, "cache", cache, {at::kHalf, at::kBFloat16});
-  check_operand(op, "cache", cache, cache);
-  check_operand(op, "new entries", new_entries, cache);
-  TORCH_CHECK(new_entries.size(0) == cache.size(0) && new_entries.size(2) == cache.size(2), op, ": new entries ",
-              new_entries.sizes(), " do not match the cache ", cache.sizes());
-  TORCH_CHECK(new_entries.size(1) <= cache.size(1), op, ": ", new_entries.size(1), " new entries exceed the capacity ",
-              cache.size(1));
-  check_cuda(op, "cache_seqlens", cache_seqlens, cache);
-  check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == cache.size(0) && cache_seqlens.is_contiguous(), op,
-              ": cache_seqlens must be contiguous (B,), got ", cache_seqlens.sizes());
-  TORCH_CHECK(cache.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows, got ", cache.size(0));
-  TORCH_CHECK(cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && cache.size(3) % 8 == 0, op,
-              ": unsupported cache shape ", cache.sizes());
+  check_kernel_device(op, "k_cache", k_cache);
+  check_dtype_in(op, "k_cache", k_cache, {at::kHalf, at::kBFloat16});
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache},
+                                {"k", k}, {"v", v}})
+    check_operand(op, name, t, k_cache);
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v.sizes() == k.sizes(), op, ": k_cache ", k_cache.sizes(),
+              " / v_cache ", v_cache.sizes(), " and k ", k.sizes(), " / v ", v.sizes(), " must match in pairs");
+  TORCH_CHECK(k.size(0) == k_cache.size(0) && k.size(2) == k_cache.size(2), op, ": new entries ", k.sizes(),
+              " do not match the cache ", k_cache.sizes());
+  TORCH_CHECK(k.size(1) <= k_cache.size(1), op, ": ", k.size(1), " new entries exceed the capacity ", k_cache.size(1));
+  check_cache_seqlens(op, cache_seqlens, k_cache);
+  TORCH_CHECK(k_cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && k_cache.size(3) % 8 == 0, op,
+              ": unsupported cache shape ", k_cache.sizes());
   KvcacheAppendParams p;
-  bind_rows(new_entries, p.source, p.source_stride_b, p.source_stride_s, p.source_stride_h);
-  bind_rows(cache, p.cache, p.cache_stride_b, p.cache_stride_s, p.cache_stride_h);
+  bind_rows(k, p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h);
+  bind_rows(v, p.v, p.v_stride_b, p.v_stride_s, p.v_stride_h);
+  bind_rows(k_cache, p.k_cache, p.k_cache_stride_b, p.k_cache_stride_s, p.k_cache_stride_h);
+  bind_rows(v_cache, p.v_cache, p.v_cache_stride_b, p.v_cache_stride_s, p.v_cache_stride_h);
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  p.batch = static_cast<int>(cache.size(0)), p.new_tokens = static_cast<int>(new_entries.size(1));
-  p.heads = static_cast<int>(cache.size(2)), p.head_dim = static_cast<int>(cache.size(3));
-  p.capacity = static_cast<int>(cache.size(1));
-  if (new_entries.numel() == 0) return;
-  const LaunchScope scope(cache);
+  p.batch = static_cast<int>(k_cache.size(0)), p.new_tokens = static_cast<int>(k.size(1));
+  p.heads = static_cast<int>(k_cache.size(2)), p.head_dim = static_cast<int>(k_cache.size(3));
+  p.capacity = static_cast<int>(k_cache.size(1));
+  p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, k_cache);
+  if (k.numel() == 0) return;
+  const LaunchScope scope(k_cache);
   const cudaStream_t stream = scope.stream();
-  check_launch(op, IK_HALF_DTYPE_SWITCH(cache.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
+  check_launch(op,
+               IK_HALF_DTYPE_SWITCH(k_cache.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
 }
 
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
                       const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
-                      std::tuple<int64_t, int64_t> window_size) {
+                      std::tuple<int64_t, int64_t> window_size, const std::optional<at::Tensor>& rotary_cos,
+                      const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
   constexpr const char* op = "attention_decode (cuda)";
   AttentionDecodeParams p;
   static_cast<AttentionParams&>(p) =
       make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt, softmax_scale, causal, window_size);
-  check_cuda(op, "cache_seqlens", cache_seqlens, q);
-  check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == q.size(0) && cache_seqlens.is_contiguous(), op,
-              ": cache_seqlens must be contiguous (B,), got ", cache_seqlens.sizes());
+  check_cache_seqlens(op, cache_seqlens, q);
+  p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, q);
   TORCH_CHECK(new_tokens >= 0 && new_tokens <= k_cache.size(1), op, ": new_tokens ", new_tokens,
               " must be in [0, capacity ", k_cache.size(1), "]");
   TORCH_CHECK(q.size(0) * k_cache.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,

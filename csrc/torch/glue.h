@@ -43,12 +43,18 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
                    std::tuple<int64_t, int64_t> window_size);
 
-// cache[b, cache_seqlens[b] + i] = new_entries[b, i]; new_entries (B, Snew, H, D), cache (B, S_max, H, D).
-void kvcache_append(const at::Tensor& new_entries, const at::Tensor& cache, const at::Tensor& cache_seqlens);
+// k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the rotary tables
+// are given) and v_cache[b, cache_seqlens[b] + i] = v[b, i]; k, v (B, Snew, Hkv, D), caches
+// (B, S_max, Hkv, D). One launch.
+void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& rotary_cos,
+                    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved);
 
-// Split-KV attention of q (B, Sq, Hq, D) over caches holding cache_seqlens[b] + new_tokens entries.
+// Split-KV attention of q (B, Sq, Hq, D) over caches holding cache_seqlens[b] + new_tokens
+// entries; q rotates as it loads (position cache_seqlens[b] + s) when the tables are given.
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
                       const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
-                      std::tuple<int64_t, int64_t> window_size);
+                      std::tuple<int64_t, int64_t> window_size, const std::optional<at::Tensor>& rotary_cos,
+                      const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved);
 
 }  // namespace internlm_kernels

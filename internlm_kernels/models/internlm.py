@@ -329,10 +329,13 @@ class Attention(nn.Module):
         split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.split(split, dim=-1))  # views
         if cache is not None:  # new tokens at positions cache.lengths + i
-            q, k = ik.apply_rotary(q, k, cos, sin, seqlen_offsets=cache.lengths, backend=self.rotary_backend)
+            tables = {"rotary_cos": cos, "rotary_sin": sin}  # rotary inside the cache kernels
+            if self.rotary_backend != self.attention_backend:
+                q, k = ik.apply_rotary(q, k, cos, sin, seqlen_offsets=cache.lengths, backend=self.rotary_backend)
+                tables = {}
             out = ik.flash_attention_with_kvcache(
                 q, cache.k[layer_index], cache.v[layer_index], k=k, v=v, cache_seqlens=cache.lengths,
-                causal=True, backend=self.attention_backend)
+                causal=True, backend=self.attention_backend, **tables)
         else:
             q, k = ik.apply_rotary(q, k, cos, sin, position_ids=position_ids, cu_seqlens=cu_seqlens,
                                    backend=self.rotary_backend)

@@ -27,7 +27,7 @@ from internlm_kernels._checks import (
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._kernels import kernels
-from internlm_kernels.ops.rotary import apply_rotary
+from internlm_kernels.ops.rotary import check_rotary_tables
 
 Tensor = torch.Tensor
 MAX_HEAD_DIM = 256
@@ -222,23 +222,27 @@ _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_contex
 
 @torch.library.custom_op("internlm_kernels::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
 def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
-                        cache_seqlens: Tensor, softmax_scale: float, causal: bool, window_left: int,
+                        cache_seqlens: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
+                        rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,
                         window_right: int, backend: str) -> Tensor:
+    # Two launches plus the split combine: the append writes k (rotated) and v, the decode
+    # rotates q as it loads it.
     launch = kernels(backend, "attention")
+    rotary = (rotary_cos, rotary_sin, rotary_interleaved)
     new_tokens = 0
     if k is not None:
-        launch.kvcache_append(k, k_cache, cache_seqlens)
-        launch.kvcache_append(v, v_cache, cache_seqlens)
+        launch.kvcache_append(k, v, k_cache, v_cache, cache_seqlens, *rotary)
         new_tokens = k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() > 0:
         launch.attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens, softmax_scale, causal,
-                                (window_left, window_right))
+                                (window_left, window_right), *rotary)
     return out
 
 
 @_flash_attn_kvcache.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, window_left, window_right, backend):
+def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
+      window_left, window_right, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -318,8 +322,9 @@ def flash_attention_with_kvcache(
     q (B, Sq, Hq, D); k_cache, v_cache (B, S_max, Hkv, D), updated in place; k, v (B, Snew,
     Hkv, D) new entries written at positions ``cache_seqlens[b] + i`` (int or (B,) int32
     tensor; None: the cache already holds S_max - Snew entries). With rotary_cos/sin ((table,
-    rotary_dim / 2), as ``rotary_cos_sin``), q and the new k are first rotated at positions
-    ``cache_seqlens[b] + i``. Each sequence then attends over its cache_seqlens[b] + Snew
+    rotary_dim / 2), as ``rotary_cos_sin``), q and the new k are rotated at positions
+    ``cache_seqlens[b] + i`` inside the kernels (the append rotates k on its way into the cache,
+    the attention rotates q as it loads it: no extra launch or tensor). Each sequence then attends over its cache_seqlens[b] + Snew
     entries, causal aligned bottom-right. The KV dimension is split across programs
     (flash-decoding), sized from S_max, so a batch of one fills the GPU and CUDA graphs
     replay with new lengths. A sequence whose new entries would not fit gets NaN outputs
@@ -371,18 +376,24 @@ def flash_attention_with_kvcache(
         cache_seqlens = cache_seqlens.contiguous()
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError(f"{op}: pass rotary_cos and rotary_sin together")
+    if rotary_cos is not None:
+        check_rotary_tables(op, rotary_cos, rotary_sin, q.shape[-1], names=("rotary_cos", "rotary_sin"))
     window = _check_window(op, window_size)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
         raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
                            f"(run under torch.no_grad() or use flash_attention)")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q, k_cache, v_cache, k, v))
+    operand_limits = _kernel_limits(op, q, k_cache, v_cache, k, v)
+
+    def kvcache_limits(candidate: str) -> Optional[str]:
+        if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
+            return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
+        return operand_limits(candidate)
+
+    chosen = choose_backend(backend, q.device, op, kvcache_limits)
     if chosen == "torch":
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
             window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
-    if rotary_cos is not None:
-        q, k = apply_rotary(q, k, rotary_cos, rotary_sin, seqlen_offsets=cache_seqlens,
-                            interleaved=rotary_interleaved, backend=chosen)
-    return _flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, scale, bool(causal), window[0],
-                               window[1], chosen)
+    return _flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                               bool(rotary_interleaved), scale, bool(causal), window[0], window[1], chosen)

@@ -137,6 +137,23 @@ def _(q, k, cos, sin, position_ids, seqlen_offsets, seqlen_offset, cu_seqlens, i
 # --------------------------------------------------------------------------------------
 
 
+def check_rotary_tables(op: str, cos: Tensor, sin: Tensor, head_dim: int, names=("cos", "sin")) -> None:
+    """cos and sin: (table_len, rotary_dim / 2) constant float tables with rotary_dim <= head_dim."""
+    for name, table in zip(names, (cos, sin)):
+        check_tensor(op, name, table)
+        check_dtype(op, name, table)
+        check_dim(op, name, table, (2,), "(seq_len, rotary_dim / 2)")
+        check_last_dim_contiguous(op, name, table)
+    if sin.shape != cos.shape:
+        raise ValueError(f"{op}: {names[1]} {tuple(sin.shape)} must have {names[0]}'s shape {tuple(cos.shape)}")
+    rotary_dim = 2 * cos.shape[1]
+    if rotary_dim > head_dim:
+        raise ValueError(f"{op}: rotary_dim = 2 * {names[0]}.shape[1] = {rotary_dim} exceeds head_dim {head_dim}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError(f"{op}: {names[0]}/{names[1]} are constant tables; gradients with respect to them are "
+                         f"not supported (pass tables that do not require grad)")
+
+
 def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, inplace) -> None:
     op = "apply_rotary"
     check_tensor(op, "q", q)
@@ -152,16 +169,7 @@ def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens,
         check_last_dim_contiguous(op, "k", k)
         if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
             raise ValueError(f"{op}: k {tuple(k.shape)} must match q {tuple(q.shape)} in every dim but heads")
-    for name, table in (("cos", cos), ("sin", sin)):
-        check_tensor(op, name, table)
-        check_dtype(op, name, table)
-        check_dim(op, name, table, (2,), "(seq_len, rotary_dim / 2)")
-        check_last_dim_contiguous(op, name, table)
-    if sin.shape != cos.shape:
-        raise ValueError(f"{op}: sin {tuple(sin.shape)} must have cos's shape {tuple(cos.shape)}")
-    rotary_dim, head_dim = 2 * cos.shape[1], q.shape[-1]
-    if rotary_dim > head_dim:
-        raise ValueError(f"{op}: rotary_dim = 2 * cos.shape[1] = {rotary_dim} exceeds head_dim {head_dim}")
+    check_rotary_tables(op, cos, sin, q.shape[-1])
     check_same_device(op, "q", q, k=k, cos=cos, sin=sin, position_ids=position_ids, cu_seqlens=cu_seqlens,
                       seqlen_offsets=seqlen_offsets if isinstance(seqlen_offsets, Tensor) else None)
     tokens = q.shape[0] if packed else q.shape[1]
@@ -191,9 +199,6 @@ def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens,
     elif position_ids is None and not packed and tokens + seqlen_offsets > cos.shape[0]:
         raise ValueError(f"{op}: positions reach {tokens + seqlen_offsets - 1} (seqlen {tokens} + seqlen_offsets "
                          f"{seqlen_offsets}) but the cos/sin table has {cos.shape[0]} rows")
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError(f"{op}: cos/sin are constant tables; gradients with respect to them are not supported "
-                         f"(pass tables that do not require grad)")
     if inplace and torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         raise RuntimeError(f"{op}: inplace=True is for inference; q/k require grad, so use inplace=False "
                            f"(or run under torch.no_grad())")

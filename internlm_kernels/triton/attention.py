@@ -268,7 +268,9 @@ def _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, r
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift, window_left,
                                     window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
                                     BLOCK_N)
-    seen = l_i > 0.0
+    # Rows that see no key (l_i exactly 0): zeros and lse -inf. NaN scores keep a NaN l_i, so a
+    # NaN input gives NaN out and lse.
+    seen = l_i != 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse2 = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     return out, lse2
@@ -490,21 +492,61 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _rotated(ptrs, x, dims, mask, positions, COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
+             INTERLEAVED: tl.constexpr):
+    """Rotary inside the KV-cache kernels: ``x`` (fp32, loaded from ``ptrs`` at feature
+    ``dims``) rotated at ``positions``, as the rotary kernel computes it; NaN outside the table,
+    features past 2 * rotary_half and masked-off elements unchanged."""
+    if INTERLEAVED:
+        first = (dims % 2) == 0
+        j = dims // 2
+        partner = tl.where(first, 1, -1)
+    else:
+        first = dims < rotary_half
+        j = tl.where(first, dims, dims - rotary_half)
+        partner = tl.where(first, rotary_half, -rotary_half)
+    rotates = mask & (dims < 2 * rotary_half)
+    in_table = rotates & (positions >= 0) & (positions < table_len)
+    other = tl.load(ptrs + partner, mask=rotates, other=0.0).to(tl.float32)
+    row = positions.to(tl.int64)
+    cos = tl.load(COS + row * stride_cos + j, mask=in_table, other=float("nan")).to(tl.float32)
+    sin = tl.load(SIN + row * stride_sin + j, mask=in_table, other=float("nan")).to(tl.float32)
+    rotated = tl.where(first, x * cos - other * sin, x * cos + other * sin)
+    return tl.where(rotates, rotated, x)
+
+
+@triton.jit
 def _kvcache_append_kernel(
-    NEW, stride_nb, stride_ns, stride_nh,
-    CACHE, stride_cb, stride_cs, stride_ch,
-    CACHE_SEQLENS, capacity, heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    K, stride_kb, stride_ks, stride_kh,
+    V, stride_vb, stride_vs, stride_vh,
+    K_CACHE, stride_kcb, stride_kcs, stride_kch,
+    V_CACHE, stride_vcb, stride_vcs, stride_vch,
+    CACHE_SEQLENS, capacity, heads,
+    COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
-    """cache[b, cache_seqlens[b] + i] = new[b, i] for every head; slots past the capacity are
-    skipped (the attention then reports the overflow as NaN)."""
+    """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when ROTARY) and
+    v_cache[...] = v[b, i]: programs over the k heads, then the v heads. Slots past the
+    capacity are skipped (the attention then reports the overflow as NaN)."""
     i = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
-    head = tl.program_id(2).to(tl.int64)
+    which = tl.program_id(2)
     slot = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + i
     dims = tl.arange(0, BLOCK_D)
     mask = (dims < HEAD_DIM) & (slot < capacity) & (slot >= 0)
-    values = tl.load(NEW + batch * stride_nb + i * stride_ns + head * stride_nh + dims, mask=mask)
-    tl.store(CACHE + batch * stride_cb + slot * stride_cs + head * stride_ch + dims, values, mask=mask)
+    if which < heads:
+        head = which.to(tl.int64)
+        source = K + batch * stride_kb + i * stride_ks + head * stride_kh + dims
+        k_values = tl.load(source, mask=mask).to(tl.float32)
+        if ROTARY:
+            k_values = _rotated(source, k_values, dims, mask, slot, COS, SIN, stride_cos, stride_sin, table_len,
+                                rotary_half, INTERLEAVED)
+        target = K_CACHE + batch * stride_kcb + slot * stride_kcs + head * stride_kch + dims
+        tl.store(target, k_values.to(K_CACHE.dtype.element_ty), mask=mask)
+    else:
+        head = (which - heads).to(tl.int64)
+        v_values = tl.load(V + batch * stride_vb + i * stride_vs + head * stride_vh + dims, mask=mask)
+        tl.store(V_CACHE + batch * stride_vcb + slot * stride_vcs + head * stride_vch + dims, v_values, mask=mask)
 
 
 @triton.jit
@@ -515,8 +557,10 @@ def _attn_decode_split_kernel(
     PART_O, PART_LSE,
     CACHE_SEQLENS, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
     qk_scale, window_left, window_right,
+    COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     """One tile of packed query rows against one split of one sequence's cache (flash-decoding).
     Writes the split's normalised output and its log2-sum-exp to the fp32 workspace."""
@@ -532,9 +576,14 @@ def _attn_decode_split_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < HEAD_DIM
-    q = tl.load(Q + batch * stride_qb + tl.cast(pos_first, tl.int64) * stride_qs + kv_head * GROUP * stride_qh
-                + (rows_pos - pos_first)[:, None] * stride_qs + rows_sub[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
+    q_ptrs = (Q + batch * stride_qb + tl.cast(pos_first, tl.int64) * stride_qs + kv_head * GROUP * stride_qh
+              + (rows_pos - pos_first)[:, None] * stride_qs + rows_sub[:, None] * stride_qh + dims[None, :])
+    q_mask = row_ok[:, None] & dims_ok[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if ROTARY:  # q rotates as it loads, at position cache_seqlens[b] + s, rounded as the rotary op rounds
+        positions = (tl.load(CACHE_SEQLENS + batch) + rows_pos)[:, None]
+        q = _rotated(q_ptrs, q.to(tl.float32), dims[None, :], q_mask, positions, COS, SIN, stride_cos, stride_sin,
+                     table_len, rotary_half, INTERLEAVED).to(Q.dtype.element_ty)
     K_BASE = K + batch * stride_kb + kv_head * stride_kh
     V_BASE = V + batch * stride_vb + kv_head * stride_vh
 
@@ -676,21 +725,33 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def kvcache_append(new, cache, cache_seqlens) -> None:
-    """cache[b, cache_seqlens[b] + i] = new[b, i]; new (B, Snew, H, D), cache (B, S_max, H, D)."""
-    batch, new_tokens, heads, head_dim = new.shape
-    if new.numel() == 0:
+def _rotary_args(cos, sin, interleaved: bool):
+    """The rotary table arguments of the KV-cache kernels (dummies when there is no rotary)."""
+    if cos is None:
+        return dict(COS=None, SIN=None, stride_cos=0, stride_sin=0, table_len=0, rotary_half=0,
+                    ROTARY=False, INTERLEAVED=False)
+    return dict(COS=cos, SIN=sin, stride_cos=cos.stride(0), stride_sin=sin.stride(0), table_len=cos.shape[0],
+                rotary_half=cos.shape[1], ROTARY=True, INTERLEAVED=bool(interleaved))
+
+
+def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
+    """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the tables are
+    given), v_cache likewise from v; k, v (B, Snew, H, D), caches (B, S_max, H, D). One launch."""
+    batch, new_tokens, heads, head_dim = k.shape
+    if k.numel() == 0:
         return
-    _kvcache_append_kernel[(new_tokens, batch, heads)](
-        new, *_strides(new), cache, *_strides(cache), cache_seqlens, cache.shape[1], heads,
+    _kvcache_append_kernel[(new_tokens, batch, 2 * heads)](
+        k, *_strides(k), v, *_strides(v), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache),
+        cache_seqlens, k_cache.shape[1], heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
     )
 
 
 def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
-                     window_size) -> None:
+                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
     """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D) holding
-    cache_seqlens[b] + new_tokens valid entries; writes out (B, Sq, Hq, D)."""
+    cache_seqlens[b] + new_tokens valid entries; writes out (B, Sq, Hq, D). With the rotary
+    tables, q rotates as it loads (position cache_seqlens[b] + s)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     capacity, heads_kv = k_cache.shape[1], k_cache.shape[2]
     group = heads_q // heads_kv
@@ -714,7 +775,7 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     _attn_decode_split_kernel[(splits, tiles, batch * heads_kv)](
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
         cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
-        softmax_scale * LOG2E.value, **window,
+        softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )

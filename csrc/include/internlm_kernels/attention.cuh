@@ -32,6 +32,7 @@
 #include "internlm_kernels/attention.h"
 #include "internlm_kernels/common.cuh"
 #include "internlm_kernels/mma.cuh"
+#include "internlm_kernels/rotary.cuh"
 
 namespace internlm_kernels {
 namespace attention_detail {
@@ -397,9 +398,27 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
   const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s,
                                       pt.kv_head * p.group, p.q_stride_h);
-  mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, [&](int r) -> const void* {
+  const auto q_row = [&](int r) -> const void* {
     return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
-  });
+  };
+  bool q_loaded = false;
+  if constexpr (kDecode) {
+    if (p.rotary.cos != nullptr) {
+      // Rotary of q fused into its load (position cache_seqlens[b] + s): through registers,
+      // stored before the loop's first barrier, which orders it before every read.
+      const int64_t first_position = p.cache_seqlens[pt.batch];
+      for (int i = threadIdx.x; i < RowTile::kRows * RowTile::kChunks; i += Tr::kThreads) {
+        const int r = i / RowTile::kChunks, chunk = i % RowTile::kChunks;
+        const T* row = static_cast<const T*>(q_row(r));
+        const int col = chunk * 8;  // 8 16-bit values per chunk
+        const int64_t position = first_position + (row0 + r) / p.group;
+        *reinterpret_cast<uint4*>(q_tile + RowTile::offset(r, chunk)) =
+            row != nullptr ? rotated_chunk<T>(row, col, position, p.rotary) : make_uint4(0, 0, 0, 0);
+      }
+      q_loaded = true;
+    }
+  }
+  if (!q_loaded) mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, q_row);
 
   const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
   KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
@@ -474,7 +493,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float total = mma::quad_sum(row_sum[mt][r]);
-        const bool seen = total > 0.f;  // rows that see no key: zeros and lse -inf
+        // Rows that see no key (total exactly 0): zeros and lse -inf. NaN scores keep a NaN
+        // total, so a NaN input gives NaN out and lse, never a quiet zero.
+        const bool seen = total != 0.f;
         const float inv = seen ? 1.f / total : 0.f;
 #pragma unroll
         for (int dt = 0; dt < Tr::kDimTiles; ++dt) {
@@ -535,13 +556,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
         total += weight * merge_sum[w * 16 + row];
         sum.x += weight * part.x, sum.y += weight * part.y, sum.z += weight * part.z, sum.w += weight * part.w;
       }
-      const float inv = total > 0.f ? 1.f / total : 0.f;
+      const float inv = total != 0.f ? 1.f / total : 0.f;  // NaN stays NaN, as in the forward
       if (row0 + row < rows) {
         const int64_t slot = ((pt.batch * p.heads_kv + pt.kv_head) * p.splits + split) * int64_t(p.rows_padded) +
                              row0 + row;
         *reinterpret_cast<float4*>(p.partial_out + slot * Tr::kHeadDim + col) =
             make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv);
-        if (col == 0) p.partial_lse[slot] = total > 0.f ? base + log2f(total) : -INFINITY;
+        if (col == 0) p.partial_lse[slot] = total != 0.f ? base + log2f(total) : -INFINITY;
       }
     }
   }
@@ -570,7 +591,7 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Att
     best = new_best;
   }
   const bool overflow = int64_t(p.cache_seqlens[batch]) + p.new_tokens > p.capacity;
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float inv = total != 0.f ? 1.f / total : 0.f;
   const int pos = row / p.group, head = static_cast<int>(kv_head) * p.group + row % p.group;
   T* out = static_cast<T*>(p.out) + batch * p.out_stride_b + int64_t(pos) * p.out_stride_s + int64_t(head) * p.out_stride_h;
 #pragma unroll
@@ -852,7 +873,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
 }
 
 // ---------------------------------------------------------------------------------------
-// KV-cache append: one block per (new token, batch row), 16-byte chunks over heads x dim.
+// KV-cache append: one block per (new token, batch row), 16-byte chunks over the k heads then
+// the v heads; k rotates on the way when rotary tables are given.
 // ---------------------------------------------------------------------------------------
 
 template <typename T>
@@ -861,13 +883,20 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppend
   const int64_t i = blockIdx.x, batch = blockIdx.y;
   const int64_t slot = int64_t(p.cache_seqlens[batch]) + i;
   if (slot < 0 || slot >= p.capacity) return;
-  const int chunks = p.head_dim / kPerChunk;
-  const T* source = static_cast<const T*>(p.source) + batch * p.source_stride_b + i * p.source_stride_s;
-  T* target = static_cast<T*>(p.cache) + batch * p.cache_stride_b + slot * p.cache_stride_s;
-  for (int c = threadIdx.x; c < p.heads * chunks; c += blockDim.x) {
-    const int64_t head = c / chunks, col = int64_t(c % chunks) * kPerChunk;
-    *reinterpret_cast<uint4*>(target + head * p.cache_stride_h + col) =
-        *reinterpret_cast<const uint4*>(source + head * p.source_stride_h + col);
+  const int chunks = p.head_dim / kPerChunk, per_tensor = p.heads * chunks;
+  const bool rotate_k = p.rotary.cos != nullptr;
+  for (int c = threadIdx.x; c < 2 * per_tensor; c += blockDim.x) {
+    const bool is_k = c < per_tensor;
+    const int64_t head = (c % per_tensor) / chunks;
+    const int col = (c % chunks) * kPerChunk;
+    const T* source = is_k ? static_cast<const T*>(p.k) + batch * p.k_stride_b + i * p.k_stride_s + head * p.k_stride_h
+                           : static_cast<const T*>(p.v) + batch * p.v_stride_b + i * p.v_stride_s + head * p.v_stride_h;
+    T* target = is_k ? static_cast<T*>(p.k_cache) + batch * p.k_cache_stride_b + slot * p.k_cache_stride_s +
+                           head * p.k_cache_stride_h
+                     : static_cast<T*>(p.v_cache) + batch * p.v_cache_stride_b + slot * p.v_cache_stride_s +
+                           head * p.v_cache_stride_h;
+    *reinterpret_cast<uint4*>(target + col) = is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary)
+                                                               : *reinterpret_cast<const uint4*>(source + col);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "internlm_kernels/common.h"
+#include "internlm_kernels/rotary.h"
 
 namespace internlm_kernels {
 
@@ -59,6 +60,7 @@ struct AttentionBwdParams : AttentionParams {
 struct AttentionDecodeParams : AttentionParams {
   const int32_t* cache_seqlens = nullptr;  // (B,)
   int new_tokens = 0, capacity = 0;
+  RotaryTables rotary;  // q row at position s rotates at cache_seqlens[b] + s (as it loads)
   int splits = 1, keys_per_split = 0, rows_padded = 0;
   float* partial_out = nullptr;  // (B, Hkv, splits, rows_padded, D)
   float* partial_lse = nullptr;  // (B, Hkv, splits, rows_padded)
@@ -101,15 +103,21 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t 
 template <typename T, int kHeadDim>
 cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStream_t stream);
 
-// cache[b, cache_seqlens[b] + i] = new_entries[b, i] for i < new_tokens, every head; slots
-// past the capacity are skipped (the decode then reports the sequence as NaN).
+// k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when rotary.cos is
+// set) and v_cache[b, cache_seqlens[b] + i] = v[b, i], for i < new_tokens, every head, in one
+// launch; slots past the capacity are skipped (the decode then reports the sequence as NaN).
 struct KvcacheAppendParams {
-  const void* source = nullptr;
-  int64_t source_stride_b = 0, source_stride_s = 0, source_stride_h = 0;
-  void* cache = nullptr;
-  int64_t cache_stride_b = 0, cache_stride_s = 0, cache_stride_h = 0;
+  const void* k = nullptr;
+  int64_t k_stride_b = 0, k_stride_s = 0, k_stride_h = 0;
+  const void* v = nullptr;
+  int64_t v_stride_b = 0, v_stride_s = 0, v_stride_h = 0;
+  void* k_cache = nullptr;
+  int64_t k_cache_stride_b = 0, k_cache_stride_s = 0, k_cache_stride_h = 0;
+  void* v_cache = nullptr;
+  int64_t v_cache_stride_b = 0, v_cache_stride_s = 0, v_cache_stride_h = 0;
   const int32_t* cache_seqlens = nullptr;
   int batch = 0, new_tokens = 0, heads = 0, head_dim = 0, capacity = 0;
+  RotaryTables rotary;
 };
 
 template <typename T>

@@ -189,6 +189,43 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
 
 }  // namespace rotary_detail
 
+// Rotary inside another kernel (the KV-cache calls rotate q and the new k as they move them):
+// the 16 bytes of ``row`` (head_dim values of T, 16-byte aligned) from ``col`` on, rotated by
+// table row ``position``, with rotary_kernel's fp32 arithmetic and single rounding. NaN
+// outside the table; features past 2 * rotary_half pass through.
+template <typename T>
+__device__ __forceinline__ uint4 rotated_chunk(const T* row, int col, int64_t position, const RotaryTables& r) {
+  constexpr int kPerChunk = 16 / sizeof(T);
+  uint4 chunk = *reinterpret_cast<const uint4*>(row + col);
+  if (col >= 2 * r.rotary_half) return chunk;
+  const bool in_table = position >= 0 && position < r.table_len;
+  T* values = reinterpret_cast<T*>(&chunk);
+#pragma unroll
+  for (int e = 0; e < kPerChunk; ++e) {
+    const int d = col + e;
+    if (d >= 2 * r.rotary_half) break;
+    // d pairs with ``partner`` at table column j: first members become a cos - b sin, second
+    // members b cos + a sin.
+    int j, partner;
+    bool first;
+    if (r.interleaved) {
+      j = d / 2, partner = d ^ 1, first = (d % 2) == 0;
+    } else {
+      first = d < r.rotary_half;
+      j = first ? d : d - r.rotary_half;
+      partner = first ? d + r.rotary_half : j;
+    }
+    const float x = to_float(values[e]), other = to_float(row[partner]);
+    float rotated = nanf("");
+    if (in_table) {
+      const float cos = r.cos[position * r.cos_stride + j], sin = r.sin[position * r.sin_stride + j];
+      rotated = first ? x * cos - other * sin : x * cos + other * sin;
+    }
+    values[e] = from_float<T>(rotated);
+  }
+  return chunk;
+}
+
 template <typename T>
 cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   using namespace rotary_detail;

@@ -39,6 +39,16 @@ struct RotaryParams {
   bool interleaved = false, conjugate = false, inplace = false;
 };
 
+// Rotary inside another kernel (the KV-cache calls rotate q and the new k on the fly):
+// cos / sin (table_len, rotary_half) fp32 with row strides; no rotary when cos is null.
+struct RotaryTables {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t cos_stride = 0, sin_stride = 0, table_len = 0;
+  int rotary_half = 0;
+  bool interleaved = false;
+};
+
 template <typename T>
 cudaError_t launch_rotary(const RotaryParams& params, cudaStream_t stream);
 

@@ -1,6 +1,7 @@
-// Small cp.async / ldmatrix pipelines, each correct or missing one piece of synchronisation,
-// for tests/test_cuda_emulation.py: the emulation's race check (emulation.h) must pass the
-// correct ones with the right data and fail each broken one with a message that says why.
+// Small shared-memory patterns (cp.async / ldmatrix pipelines, plain stores and loads), each
+// correct or missing one piece of synchronisation, for tests/test_cuda_emulation.py: the
+// emulation's race check (emulation.h) must pass the correct ones with the right data and
+// fail each broken one with a message that says why.
 // Built with -DIK_CUDA_EMULATION only.
 #include <torch/extension.h>
 
@@ -26,6 +27,9 @@ enum class Pattern {
   kRefillWithoutBarrier,     // ... read, copy again into the same tile (another warp may still read it)
   kPipelinedReadsRetired,    // copy tile 0, commit, copy tile 1, commit, wait_group 1, barrier, read tile 0
   kPipelinedReadsInFlight,   // the same, but read tile 1, whose group wait_group 1 left in flight
+  kStagedWithSyncwarp,       // store a word, __syncwarp, load the next lane's word
+  kStagedWithoutSyncwarp,    // the same without the __syncwarp
+  kOtherWarpAfterSyncwarp,   // store, __syncwarp, load the other warp's word (needs __syncthreads)
 };
 
 struct ProbeParams {
@@ -46,8 +50,23 @@ __device__ void read_tile(uint32_t tile, const ProbeParams& p) {
   p.out[threadIdx.x] = r[0];
 }
 
+// Thread t's partner in the plain-access patterns: the next lane of its warp, or the same lane
+// of the other warp.
+__host__ __device__ int partner_of(int thread, Pattern pattern) {
+  if (pattern == Pattern::kOtherWarpAfterSyncwarp) return (thread + 32) % kThreads;
+  return thread / 32 * 32 + (thread % 32 + 1) % 32;
+}
+
 __global__ void probe_kernel(const ProbeParams p) {
   IK_DYNAMIC_SHARED(char, smem);
+  if (p.pattern == Pattern::kStagedWithSyncwarp || p.pattern == Pattern::kStagedWithoutSyncwarp ||
+      p.pattern == Pattern::kOtherWarpAfterSyncwarp) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(smem);
+    store_shared(words + threadIdx.x, 7000u + threadIdx.x);
+    if (p.pattern != Pattern::kStagedWithoutSyncwarp) __syncwarp();
+    p.out[threadIdx.x] = load_shared(words + partner_of(threadIdx.x, p.pattern));
+    return;
+  }
   const uint32_t tile0 = mma::shared_address(smem), tile1 = tile0 + kTileBytes;
   copy_tile(tile0, p.source);
   mma::cp_async_commit();
@@ -97,6 +116,9 @@ std::string run_probe(const std::string& name) {
       {"refill_without_barrier", Pattern::kRefillWithoutBarrier},
       {"pipelined_reads_retired", Pattern::kPipelinedReadsRetired},
       {"pipelined_reads_in_flight", Pattern::kPipelinedReadsInFlight},
+      {"staged_with_syncwarp", Pattern::kStagedWithSyncwarp},
+      {"staged_without_syncwarp", Pattern::kStagedWithoutSyncwarp},
+      {"other_warp_after_syncwarp", Pattern::kOtherWarpAfterSyncwarp},
   };
   const Pattern* pattern = nullptr;
   for (const auto& entry : kPatterns)
@@ -111,6 +133,11 @@ std::string run_probe(const std::string& name) {
   if (error != cudaSuccess) {
     std::lock_guard<std::mutex> lock(emulation::last_fault_mutex);
     return emulation::last_fault;
+  }
+  if (*pattern == Pattern::kStagedWithSyncwarp) {
+    for (int t = 0; t < kThreads; ++t)
+      if (out[t] != 7000u + partner_of(t, *pattern)) return "thread " + std::to_string(t) + " read wrong data";
+    return "";
   }
   // Register 0 of lane l holds row l / 4, values 2 (l % 4) and 2 (l % 4) + 1 of the tile read last.
   const bool second_tile = *pattern == Pattern::kRefillWithBarrier || *pattern == Pattern::kRefillWithoutBarrier ||

@@ -6,11 +6,11 @@ cp.async per the PTX ISA). This module compiles every kernel of internlm_kernels
 torch glue and the bindings with the host compiler and -DIK_CUDA_EMULATION into an
 extension that takes CPU tensors and serves backend="cuda" (the ``cuda_backend`` fixture),
 then runs the op test bodies of tests/test_attention.py, test_rms_norm.py and test_rotary.py
-through the public ops, at sizes the emulation runs quickly. The emulation also race-checks the
-cp.async pipeline (copies land at their wait; a read or copy that no barrier orders against
-another thread's copy fails the launch); tests/emulation_probe.cpp checks that check on small
-pipelines. What it cannot see: timing, and races through plain shared-memory loads and stores;
-those need the GPU run.
+through the public ops, at sizes the emulation runs quickly. The emulation also race-checks
+shared memory (cp.async copies land at their wait; ldmatrix, cp.async and the kernels'
+load_shared / store_shared accesses that no barrier or __syncwarp orders fail the launch);
+tests/emulation_probe.cpp checks that check on small patterns. What it cannot see: timing,
+and memory-model subtleties below barrier granularity; those need the GPU run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
 the first run builds into build/emulation (about 2 minutes on 2 cores).
@@ -78,7 +78,8 @@ def probe():
                               extra_include_paths=INCLUDES, extra_cflags=EMULATION_FLAGS, verbose=False)
 
 
-@pytest.mark.parametrize("pattern", ["correct", "refill_with_barrier", "pipelined_reads_retired"])
+@pytest.mark.parametrize("pattern", ["correct", "refill_with_barrier", "pipelined_reads_retired",
+                                     "staged_with_syncwarp"])
 def test_race_check_passes_synchronised_pipelines(probe, pattern):
     assert probe.run_probe(pattern) == ""  # "" also means every lane read the values copied
 
@@ -86,10 +87,15 @@ def test_race_check_passes_synchronised_pipelines(probe, pattern):
 @pytest.mark.parametrize("pattern, message", [
     ("no_wait", r"not yet waited for|before the cp.async.wait_group that retires its own copy"),
     ("no_barrier", r"reads bytes \[\d+, \d+\) in barrier interval 0, which no barrier separates from thread \d+'s "
-                   r"cp.async into them \(issued in barrier interval 0, waited in interval 0\)"),
+                   r"cp.async \(issued in barrier interval 0, waited in interval 0\)"),
     ("refill_without_barrier", r"may land before (other threads|thread \d+) read them in the same barrier interval 1"
                                r"|no barrier separates"),
     ("pipelined_reads_in_flight", r"not yet waited for|before the cp.async.wait_group that retires its own copy"),
+    ("staged_without_syncwarp", r"reads bytes \[\d+, \d+\) in barrier interval 0, which no barrier separates from "
+                                r"thread \d+'s store in barrier interval 0"
+                                r"|store to bytes \[\d+, \d+\) in barrier interval 0 is not ordered after thread \d+"),
+    ("other_warp_after_syncwarp", r"no barrier separates from thread \d+'s store"
+                                  r"|store to bytes \[\d+, \d+\) in barrier interval 0 is not ordered after thread \d+"),
 ])
 def test_race_check_finds_missing_synchronisation(probe, pattern, message):
     fault = probe.run_probe(pattern)

@@ -290,8 +290,8 @@ __device__ __forceinline__ void stage_rows(char* tile, int row0, const float (&a
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + 16 * mt + g + 8 * r;
-        *reinterpret_cast<uint32_t*>(tile + Tile::element_offset(row, 8 * dt + 2 * t)) =
-            mma::pack2<T>(acc[mt][dt][2 * r] * scale, acc[mt][dt][2 * r + 1] * scale);
+        store_shared(reinterpret_cast<uint32_t*>(tile + Tile::element_offset(row, 8 * dt + 2 * t)),
+                     mma::pack2<T>(acc[mt][dt][2 * r] * scale, acc[mt][dt][2 * r + 1] * scale));
       }
 }
 
@@ -304,7 +304,7 @@ __device__ __forceinline__ void store_rows(const char* tile, int row0, int rows,
     char* target = static_cast<char*>(row_target(r));
     if (target != nullptr)
       *reinterpret_cast<uint4*>(target + chunk * 16) =
-          *reinterpret_cast<const uint4*>(tile + Tile::offset(row0 + r, chunk));
+          load_shared(reinterpret_cast<const uint4*>(tile + Tile::offset(row0 + r, chunk)));
   }
 }
 
@@ -412,8 +412,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
         const T* row = static_cast<const T*>(q_row(r));
         const int col = chunk * 8;  // 8 16-bit values per chunk
         const int64_t position = first_position + (row0 + r) / p.group;
-        *reinterpret_cast<uint4*>(q_tile + RowTile::offset(r, chunk)) =
-            row != nullptr ? rotated_chunk<T>(row, col, position, p.rotary) : make_uint4(0, 0, 0, 0);
+        store_shared(reinterpret_cast<uint4*>(q_tile + RowTile::offset(r, chunk)),
+                     row != nullptr ? rotated_chunk<T>(row, col, position, p.rotary) : make_uint4(0, 0, 0, 0));
       }
       q_loaded = true;
     }
@@ -532,28 +532,28 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       const int row = g + 8 * r;
       const float total = mma::quad_sum(row_sum[0][r]);
       if (t == 0) {
-        merge_max[warp_n * 16 + row] = row_max[0][r];
-        merge_sum[warp_n * 16 + row] = total;
+        store_shared(merge_max + warp_n * 16 + row, row_max[0][r]);
+        store_shared(merge_sum + warp_n * 16 + row, total);
       }
 #pragma unroll
       for (int dt = 0; dt < Tr::kDimTiles; ++dt)
-        *reinterpret_cast<float2*>(merge_acc + (warp_n * 16 + row) * Tr::kHeadDim + 8 * dt + 2 * t) =
-            make_float2(acc[0][dt][2 * r], acc[0][dt][2 * r + 1]);
+        store_shared(reinterpret_cast<float2*>(merge_acc + (warp_n * 16 + row) * Tr::kHeadDim + 8 * dt + 2 * t),
+                     make_float2(acc[0][dt][2 * r], acc[0][dt][2 * r + 1]));
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 16 * Tr::kHeadDim / 4; i += Tr::kThreads) {
       const int row = i / (Tr::kHeadDim / 4), col = 4 * (i % (Tr::kHeadDim / 4));
       float best = -INFINITY;
 #pragma unroll
-      for (int w = 0; w < Tr::kWarpsN; ++w) best = fmaxf(best, merge_max[w * 16 + row]);
+      for (int w = 0; w < Tr::kWarpsN; ++w) best = fmaxf(best, load_shared(merge_max + w * 16 + row));
       const float base = best == -INFINITY ? 0.f : best;
       float total = 0.f;
       float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int w = 0; w < Tr::kWarpsN; ++w) {
-        const float weight = exp2f(merge_max[w * 16 + row] - base);
-        const float4 part = *reinterpret_cast<const float4*>(merge_acc + (w * 16 + row) * Tr::kHeadDim + col);
-        total += weight * merge_sum[w * 16 + row];
+        const float weight = exp2f(load_shared(merge_max + w * 16 + row) - base);
+        const float4 part = load_shared(reinterpret_cast<const float4*>(merge_acc + (w * 16 + row) * Tr::kHeadDim + col));
+        total += weight * load_shared(merge_sum + w * 16 + row);
         sum.x += weight * part.x, sum.y += weight * part.y, sum.z += weight * part.z, sum.w += weight * part.w;
       }
       const float inv = total != 0.f ? 1.f / total : 0.f;  // NaN stays NaN, as in the forward
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
                            : nullptr;
     });
     for (int r = threadIdx.x; r < Tr::kBlockN; r += Tr::kThreads)
-      row_info[stage * Tr::kBlockN + r] = bwd_row<T, kHasWindow>(p, pt, m0 + r, rows, shift);
+      store_shared(row_info + stage * Tr::kBlockN + r, bwd_row<T, kHasWindow>(p, pt, m0 + r, rows, shift));
   };
   if (row_lo < row_hi) load_rows(row_lo, 0);
   mma::cp_async_commit();
@@ -747,7 +747,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = key0 + warp_key0 + g + 8 * (e / 2);
-        pt_[0][nt][e] = bwd_probability(pt_[0][nt][e], p.scale_log2, info[8 * nt + 2 * t + e % 2], key, needs_mask);
+        pt_[0][nt][e] = bwd_probability(pt_[0][nt][e], p.scale_log2, shared_view(info + 8 * nt + 2 * t + e % 2), key,
+                                        needs_mask);
       }
     // dV += P^T dO
     gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dv, pt_, do_stage, 0, lane);
@@ -758,7 +759,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 #pragma unroll
     for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - info[8 * nt + 2 * t + e % 2].delta;
+      for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - load_shared(&info[8 * nt + 2 * t + e % 2].delta);
     // dK += dS^T Q (scaled once at the end)
     gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
   }

@@ -29,6 +29,34 @@
 
 namespace internlm_kernels {
 
+// Plain shared-memory loads and stores. The kernels make them through these two so the CPU
+// emulation can race-check them (emulation.h); on the GPU they are the plain access.
+template <typename T>
+__device__ __forceinline__ void store_shared(T* address, const T& value) {
+#ifdef IK_CUDA_EMULATION
+  emulation::note_plain_access(address, sizeof(T), /*write=*/true);
+#endif
+  *address = value;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_shared(const T* address) {
+#ifdef IK_CUDA_EMULATION
+  emulation::note_plain_access(address, sizeof(T), /*write=*/false);
+#endif
+  return *address;
+}
+
+// A shared object read field by field through a reference (the compiler loads only the fields
+// used, where a copy could load them all up front); the emulation counts the whole object read.
+template <typename T>
+__device__ __forceinline__ const T& shared_view(const T* address) {
+#ifdef IK_CUDA_EMULATION
+  emulation::note_plain_access(address, sizeof(T), /*write=*/false);
+#endif
+  return *address;
+}
+
 // ---------------------------------------------------------------------------------------
 // float <-> storage conversions. Stores round to nearest even, as PyTorch's casts do.
 // ---------------------------------------------------------------------------------------
@@ -183,9 +211,9 @@ __device__ __forceinline__ float row_sum(float v, float* scratch) {
   if (warps_per_row == 1) return v;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float* row_scratch = scratch + threadIdx.y * 32;
-  if (lane == 0) row_scratch[warp] = v;
+  if (lane == 0) store_shared(&row_scratch[warp], v);
   __syncthreads();
-  v = (lane < warps_per_row) ? row_scratch[lane] : 0.f;
+  v = (lane < warps_per_row) ? load_shared(&row_scratch[lane]) : 0.f;
   v = warp_sum(v);
   __syncthreads();  // scratch is reused by the next call
   return v;

@@ -11,16 +11,16 @@
 // access is bounds- and alignment-checked, so a read of an unwritten or out-of-range byte
 // shows up.
 //
-// The asynchronous copy pipeline is race-checked. A cp.async lands only when its thread's
-// cp.async.wait_group retires its group (so a missing wait leaves NaN bytes), and a shadow of
-// the dynamic shared memory, per 16-byte chunk, records each copy's writer and the barrier
-// intervals (__syncthreads epochs) in which it may land, from issue to wait, and which
-// threads read the chunk with ldmatrix in which interval. A read that may overlap another
-// thread's copy without a barrier between them, a copy into a chunk another thread read in
-// the same interval, and two copies that may land in the same interval are faults: the
-// launch fails with a message naming the byte range, the threads and the intervals. Plain
-// loads and stores to shared memory (the output staging, the decode merge, the norm
-// reductions) are not tracked.
+// Shared memory is race-checked. A shadow records, per 4-byte word, the latest write (thread,
+// barrier interval, __syncwarp interval) and the reads of the current barrier interval. Two
+// accesses by different threads, at least one a write, are ordered only by a __syncthreads
+// between them, or, within a warp, by a __syncwarp; anything else fails the launch with a
+// message naming the bytes, the threads and the intervals. A cp.async is a write that may land
+// at any time from its issue to the cp.async.wait_group that retires its group (where the
+// emulation lands it, so a missing wait also leaves NaN bytes), and only a barrier after that
+// wait orders it for other threads. Checked: ldmatrix reads and cp.async writes, and plain
+// loads and stores made through load_shared / store_shared (common.cuh), which every kernel
+// uses for its shared memory.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -53,32 +53,43 @@ struct Warp {
   alignas(16) uint32_t words[kWarpSize][16];  // one lane's contribution to a collective
 };
 
-// Race-check shadow of one 16-byte chunk of dynamic shared memory (see the header comment).
-struct ChunkShadow {
-  static constexpr int kInFlight = 1 << 30;  // write_to of a copy not yet waited for
-  static constexpr int kSeveral = -2;        // reader: more than one thread in read_epoch
-  int writer = -1;                           // thread of the latest cp.async into the chunk
-  int write_from = 0, write_to = 0;          // barrier intervals in which that copy may land
-  int reader = -1, read_epoch = -1;          // latest interval an ldmatrix read the chunk, and by whom
+// Race-check shadow of one 4-byte word of shared memory (see the header comment).
+struct WordShadow {
+  static constexpr int kInFlight = 1 << 30;  // write_to of a cp.async not yet waited for
+  static constexpr int kSeveral = -2;        // reader / reader_warp: more than one
+  int writer = -1;                           // thread of the latest write
+  bool async = false;                        // that write is a cp.async
+  int write_from = 0, write_to = 0;          // barrier intervals in which it may land
+  int write_warp_interval = 0;               // the writer's __syncwarp count at a plain write
+  int read_interval = -1;                    // barrier interval of the reads recorded below
+  int reader = -1, reader_warp = -1;         // who read in it (since reader's last __syncwarp)
+  int read_warp_interval = 0;                // reader's __syncwarp count at that read
 };
+
+// Static __shared__ arrays live after the dynamic allocation, in the same shadowed buffer.
+constexpr size_t kStaticSharedBytes = 48 * 1024;
 
 struct Block {
   dim3 index, grid, dim;
-  char* shared = nullptr;
-  size_t shared_bytes = 0;
-  std::vector<ChunkShadow> shadow;          // shared_bytes / 16 chunks
-  std::array<std::mutex, 64> shadow_locks;  // striped over the chunks
+  char* shared = nullptr;     // the dynamic allocation, then the static arrays
+  size_t shared_bytes = 0;    // of the dynamic allocation
+  size_t static_offset = 0;   // where the static arrays start
+  size_t total_bytes = 0;     // dynamic + static
+  std::vector<WordShadow> shadow;           // total_bytes / 4 words
+  std::array<std::mutex, 64> shadow_locks;  // striped over the words
   std::mutex fault_mutex;
   std::string fault;                        // the first race found in this block
   std::unique_ptr<std::barrier<>> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::mutex static_mutex;  // static __shared__ arrays, by declaration site
-  std::map<const void*, std::vector<char>> static_arrays;
+  std::map<const void*, size_t> static_arrays;  // site -> offset
+  size_t static_used = 0;
 };
 
 inline thread_local Block* current_block = nullptr;
 inline thread_local uint3 thread_index{0, 0, 0};
-inline thread_local int epoch = 0;  // __syncthreads this thread has passed: its barrier interval
+inline thread_local int epoch = 0;          // __syncthreads this thread has passed: its barrier interval
+inline thread_local int warp_interval = 0;  // __syncwarp calls it has passed
 
 // A cp.async issued but not yet retired by a wait: it lands (and its chunk's write interval
 // closes) when cp.async.wait_group retires its group.
@@ -140,68 +151,104 @@ inline void report_race(const std::string& what) {
               std::to_string(b.index.z) + "): " + what;
 }
 
-inline std::string describe_interval(int from, int to) {
-  const std::string end = to == ChunkShadow::kInFlight ? "not yet waited for" : "waited in interval " + std::to_string(to);
-  return "issued in barrier interval " + std::to_string(from) + ", " + end;
+enum class Access { kRead, kWrite, kAsyncCopy };
+
+inline std::string describe_write(const WordShadow& w) {
+  const std::string who = "thread " + std::to_string(w.writer) + "'s ";
+  if (!w.async) return who + "store in barrier interval " + std::to_string(w.write_from);
+  const std::string end = w.write_to == WordShadow::kInFlight ? "not yet waited for"
+                                                              : "waited in interval " + std::to_string(w.write_to);
+  return who + "cp.async (issued in barrier interval " + std::to_string(w.write_from) + ", " + end + ")";
 }
 
-// Run ``check(chunk)`` on the shadow of the 16-byte chunk at ``address``, under its lock.
-template <class Check>
-void with_shadow(uint32_t address, Check check) {
+// Whether this thread's access now is ordered after ``w``'s write (a barrier since, or a
+// __syncwarp since for a plain store by the same warp).
+inline bool ordered_after_write(const WordShadow& w, int me) {
+  if (w.writer < 0) return true;
+  if (w.async) return w.write_to < epoch || (w.writer == me && w.write_to != WordShadow::kInFlight);
+  if (w.writer == me || w.write_from < epoch) return true;
+  return w.writer / kWarpSize == me / kWarpSize && w.write_warp_interval < warp_interval;
+}
+
+// Whether a write by this thread now is ordered after every read recorded in ``w``.
+inline bool ordered_after_reads(const WordShadow& w, int me) {
+  if (w.read_interval < epoch) return true;
+  if (w.reader_warp != me / kWarpSize) return false;  // another warp (or several) read in this interval
+  return w.reader == me || w.read_warp_interval < warp_interval;
+}
+
+// Check and record an access of ``bytes`` at byte ``offset`` of the block's shared memory.
+inline void note_access(size_t offset, size_t bytes, Access kind) {
   Block& b = *current_block;
-  const size_t index = address / 16;
-  std::lock_guard<std::mutex> lock(b.shadow_locks[index % b.shadow_locks.size()]);
-  check(b.shadow[index]);
-}
-
-inline std::string chunk_name(uint32_t address) {
-  return "bytes [" + std::to_string(address) + ", " + std::to_string(address + 16) + ")";
-}
-
-// This thread reads the 16-byte chunk at ``address`` (an ldmatrix row).
-inline void note_read(uint32_t address) {
+  if (offset + bytes > b.total_bytes || offset % 4 != 0 || bytes % 4 != 0)
+    fail("shared memory access at byte " + std::to_string(offset) + " (+" + std::to_string(bytes) +
+         ") outside shared memory or not in whole 4-byte words");
   const int me = linear_thread();
-  with_shadow(address, [&](ChunkShadow& c) {
-    const bool in_flight = c.write_to == ChunkShadow::kInFlight;
-    if (c.writer == me && in_flight) {
-      report_race("thread " + std::to_string(me) + " reads " + chunk_name(address) +
-                  " before the cp.async.wait_group that retires its own copy into them");
-    } else if (c.writer >= 0 && c.writer != me && c.write_from <= epoch && c.write_to >= epoch) {
-      report_race("thread " + std::to_string(me) + " reads " + chunk_name(address) + " in barrier interval " +
-                  std::to_string(epoch) + ", which no barrier separates from thread " + std::to_string(c.writer) +
-                  "'s cp.async into them (" + describe_interval(c.write_from, c.write_to) + ")");
+  const std::string where = "bytes [" + std::to_string(offset) + ", " + std::to_string(offset + bytes) + ")";
+  const std::string when = " in barrier interval " + std::to_string(epoch);
+  for (size_t word = offset / 4; word < (offset + bytes) / 4; ++word) {
+    std::lock_guard<std::mutex> lock(b.shadow_locks[word % b.shadow_locks.size()]);
+    WordShadow& w = b.shadow[word];
+    if (kind == Access::kRead) {
+      if (w.async && w.writer == me && w.write_to == WordShadow::kInFlight) {
+        report_race("thread " + std::to_string(me) + " reads " + where +
+                    " before the cp.async.wait_group that retires its own copy into them");
+      } else if (!ordered_after_write(w, me)) {
+        report_race("thread " + std::to_string(me) + " reads " + where + when +
+                    ", which no barrier separates from " + describe_write(w));
+      }
+      if (w.read_interval != epoch) {
+        w.read_interval = epoch, w.reader = me, w.reader_warp = me / kWarpSize, w.read_warp_interval = warp_interval;
+      } else if (w.reader_warp != me / kWarpSize) {
+        w.reader_warp = w.reader = WordShadow::kSeveral;
+      } else if (w.read_warp_interval < warp_interval) {
+        w.reader = me, w.read_warp_interval = warp_interval;
+      } else if (w.reader != me) {
+        w.reader = WordShadow::kSeveral;
+      }
+      continue;
     }
-    if (c.read_epoch != epoch) {
-      c.read_epoch = epoch, c.reader = me;
-    } else if (c.reader != me) {
-      c.reader = ChunkShadow::kSeveral;
+    const std::string what = kind == Access::kAsyncCopy ? "'s cp.async into " : "'s store to ";
+    if (!ordered_after_reads(w, me)) {
+      const bool one = w.reader >= 0;
+      const std::string readers = one ? "thread " + std::to_string(w.reader) : std::string("other threads");
+      report_race("thread " + std::to_string(me) + what + where +
+                  (kind == Access::kAsyncCopy
+                       ? " may land before " + readers + " read them in the same barrier interval " +
+                             std::to_string(epoch)
+                       : when + " is not ordered after " + readers + (one ? "'s read" : "' reads") +
+                             " of them (no barrier or __syncwarp between)"));
+    } else if (!ordered_after_write(w, me) ||
+               (w.async && w.writer == me && w.write_to == WordShadow::kInFlight)) {
+      report_race("thread " + std::to_string(me) + what + where + when + " and " + describe_write(w) +
+                  " are not ordered");
     }
-  });
+    w.writer = me, w.async = kind == Access::kAsyncCopy;
+    w.write_from = epoch, w.write_warp_interval = warp_interval;
+    w.write_to = w.async ? WordShadow::kInFlight : epoch;
+  }
 }
 
-// This thread issues a cp.async into the 16-byte chunk at ``address``.
-inline void note_copy(uint32_t address) {
-  const int me = linear_thread();
-  with_shadow(address, [&](ChunkShadow& c) {
-    if (c.read_epoch == epoch && c.reader != me) {
-      report_race("thread " + std::to_string(me) + "'s cp.async into " + chunk_name(address) +
-                  " may land before " +
-                  (c.reader == ChunkShadow::kSeveral ? std::string("other threads")
-                                                     : "thread " + std::to_string(c.reader)) +
-                  " read them in the same barrier interval " + std::to_string(epoch));
-    } else if (c.writer >= 0 && c.write_to >= epoch && (c.writer != me || c.write_to == ChunkShadow::kInFlight)) {
-      report_race("two cp.async into " + chunk_name(address) + " may land in barrier interval " +
-                  std::to_string(epoch) + ": thread " + std::to_string(c.writer) + "'s (" +
-                  describe_interval(c.write_from, c.write_to) + ") and thread " + std::to_string(me) + "'s");
-    }
-    c.writer = me, c.write_from = epoch, c.write_to = ChunkShadow::kInFlight;
-  });
+// A cp.async of this thread lands: its words' write interval closes now.
+inline void note_landed(uint32_t address) {
+  Block& b = *current_block;
+  for (size_t word = address / 4; word < address / 4 + 4; ++word) {
+    std::lock_guard<std::mutex> lock(b.shadow_locks[word % b.shadow_locks.size()]);
+    b.shadow[word].write_to = epoch;
+  }
+}
+
+// A plain load or store of ``bytes`` at ``ptr`` (load_shared / store_shared).
+inline void note_plain_access(const void* ptr, size_t bytes, bool write) {
+  const char* p = static_cast<const char*>(ptr);
+  if (p < current_block->shared) fail("load_shared / store_shared of a pointer outside shared memory");
+  note_access(static_cast<size_t>(p - current_block->shared), bytes, write ? Access::kWrite : Access::kRead);
 }
 
 // ldmatrix.x4 (.trans): lane l gives the row address of row l % 8 of matrix l / 8.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
   shared_bytes(address, 16, 16);
-  note_read(address);
+  note_access(address, 16, Access::kRead);
   const auto rows = gather(address);
   const int l = lane();
   for (int i = 0; i < 4; ++i) {
@@ -258,7 +305,7 @@ inline void cp_async_16(uint32_t destination, const void* source, bool valid) {
     if (reinterpret_cast<uintptr_t>(source) % 16 != 0) fail("cp.async from a global address not 16-byte aligned");
     std::memcpy(copy.data.data(), source, 16);
   }
-  note_copy(destination);
+  note_access(destination, 16, Access::kAsyncCopy);
   in_flight.push_back(copy);
 }
 
@@ -274,24 +321,26 @@ inline void cp_async_wait(int pending) {
       still.push_back(copy);
       continue;
     }
-    with_shadow(copy.destination, [&](ChunkShadow& c) {
-      std::memcpy(shared_bytes(copy.destination, 16, 16), copy.data.data(), 16);
-      c.write_to = epoch;
-    });
+    std::memcpy(shared_bytes(copy.destination, 16, 16), copy.data.data(), 16);
+    note_landed(copy.destination);
   }
   in_flight.swap(still);
 }
 
 // A block's __shared__ array declared at ``site`` (one per declaration; the first thread
-// to arrive allocates it, 0xFF-filled like the dynamic allocation).
+// to arrive places it in the static part of the block's shared memory, 0xFF-filled).
 template <typename T>
 T* static_shared(const void* site, size_t count) {
   Block& b = *current_block;
   std::lock_guard<std::mutex> lock(b.static_mutex);
-  auto& memory = b.static_arrays[site];
-  if (memory.empty()) memory.assign(sizeof(T) * count + 16, static_cast<char>(0xff));
-  char* data = memory.data();
-  return reinterpret_cast<T*>(data + (16 - reinterpret_cast<uintptr_t>(data) % 16) % 16);
+  auto placed = b.static_arrays.find(site);
+  if (placed == b.static_arrays.end()) {
+    const size_t bytes = (sizeof(T) * count + 15) / 16 * 16;
+    if (b.static_used + bytes > kStaticSharedBytes) fail("static __shared__ arrays exceed 48 KB");
+    placed = b.static_arrays.emplace(site, b.static_offset + b.static_used).first;
+    b.static_used += bytes;
+  }
+  return reinterpret_cast<T*>(b.shared + placed->second);
 }
 
 // Run ``kernel(args...)`` over ``grid`` blocks of ``block`` threads with ``shared`` bytes of
@@ -305,10 +354,12 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b;
         b.index = dim3(x, y, z), b.grid = grid, b.dim = block;
-        std::vector<char> memory(shared + 16, static_cast<char>(0xff));
-        b.shared = memory.data() + (16 - reinterpret_cast<uintptr_t>(memory.data()) % 16) % 16;
         b.shared_bytes = shared;
-        b.shadow.assign(shared / 16 + 1, ChunkShadow{});
+        b.static_offset = (shared + 15) / 16 * 16;
+        b.total_bytes = b.static_offset + kStaticSharedBytes;
+        std::vector<char> memory(b.total_bytes + 16, static_cast<char>(0xff));
+        b.shared = memory.data() + (16 - reinterpret_cast<uintptr_t>(memory.data()) % 16) % 16;
+        b.shadow.assign(b.total_bytes / 4, WordShadow{});
         b.barrier = std::make_unique<std::barrier<>>(threads);
         for (int w = 0; w < threads / kWarpSize; ++w) b.warps.push_back(std::make_unique<Warp>());
         std::vector<std::thread> workers;
@@ -317,7 +368,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
           workers.emplace_back([&, t] {
             current_block = &b;
             thread_index = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            epoch = 0, committed_groups = 0, in_flight.clear();
+            epoch = 0, warp_interval = 0, committed_groups = 0, in_flight.clear();
             kernel(args...);
             in_flight.clear();  // copies never waited for: whoever reads them was already flagged
             // A thread that has exited no longer holds back a barrier (as on sm_70+).
@@ -349,7 +400,10 @@ inline void __syncthreads() {
   ::internlm_kernels::emulation::current_block->barrier->arrive_and_wait();
   ++::internlm_kernels::emulation::epoch;
 }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::internlm_kernels::emulation::warp().barrier.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::internlm_kernels::emulation::warp().barrier.arrive_and_wait();
+  ++::internlm_kernels::emulation::warp_interval;
+}
 
 template <typename T>
 T __shfl_sync(unsigned, T value, int source) {

@@ -191,19 +191,19 @@ __device__ __forceinline__ void add_to_shared(float* dw_row, int64_t col, int64_
       float4* dst = reinterpret_cast<float4*>(dw_row + col);
 #pragma unroll
       for (int v = 0; v < kVec / 4; ++v) {
-        float4 current = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f) : dst[v];
+        float4 current = overwrite ? make_float4(0.f, 0.f, 0.f, 0.f) : load_shared(dst + v);
         current.x += values[4 * v];
         current.y += values[4 * v + 1];
         current.z += values[4 * v + 2];
         current.w += values[4 * v + 3];
-        dst[v] = current;
+        store_shared(dst + v, current);
       }
       return;
     }
   }
 #pragma unroll
   for (int i = 0; i < kVec; ++i)
-    if (col + i < cols) dw_row[col + i] = (overwrite ? 0.f : dw_row[col + i]) + values[i];
+    if (col + i < cols) store_shared(dw_row + col + i, (overwrite ? 0.f : load_shared(dw_row + col + i)) + values[i]);
 }
 
 // Persistent over rows; dweight partials in dynamic shared memory, one row per row slot.
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
     for (int64_t col = threadIdx.x * int64_t(kVec); col < p.cols; col += int64_t(blockDim.x) * kVec)
 #pragma unroll
       for (int i = 0; i < kVec; ++i)
-        if (col + i < p.cols) out[col + i] = dw_row[col + i];
+        if (col + i < p.cols) out[col + i] = load_shared(dw_row + col + i);
   }
 }
 

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int64_t token = blockIdx.x, batch = blockIdx.y;
 
   IK_SHARED_ARRAY(int64_t, shared_position, 1);
-  IK_SHARED_ARRAY(bool, shared_in_sequence, 1);
+  IK_SHARED_ARRAY(int, shared_in_sequence, 1);  // a word: the emulation race-checks words
   if (threadIdx.x == 0) {
     int64_t sequence = batch, local = token;
     bool in_sequence = true;
@@ -120,12 +120,12 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
       if (p.seqlen_offsets != nullptr && sequence >= 0)
         position += load_index(p.seqlen_offsets, p.seqlen_offsets_int64, sequence);
     }
-    *shared_position = position;
-    *shared_in_sequence = in_sequence;
+    store_shared(shared_position, position);
+    store_shared(shared_in_sequence, int(in_sequence));
   }
   __syncthreads();
-  const int64_t position = *shared_position;
-  const bool in_sequence = *shared_in_sequence;
+  const int64_t position = load_shared(shared_position);
+  const bool in_sequence = load_shared(shared_in_sequence) != 0;
   const bool in_table = position >= 0 && position < p.table_len;
   const float sin_sign = p.conjugate ? -1.f : 1.f;
 

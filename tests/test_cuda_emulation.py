@@ -152,6 +152,13 @@ def test_emulated_attention_packed_varlen(cuda_backend, causal):
     attention_tests.test_attention_varlen_equals_per_sequence_dense("cuda", CPU)
 
 
+@pytest.mark.parametrize("case", ["causal", "window", "varlen"])
+def test_emulated_cuda_triton_reference_three_way(cuda_backend, case):
+    """Both backends' own kernel code on the CPU: the CUDA kernels under this emulation, the
+    Triton kernels under the Triton interpreter, cross-checked against each other and fp64."""
+    attention_tests.cuda_triton_reference_three_way(case, CPU, 77, 4, (9, 3), [0, 1, 30, 31, 77])
+
+
 def test_emulated_backward_is_deterministic(cuda_backend):
     q, k, v = (t.requires_grad_(True) for t in attention_tests._qkv(1, 40, 40, 4, 2, 64, torch.bfloat16, CPU))
     grad = torch.randn_like(q)

@@ -1,20 +1,40 @@
 """Summary of a scripts/gpu_check.sh run: test counts, failures, ptxas spills, benchmark table.
 
-    python scripts/gpu_summary.py OUT_DIR
+    python scripts/gpu_summary.py OUT_DIR [all|tests|bench]
 """
 
 import glob
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ElementTree
 
+# The test steps of gpu_check.sh: their junit file and their log.
+TEST_STEPS = (("junit.xml", "tests.log"), ("junit-attention.xml", "tests-attention.log"))
+
+
+def exit_code_note(log_path: str, label: str) -> str:
+    """Why a step left no results: the exit code its log ends with (124: cut by its time limit)."""
+    if not os.path.exists(log_path):
+        return "did not run"
+    codes = re.findall(rf"{label} exit code: (\d+)", open(log_path, errors="replace").read())
+    if not codes:
+        return f"did not finish (no exit code in {os.path.basename(log_path)})"
+    code = int(codes[-1])
+    reason = " (cut by its time limit)" if code in (124, 137) else ""
+    return f"did not finish: exit code {code}{reason}, see {os.path.basename(log_path)}"
+
 
 def tests_summary(out: str) -> list:
-    paths = sorted(glob.glob(os.path.join(out, "junit*.xml")))
-    if not paths:
-        return ["tests: no junit*.xml (pytest did not finish: see tests*.log)"]
+    paths = []
     lines = []
+    for junit, log in TEST_STEPS:
+        path = os.path.join(out, junit)
+        if os.path.exists(path):
+            paths.append(path)
+        else:
+            lines.append(f"tests ({junit}): {exit_code_note(os.path.join(out, log), 'pytest')}")
     for path in paths:
         root = ElementTree.parse(path).getroot()
         suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -43,7 +63,7 @@ def ptxas_summary(out: str) -> list:
 def bench_summary(out: str) -> list:
     paths = sorted(glob.glob(os.path.join(out, "*.json")))
     if not paths:
-        return ["bench: no results json (see bench.log)"]
+        return [f"bench: no results json; {exit_code_note(os.path.join(out, 'bench.log'), 'bench')}"]
     document = json.load(open(paths[-1]))
     ceilings = document.get("ceilings", {})
     lines = [f"bench: {document.get('gpu')} {document.get('date')} {document.get('versions')}",
@@ -58,10 +78,19 @@ def bench_summary(out: str) -> list:
     return lines
 
 
-def main(out: str) -> None:
-    for section in (tests_summary(out), ptxas_summary(out), bench_summary(out)):
+def main(out: str, phase: str = "all") -> None:
+    sections = [ptxas_summary(out)]
+    if phase != "bench":
+        sections.insert(0, tests_summary(out))
+    if phase != "tests":
+        sections.append(bench_summary(out))
+        log = os.path.join(out, "bench.log")
+        if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):
+            sections.append(["bench: cut by its time limit (the json keeps the cases measured so far); "
+                             "`bash scripts/gpu_check.sh OUT bench` on the same machine runs the rest"])
+    for section in sections:
         print("\n".join(section))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out")
+    main(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out", sys.argv[2] if len(sys.argv) > 2 else "all")

@@ -99,7 +99,7 @@ class InternLM2ForCausalLM(nn.Module):
         self.output = nn.Linear(hidden, vocab, bias=False)
 
     def forward(self, input_ids):
-        position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
             h = layer(h, position_ids)

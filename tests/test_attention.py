@@ -131,7 +131,9 @@ def test_attention_packed_varlen(backend, causal, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
-def test_attention_varlen_equals_per_sequence_dense(backend, device):
+def test_attention_varlen_equals_per_sequence_dense(backend, device, monkeypatch):
+    # Bitwise equality needs the same tiles for both calls; the autotuner keys them apart.
+    monkeypatch.setenv("INTERNLM_KERNELS_AUTOTUNE", "0")
     lengths = [5, 1, 12]
     cu = torch.tensor([0, 5, 6, 18], device=device, dtype=torch.int32)
     q, k, v = _qkv(None, 18, 18, 4, 2, _dim(backend, 32), torch.float16, device, packed=True)

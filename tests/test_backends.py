@@ -58,13 +58,13 @@ def test_cuda_backend_on_cpu_tensors_raises_clearly():
         ik.apply_rotary(torch.randn(1, 2, 1, 4), None, *ik.rotary_cos_sin(2, 4), backend="cuda")
 
 
-def test_unsupported_reason_moves_auto_along():
+def test_unsupported_reason_moves_auto_along(device):
     def only_torch(backend):
         return None if backend == "torch" else "not for this call"
 
-    assert backends.choose_backend("auto", torch.device("cpu"), "op", only_torch) == "torch"
+    assert backends.choose_backend("auto", device, "op", only_torch) == "torch"
     with pytest.raises(RuntimeError, match="not for this call"):
-        backends.choose_backend("triton", torch.device("cpu"), "op", only_torch)
+        backends.choose_backend("triton", device, "op", only_torch)
 
 
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:

@@ -103,6 +103,7 @@ def test_attention_glue_rejects_bad_tensors_on_the_gpu():
 
 
 @pytest.mark.gpu
+@needs_extension
 def test_cuda_refuses_weight_dtypes_it_does_not_read():
     import internlm_kernels as ik
 

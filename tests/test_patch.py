@@ -39,9 +39,9 @@ def _spy():
             mock.patch.object(rotary_ops, "_rotary", wraps=rotary_ops._rotary))
 
 
-def test_patched_llama_equals_unpatched_in_fp32_and_runs_our_kernels():
-    model = _llama()
-    ids = torch.randint(0, 128, (2, 15))
+def test_patched_llama_equals_unpatched_in_fp32_and_runs_our_kernels(device):
+    model = _llama().to(device)
+    ids = torch.randint(0, 128, (2, 15), device=device)
     with torch.no_grad():
         before = model(ids).logits
     report = ik.patch(model, backend="triton", attention=False)
@@ -56,23 +56,23 @@ def test_patched_llama_equals_unpatched_in_fp32_and_runs_our_kernels():
         assert torch.equal(model(ids).logits, before), "unpatch restores the exact original behaviour"
 
 
-def test_patched_llama_bf16_all_kernels_three_run_rule():
-    exact_model = _llama()
-    ids = torch.randint(0, 128, (2, 20))
+def test_patched_llama_bf16_all_kernels_three_run_rule(device):
+    exact_model = _llama().to(device)
+    ids = torch.randint(0, 128, (2, 20), device=device)
     with torch.no_grad():
         exact = exact_model(ids).logits
-        eager = _llama().bfloat16()
+        eager = _llama().bfloat16().to(device)
         eager_error = max_abs_error(eager(ids).logits.float(), exact)
-        ours = _llama().bfloat16()
+        ours = _llama().bfloat16().to(device)
         report = ik.patch(ours, backend="triton")
         assert report["attention"] == 2 and ours.config._attn_implementation == "internlm_kernels"
         ours_error = max_abs_error(ours(ids).logits.float(), exact)
     assert ours_error <= 2 * eager_error, f"{ours_error:.3e} vs eager bf16 {eager_error:.3e}"
 
 
-def test_patched_llama_generates_like_unpatched():
-    model = _llama()
-    ids = torch.randint(0, 128, (1, 6))
+def test_patched_llama_generates_like_unpatched(device):
+    model = _llama().to(device)
+    ids = torch.randint(0, 128, (1, 6), device=device)
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False)
         ik.patch(model)
@@ -93,14 +93,14 @@ def test_padding_mask_falls_back_to_sdpa():
     assert max_abs_error(after[:, 3:], before[:, 3:]) <= 1e-5 * float(before.abs().max())
 
 
-def test_internlm2_remote_code_norm_and_rotary():
+def test_internlm2_remote_code_norm_and_rotary(device):
     torch.manual_seed(0)
-    model = InternLM2ForCausalLM().eval()
+    model = InternLM2ForCausalLM().eval().to(device)
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__ == "InternLM2RMSNorm":
                 module.weight.add_(0.1 * torch.randn_like(module.weight))
-    ids = torch.randint(0, 64, (2, 11))
+    ids = torch.randint(0, 64, (2, 11), device=device)
     with torch.no_grad():
         before = model(ids)
     with pytest.warns(UserWarning, match="computes attention inside its own remote-code classes"):

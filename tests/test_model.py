@@ -240,13 +240,13 @@ def _train(model, batches, steps):
     return losses
 
 
-def test_training_steps_with_kernels_match_eager():
+def test_training_steps_with_kernels_match_eager(device):
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-internlm2")
-    kernels = InternLMForCausalLM(args, backend="auto")
-    eager = InternLMForCausalLM(args, backend="torch")
+    kernels = InternLMForCausalLM(args, backend="auto").to(device)
+    eager = InternLMForCausalLM(args, backend="torch").to(device)
     eager.load_state_dict(kernels.state_dict())
-    batches = [torch.randint(0, 256, (2, 17)) for _ in range(2)]
+    batches = [torch.randint(0, 256, (2, 17), device=device) for _ in range(2)]
     ours, theirs = _train(kernels, batches, 4), _train(eager, batches, 4)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: loss {a} vs eager {b}"
@@ -265,17 +265,17 @@ def test_training_20_steps_bf16_on_gpu():
         assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: loss {a} vs eager {b}"
 
 
-def test_bf16_model_three_run_rule():
+def test_bf16_model_three_run_rule(device):
     """Ours in bf16 (every kernel: Triton attention too) vs the reference in fp32, no worse
     than twice the reference run in bf16 on the same weights."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-internlm2")
-    reference32 = InternLMForCausalLM(args, backend="torch").eval()
-    reference16 = InternLMForCausalLM(args, backend="torch").eval().bfloat16()
-    ours = InternLMForCausalLM(args, backend="auto").eval().bfloat16()
+    reference32 = InternLMForCausalLM(args, backend="torch").eval().to(device)
+    reference16 = InternLMForCausalLM(args, backend="torch").eval().bfloat16().to(device)
+    ours = InternLMForCausalLM(args, backend="auto").eval().bfloat16().to(device)
     reference16.load_state_dict(reference32.state_dict())
     ours.load_state_dict(reference32.state_dict())
-    ids = torch.randint(0, 256, (2, 24))
+    ids = torch.randint(0, 256, (2, 24), device=device)
     with torch.no_grad():
         exact = reference32(ids)
         ours_error = max_abs_error(ours(ids).float(), exact)

@@ -132,16 +132,7 @@ RotaryTables rotary_tables(const char* op, const std::optional<at::Tensor>& cos,
   RotaryTables tables;
   TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": pass rotary_cos and rotary_sin together");
   if (!cos.has_value()) return tables;
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"rotary_cos", *cos}, {"rotary_sin", *sin}}) {
-    check_cuda(op, name, t, like);
-    check_dim(op, name, t, 2);
-    check_last_dim_contiguous(op, name, t);
-    check_dtype_in(op, name, t, {at::kFloat});
-  }
-  TORCH_CHECK(cos->sizes() == sin->sizes(), op, ": rotary_cos ", cos->sizes(), " and rotary_sin ", sin->sizes(),
-              " differ");
-  TORCH_CHECK(2 * cos->size(1) <= like.size(3), op, ": rotary_dim ", 2 * cos->size(1), " exceeds head_dim ",
-              like.size(3));
+  check_rotary_tables(op, "rotary_cos", *cos, "rotary_sin", *sin, like);
   tables.cos = cos->data_ptr<float>(), tables.sin = sin->data_ptr<float>();
   tables.cos_stride = cos->stride(0), tables.sin_stride = sin->stride(0), tables.table_len = cos->size(0);
   tables.rotary_half = static_cast<int>(cos->size(1));

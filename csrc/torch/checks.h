@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <utility>
 
 namespace internlm_kernels {
 
@@ -42,6 +43,22 @@ inline void check_dtype_in(const char* op, const char* name, const at::Tensor& t
   for (const auto dtype : allowed)
     if (t.scalar_type() == dtype) return;
   TORCH_CHECK(false, op, ": the cuda backend does not support ", name, " of dtype ", t.scalar_type());
+}
+
+// A rotary cos / sin table pair: fp32 (table_len, rotary_dim / 2) on ``like``'s device with a
+// contiguous last dim, the same shape, and rotary_dim <= like's last dim (head_dim).
+inline void check_rotary_tables(const char* op, const char* cos_name, const at::Tensor& cos, const char* sin_name,
+                                const at::Tensor& sin, const at::Tensor& like) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{cos_name, cos}, {sin_name, sin}}) {
+    check_cuda(op, name, t, like);
+    check_dim(op, name, t, 2);
+    check_last_dim_contiguous(op, name, t);
+    check_dtype_in(op, name, t, {at::kFloat});
+  }
+  TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": ", cos_name, " ", cos.sizes(), " and ", sin_name, " ", sin.sizes(),
+              " differ");
+  TORCH_CHECK(2 * cos.size(1) <= like.size(-1), op, ": rotary_dim ", 2 * cos.size(1), " exceeds head_dim ",
+              like.size(-1));
 }
 
 }  // namespace internlm_kernels

@@ -30,14 +30,7 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op, ": k ", k.sizes(),
               " does not match q ", q.sizes());
   TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes(), op, ": outputs must match the inputs' shapes");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
-    check_cuda(op, name, t, q);
-    check_dim(op, name, t, 2);
-    check_last_dim_contiguous(op, name, t);
-    check_dtype_in(op, name, t, {at::kFloat});
-  }
-  TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": cos ", cos.sizes(), " and sin ", sin.sizes(), " differ");
-  TORCH_CHECK(2 * cos.size(1) <= q.size(3), op, ": rotary_dim ", 2 * cos.size(1), " exceeds head_dim ", q.size(3));
+  check_rotary_tables(op, "cos", cos, "sin", sin, q);
   TORCH_CHECK(q.size(0) <= 65535, op, ": at most 65535 batch rows per launch, got ", q.size(0));
   TORCH_CHECK(q.size(1) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 tokens, got ", q.size(1));
   TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535, op, ": too many heads or features: ", q.sizes(),

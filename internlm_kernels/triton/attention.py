@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from internlm_kernels.triton.rotary import _rotated_member
+
 # Globals read inside kernels must be constexpr (the interpreter does not enforce it, the
 # compiler does: scripts/compile_triton_kernels.py catches it without a GPU).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -495,7 +497,7 @@ def _attn_bwd_dq_kernel(
 def _rotated(ptrs, x, dims, mask, positions, COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
              INTERLEAVED: tl.constexpr):
     """Rotary inside the KV-cache kernels: ``x`` (fp32, loaded from ``ptrs`` at feature
-    ``dims``) rotated at ``positions``, as the rotary kernel computes it; NaN outside the table,
+    ``dims``) rotated at ``positions`` by the rotary kernel's _rotated_member; NaN outside the table,
     features past 2 * rotary_half and masked-off elements unchanged."""
     if INTERLEAVED:
         first = (dims % 2) == 0
@@ -511,7 +513,7 @@ def _rotated(ptrs, x, dims, mask, positions, COS, SIN, stride_cos, stride_sin, t
     row = positions.to(tl.int64)
     cos = tl.load(COS + row * stride_cos + j, mask=in_table, other=float("nan")).to(tl.float32)
     sin = tl.load(SIN + row * stride_sin + j, mask=in_table, other=float("nan")).to(tl.float32)
-    rotated = tl.where(first, x * cos - other * sin, x * cos + other * sin)
+    rotated = _rotated_member(x, other, cos, sin, tl.where(first, -1.0, 1.0))
     return tl.where(rotates, rotated, x)
 
 

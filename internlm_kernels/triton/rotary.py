@@ -42,6 +42,14 @@ def rotary_block_config(heads_q: int, heads_k: int, rotary_dim: int, head_dim: i
 
 
 @triton.jit
+def _rotated_member(x, partner, cos, sin, sign):
+    """One member of a rotated pair, (a, b) -> (a cos - b sin, b cos + a sin): x cos + sign
+    partner sin, with sign -1 for a (partner b) and +1 for b (partner a); in fp32, the caller
+    rounds once."""
+    return x * cos + sign * partner * sin
+
+
+@triton.jit
 def _rotary_kernel(
     # q and k: input and output (B, S, H, D) views
     Q, stride_q_b, stride_q_s, stride_q_h,
@@ -122,8 +130,8 @@ def _rotary_kernel(
     x1 = tl.load(x_base + first[None, :], mask=mask, other=0.0)
     x2 = tl.load(x_base + second[None, :], mask=mask, other=0.0)
     out_dtype = OUT.dtype.element_ty
-    o1 = (x1.to(tl.float32) * cos[None, :] - x2.to(tl.float32) * sin[None, :]).to(out_dtype)
-    o2 = (x2.to(tl.float32) * cos[None, :] + x1.to(tl.float32) * sin[None, :]).to(out_dtype)
+    o1 = _rotated_member(x1.to(tl.float32), x2.to(tl.float32), cos[None, :], sin[None, :], -1.0).to(out_dtype)
+    o2 = _rotated_member(x2.to(tl.float32), x1.to(tl.float32), cos[None, :], sin[None, :], 1.0).to(out_dtype)
     if IS_VARLEN:  # padding tokens pass through bit for bit
         o1 = tl.where(in_sequence, o1, x1)
         o2 = tl.where(in_sequence, o2, x2)

@@ -41,6 +41,11 @@ __device__ __forceinline__ int64_t find_sequence(const int32_t* cu_seqlens, int6
   return low;
 }
 
+// One pair (a, b) rotated: (a cos - b sin, b cos + a sin), in fp32 (the caller rounds once).
+__device__ __forceinline__ float2 rotate_pair(float a, float b, float cos, float sin) {
+  return make_float2(a * cos - b * sin, b * cos + a * sin);
+}
+
 template <typename T, bool kInterleaved, int kVec>
 __device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const RotaryParams& p, bool vec_ok,
                                              const float (&cos)[kVec], const float (&sin)[kVec]) {
@@ -60,8 +65,9 @@ __device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const
   float ra[kVec], rb[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    ra[i] = a[i] * cos[i] - b[i] * sin[i];
-    rb[i] = b[i] * cos[i] + a[i] * sin[i];
+    const float2 rotated = rotate_pair(a[i], b[i], cos[i], sin[i]);
+    ra[i] = rotated.x;
+    rb[i] = rotated.y;
   }
   if constexpr (kInterleaved) {
     float both[2 * kVec];
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
 
 // Rotary inside another kernel (the KV-cache calls rotate q and the new k as they move them):
 // the 16 bytes of ``row`` (head_dim values of T, 16-byte aligned) from ``col`` on, rotated by
-// table row ``position``, with rotary_kernel's fp32 arithmetic and single rounding. NaN
+// table row ``position`` with rotate_pair and one rounding, as rotary_kernel does. NaN
 // outside the table; features past 2 * rotary_half pass through.
 template <typename T>
 __device__ __forceinline__ uint4 rotated_chunk(const T* row, int col, int64_t position, const RotaryTables& r) {
@@ -204,8 +210,7 @@ __device__ __forceinline__ uint4 rotated_chunk(const T* row, int col, int64_t po
   for (int e = 0; e < kPerChunk; ++e) {
     const int d = col + e;
     if (d >= 2 * r.rotary_half) break;
-    // d pairs with ``partner`` at table column j: first members become a cos - b sin, second
-    // members b cos + a sin.
+    // d pairs with ``partner`` at table column j; d is the pair's first member or its second.
     int j, partner;
     bool first;
     if (r.interleaved) {
@@ -219,7 +224,8 @@ __device__ __forceinline__ uint4 rotated_chunk(const T* row, int col, int64_t po
     float rotated = nanf("");
     if (in_table) {
       const float cos = r.cos[position * r.cos_stride + j], sin = r.sin[position * r.sin_stride + j];
-      rotated = first ? x * cos - other * sin : x * cos + other * sin;
+      rotated = first ? rotary_detail::rotate_pair(x, other, cos, sin).x
+                    : rotary_detail::rotate_pair(other, x, cos, sin).y;
     }
     values[e] = from_float<T>(rotated);
   }

@@ -381,6 +381,14 @@ def test_kvcache_bad_input(device):
         ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 2], device=device))
     with pytest.raises(ValueError, match="pass k and v together"):
         ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=new)
+    cos, sin = ik.rotary_cos_sin(8, 16, device=device)
+    with pytest.raises(ValueError, match="pass rotary_cos and rotary_sin together"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, rotary_cos=cos)
+    with pytest.raises(ValueError, match="rotary_dim = 2 \\* rotary_cos.shape\\[1\\] = 32 exceeds head_dim 16"):
+        wide = torch.ones(8, 16, device=device)
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, rotary_cos=wide, rotary_sin=wide)
+    with pytest.raises(ValueError, match="rotary_sin \\(8, 4\\) must have rotary_cos's shape \\(8, 8\\)"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, rotary_cos=cos, rotary_sin=sin[:, :4])
     with pytest.raises(RuntimeError, match="KV-cache attention is for inference"):
         ik.flash_attention_with_kvcache(q.requires_grad_(True), k_cache, v_cache, cache_seqlens=1)
 

@@ -323,9 +323,9 @@ def flash_attention_with_kvcache(
     Hkv, D) new entries written at positions ``cache_seqlens[b] + i`` (int or (B,) int32
     tensor; None: the cache already holds S_max - Snew entries). With rotary_cos/sin ((table,
     rotary_dim / 2), as ``rotary_cos_sin``), q and the new k are rotated at positions
-    ``cache_seqlens[b] + i`` inside the kernels (the append rotates k on its way into the cache,
-    the attention rotates q as it loads it: no extra launch or tensor). Each sequence then attends over its cache_seqlens[b] + Snew
-    entries, causal aligned bottom-right. The KV dimension is split across programs
+    ``cache_seqlens[b] + i`` inside the kernels (the append rotates k on its way into the
+    cache, the attention rotates q as it loads it: no extra launch or tensor). Each sequence
+    then attends over its cache_seqlens[b] + Snew entries, causal aligned bottom-right. The KV dimension is split across programs
     (flash-decoding), sized from S_max, so a batch of one fills the GPU and CUDA graphs
     replay with new lengths. A sequence whose new entries would not fit gets NaN outputs
     (its cache is left unwritten past the capacity).

@@ -3,6 +3,7 @@ kernels: 2 CPU processes on gloo give the same loss and gradients as one process
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -33,7 +34,14 @@ def _worker(rank: int, port: int, result_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # A lost peer fails the test within minutes instead of gloo's default half hour.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=300),
+    )
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         model = _model()
@@ -48,6 +56,10 @@ def _worker(rank: int, port: int, result_path: str) -> None:
         grads = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss / WORLD, "grads": grads}, result_path)
+        # Tear down together: a rank that destroys its group while its peer still has gloo
+        # traffic in flight on the shared connection can abort the process (seen once on a
+        # loaded 2-core machine as "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

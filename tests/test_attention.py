@@ -36,12 +36,12 @@ def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device, 
             torch.randn(shape_k, device=device, dtype=dtype))
 
 
-def _check(q, k, v, backend, grad=None, **kwargs):
+def _check(q, k, v, backend, grad=None, deterministic=False, **kwargs):
     """Forward (out and lse) by the 2x rule, backward by the 3x rule, all against fp64; the
     backward of ``grad`` (fresh random when None)."""
     dtype = q.dtype
     inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out, lse = ik.flash_attention(*inputs, return_lse=True, backend=backend, **kwargs)
+    out, lse = ik.flash_attention(*inputs, return_lse=True, deterministic=deterministic, backend=backend, **kwargs)
     eager_inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
     eager = reference.attention(*eager_inputs, **kwargs)
     exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
@@ -282,10 +282,11 @@ def test_opcheck(backend, device):
     d = _dim(backend, 16)
     q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 11, 4, 2, d, torch.float16, device))
     ops = torch.ops.internlm_kernels
-    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, None, None, 0.25, True, -1, -1, backend))
+    # deterministic False here and True below: both CUDA backward paths go through the checks.
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, None, None, 0.25, True, -1, -1, False, backend))
     cu = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
     qp, kp, vp = (t.requires_grad_(True) for t in _qkv(None, 9, 9, 4, 2, d, torch.float16, device, packed=True))
-    torch.library.opcheck(ops.flash_attn_fwd.default, (qp, kp, vp, cu, cu, 0.25, False, 2, 1, backend))
+    torch.library.opcheck(ops.flash_attn_fwd.default, (qp, kp, vp, cu, cu, 0.25, False, 2, 1, True, backend))
     k_cache, v_cache = _cache(2, 12, 2, d, torch.float16, device)
     lengths = torch.tensor([2, 7], device=device, dtype=torch.int32)
     new = torch.randn(2, 1, 2, d, device=device, dtype=torch.float16)
@@ -409,6 +410,25 @@ def test_backward_is_bitwise_deterministic(backend, device):
         runs.append(torch.autograd.grad(out, (q, k, v), grad))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+def atomic_dq_changes_only_dq(device, batch, seqlen, heads_q, heads_kv, head_dim, **kwargs):
+    """The CUDA backward's two dQ paths (fp32 atomics in the dK/dV kernel, or the dQ kernel)
+    give the same dK and dV bits, and dQ within one bf16 rounding of each other; both are
+    within the 3x rule of eager against fp64."""
+    q, k, v = _qkv(batch, seqlen, seqlen, heads_q, heads_kv, head_dim, torch.bfloat16, device)
+    grad = torch.randn_like(q)
+    _, (dq_atomic, dk_atomic, dv_atomic) = _check(q, k, v, "cuda", grad, deterministic=False, **kwargs)
+    _, (dq_kernel, dk_kernel, dv_kernel) = _check(q, k, v, "cuda", grad, deterministic=True, **kwargs)
+    assert torch.equal(dk_atomic, dk_kernel) and torch.equal(dv_atomic, dv_kernel)
+    scale = dq_kernel.double().abs().max().item()
+    assert (dq_atomic.double() - dq_kernel.double()).abs().max().item() <= 2 ** -7 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_atomic_dq_changes_only_dq(head_dim, device):
+    atomic_dq_changes_only_dq(device, 2, 1000, 16, 4, head_dim, causal=True)
 
 
 @pytest.mark.gpu

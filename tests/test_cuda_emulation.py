@@ -162,9 +162,36 @@ def test_emulated_cuda_triton_reference_three_way(cuda_backend, case):
 def test_emulated_backward_is_deterministic(cuda_backend):
     q, k, v = (t.requires_grad_(True) for t in attention_tests._qkv(1, 40, 40, 4, 2, 64, torch.bfloat16, CPU))
     grad = torch.randn_like(q)
-    runs = [torch.autograd.grad(ik.flash_attention(q, k, v, causal=True, backend="cuda"), (q, k, v), grad)
+    runs = [torch.autograd.grad(ik.flash_attention(q, k, v, causal=True, deterministic=True, backend="cuda"),
+                                (q, k, v), grad)
             for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# The grid above runs the default backward (dQ by atomics in the dK/dV kernel); these run the
+# deterministic one (the dQ kernel) over the cases that stress its tiling and masks.
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
+def test_emulated_deterministic_backward_matches_reference(cuda_backend, case, head_dim):
+    batch, sq, sk, hq, hkv, kwargs = CASES[case]
+    q, k, v = attention_tests._qkv(batch, sq, sk, hq, hkv, head_dim, torch.bfloat16, CPU)
+    attention_tests._check(q, k, v, "cuda", deterministic=True, **kwargs)
+
+
+def test_emulated_deterministic_backward_packed_varlen(cuda_backend):
+    # test_attention_packed_varlen's sequences (empty ones, padding rows), through the dQ kernel.
+    cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)
+    q, k, v = attention_tests._qkv(None, 22, 31, 6, 2, 64, torch.bfloat16, CPU, packed=True)
+    _, (dq, _, _) = attention_tests._check(q, k, v, "cuda", deterministic=True, causal=True,
+                                           cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.equal(dq[20:], torch.zeros_like(dq[20:])), "padding query rows get zero gradients"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim):
+    # 3 key tiles, 2 heads of a group: several programs add into the same dQ rows.
+    attention_tests.atomic_dq_changes_only_dq(CPU, 1, 150, 2, 1, head_dim, causal=True)
 
 
 @pytest.mark.parametrize("new_tokens", [1, 3])

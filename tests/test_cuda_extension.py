@@ -50,7 +50,7 @@ def test_glue_rejects_cpu_tensors_before_any_launch():
     with pytest.raises(RuntimeError, match=r"attention_fwd \(cuda\): q must be a CUDA tensor"):
         ext.attention_fwd(q, q, q, torch.empty_like(q), lse, None, None, 0.125, True, (-1, -1))
     with pytest.raises(RuntimeError, match=r"attention_bwd \(cuda\): q must be a CUDA tensor"):
-        ext.attention_bwd(q, q, q, q, q, lse, q, q, q, None, None, 0.125, False, (-1, -1))
+        ext.attention_bwd(q, q, q, q, q, lse, q, q, q, None, None, 0.125, False, (-1, -1), False)
     with pytest.raises(RuntimeError, match=r"attention_decode \(cuda\): q must be a CUDA tensor"):
         ext.attention_decode(q, q, q, torch.empty_like(q), torch.zeros(1, dtype=torch.int32), 0, 0.125, True,
                              (-1, -1), None, None, False)

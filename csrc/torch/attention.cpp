@@ -170,7 +170,7 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, const std::optional<at::Tensor>& cu_seqlens_q,
                    const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
-                   std::tuple<int64_t, int64_t> window_size) {
+                   std::tuple<int64_t, int64_t> window_size, bool deterministic) {
   constexpr const char* op = "attention_bwd (cuda)";
   AttentionBwdParams p;
   static_cast<AttentionParams&>(p) =
@@ -192,6 +192,11 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   bind_rows(dq, p.dq, p.dq_stride_b, p.dq_stride_s, p.dq_stride_h);
   bind_rows(dk, p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h);
   bind_rows(dv, p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h);
+  at::Tensor dq_accum;  // fp32 atomic target of the default (non-deterministic) backward
+  if (!deterministic) {
+    dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+    bind_rows(dq_accum, p.dq_accum, p.dq_accum_stride_b, p.dq_accum_stride_s, p.dq_accum_stride_h);
+  }
   const LaunchScope scope(q);
   const cudaStream_t stream = scope.stream();
   check_launch(op, IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {

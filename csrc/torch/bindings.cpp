@@ -40,10 +40,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &attention_fwd, "fused attention forward (writes out and lse)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"));
-  m.def("attention_bwd", &attention_bwd, "fused attention backward (writes dq, dk, dv)", py::arg("dout"), py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
-        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("softmax_scale"), py::arg("causal"),
-        py::arg("window_size"));
+  m.def("attention_bwd", &attention_bwd,
+        "fused attention backward (writes dq, dk, dv; dQ by fp32 atomics unless deterministic)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("softmax_scale"), py::arg("causal"),
+        py::arg("window_size"), py::arg("deterministic"));
   m.def("kvcache_append", &kvcache_append,
         "write new K (rotated when tables are given) and V entries into the caches at cache_seqlens", py::arg("k"),
         py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("rotary_cos"),

@@ -41,7 +41,7 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                    const at::Tensor& dv, const std::optional<at::Tensor>& cu_seqlens_q,
                    const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
-                   std::tuple<int64_t, int64_t> window_size);
+                   std::tuple<int64_t, int64_t> window_size, bool deterministic);
 
 // k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the rotary tables
 // are given) and v_cache[b, cache_seqlens[b] + i] = v[b, i]; k, v (B, Snew, Hkv, D), caches

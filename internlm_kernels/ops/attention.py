@@ -3,9 +3,9 @@
 Registered ops (namespace ``internlm_kernels``):
 
   flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left,
-                 window_right, backend) -> (out, lse)                            differentiable
+                 window_right, deterministic, backend) -> (out, lse)             differentiable
   flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
-                 window_left, window_right, backend) -> (dq, dk, dv)
+                 window_left, window_right, deterministic, backend) -> (dq, dk, dv)
   flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, softmax_scale, causal,
                      window_left, window_right, backend) -> out                  inference
 
@@ -157,7 +157,8 @@ def _new_outputs(q: Tensor, packed: bool) -> Tuple[Tensor, Tensor]:
 @torch.library.custom_op("internlm_kernels::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                     softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                    backend: str) -> Tuple[Tensor, Tensor]:
+                    deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    # ``deterministic`` only matters to the backward; it rides here so autograd saves it.
     packed = cu_seqlens_q is not None
     out, lse = _new_outputs(q, packed)
     if q.numel() > 0 and k.numel() == 0:  # no keys at all: zeros and -inf, nothing to launch
@@ -170,7 +171,8 @@ def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tens
 
 
 @_flash_attn_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, deterministic,
+      backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty(_lse_shape(q, cu_seqlens_q is not None), device=q.device, dtype=torch.float32))
 
@@ -178,7 +180,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, w
 @torch.library.custom_op("internlm_kernels::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], softmax_scale: float,
-                    causal: bool, window_left: int, window_right: int,
+                    causal: bool, window_left: int, window_right: int, deterministic: bool,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     packed = cu_seqlens_q is not None
     allocate = torch.zeros_like if packed else torch.empty_like  # packed padding rows get zero gradients
@@ -187,7 +189,7 @@ def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         kernels(backend, "attention").attention_bwd(
             _as_4d(dout), _as_4d(q), _as_4d(k), _as_4d(v), _as_4d(out), _lse_as_3d(lse),
             _as_4d(dq), _as_4d(dk), _as_4d(dv), cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
-            (window_left, window_right))
+            (window_left, window_right), deterministic)
     elif not packed:
         for grad in (dq, dk, dv):
             grad.zero_()
@@ -196,16 +198,17 @@ def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
 
 @_flash_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right,
-      backend):
+      deterministic, backend):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, backend = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, deterministic, \
+        backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.settings = (softmax_scale, causal, window_left, window_right, backend)
+    ctx.settings = (softmax_scale, causal, window_left, window_right, deterministic, backend)
 
 
 def _fwd_backward(ctx, dout, _dlse):
@@ -214,7 +217,7 @@ def _fwd_backward(ctx, dout, _dlse):
     if ctx.settings[-1] == "cuda" and not _rows_aligned(dout):  # e.g. a gradient sliced from a wider one
         dout = dout.contiguous()
     dq, dk, dv = _flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.settings)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -279,9 +282,10 @@ def flash_attention(
     D ** -0.5. Rows that see no key output zeros (lse -inf).
 
     Returns out (like q), and with ``return_lse`` the fp32 log-sum-exp (B, Hq, Sq), or
-    (Hq, Tq) packed. Differentiable in q, k, v. The Triton backward uses no atomics, so it
-    is deterministic whether or not ``deterministic`` is set; so is the CUDA one (dK/dV per key
-    tile summed over the query group, dQ in its own kernel).
+    (Hq, Tq) packed. Differentiable in q, k, v. ``deterministic`` picks the CUDA backward, as
+    in flash-attention: False (default) adds dQ up with fp32 atomics inside the dK/dV kernel
+    (fewer products; dq's last bits vary from run to run), True writes dQ from its own kernel
+    (same bits every run). The Triton backward uses no atomics: it is deterministic either way.
     Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; CUDA float16 /
     bfloat16 with head_dim 64 or 128 and 16-byte aligned rows; "auto" hands other calls
     (float32, odd head dims, CPU tensors) to the eager reference.
@@ -297,7 +301,7 @@ def flash_attention(
     if cu_seqlens_q is not None:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window[0], window[1],
-                               chosen)
+                               bool(deterministic), chosen)
     return (out, lse) if return_lse else out
 
 

@@ -692,9 +692,10 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
 
 
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale: float,
-                  causal: bool, window_size) -> None:
+                  causal: bool, window_size, deterministic: bool = True) -> None:
     """Gradients of attention_fwd. Same layouts; dq/dk/dv are written (packed padding rows are
-    left as the caller initialised them)."""
+    left as the caller initialised them). Always deterministic (dK/dV and dQ kernels, no
+    atomics); ``deterministic`` is accepted for the CUDA launcher's signature."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv

@@ -1,13 +1,18 @@
-// Fused attention on tensor cores (FlashAttention-2 style): forward, backward (dK/dV and
-// dQ kernels), split-KV decoding with its combine kernel, and the KV-cache append.
+// Fused attention on tensor cores (FlashAttention-2 style): forward, backward (dK/dV with dQ
+// by atomics, or dK/dV and dQ kernels), split-KV decoding with its combine kernel, and the
+// KV-cache append.
 //
 // Work split. Query rows are "packed" as in the Triton kernels: row r of a sequence is query
 // position r / group of query head kv_head * group + r % group, so a program owns one KV
 // head and a tile of its group's rows, and every K/V tile it loads serves the whole group
 // (GQA/MQA without repeating K/V; a decode step with 1 position still fills 8 rows with
-// group 8). Programs: forward and dQ per tile of packed rows, dK/dV per tile of keys (summed
-// over the group's rows: no atomics anywhere, so the backward is deterministic), decode per
-// (split of the cache, row tile).
+// group 8). Programs: forward per tile of packed rows; dK/dV per tile of keys (summed over
+// the group's rows, so dK and dV never need atomics); decode per (split of the cache, row
+// tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV program also
+// multiplies its dS by K and adds the result into an fp32 dQ with atomics (5 products per
+// tile pair; the order of the adds varies, so the last bits of dQ do too). Deterministic:
+// a dQ program per tile of packed rows recomputes S and dP (8 products per tile pair) and
+// writes dQ once.
 //
 // Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
 // m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts). Operands stream from global
@@ -263,6 +268,29 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[kMTiles][kNTiles][4], const
         mma::mma_16816<T>(acc[mt][2 * n], a[mt], b[0], b[1]);
         mma::mma_16816<T>(acc[mt][2 * n + 1], a[mt], b[2], b[3]);
       }
+    }
+  }
+}
+
+// acc[1][kNTiles] += A B: A rows [a_row0, a_row0 + 16) of a row-major tile over its 16 kKSteps
+// columns, B the k-major tile's rows [0, 16 kKSteps), columns from 16-column group b_step0
+// on (dS K: dS staged in shared memory, K as the dK/dV program holds it).
+template <typename T, class ATile, class BTile, int kKSteps, int kNTiles>
+__device__ __forceinline__ void gemm_ab(float (&acc)[1][kNTiles][4], uint32_t a_tile, int a_row0, uint32_t b_tile,
+                                        int b_step0, int lane) {
+  static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  static_assert(kKSteps <= ATile::kChunks / 2, "SwizzledTile::address: k steps stay inside a row");
+  const uint32_t a_offset = ATile::a_lane_offset(lane), b_offset = BTile::b_trans_lane_offset(lane);
+#pragma unroll
+  for (int k = 0; k < kKSteps; ++k) {
+    uint32_t a[4];
+    mma::ldmatrix_x4(a, ATile::address(a_tile, a_row0, a_offset, k));
+#pragma unroll
+    for (int n = 0; n < kNTiles / 2; ++n) {
+      uint32_t b[4];
+      mma::ldmatrix_x4_trans(b, BTile::address(b_tile, 16 * k, b_offset, b_step0 + n));
+      mma::mma_16816<T>(acc[0][2 * n], a, b[0], b[1]);
+      mma::mma_16816<T>(acc[0][2 * n + 1], a, b[2], b[3]);
     }
   }
 }
@@ -602,17 +630,30 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Att
 // Backward
 // ---------------------------------------------------------------------------------------
 
+// The (b, s, h) query row of the calling warp in the one-warp-per-row kernels (4 warps a
+// block, launched over cdiv(B * Sq * Hq, 4) blocks); false past the last row.
+struct QueryRow {
+  int64_t batch, pos, head;
+};
+
+__device__ __forceinline__ bool warp_query_row(const AttentionParams& p, QueryRow& row) {
+  const int64_t index = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
+  if (index >= int64_t(p.batch) * p.seqlen_q * p.heads_q) return false;
+  row.head = index % p.heads_q;
+  row.pos = (index / p.heads_q) % p.seqlen_q;
+  row.batch = index / (int64_t(p.heads_q) * p.seqlen_q);
+  return true;
+}
+
 // delta[b, h, s] = sum_d dout * out (fp32), one warp per (b, s, h) row, 16-byte loads.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttentionBwdParams p) {
   constexpr int kChunks = kHeadDim / 8;
   static_assert(kChunks <= 32, "one 16-byte chunk per lane");
   const int lane = threadIdx.x % 32;
-  const int64_t index = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;  // over (b, s, h)
-  const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
-  if (index >= rows) return;
-  const int64_t head = index % p.heads_q, pos = (index / p.heads_q) % p.seqlen_q;
-  const int64_t batch = index / (int64_t(p.heads_q) * p.seqlen_q);
+  QueryRow row;
+  if (!warp_query_row(p, row)) return;
+  const int64_t batch = row.batch, pos = row.pos, head = row.head;
   float sum = 0.f;
   if (lane < kChunks) {
     float o[8], d[8];
@@ -657,18 +698,55 @@ __device__ __forceinline__ float bwd_probability(float s, float scale_log2, cons
   return exp2f(s * scale_log2 - row.lse2);
 }
 
-// dK and dV of one tile of keys: loops over the query rows of the group that see it.
-template <class Tr, bool kHasWindow>
+// The atomic-dQ step of the dK/dV program: its dS for one query tile (kBlockN rows x the
+// tile's kBlockM keys) goes through shared memory, and the warps split dQ += dS K, each a
+// 16-row x 64-column slab, which it adds into the fp32 dQ accumulator.
+template <class Tr>
+struct AtomicDq {
+  using DsTile = mma::SwizzledTile<Tr::kBlockN, Tr::kBlockM>;  // dS, rows = queries, columns = keys
+  static constexpr int kRowSlabs = Tr::kBlockN / 16;
+  static constexpr int kColumnSlabs = Tr::kWarpsM / kRowSlabs;
+  static constexpr int kDimTiles = Tr::kDimTiles / kColumnSlabs;  // 8-column tiles of one warp's slab
+  static_assert(Tr::kWarpsM % kRowSlabs == 0 && Tr::kDimTiles % (2 * kColumnSlabs) == 0,
+                "the warps tile dQ's kBlockN x head_dim block in whole 16 x 16 slabs");
+};
+
+// Stage a warp's dS^T accumulators (its 16 keys x the tile's query rows) as dS in the
+// [rows][keys] tile, in whole 4-byte words: a lane holds keys g and g + 8 of rows 2t and
+// 2t + 1, so it swaps one value with the lane holding the neighbouring key (lane ^ 4) and
+// writes the (even key, odd key) pair of one of the two rows.
+template <typename T, class DsTile, int kNTiles>
+__device__ __forceinline__ void stage_ds(char* ds_tile, int key0, const float (&dst)[1][kNTiles][4], int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const bool even = (g % 2) == 0;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float row_even = dst[0][nt][2 * half], row_odd = dst[0][nt][2 * half + 1];
+      const float partner = __shfl_xor_sync(kFullMask, even ? row_odd : row_even, 4);
+      const int row = 8 * nt + 2 * t + (even ? 0 : 1);
+      const int key = key0 + 8 * half + (g & ~1);
+      const uint32_t pair = even ? mma::pack2<T>(row_even, partner) : mma::pack2<T>(partner, row_odd);
+      store_shared(reinterpret_cast<uint32_t*>(ds_tile + DsTile::element_offset(row, key)), pair);
+    }
+}
+
+// dK and dV of one tile of keys: loops over the query rows of the group that see it. With
+// kAtomicDq, also adds each query tile's dS K into p.dq_accum.
+template <class Tr, bool kHasWindow, bool kAtomicDq>
 __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using T = typename Tr::T;
   using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
   using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages
+  using Dq = AtomicDq<Tr>;
   static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-key slab per warp");
   IK_DYNAMIC_SHARED(char, smem);
   char* k_tile = smem;
   char* v_tile = smem + KeyTile::kBytes;
   char* q_tiles = v_tile + KeyTile::kBytes;  // stages: Q0 dO0 Q1 dO1
   BwdRow* row_info = reinterpret_cast<BwdRow*>(q_tiles + 4 * QueryTile::kBytes);  // [2][kBlockN]
+  char* ds_tile = reinterpret_cast<char*>(row_info + 2 * Tr::kBlockN);  // kAtomicDq only
   const uint32_t k_address = mma::shared_address(k_tile), v_address = mma::shared_address(v_tile);
   const uint32_t q_address = mma::shared_address(q_tiles);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -760,13 +838,41 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - load_shared(&info[8 * nt + 2 * t + e % 2].delta);
+    if constexpr (kAtomicDq) stage_ds<T, typename Dq::DsTile>(ds_tile, warp_key0, pt_, lane);
     // dK += dS^T Q (scaled once at the end)
     gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
+    if constexpr (kAtomicDq) {
+      // dQ += dS K over this tile's keys (scaled in the conversion). The barrier publishes
+      // every warp's dS; the next tile's loop-top barrier keeps its rewrite behind these reads.
+      __syncthreads();
+      const int slab_row = 16 * (warp % Dq::kRowSlabs), slab_step = (warp / Dq::kRowSlabs) * Dq::kDimTiles / 2;
+      float dq[1][Dq::kDimTiles][4];
+      zero(dq);
+      gemm_ab<T, typename Dq::DsTile, KeyTile, Tr::kBlockM / 16, Dq::kDimTiles>(
+          dq, mma::shared_address(ds_tile), slab_row, k_address, slab_step, lane);
+      // Recomputed per tile rather than held across the loop: at d = 128 the loop has no
+      // registers to spare (sm_80 spilled with it held).
+      const void* dq_accum_base = tensor_base<float>(p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start,
+                                                     p.dq_accum_stride_s, pt.kv_head * p.group, p.dq_accum_stride_h);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + slab_row + g + 8 * r;
+        if (row >= rows) continue;  // padding rows past the sequence: dS is 0 there
+        float* target = static_cast<float*>(const_cast<void*>(
+            packed_row_address<float>(dq_accum_base, row, p.group, p.dq_accum_stride_s, p.dq_accum_stride_h)));
+#pragma unroll
+        for (int dt = 0; dt < Dq::kDimTiles; ++dt) {
+          const int col = 16 * slab_step + 8 * dt + 2 * t;
+          atomicAdd(target + col, dq[0][dt][2 * r]);
+          atomicAdd(target + col + 1, dq[0][dt][2 * r + 1]);
+        }
+      }
+    }
   }
   mma::cp_async_wait<0>();
-  __syncthreads();  // K / V copies by other threads landed before this warp reuses its rows
+  __syncthreads();  // K / V copies by other threads landed, and every warp's reads of K are done
 
-  // Each warp stages its own 16 keys in its own rows of the K and V tiles (only it read them).
+  // Each warp stages its own 16 keys in its own rows of the K and V tiles.
   stage_rows<T, KeyTile>(k_tile, warp_key0, dk, p.scale, lane);
   stage_rows<T, KeyTile>(v_tile, warp_key0, dv, 1.f, lane);
   __syncwarp();
@@ -873,6 +979,24 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   });
 }
 
+// dq = scale * dq_accum rounded to T, one warp per (b, s, h) row: the last step of the
+// atomic-dQ backward.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(128) attention_bwd_dq_convert_kernel(const AttentionBwdParams p) {
+  constexpr int kChunks = kHeadDim / 8;
+  static_assert(kChunks <= 32, "one 8-value chunk per lane");
+  const int lane = threadIdx.x % 32;
+  QueryRow row;
+  if (!warp_query_row(p, row) || lane >= kChunks) return;
+  float values[8];
+  load_floats<float, 8>(p.dq_accum + row.batch * p.dq_accum_stride_b + row.pos * p.dq_accum_stride_s +
+                            row.head * p.dq_accum_stride_h, lane * 8, kHeadDim, true, values);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) values[i] *= p.scale;
+  store_floats<T, 8>(static_cast<T*>(p.dq) + row.batch * p.dq_stride_b + row.pos * p.dq_stride_s +
+                         row.head * p.dq_stride_h, lane * 8, kHeadDim, true, values);
+}
+
 // ---------------------------------------------------------------------------------------
 // KV-cache append: one block per (new token, batch row), 16-byte chunks over the k heads then
 // the v heads; k rotates on the way when rotary tables are given.
@@ -964,8 +1088,17 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
   using KeyTr = BwdKeyTraits<T, kHeadDim>;
   const int key_smem = 2 * KeyTr::RowTile::kBytes + 4 * KeyTr::StreamTile::kBytes +
                        2 * KeyTr::kBlockN * static_cast<int>(sizeof(BwdRow));
-  error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow>, tile_grid(p, p.seqlen_k, KeyTr::kBlockM),
-                 KeyTr::kThreads, key_smem, stream, p);
+  const dim3 key_grid = tile_grid(p, p.seqlen_k, KeyTr::kBlockM);
+  if (p.dq_accum != nullptr) {
+    error = zero_async(p.dq_accum, static_cast<size_t>(delta_rows) * kHeadDim * sizeof(float), stream);
+    if (error != cudaSuccess) return error;
+    error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow, true>, key_grid, KeyTr::kThreads,
+                   key_smem + AtomicDq<KeyTr>::DsTile::kBytes, stream, p);
+    if (error != cudaSuccess) return error;
+    return launch(attention_bwd_dq_convert_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
+                  128, 0, stream, p);
+  }
+  error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow, false>, key_grid, KeyTr::kThreads, key_smem, stream, p);
   if (error != cudaSuccess) return error;
   using QueryTr = BwdQueryTraits<T, kHeadDim>;
   const int query_smem = 2 * QueryTr::RowTile::kBytes + 4 * QueryTr::StreamTile::kBytes;

@@ -40,7 +40,10 @@ struct AttentionParams {
 };
 
 // Backward: dout like out; dq like q, dk / dv like k / v; delta (fp32, lse's strides) is
-// workspace the launcher fills with rowsum(dout * out).
+// workspace the launcher fills with rowsum(dout * out). With dq_accum set (fp32, q's shape,
+// contiguous: workspace the launcher zeroes), dQ is summed there by atomics in the dK/dV
+// kernel and then converted into dq (fast; the order of the adds, so dq's last bits, vary
+// from run to run); without it, a dQ kernel writes dq once (deterministic).
 struct AttentionBwdParams : AttentionParams {
   const void* dout = nullptr;
   int64_t dout_stride_b = 0, dout_stride_s = 0, dout_stride_h = 0;
@@ -51,6 +54,8 @@ struct AttentionBwdParams : AttentionParams {
   void* dv = nullptr;
   int64_t dv_stride_b = 0, dv_stride_s = 0, dv_stride_h = 0;
   float* delta = nullptr;
+  float* dq_accum = nullptr;
+  int64_t dq_accum_stride_b = 0, dq_accum_stride_s = 0, dq_accum_stride_h = 0;
 };
 
 // Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -425,6 +426,9 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
   for (int l = 0; l < 32; ++l) bits |= unsigned(all[l]) << l;
   return bits;
 }
+// Global fp32 atomics (the atomic-dQ backward): the threads of a block run concurrently, so
+// this is a real atomic read-modify-write.
+inline float atomicAdd(float* address, float value) { return std::atomic_ref<float>(*address).fetch_add(value); }
 inline int __ffs(unsigned value) { return __builtin_ffs(static_cast<int>(value)); }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }  // the GPU's is within 2 ulp of this
 

@@ -197,6 +197,9 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     for backend in kernel_backends(device, "flash_attention"):
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention(q, k, v, causal=causal, backend=b)
+    if backward and "cuda" in impls:  # the CUDA backward's other dQ path (its own kernel, no atomics)
+        impls["cuda_deterministic"] = lambda: ik.flash_attention(q, k, v, causal=causal, deterministic=True,
+                                                                 backend="cuda")
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
     if "eager" in providers and small_enough:
         impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)

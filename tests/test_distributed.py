@@ -4,6 +4,7 @@ kernels: 2 CPU processes on gloo give the same loss and gradients as one process
 from __future__ import annotations
 
 import datetime
+import gc
 import socket
 
 import pytest
@@ -30,10 +31,26 @@ def _model():
     return InternLMForCausalLM(ModelArgs.from_name("tiny-internlm2"), backend="auto")
 
 
-def _worker(rank: int, port: int, result_path: str) -> None:
+def _train_and_save(rank: int, result_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    local = _batch()[rank::WORLD]  # equal shards: the mean of the local means is the global mean
+    loss = _loss(model, local)
+    loss.backward()
+    loss = loss.detach().clone()
+    dist.all_reduce(loss)
+    grads = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
+    if rank == 0:
+        torch.save({"loss": loss / WORLD, "grads": grads}, result_path)
+
+
+def _worker(rank: int, port: int, result_path: str) -> None:
     # A lost peer fails the test within minutes instead of gloo's default half hour.
     dist.init_process_group(
         "gloo",
@@ -43,22 +60,12 @@ def _worker(rank: int, port: int, result_path: str) -> None:
         timeout=datetime.timedelta(seconds=300),
     )
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model = _model()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        local = _batch()[rank::WORLD]  # equal shards: the mean of the local means is the global mean
-        loss = _loss(model, local)
-        loss.backward()
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        grads = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
-        if rank == 0:
-            torch.save({"loss": loss / WORLD, "grads": grads}, result_path)
-        # Tear down together: a rank that destroys its group while its peer still has gloo
-        # traffic in flight on the shared connection can abort the process (seen once on a
-        # loaded 2-core machine as "terminate called without an active exception").
+        _train_and_save(rank, result_path)
+        # Tear down cleanly (CI once saw rank 1 abort with "terminate called without an active
+        # exception"): FSDP's hooks leave reference cycles that would otherwise free gloo
+        # objects during interpreter shutdown, and the barrier lets both ranks finish their
+        # traffic before either destroys the group.
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()

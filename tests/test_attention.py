@@ -300,8 +300,9 @@ def test_opcheck(backend, device):
 def test_compiles_without_graph_breaks_varlen_lengths_on_device(backend, device):
     torch._dynamo.reset()
 
-    def layer(q, k, v, cu):  # no max_seqlen: lengths stay on the device
-        return ik.flash_attention(q * 0.5, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+    def layer(q, k, v, cu):  # no max_seqlen: lengths stay on the device; the dq bits compared below
+        return ik.flash_attention(q * 0.5, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, deterministic=True,
+                                  backend=backend)
 
     compiled = torch.compile(layer, fullgraph=True)
     q, k, v = _qkv(None, 14, 14, 4, 2, _dim(backend, 16), torch.float16, device, packed=True)

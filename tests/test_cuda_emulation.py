@@ -168,6 +168,23 @@ def test_emulated_backward_is_deterministic(cuda_backend):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_emulated_global_deterministic_switch_selects_the_dq_kernel(cuda_backend):
+    q, k, v = (t.requires_grad_(True) for t in attention_tests._qkv(1, 150, 150, 2, 1, 64, torch.bfloat16, CPU))
+    grad = torch.randn_like(q)
+
+    def dq(**kwargs):
+        return torch.autograd.grad(ik.flash_attention(q, k, v, causal=True, backend="cuda", **kwargs), q, grad)[0]
+
+    by_kernel, by_atomics = dq(deterministic=True), dq()
+    assert not torch.equal(by_kernel, by_atomics), "the two dQ paths sum in different orders"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(dq(), by_kernel)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 # The grid above runs the default backward (dQ by atomics in the dK/dV kernel); these run the
 # deterministic one (the dQ kernel) over the cases that stress its tiling and masks.
 @pytest.mark.parametrize("head_dim", [64, 128])

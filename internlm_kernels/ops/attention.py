@@ -285,7 +285,8 @@ def flash_attention(
     (Hq, Tq) packed. Differentiable in q, k, v. ``deterministic`` picks the CUDA backward, as
     in flash-attention: False (default) adds dQ up with fp32 atomics inside the dK/dV kernel
     (fewer products; dq's last bits vary from run to run), True writes dQ from its own kernel
-    (same bits every run). The Triton backward uses no atomics: it is deterministic either way.
+    (same bits every run); ``torch.use_deterministic_algorithms(True)`` also selects it. The
+    Triton backward uses no atomics: it is deterministic either way.
     Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; CUDA float16 /
     bfloat16 with head_dim 64 or 128 and 16-byte aligned rows; "auto" hands other calls
     (float32, odd head dims, CPU tensors) to the eager reference.
@@ -300,8 +301,10 @@ def flash_attention(
                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
     if cu_seqlens_q is not None:
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    # The global switch is read here, at the call, as torch.compile sees it (it guards on it).
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window[0], window[1],
-                               bool(deterministic), chosen)
+                               deterministic, chosen)
     return (out, lse) if return_lse else out
 
 

@@ -711,6 +711,17 @@ struct AtomicDq {
                 "the warps tile dQ's kBlockN x head_dim block in whole 16 x 16 slabs");
 };
 
+// dst[0] += a and dst[1] += b in global memory, each add atomic: one 8-byte vector reduction
+// on sm_90 (dst 8-byte aligned), two scalar ones before it.
+__device__ __forceinline__ void atomic_add_pair(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
 // Stage a warp's dS^T accumulators (its 16 keys x the tile's query rows) as dS in the
 // [rows][keys] tile, in whole 4-byte words: a lane holds keys g and g + 8 of rows 2t and
 // 2t + 1, so it swaps one value with the lane holding the neighbouring key (lane ^ 4) and
@@ -861,11 +872,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         float* target = static_cast<float*>(const_cast<void*>(
             packed_row_address<float>(dq_accum_base, row, p.group, p.dq_accum_stride_s, p.dq_accum_stride_h)));
 #pragma unroll
-        for (int dt = 0; dt < Dq::kDimTiles; ++dt) {
-          const int col = 16 * slab_step + 8 * dt + 2 * t;
-          atomicAdd(target + col, dq[0][dt][2 * r]);
-          atomicAdd(target + col + 1, dq[0][dt][2 * r + 1]);
-        }
+        for (int dt = 0; dt < Dq::kDimTiles; ++dt)
+          atomic_add_pair(target + 16 * slab_step + 8 * dt + 2 * t, dq[0][dt][2 * r], dq[0][dt][2 * r + 1]);
       }
     }
   }

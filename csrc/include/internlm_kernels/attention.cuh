@@ -84,6 +84,9 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 
 // dK/dV: 64 keys (16 per warp) x tiles of query rows; at d = 128 the fp32 dK and dV slabs
 // take 128 registers per thread, so the row tiles are 32 rows there and 64 at d = 64.
+// Shared memory K + V + 2 stages of Q and dO + row info: 65 KB at d = 128, 50 KB at d = 64;
+// the atomic-dQ variant adds its dS tile (4 KB / 8 KB). ptxas (CUDA 13.0, sm_90a, no
+// spills): 254-255 registers at d = 128 either way; 174 at d = 64, 208-212 with atomic dQ.
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 

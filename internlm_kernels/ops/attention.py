@@ -6,8 +6,9 @@ Registered ops (namespace ``internlm_kernels``):
                  window_right, deterministic, backend) -> (out, lse)             differentiable
   flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal,
                  window_left, window_right, deterministic, backend) -> (dq, dk, dv)
-  flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, softmax_scale, causal,
-                     window_left, window_right, backend) -> out                  inference
+  flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                     rotary_interleaved, softmax_scale, causal, window_left, window_right,
+                     backend) -> out                                             inference
 
 The API mirrors flash-attention's ``flash_attn_func`` / ``flash_attn_varlen_func`` /
 ``flash_attn_with_kvcache`` so model code can switch. The "torch" backend is the eager

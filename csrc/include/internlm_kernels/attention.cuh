@@ -871,7 +871,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = m0 + slab_row + g + 8 * r;
-        if (row >= rows) continue;  // padding rows past the sequence: dS is 0 there
+        if (row >= rows) continue;  // past the sequence: the next sequence's rows, or past the tensor
         float* target = static_cast<float*>(const_cast<void*>(
             packed_row_address<float>(dq_accum_base, row, p.group, p.dq_accum_stride_s, p.dq_accum_stride_h)));
 #pragma unroll

@@ -28,46 +28,75 @@ struct Vectorized {  // which tensors may use 16-byte accesses
   bool x, residual, weight, out, residual_out, dy, normed, dresidual_out, dx, dresidual;
 };
 
-__device__ __forceinline__ int64_t row_offset(int64_t row, int64_t rows_inner, const RowLayout& layout) {
-  return (row / rows_inner) * layout.stride_outer + (row % rows_inner) * layout.stride_inner;
+// A row's place in its (outer, inner) layout. The split is a 64-bit division, dozens of
+// instructions, so each kernel makes it once per row and hands the row's start pointers to
+// its chunk helpers: splitting per chunk and per tensor cost as many instructions as the
+// memory traffic took time.
+struct RowPosition {
+  int64_t outer, inner;
+  __device__ __forceinline__ RowPosition(int64_t row, int64_t rows_inner)
+      : outer(row / rows_inner), inner(row - outer * rows_inner) {}
+  __device__ __forceinline__ int64_t offset(const RowLayout& layout) const {
+    return outer * layout.stride_outer + inner * layout.stride_inner;
+  }
+};
+
+// Element size of a tensor that is T or fp32 (the *_fp32 flags).
+template <typename T>
+__device__ __forceinline__ int64_t element_size(bool is_fp32) {
+  return is_fp32 ? 4 : int64_t(sizeof(T));
 }
 
 // --------------------------------------------------------------------------------------
 // forward
 // --------------------------------------------------------------------------------------
 
+// Where one row of each forward tensor starts.
+struct FwdRow {
+  const void* x;
+  const void* residual;  // fused op only
+  void* residual_out;    // fused op only
+  void* out;
+};
+
+template <typename T>
+__device__ __forceinline__ FwdRow fwd_row(const RmsNormFwdParams& p, int64_t row) {
+  const RowPosition at(row, p.rows_inner);
+  FwdRow r;
+  r.x = static_cast<const T*>(p.x) + at.offset(p.x_layout);
+  r.residual = p.residual == nullptr ? nullptr
+                                     : offset_ptr(p.residual, at.offset(p.residual_layout),
+                                                  element_size<T>(p.residual_fp32));
+  r.residual_out = p.residual_out == nullptr ? nullptr
+                                             : offset_ptr(p.residual_out, at.offset(p.residual_out_layout),
+                                                          element_size<T>(p.residual_out_fp32));
+  r.out = offset_ptr(p.out, at.offset(p.out_layout), element_size<T>(p.out_fp32));
+  return r;
+}
+
 // Loads the chunk being normalised into v: x, or x + residual rounded to residual_out's
 // dtype (which is also stored). Returns nothing for out-of-range chunks (v zero).
 template <typename T, bool kFused, int kVec>
-__device__ __forceinline__ void load_input_chunk(const RmsNormFwdParams& p, const Vectorized& vec, int64_t row,
+__device__ __forceinline__ void load_input_chunk(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
                                                  int64_t col, float (&v)[kVec]) {
-  const T* x = static_cast<const T*>(p.x) + row_offset(row, p.rows_inner, p.x_layout);
-  load_floats<T, kVec>(x, col, p.cols, vec.x, v);
+  load_floats<T, kVec>(static_cast<const T*>(r.x), col, p.cols, vec.x, v);
   if constexpr (kFused) {
-    float r[kVec];
-    const int64_t r_off = row_offset(row, p.rows_inner, p.residual_layout);
-    const int64_t r_size = p.residual_fp32 ? 4 : sizeof(T);
-    load_floats_t_or_f32<kVec, T>(offset_ptr(p.residual, r_off, r_size), p.residual_fp32, col, p.cols, vec.residual,
-                                  r);
+    float res[kVec];
+    load_floats_t_or_f32<kVec, T>(r.residual, p.residual_fp32, col, p.cols, vec.residual, res);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = p.residual_out_fp32 ? v[i] + r[i] : round_to<T>(v[i] + r[i]);
-    const int64_t ro_off = row_offset(row, p.rows_inner, p.residual_out_layout);
-    const int64_t ro_size = p.residual_out_fp32 ? 4 : sizeof(T);
-    store_floats_t_or_f32<kVec, T>(offset_ptr(p.residual_out, ro_off, ro_size), p.residual_out_fp32, col, p.cols,
-                                   vec.residual_out, v);
+    for (int i = 0; i < kVec; ++i) v[i] = p.residual_out_fp32 ? v[i] + res[i] : round_to<T>(v[i] + res[i]);
+    store_floats_t_or_f32<kVec, T>(r.residual_out, p.residual_out_fp32, col, p.cols, vec.residual_out, v);
   }
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ void store_output_chunk(const RmsNormFwdParams& p, const Vectorized& vec, int64_t row,
+__device__ __forceinline__ void store_output_chunk(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
                                                    int64_t col, float rstd, const float (&v)[kVec]) {
   float w[kVec], y[kVec];
   load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
 #pragma unroll
   for (int i = 0; i < kVec; ++i) y[i] = round_to<T>(v[i] * rstd) * w[i];
-  const int64_t off = row_offset(row, p.rows_inner, p.out_layout);
-  store_floats_t_or_f32<kVec, T>(offset_ptr(p.out, off, p.out_fp32 ? 4 : sizeof(T)), p.out_fp32, col, p.cols,
-                                 vec.out, y);
+  store_floats_t_or_f32<kVec, T>(r.out, p.out_fp32, col, p.cols, vec.out, y);
 }
 
 template <typename T, bool kFused>
@@ -77,13 +106,14 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
   IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool row_ok = row < p.rows;
+  const FwdRow r = fwd_row<T>(p, row_ok ? row : 0);
   float v[kMaxFwdItems][kVec];
   float sum_sq = 0.f;
 #pragma unroll
   for (int item = 0; item < kMaxFwdItems; ++item) {
     const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
     if (row_ok && col < p.cols) {
-      load_input_chunk<T, kFused, kVec>(p, vec, row, col, v[item]);
+      load_input_chunk<T, kFused, kVec>(p, vec, r, col, v[item]);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) sum_sq += v[item][i] * v[item][i];
     }
@@ -94,7 +124,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
 #pragma unroll
   for (int item = 0; item < kMaxFwdItems; ++item) {
     const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
-    if (col < p.cols) store_output_chunk<T, kVec>(p, vec, row, col, rstd, v[item]);
+    if (col < p.cols) store_output_chunk<T, kVec>(p, vec, r, col, rstd, v[item]);
   }
 }
 
@@ -104,11 +134,12 @@ __global__ void __launch_bounds__(kLoopedThreads) rms_norm_fwd_looped_kernel(con
   constexpr int kVec = Vec<T>::kSize;
   IK_SHARED_ARRAY(float, scratch, 32);
   const int64_t row = blockIdx.x;
+  const FwdRow r = fwd_row<T>(p, row);
   const int64_t step = int64_t(blockDim.x) * kVec;
   float v[kVec];
   float sum_sq = 0.f;
   for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
-    load_input_chunk<T, kFused, kVec>(p, vec, row, col, v);
+    load_input_chunk<T, kFused, kVec>(p, vec, r, col, v);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) sum_sq += v[i] * v[i];
   }
@@ -118,15 +149,11 @@ __global__ void __launch_bounds__(kLoopedThreads) rms_norm_fwd_looped_kernel(con
   // same thread stored in pass 1 (same chunk mapping), because in place x and residual
   // have been overwritten.
   for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
-    if constexpr (kFused) {
-      const int64_t off = row_offset(row, p.rows_inner, p.residual_out_layout);
-      load_floats_t_or_f32<kVec, T>(offset_ptr(p.residual_out, off, p.residual_out_fp32 ? 4 : sizeof(T)),
-                                    p.residual_out_fp32, col, p.cols, vec.residual_out, v);
-    } else {
-      const T* x = static_cast<const T*>(p.x) + row_offset(row, p.rows_inner, p.x_layout);
-      load_floats<T, kVec>(x, col, p.cols, vec.x, v);
-    }
-    store_output_chunk<T, kVec>(p, vec, row, col, rstd, v);
+    if constexpr (kFused)
+      load_floats_t_or_f32<kVec, T>(r.residual_out, p.residual_out_fp32, col, p.cols, vec.residual_out, v);
+    else
+      load_floats<T, kVec>(static_cast<const T*>(r.x), col, p.cols, vec.x, v);
+    store_output_chunk<T, kVec>(p, vec, r, col, rstd, v);
   }
 }
 
@@ -134,12 +161,37 @@ __global__ void __launch_bounds__(kLoopedThreads) rms_norm_fwd_looped_kernel(con
 // backward
 // --------------------------------------------------------------------------------------
 
+// Where one row of each backward tensor starts (dx and dresidual are contiguous rows).
+struct BwdRow {
+  const void* normed;
+  const void* dy;
+  const void* dresidual_out;  // optional
+  void* dx;
+  void* dresidual;  // optional, fused op only
+};
+
+template <typename T>
+__device__ __forceinline__ BwdRow bwd_row(const RmsNormBwdParams& p, int64_t row) {
+  const RowPosition at(row, p.rows_inner);
+  BwdRow r;
+  r.normed = offset_ptr(p.normed, at.offset(p.normed_layout), element_size<T>(p.normed_fp32));
+  r.dy = offset_ptr(p.dy, at.offset(p.dy_layout), element_size<T>(p.dy_fp32));
+  r.dresidual_out = p.dresidual_out == nullptr
+                        ? nullptr
+                        : offset_ptr(p.dresidual_out, at.offset(p.dresidual_out_layout),
+                                     element_size<T>(p.dresidual_out_fp32));
+  r.dx = static_cast<T*>(p.dx) + row * p.cols;
+  r.dresidual = p.dresidual == nullptr ? nullptr
+                                       : offset_ptr(p.dresidual, row * p.cols, element_size<T>(p.dresidual_fp32));
+  return r;
+}
+
 // dx for one chunk, given mean(g * x_hat) of the row; returns the chunk's dweight terms
 // dy * round(x_hat) in dw (x_hat met the weight rounded to x's dtype in the forward).
 template <typename T, bool kFused, int kVec>
-__device__ __forceinline__ void bwd_chunk(const RmsNormBwdParams& p, const Vectorized& vec, int64_t row, int64_t col,
-                                          float rstd, float mean_gx, const float (&x)[kVec], const float (&dy)[kVec],
-                                          float (&dw)[kVec]) {
+__device__ __forceinline__ void bwd_chunk(const RmsNormBwdParams& p, const Vectorized& vec, const BwdRow& r,
+                                          int64_t col, float rstd, float mean_gx, const float (&x)[kVec],
+                                          const float (&dy)[kVec], float (&dw)[kVec]) {
   float w[kVec], dx[kVec];
   load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
 #pragma unroll
@@ -148,30 +200,22 @@ __device__ __forceinline__ void bwd_chunk(const RmsNormBwdParams& p, const Vecto
     dx[i] = (dy[i] * w[i] - x_hat * mean_gx) * rstd;
     dw[i] = dy[i] * round_to<T>(x_hat);
   }
-  if (p.dresidual_out != nullptr) {
+  if (r.dresidual_out != nullptr) {
     float dro[kVec];
-    const int64_t off = row_offset(row, p.rows_inner, p.dresidual_out_layout);
-    load_floats_t_or_f32<kVec, T>(offset_ptr(p.dresidual_out, off, p.dresidual_out_fp32 ? 4 : sizeof(T)),
-                                  p.dresidual_out_fp32, col, p.cols, vec.dresidual_out, dro);
+    load_floats_t_or_f32<kVec, T>(r.dresidual_out, p.dresidual_out_fp32, col, p.cols, vec.dresidual_out, dro);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) dx[i] += dro[i];
   }
-  store_floats<T, kVec>(static_cast<T*>(p.dx) + row * p.cols, col, p.cols, vec.dx, dx);
-  if (kFused && p.dresidual != nullptr) {
-    store_floats_t_or_f32<kVec, T>(offset_ptr(p.dresidual, row * p.cols, p.dresidual_fp32 ? 4 : sizeof(T)),
-                                   p.dresidual_fp32, col, p.cols, vec.dresidual, dx);
-  }
+  store_floats<T, kVec>(static_cast<T*>(r.dx), col, p.cols, vec.dx, dx);
+  if (kFused && r.dresidual != nullptr)
+    store_floats_t_or_f32<kVec, T>(r.dresidual, p.dresidual_fp32, col, p.cols, vec.dresidual, dx);
 }
 
 template <typename T, int kVec>
-__device__ __forceinline__ float load_x_dy(const RmsNormBwdParams& p, const Vectorized& vec, int64_t row, int64_t col,
-                                           float (&x)[kVec], float (&dy)[kVec]) {
-  const int64_t x_off = row_offset(row, p.rows_inner, p.normed_layout);
-  load_floats_t_or_f32<kVec, T>(offset_ptr(p.normed, x_off, p.normed_fp32 ? 4 : sizeof(T)), p.normed_fp32, col,
-                                p.cols, vec.normed, x);
-  const int64_t dy_off = row_offset(row, p.rows_inner, p.dy_layout);
-  load_floats_t_or_f32<kVec, T>(offset_ptr(p.dy, dy_off, p.dy_fp32 ? 4 : sizeof(T)), p.dy_fp32, col, p.cols,
-                                vec.dy, dy);
+__device__ __forceinline__ float load_x_dy(const RmsNormBwdParams& p, const Vectorized& vec, const BwdRow& r,
+                                           int64_t col, float (&x)[kVec], float (&dy)[kVec]) {
+  load_floats_t_or_f32<kVec, T>(r.normed, p.normed_fp32, col, p.cols, vec.normed, x);
+  load_floats_t_or_f32<kVec, T>(r.dy, p.dy_fp32, col, p.cols, vec.dy, dy);
   float w[kVec];
   load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
   float gx = 0.f;
@@ -227,11 +271,12 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
   for (int64_t base = int64_t(blockIdx.x) * blockDim.y; base < p.rows; base += step) {  // uniform trip count
     const int64_t row = base + threadIdx.y;
     const bool row_ok = row < p.rows;
+    const BwdRow r = bwd_row<T>(p, row_ok ? row : 0);
     float gx = 0.f;
 #pragma unroll
     for (int item = 0; item < kMaxBwdItems; ++item) {
       const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
-      if (row_ok && col < p.cols) gx += load_x_dy<T, kVec>(p, vec, row, col, x[item], dy[item]);
+      if (row_ok && col < p.cols) gx += load_x_dy<T, kVec>(p, vec, r, col, x[item], dy[item]);
     }
     const float rstd = row_ok ? p.rstd[row] : 0.f;
     const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);
@@ -241,7 +286,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
       const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
       if (col < p.cols) {
         float dw[kVec];
-        bwd_chunk<T, kFused, kVec>(p, vec, row, col, rstd, mean_gx, x[item], dy[item], dw);
+        bwd_chunk<T, kFused, kVec>(p, vec, r, col, rstd, mean_gx, x[item], dy[item], dw);
         if (dw_row != nullptr) add_to_shared<kVec>(dw_row, col, p.cols, dw, /*overwrite=*/false);
       }
     }
@@ -266,15 +311,16 @@ __global__ void __launch_bounds__(kLoopedThreads, 1) rms_norm_bwd_looped_kernel(
   float* dw_row = p.dweight_partial != nullptr ? p.dweight_partial + int64_t(blockIdx.x) * p.cols : nullptr;
   float x[kVec], dy[kVec];
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const BwdRow r = bwd_row<T>(p, row);
     float gx = 0.f;
     for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step)
-      gx += load_x_dy<T, kVec>(p, vec, row, col, x, dy);
+      gx += load_x_dy<T, kVec>(p, vec, r, col, x, dy);
     const float rstd = p.rstd[row];
     const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);
     for (int64_t col = int64_t(threadIdx.x) * kVec; col < p.cols; col += step) {
-      load_x_dy<T, kVec>(p, vec, row, col, x, dy);
+      load_x_dy<T, kVec>(p, vec, r, col, x, dy);
       float dw[kVec];
-      bwd_chunk<T, kFused, kVec>(p, vec, row, col, rstd, mean_gx, x, dy, dw);
+      bwd_chunk<T, kFused, kVec>(p, vec, r, col, rstd, mean_gx, x, dy, dw);
       if (dw_row != nullptr)
 #pragma unroll
         for (int i = 0; i < kVec; ++i)

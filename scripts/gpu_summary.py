@@ -10,8 +10,8 @@ import re
 import sys
 import xml.etree.ElementTree as ElementTree
 
-# The test steps of gpu_check.sh: their junit file and their log.
-TEST_STEPS = (("junit.xml", "tests.log"), ("junit-attention.xml", "tests-attention.log"))
+# The test steps of gpu_check.sh, as named to scripts/pytest_resilient.py.
+TEST_STEPS = ("tests", "attention")
 
 
 def exit_code_note(log_path: str, label: str) -> str:
@@ -26,27 +26,37 @@ def exit_code_note(log_path: str, label: str) -> str:
     return f"did not finish: exit code {code}{reason}, see {os.path.basename(log_path)}"
 
 
-def tests_summary(out: str) -> list:
-    paths = []
-    lines = []
-    for junit, log in TEST_STEPS:
-        path = os.path.join(out, junit)
-        if os.path.exists(path):
-            paths.append(path)
-        else:
-            lines.append(f"tests ({junit}): {exit_code_note(os.path.join(out, log), 'pytest')}")
-    for path in paths:
+def step_summary(out: str, name: str) -> list:
+    """One test step: counts over its rounds, failures, the tests that crashed the interpreter,
+    and the test running when the time limit cut the step."""
+    status_path = os.path.join(out, f"{name}-status.json")
+    if not os.path.exists(status_path):
+        return [f"tests ({name}): did not run"]
+    status = json.load(open(status_path))
+    counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    failures = []
+    for path in sorted(glob.glob(os.path.join(out, f"junit-{name}-*.xml"))):
         root = ElementTree.parse(path).getroot()
         suite = root if root.tag == "testsuite" else root.find("testsuite")
-        counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-        lines.append(f"tests ({os.path.basename(path)}): {counts['tests']} run, {counts['failures']} failed, "
-                     f"{counts['errors']} errors, {counts['skipped']} skipped")
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
         for case in suite.iter("testcase"):
             problem = case.find("failure") if case.find("failure") is not None else case.find("error")
             if problem is not None:
                 message = (problem.get("message") or "").splitlines()[0][:160] if problem.get("message") else ""
-                lines.append(f"  FAIL {case.get('classname')}::{case.get('name')}: {message}")
+                failures.append(f"  FAIL {case.get('classname')}::{case.get('name')}: {message}")
+    lines = [f"tests ({name}): {counts['tests']} run, {counts['failures']} failed, {counts['errors']} errors, "
+             f"{counts['skipped']} skipped; pytest exit codes {status['exit_codes']}"]
+    lines += failures
+    lines += [f"  CRASHED (killed the interpreter; the tests before it in that round are only in {name}.log): "
+              f"{test}" for test in status["crashed"]]
+    if status.get("cut_during"):
+        lines.append(f"  CUT by the time limit during {status['cut_during']}")
     return lines
+
+
+def tests_summary(out: str) -> list:
+    return [line for name in TEST_STEPS for line in step_summary(out, name)]
 
 
 def ptxas_summary(out: str) -> list:
@@ -61,7 +71,7 @@ def ptxas_summary(out: str) -> list:
 
 
 def bench_summary(out: str) -> list:
-    paths = sorted(glob.glob(os.path.join(out, "*.json")))
+    paths = sorted(path for path in glob.glob(os.path.join(out, "*.json")) if not path.endswith("-status.json"))
     if not paths:
         return [f"bench: no results json; {exit_code_note(os.path.join(out, 'bench.log'), 'bench')}"]
     document = json.load(open(paths[-1]))
@@ -82,6 +92,9 @@ def main(out: str, phase: str = "all") -> None:
     sections = [ptxas_summary(out)]
     if phase != "bench":
         sections.insert(0, tests_summary(out))
+        probe = os.path.join(out, "exception-probe.txt")
+        if os.path.exists(probe):
+            sections.insert(0, ["exception probe:"] + ["  " + line for line in open(probe).read().splitlines()])
     if phase != "tests":
         sections.append(bench_summary(out))
         log = os.path.join(out, "bench.log")

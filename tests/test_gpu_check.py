@@ -32,10 +32,15 @@ def test_gpu_check_script_parses_and_rejects_unknown_phases(tmp_path):
     assert result.returncode == 2 and "phase must be all, tests or bench" in result.stderr
 
 
-def test_summary_reports_steps_cut_by_their_time_limit(tmp_path, capsys):
-    (tmp_path / "junit.xml").write_text(JUNIT)
-    (tmp_path / "tests.log").write_text("...\npytest exit code: 1\n")
-    (tmp_path / "tests-attention.log").write_text("....\npytest exit code: 124\n")  # killed: no junit written
+def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, capsys):
+    (tmp_path / "junit-tests-1.xml").write_text(JUNIT)
+    (tmp_path / "tests-status.json").write_text(json.dumps(
+        {"exit_codes": [1], "crashed": [], "cut_during": None, "deselected_after_crash": 0}))
+    # The attention step: round 1 crashed (no junit), round 2 was cut by the time limit (none either).
+    (tmp_path / "attention-status.json").write_text(json.dumps(
+        {"exit_codes": [-11, 124], "crashed": ["tests/test_attention.py::test_x[cuda]"],
+         "cut_during": "tests/test_attention.py::test_y[cuda]", "deselected_after_crash": 12}))
+    (tmp_path / "exception-probe.txt").write_text("extension error, CUDA tensors   killed by SIGSEGV\n")
     (tmp_path / "bench.log").write_text("[case 1/9] ...\nbench exit code: 124\n")
     rows = [{"op": "rms_norm_fwd", "provider": "cuda", "ms": 0.05, "gbps": 2900.0, "frac_of_ceiling": 0.91,
              "max_err": 0.0, "speedup_vs": {"triton": 1.1}}]
@@ -43,11 +48,13 @@ def test_summary_reports_steps_cut_by_their_time_limit(tmp_path, capsys):
         {"gpu": "NVIDIA H100", "date": "2026-11-27", "versions": {}, "ceilings": {}, "results": rows}))
     _summary_module().main(str(tmp_path), "all")
     text = capsys.readouterr().out
-    assert "tests (junit.xml): 9 run, 1 failed, 0 errors, 2 skipped" in text
+    assert "extension error, CUDA tensors   killed by SIGSEGV" in text
+    assert "tests (tests): 9 run, 1 failed, 0 errors, 2 skipped; pytest exit codes [1]" in text
     assert "FAIL tests.test_rms_norm::test_b: AssertionError: off by 3" in text
-    assert ("tests (junit-attention.xml): did not finish: exit code 124 (cut by its time limit), "
-            "see tests-attention.log") in text
-    assert "rms_norm_fwd" in text and "triton=1.10" in text
+    assert "tests (attention): 0 run" in text and "exit codes [-11, 124]" in text
+    assert "CRASHED" in text and "tests/test_attention.py::test_x[cuda]" in text
+    assert "CUT by the time limit during tests/test_attention.py::test_y[cuda]" in text
+    assert "rms_norm_fwd" in text and "triton=1.10" in text and "NVIDIA H100 2026-11-27" in text
     assert "bench: cut by its time limit" in text
 
 
@@ -57,3 +64,43 @@ def test_summary_of_a_bench_only_run_skips_the_tests(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "tests (" not in text
     assert "bench: no results json; did not finish: exit code 1, see bench.log" in text
+
+
+CRASHING_TESTS = """
+import os
+import signal
+
+
+def test_before():
+    assert sum(range(4)) == 6
+
+
+def test_crashes():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_after_passes():
+    assert "a" * 3 == "aaa"
+
+
+def test_after_fails():
+    assert 2 + 2 == 5
+"""
+
+
+def test_resilient_pytest_runs_the_tests_after_a_crash(tmp_path):
+    (tmp_path / "test_demo.py").write_text(CRASHING_TESTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["python", os.path.join(REPO, "scripts", "pytest_resilient.py"), "demo", str(out), "120",
+                             "-q", "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    status = json.loads((out / "demo-status.json").read_text())
+    assert status["crashed"] == ["test_demo.py::test_crashes"]
+    assert status["exit_codes"][0] == -11 and status["exit_codes"][1] == 1
+    assert status["cut_during"] is None
+    second_round = (out / "junit-demo-2.xml").read_text()
+    assert 'name="test_after_passes"' in second_round and 'name="test_after_fails"' in second_round
+    assert 'name="test_before"' not in second_round and 'name="test_crashes"' not in second_round
+    assert "Fatal Python error: Segmentation fault" in (out / "demo.log").read_text()

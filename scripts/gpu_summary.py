@@ -78,12 +78,14 @@ def bench_summary(out: str) -> list:
     ceilings = document.get("ceilings", {})
     lines = [f"bench: {document.get('gpu')} {document.get('date')} {document.get('versions')}",
              f"  ceilings: {ceilings}",
-             f"  {'op':<24}{'provider':<20}{'ms':>9}{'GB/s|TF':>9}{'ceil':>6}{'max err':>10}  speedups"]
+             f"  {'op':<24}{'provider':<20}{'ms':>9}{'graph':>9}{'GB/s|TF':>9}{'ceil':>6}{'max err':>10}  speedups"]
     for row in document["results"]:
         rate = row.get("gbps") or row.get("tflops")
         speedups = " ".join(f"{k}={v:.2f}" for k, v in sorted(row.get("speedup_vs", {}).items()))
         frac = row.get("frac_of_ceiling")
-        lines.append(f"  {row['op']:<24}{row['provider']:<20}{row['ms']:>9.4f}{(rate or 0):>9.0f}"
+        graph = row.get("ms_graph")
+        lines.append(f"  {row['op']:<24}{row['provider']:<20}{row['ms']:>9.4f}"
+                     f"{'-' if graph is None else f'{graph:.4f}':>9}{(rate or 0):>9.0f}"
                      f"{(frac or 0):>6.2f}{row.get('max_err') or 0:>10.2e}  {speedups}")
     return lines
 

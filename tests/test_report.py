@@ -33,3 +33,32 @@ def test_table_lists_our_rows_with_ratios(tmp_path, monkeypatch):
 
 def test_table_without_results_says_how_to_get_them():
     assert "No GPU results are committed yet" in report.results_table([])
+
+
+def test_graph_timing_that_cannot_capture_is_reported_not_raised(monkeypatch, capsys):
+    import torch
+    import triton.testing
+
+    from internlm_kernels.bench import harness
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", refuse)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    assert harness.time_graph_replay(lambda: None, quick=True) is None
+    assert "no CUDA graph timing: RuntimeError: operation not permitted" in capsys.readouterr().err
+
+
+def test_rows_carry_the_graph_time_into_json_csv_and_table(tmp_path):
+    from internlm_kernels.bench import harness
+
+    rows = [harness.Row("rms_norm_fwd", "cuda", "bfloat16", {"M": 4, "N": 8}, 0.2, 0.19, 0.21, ms_graph=0.05),
+            harness.Row("rms_norm_fwd", "eager", "bfloat16", {"M": 4, "N": 8}, 0.9, 0.8, 1.0)]
+    path = tmp_path / "gpu-20261127.json"
+    harness.write_results(str(path), {"gpu": "test"}, {}, rows)
+    assert [row["ms_graph"] for row in json.loads(path.read_text())["results"]] == [0.05, None]
+    csv_lines = (tmp_path / "gpu-20261127.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("op,provider,dtype,shape,ms,ms_graph,")
+    assert ",0.200000,0.050000," in csv_lines[1] and ",0.900000,-," in csv_lines[2]
+    assert "graph ms" in harness.format_table(rows)

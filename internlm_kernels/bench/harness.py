@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -49,6 +50,22 @@ def time_call(fn: Callable[[], object], device: torch.device, *, quick: bool = F
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return Timing(statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5])
+
+
+def time_graph_replay(fn: Callable[[], object], *, quick: bool = False) -> Optional[float]:
+    """Median ms of ``fn()`` replayed from a CUDA graph: the GPU time without the host's launch
+    cost (and without an L2 flush, which the benchmark's inputs outgrow anyway). Next to
+    ``time_call``'s time it shows which rows are bound by the host: small kernels whose
+    Python dispatch and launches take longer than the GPU work. None when ``fn`` cannot be
+    captured (a host synchronisation inside it)."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 50, return_mode="median")
+    except Exception as exc:  # capture refused: report the row without it
+        print(f"    no CUDA graph timing: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
+        torch.cuda.synchronize()
+        return None
 
 
 def measure_ceilings(device: torch.device, *, quick: bool = False) -> Dict[str, Optional[float]]:
@@ -105,6 +122,7 @@ class Row:
     ms: float
     ms_p20: float
     ms_p80: float
+    ms_graph: Optional[float] = None  # replayed from a CUDA graph: no host launch cost
     gbps: Optional[float] = None
     tflops: Optional[float] = None
     frac_of_ceiling: Optional[float] = None
@@ -141,13 +159,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    header = f"{'op':<24} {'provider':<14} {'dtype':<9} {'shape':<36} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} " \
-             f"{'of ceil':>7} {'max err':>9} {'tok/s':>9}"
+    header = f"{'op':<24} {'provider':<14} {'dtype':<9} {'shape':<36} {'ms':>9} {'graph ms':>9} {'GB/s':>8} " \
+             f"{'TFLOP/s':>8} {'of ceil':>7} {'max err':>9} {'tok/s':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = ",".join(f"{k}={v}" for k, v in row.shape.items())
         lines.append(f"{row.op:<24} {row.provider:<14} {row.dtype:<9} {shape:<36} {row.ms:>9.4f} "
-                     f"{_fmt(row.gbps, '8.1f')} {_fmt(row.tflops, '8.1f')} {_fmt(row.frac_of_ceiling, '7.2f')} "
+                     f"{_fmt(row.ms_graph, '9.4f')} {_fmt(row.gbps, '8.1f')} {_fmt(row.tflops, '8.1f')} "
+                     f"{_fmt(row.frac_of_ceiling, '7.2f')} "
                      f"{_fmt(row.max_err, '9.2e')} {_fmt(row.tokens_per_s, '9.0f')}")
     return "\n".join(lines)
 
@@ -162,9 +181,10 @@ def write_results(path: str, env: Dict[str, object], ceilings: Dict[str, Optiona
         f.write("\n")
     csv_path = os.path.splitext(path)[0] + ".csv"
     with open(csv_path, "w") as f:
-        f.write("op,provider,dtype,shape,ms,gbps,tflops,frac_of_ceiling,max_err,tokens_per_s\n")
+        f.write("op,provider,dtype,shape,ms,ms_graph,gbps,tflops,frac_of_ceiling,max_err,tokens_per_s\n")
         for row in rows:
             shape = ";".join(f"{k}={v}" for k, v in row.shape.items())
-            f.write(f"{row.op},{row.provider},{row.dtype},{shape},{row.ms:.6f},{_fmt(row.gbps, '.2f')},"
+            f.write(f"{row.op},{row.provider},{row.dtype},{shape},{row.ms:.6f},{_fmt(row.ms_graph, '.6f')},"
+                    f"{_fmt(row.gbps, '.2f')},"
                     f"{_fmt(row.tflops, '.2f')},{_fmt(row.frac_of_ceiling, '.4f')},{_fmt(row.max_err, '.3e')},"
                     f"{_fmt(row.tokens_per_s, '.1f')}\n")

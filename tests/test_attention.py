@@ -432,6 +432,26 @@ def test_atomic_dq_changes_only_dq(head_dim, device):
     atomic_dq_changes_only_dq(device, 2, 1000, 16, 4, head_dim, causal=True)
 
 
+def forward_warp_layouts_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
+                               **kwargs):
+    """The CUDA forward's two warp layouts (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS 16 or 32) take
+    every query row through the same mma and softmax steps in the same order, so out and lse
+    are bitwise equal; the 32-row layout also meets the reference rule forward and backward."""
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, torch.bfloat16, device)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16")
+    rows16 = ik.flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32")
+    rows32 = ik.flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs)
+    assert torch.equal(rows16[0], rows32[0]) and torch.equal(rows16[1], rows32[1])
+    _check(q, k, v, "cuda", **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_warp_layouts_agree(head_dim, device, monkeypatch):
+    forward_warp_layouts_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, head_dim, causal=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -211,6 +211,13 @@ def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim):
     attention_tests.atomic_dq_changes_only_dq(CPU, 1, 150, 2, 1, head_dim, causal=True)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
+def test_emulated_forward_warp_layouts_agree(cuda_backend, case, head_dim, monkeypatch):
+    batch, sq, sk, hq, hkv, kwargs = CASES[case]
+    attention_tests.forward_warp_layouts_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, head_dim, **kwargs)
+
+
 @pytest.mark.parametrize("new_tokens", [1, 3])
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 def test_emulated_kvcache_append_and_attend(cuda_backend, new_tokens, rotary):
@@ -251,7 +258,7 @@ def test_emulated_decode_over_several_splits(cuda_backend, head_dim):
     assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "decode over splits")
 
 
-def test_emulated_glue_checks_run_before_any_launch(kernels):
+def test_emulated_glue_checks_run_before_any_launch(kernels, monkeypatch):
     q = torch.randn(1, 8, 4, 64, dtype=torch.float16)
     k = torch.randn(1, 8, 2, 64, dtype=torch.float16)
     lse = torch.empty(1, 4, 8)
@@ -261,6 +268,10 @@ def test_emulated_glue_checks_run_before_any_launch(kernels):
     unaligned = torch.randn(1, 8, 2, 65, dtype=torch.float16)[..., 1:]
     with pytest.raises(RuntimeError, match="k must start 16-byte aligned"):
         kernels.attention_fwd(q, unaligned, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
+    with monkeypatch.context() as patch:
+        patch.setenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "24")
+        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 16 or 32, got '24'"):
+            kernels.attention_fwd(q, k, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
     lengths = torch.zeros(1, dtype=torch.int32)
     cos = torch.ones(16, 32)
     with pytest.raises(RuntimeError, match="does not support rotary_cos of dtype Half"):

@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "checks.h"
@@ -140,6 +142,18 @@ RotaryTables rotary_tables(const char* op, const std::optional<at::Tensor>& cos,
   return tables;
 }
 
+// The forward's warp layout (ForwardTraits in attention.cuh): 16 query rows per warp, or 32
+// when INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS says so. Read at every call, so one process (the
+// benchmark) can time both.
+int forward_warp_rows(const char* op) {
+  const char* value = std::getenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS");
+  if (value == nullptr || *value == '\0') return 16;
+  const std::string text(value);
+  TORCH_CHECK(text == "16" || text == "32", op, ": INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 16 or 32, got '",
+              text, "'");
+  return text == "32" ? 32 : 16;
+}
+
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
@@ -155,6 +169,7 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   check_lse(op, "lse", lse, q);
   p.lse = lse.data_ptr<float>();
   p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
+  p.forward_warp_rows = forward_warp_rows(op);
   if (q.numel() == 0 || k.numel() == 0) return;  // the ops layer fills outputs for key-less calls
   const LaunchScope scope(q);
   const cudaStream_t stream = scope.stream();

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -70,6 +71,22 @@ def _backward_runner(forward: Callable[[], object], inputs: Sequence[Tensor], gr
     """Run the forward once, then time only the backward (autograd.grad with retain_graph)."""
     outputs = _as_tuple(forward())
     return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+
+
+def _with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the environment variable ``name`` set to ``value`` during each call (a kernel
+    choice the CUDA glue reads per call)."""
+    def call():
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+    return call
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -200,6 +217,8 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     if backward and "cuda" in impls:  # the CUDA backward's other dQ path (its own kernel, no atomics)
         impls["cuda_deterministic"] = lambda: ik.flash_attention(q, k, v, causal=causal, deterministic=True,
                                                                  backend="cuda")
+    if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (4 warps of 32 rows)
+        impls["cuda_warp_rows32"] = _with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32", impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
     if "eager" in providers and small_enough:
         impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)

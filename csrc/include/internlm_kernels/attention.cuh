@@ -71,12 +71,17 @@ struct TileTraits {
   static_assert(kHeadDim % 64 == 0, "head_dim 64 or 128 (the swizzle spans 64 values)");
 };
 
-// Forward: 128 query rows x 64 keys, 8 warps of 16 rows; shared memory Q + 2 stages of K and
-// V = 96 KB at d = 128. ptxas (CUDA 13.0, sm_90a): 214 registers at d = 128, 131 at d = 64,
-// no spills. Rejected without a GPU: 4 warps of two 16-row tiles (each K/V fragment feeds
-// two mma) spills 104 B at d = 128 (128 x 64) and 40 B at 128 x 32.
-template <typename T, int kHeadDim>
-using ForwardTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1>;
+// Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
+// d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
+//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 214 registers at d = 128, 131 at
+//    d = 64, no spills. Every warp reads all of K and V from shared memory for its 16 rows.
+//  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
+//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 68 B
+//    (full) / 104 B (masked) of spills: 14 local accesses per 64-key tile, next to 256 mma.
+// The first stays the default until the benchmark (provider cuda_warp_rows32) has measured
+// the second on a GPU.
+template <typename T, int kHeadDim, int kWarpRows = 16>
+using ForwardTraits = TileTraits<T, kHeadDim, 128, 64, 128 / kWarpRows, 1>;
 
 // Decode: one 16-row tile (a few positions x the group), 4 warps sharing each 64-key tile.
 template <typename T, int kHeadDim>
@@ -1057,15 +1062,24 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
 
 }  // namespace attention_detail
 
-template <typename T, int kHeadDim, bool kHasWindow>
-cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
-  using namespace attention_detail;
-  using Tr = ForwardTraits<T, kHeadDim>;
-  AttentionDecodeParams p;
-  static_cast<AttentionParams&>(p) = params;
+namespace attention_detail {
+template <class Tr, bool kHasWindow>
+cudaError_t launch_forward_tiles(const AttentionDecodeParams& p, cudaStream_t stream) {
   const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
   return launch(attention_fwd_kernel<Tr, kHasWindow, false>, tile_grid(p, int64_t(p.seqlen_q) * p.group, Tr::kBlockM),
                 Tr::kThreads, smem, stream, p);
+}
+}  // namespace attention_detail
+
+template <typename T, int kHeadDim, bool kHasWindow>
+cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
+  using namespace attention_detail;
+  AttentionDecodeParams p;
+  static_cast<AttentionParams&>(p) = params;
+  if (params.forward_warp_rows == 32)
+    return launch_forward_tiles<ForwardTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);
+  if (params.forward_warp_rows != 16) return cudaErrorInvalidValue;  // the glue checks it first
+  return launch_forward_tiles<ForwardTraits<T, kHeadDim, 16>, kHasWindow>(p, stream);
 }
 
 template <typename T, int kHeadDim>

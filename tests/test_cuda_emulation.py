@@ -341,6 +341,15 @@ def test_emulated_rotary_matches_reference(cuda_backend, dtype, interleaved, rot
     rotary_tests.test_rotary_matches_reference("cuda", dtype, interleaved, rotary_dim, CPU)
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_emulated_rotary_more_chunks_than_threads(cuda_backend, interleaved):
+    # fp32, head_dim 256: 32 chunks per head; 9 q + 8 k heads = 544 chunks, past the 512
+    # threads of a block, so threads loop over the token's chunks.
+    q, k = rotary_tests._qk(1, 3, 9, 8, 256, torch.float32, CPU)
+    cos, sin = ik.rotary_cos_sin(8, 256, base=1e4, device=CPU)
+    rotary_tests._check(q, k, cos, sin, "cuda", interleaved=interleaved, seqlen_offsets=2)
+
+
 @pytest.mark.parametrize("positions", ["per_batch", "shared", "offsets_tensor"])
 def test_emulated_rotary_positions(cuda_backend, positions):
     rotary_tests.test_rotary_positions("cuda", positions, CPU)

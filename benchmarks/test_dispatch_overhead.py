@@ -67,3 +67,22 @@ def test_rms_norm_call_overhead_compiled(benchmark, backend):
     compiled = torch.compile(lambda t: ik.rms_norm(t, weight, backend=backend), fullgraph=True)
     compiled(x)
     benchmark(lambda: _sync(compiled(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_decode_call_overhead(benchmark, backend):
+    """One decode step over a tiny cache: the append, split-KV and combine launches plus the
+    Python around them (a serving loop pays this per layer unless it replays CUDA graphs)."""
+    try:
+        choose_backend(backend, DEVICE, "flash_attention_with_kvcache")
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    if backend == "triton" and DEVICE.type == "cpu":
+        pytest.skip("Triton on CPU runs in its interpreter: that measures the interpreter, not dispatch")
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=dtype)
+    k_cache, v_cache = (torch.randn(2, 32, 2, 64, device=DEVICE, dtype=dtype) for _ in range(2))
+    lengths = torch.full((2,), 16, device=DEVICE, dtype=torch.int32)
+    ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, backend=backend)
+    benchmark(lambda: _sync(ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                             backend=backend)))

@@ -95,6 +95,12 @@ if [ "$PHASE" != tests ]; then
   timeout "$(limit 400)" $PY -m internlm_kernels bench --quick ${providers[@]+"${providers[@]}"} --json "$bench_json" \
     >> "$OUT/bench.log" 2>&1
   echo "bench exit code: $?" >> "$OUT/bench.log"
+
+  stamp "dispatch overhead"
+  # Host time of one call per backend on tiny tensors (the Python checks, the torch.library
+  # op, the launches), eager and compiled: what hides short kernels' GPU time.
+  timeout "$(limit 90)" $PY -m pytest benchmarks/test_dispatch_overhead.py -q -p no:cacheprovider --benchmark-only \
+    --benchmark-columns=median,rounds > "$OUT/dispatch.log" 2>&1
 fi
 
 stamp "summary"

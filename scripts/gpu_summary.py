@@ -90,6 +90,21 @@ def bench_summary(out: str) -> list:
     return lines
 
 
+def dispatch_summary(out: str) -> list:
+    """The host-overhead benchmark's rows (pytest-benchmark's table: name, median, rounds)."""
+    path = os.path.join(out, "dispatch.log")
+    if not os.path.exists(path):
+        return []
+    text = open(path, errors="replace").read().splitlines()
+    header = [line for line in text if line.startswith("Name (time in")]
+    rows = [line for line in text if line.startswith("test_")]
+    if not rows:
+        return ["dispatch overhead: no results, see dispatch.log"]
+    return ["dispatch overhead (host time per call, median; " + (header[0].split("(")[1].split(")")[0]
+                                                              if header else "units in dispatch.log") + "):"] + \
+        [f"  {line}" for line in rows]
+
+
 def main(out: str, phase: str = "all") -> None:
     sections = [ptxas_summary(out)]
     if phase != "bench":
@@ -99,6 +114,7 @@ def main(out: str, phase: str = "all") -> None:
             sections.insert(0, ["exception probe:"] + ["  " + line for line in open(probe).read().splitlines()])
     if phase != "tests":
         sections.append(bench_summary(out))
+        sections.append(dispatch_summary(out))
         log = os.path.join(out, "bench.log")
         if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):
             sections.append(["bench: cut by its time limit (the json keeps the cases measured so far); "

@@ -42,6 +42,8 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
          "cut_during": "tests/test_attention.py::test_y[cuda]", "deselected_after_crash": 12}))
     (tmp_path / "exception-probe.txt").write_text("extension error, CUDA tensors   killed by SIGSEGV\n")
     (tmp_path / "bench.log").write_text("[case 1/9] ...\nbench exit code: 124\n")
+    (tmp_path / "dispatch.log").write_text("Name (time in us)          Median   Rounds\n"
+                                           "test_rms_norm_call_overhead[cuda]   21.5 (1.0)   4000\n")
     rows = [{"op": "rms_norm_fwd", "provider": "cuda", "ms": 0.05, "gbps": 2900.0, "frac_of_ceiling": 0.91,
              "max_err": 0.0, "speedup_vs": {"triton": 1.1}}]
     (tmp_path / "nvidia-h100-20261127.json").write_text(json.dumps(
@@ -56,6 +58,8 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
     assert "CUT by the time limit during tests/test_attention.py::test_y[cuda]" in text
     assert "rms_norm_fwd" in text and "triton=1.10" in text and "NVIDIA H100 2026-11-27" in text
     assert "bench: cut by its time limit" in text
+    assert "dispatch overhead (host time per call, median; time in us):" in text
+    assert "test_rms_norm_call_overhead[cuda]   21.5" in text
 
 
 def test_summary_of_a_bench_only_run_skips_the_tests(tmp_path, capsys):

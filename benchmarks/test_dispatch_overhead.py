@@ -17,9 +17,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton", "cuda"]
 
 
-def _skip_unless_dispatch_measurable(backend: str) -> None:
+def _skip_unless_dispatch_measurable(backend: str, op: str = "rms_norm") -> None:
     try:
-        choose_backend(backend, DEVICE, "rms_norm")
+        choose_backend(backend, DEVICE, op)
     except RuntimeError as error:
         pytest.skip(str(error))
     if backend == "triton" and DEVICE.type == "cpu":
@@ -73,12 +73,7 @@ def test_rms_norm_call_overhead_compiled(benchmark, backend):
 def test_kvcache_decode_call_overhead(benchmark, backend):
     """One decode step over a tiny cache: the append, split-KV and combine launches plus the
     Python around them (a serving loop pays this per layer unless it replays CUDA graphs)."""
-    try:
-        choose_backend(backend, DEVICE, "flash_attention_with_kvcache")
-    except RuntimeError as error:
-        pytest.skip(str(error))
-    if backend == "triton" and DEVICE.type == "cpu":
-        pytest.skip("Triton on CPU runs in its interpreter: that measures the interpreter, not dispatch")
+    _skip_unless_dispatch_measurable(backend, "flash_attention_with_kvcache")
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     q = torch.randn(2, 1, 4, 64, device=DEVICE, dtype=dtype)
     k_cache, v_cache = (torch.randn(2, 32, 2, 64, device=DEVICE, dtype=dtype) for _ in range(2))

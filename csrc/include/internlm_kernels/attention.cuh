@@ -149,7 +149,10 @@ struct ProgramTile {
 // packed ones. ``tile_keys``: tiles count keys (dK/dV) instead of packed query rows.
 __device__ __forceinline__ ProgramTile program_tile(const AttentionParams& p, bool tile_keys, int block) {
   ProgramTile t;
-  t.tile = blockIdx.x;
+  // Under a causal mask the last query tiles see the most keys: they go first (the GPU starts
+  // blocks in index order), so the light tiles, not the heavy ones, fill the last wave.
+  // Key tiles (dK/dV) are already heaviest first.
+  t.tile = tile_keys ? blockIdx.x : gridDim.x - 1 - blockIdx.x;
   t.batch = blockIdx.y;
   t.kv_head = blockIdx.z;
   t.q_start = t.k_start = 0;

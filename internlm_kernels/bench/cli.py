@@ -12,6 +12,7 @@ import datetime
 import os
 import re
 import sys
+import time
 from typing import List
 
 import torch
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
 
     rows: List[Row] = []
+    started = time.monotonic()
     factories = bench_cases.build_cases(ops, device, dtype, providers, small=not on_gpu, quick=args.quick)
     for index, factory in enumerate(factories, 1):
         try:
@@ -87,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             continue
         for provider, fn in case.providers.items():
-            print(f"[case {index}/{len(factories)}] {case.op} {provider} {case.shape}", file=sys.stderr, flush=True)
+            # Seconds since the start: where a time-limited run spends its time (compiles, mostly).
+            print(f"[case {index}/{len(factories)} +{time.monotonic() - started:.0f}s] {case.op} {provider} "
+                  f"{case.shape}", file=sys.stderr, flush=True)
             try:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()

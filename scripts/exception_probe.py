@@ -7,11 +7,13 @@ On the first H200 run (2026-11-27) the glue's argument checks crashed the proces
 RuntimeError as they should. These cases separate the candidate causes: any C++ exception
 after CUDA is initialised (a torch-native error crashes too), only the extension's throws
 after CUDA initialisation (CPU tensors after init crash), or only its CUDA-tensor path.
-Where gdb is installed, the crashing case is rerun under it for the native backtrace.
+Where gdb or cuda-gdb is installed (the lent GPU machines have cuda-gdb, which also debugs
+host code, and no gdb), the first crashing case is rerun under it for the native backtrace.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -59,18 +61,19 @@ def main() -> int:
         result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script(statement)], capture_output=True,
                                 text=True, timeout=120)
         last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-        print(f"{name:48s} {describe(result.returncode):22s} {last if result.returncode == 0 else ''}")
+        print(f"{name:48s} {describe(result.returncode):22s} {last if result.returncode == 0 else ''}", flush=True)
         if result.returncode != 0:
             crashed.append(statement)
-    gdb = shutil.which("gdb")
+    cuda_gdb = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuda-gdb")
+    gdb = shutil.which("gdb") or shutil.which("cuda-gdb") or (cuda_gdb if os.path.exists(cuda_gdb) else None)
     if crashed and gdb:
-        print(f"\nnative backtrace of the first crash (gdb): {crashed[0]}")
+        print(f"\nnative backtrace of the first crash ({os.path.basename(gdb)}): {crashed[0]}", flush=True)
         result = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "--args", sys.executable, "-c",
                                  script(crashed[0])], capture_output=True, text=True, timeout=300)
         frames = [line for line in result.stdout.splitlines() if line.startswith("#") or "signal" in line]
         print("\n".join(frames[:45]))
     elif crashed:
-        print("\ngdb is not installed here: no native backtrace")
+        print("\nneither gdb nor cuda-gdb is installed here: no native backtrace")
     return 0
 
 

@@ -62,7 +62,7 @@ if [ "$PHASE" != bench ]; then
   stamp "exception probe"
   # Whether C++ exceptions (the glue's argument errors) survive here: on the first H200 run
   # they crashed the process when raised with CUDA tensors.
-  timeout "$(limit 60)" $PY scripts/exception_probe.py > "$OUT/exception-probe.txt" 2>&1
+  timeout "$(limit 90)" $PY scripts/exception_probe.py > "$OUT/exception-probe.txt" 2>&1
   cat "$OUT/exception-probe.txt"
 
   stamp "tests"

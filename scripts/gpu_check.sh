@@ -2,7 +2,11 @@
 # One command on a GPU machine: environment, build (+ ptxas report), the test suite on the
 # GPU, the quick benchmark, and a summary table printed last.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench]     (default: gpu_check_out/, all)
+#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|sanitize]     (default: gpu_check_out/, all)
+#
+# sanitize (not part of all): the CUDA backend's small op tests under compute-sanitizer's
+# memcheck (out-of-bounds and misaligned accesses) and racecheck (shared-memory races), for a
+# session with device time to spare. It works on the Firecracker machines, not under gVisor.
 #
 # Uses the machine's own python/torch (no network there): nothing is downloaded. The run fits
 # a deadline (GPU_CHECK_SECONDS, default 450 s): each step gets its own time limit or what is
@@ -14,7 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
 PHASE=${2:-all}
-case "$PHASE" in all|tests|bench) ;; *) echo "phase must be all, tests or bench, got '$PHASE'" >&2; exit 2 ;; esac
+case "$PHASE" in all|tests|bench|sanitize) ;;
+  *) echo "phase must be all, tests, bench or sanitize, got '$PHASE'" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
@@ -58,7 +63,20 @@ $PY -m internlm_kernels check > "$OUT/check.txt" 2>&1; cat "$OUT/check.txt"
 
 attention_rc=0
 [ -f "$ATTENTION_RC_FILE" ] && attention_rc=$(cat "$ATTENTION_RC_FILE")
-if [ "$PHASE" != bench ]; then
+if [ "$PHASE" = sanitize ]; then
+  export INTERNLM_KERNELS_AUTOTUNE=0
+  for tool in memcheck racecheck; do
+    stamp "compute-sanitizer --tool $tool"
+    timeout "$(limit 180)" "$CUDA_HOME/bin/compute-sanitizer" --tool "$tool" --error-exitcode 99 \
+      $PY -m pytest -q -x -p no:cacheprovider tests/test_rms_norm.py tests/test_rotary.py tests/test_attention.py \
+      -k "cuda and not realistic and not compile and not opcheck" > "$OUT/sanitize-$tool.log" 2>&1
+    echo "compute-sanitizer $tool exit code: $?" >> "$OUT/sanitize-$tool.log"
+    grep -E "ERROR SUMMARY|exit code|passed|failed" "$OUT/sanitize-$tool.log" | tail -n 3
+  done
+  unset INTERNLM_KERNELS_AUTOTUNE
+fi
+
+if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
   stamp "exception probe"
   # Whether C++ exceptions (the glue's argument errors) survive here: on the first H200 run
   # they crashed the process when raised with CUDA tensors.
@@ -82,7 +100,7 @@ if [ "$PHASE" != bench ]; then
   unset INTERNLM_KERNELS_AUTOTUNE
 fi
 
-if [ "$PHASE" != tests ]; then
+if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   stamp "benchmark"
   gpu_slug=$($PY -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
   bench_json="$OUT/${gpu_slug}-$(date +%Y%m%d).json"

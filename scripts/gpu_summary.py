@@ -105,14 +105,26 @@ def dispatch_summary(out: str) -> list:
         [f"  {line}" for line in rows]
 
 
+def sanitize_summary(out: str) -> list:
+    """compute-sanitizer's verdicts: its ERROR SUMMARY line and the run's exit code per tool."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out, "sanitize-*.log"))):
+        text = open(path, errors="replace").read().splitlines()
+        verdicts = [line.strip() for line in text if "ERROR SUMMARY" in line or "exit code" in line]
+        lines.append(f"{os.path.basename(path)}: " + ("; ".join(verdicts[-2:]) or "no verdict (cut?)"))
+    return lines
+
+
 def main(out: str, phase: str = "all") -> None:
     sections = [ptxas_summary(out)]
-    if phase != "bench":
+    if phase == "sanitize":
+        sections.append(sanitize_summary(out))
+    elif phase != "bench":
         sections.insert(0, tests_summary(out))
         probe = os.path.join(out, "exception-probe.txt")
         if os.path.exists(probe):
             sections.insert(0, ["exception probe:"] + ["  " + line for line in open(probe).read().splitlines()])
-    if phase != "tests":
+    if phase in ("all", "bench"):
         sections.append(bench_summary(out))
         sections.append(dispatch_summary(out))
         log = os.path.join(out, "bench.log")

@@ -29,7 +29,7 @@ def test_gpu_check_script_parses_and_rejects_unknown_phases(tmp_path):
     script = os.path.join(REPO, "scripts", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     result = subprocess.run(["bash", script, str(tmp_path), "everything"], capture_output=True, text=True)
-    assert result.returncode == 2 and "phase must be all, tests or bench" in result.stderr
+    assert result.returncode == 2 and "phase must be all, tests, bench or sanitize" in result.stderr
 
 
 def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, capsys):
@@ -108,3 +108,16 @@ def test_resilient_pytest_runs_the_tests_after_a_crash(tmp_path):
     assert 'name="test_after_passes"' in second_round and 'name="test_after_fails"' in second_round
     assert 'name="test_before"' not in second_round and 'name="test_crashes"' not in second_round
     assert "Fatal Python error: Segmentation fault" in (out / "demo.log").read_text()
+
+
+def test_summary_of_a_sanitize_run_gives_each_tools_verdict(tmp_path, capsys):
+    (tmp_path / "sanitize-memcheck.log").write_text(
+        "....\n========= ERROR SUMMARY: 0 errors\ncompute-sanitizer memcheck exit code: 0\n")
+    (tmp_path / "sanitize-racecheck.log").write_text(
+        "========= Error: Race reported between Write access ...\n========= RACECHECK SUMMARY ...\n"
+        "========= ERROR SUMMARY: 2 errors\ncompute-sanitizer racecheck exit code: 99\n")
+    _summary_module().main(str(tmp_path), "sanitize")
+    text = capsys.readouterr().out
+    assert "sanitize-memcheck.log: ========= ERROR SUMMARY: 0 errors; compute-sanitizer memcheck exit code: 0" in text
+    assert "sanitize-racecheck.log: ========= ERROR SUMMARY: 2 errors; compute-sanitizer racecheck exit code: 99" in text
+    assert "tests (" not in text and "bench:" not in text

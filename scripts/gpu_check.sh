@@ -2,11 +2,14 @@
 # One command on a GPU machine: environment, build (+ ptxas report), the test suite on the
 # GPU, the quick benchmark, and a summary table printed last.
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|sanitize]     (default: gpu_check_out/, all)
+#   bash scripts/gpu_check.sh [OUT_DIR] [all|tests|bench|sanitize|profile]     (default: gpu_check_out/, all)
 #
-# sanitize (not part of all): the CUDA backend's small op tests under compute-sanitizer's
-# memcheck (out-of-bounds and misaligned accesses) and racecheck (shared-memory races), for a
-# session with device time to spare. It works on the Firecracker machines, not under gVisor.
+# Not part of all, for a session with device time to spare (both work on the Firecracker
+# machines, not under gVisor):
+#  * sanitize: the CUDA backend's small op tests under compute-sanitizer's memcheck
+#    (out-of-bounds and misaligned accesses) and racecheck (shared-memory races);
+#  * profile: scripts/profile_kernels.py under Nsight Compute: each CUDA kernel once at the
+#    benchmark's shapes, with DRAM and SM throughput, occupancy and warp stalls.
 #
 # Uses the machine's own python/torch (no network there): nothing is downloaded. The run fits
 # a deadline (GPU_CHECK_SECONDS, default 450 s): each step gets its own time limit or what is
@@ -18,8 +21,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
 PHASE=${2:-all}
-case "$PHASE" in all|tests|bench|sanitize) ;;
-  *) echo "phase must be all, tests, bench or sanitize, got '$PHASE'" >&2; exit 2 ;; esac
+case "$PHASE" in all|tests|bench|sanitize|profile) ;;
+  *) echo "phase must be all, tests, bench, sanitize or profile, got '$PHASE'" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
@@ -74,6 +77,19 @@ if [ "$PHASE" = sanitize ]; then
     grep -E "ERROR SUMMARY|exit code|passed|failed" "$OUT/sanitize-$tool.log" | tail -n 3
   done
   unset INTERNLM_KERNELS_AUTOTUNE
+fi
+
+if [ "$PHASE" = profile ]; then
+  stamp "nsight compute"
+  ncu=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+  # --clock-control none: the card's clocks stay as they are (never change them).
+  timeout "$(limit 300)" "$ncu" --profile-from-start off --clock-control none --target-processes all \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --export "$OUT/profile" --force-overwrite \
+    $PY scripts/profile_kernels.py > "$OUT/profile.log" 2>&1
+  echo "ncu exit code: $?" >> "$OUT/profile.log"
+  "$ncu" --import "$OUT/profile.ncu-rep" --csv --page details > "$OUT/profile-details.csv" 2>> "$OUT/profile.log"
+  tail -n 3 "$OUT/profile.log"
 fi
 
 if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then

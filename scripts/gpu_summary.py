@@ -115,10 +115,41 @@ def sanitize_summary(out: str) -> list:
     return lines
 
 
+# Nsight Compute metrics shown per kernel (names as its details page prints them).
+PROFILE_METRICS = (("Duration", "time"), ("DRAM Throughput", "DRAM"), ("Compute (SM) Throughput", "SM"),
+                   ("Achieved Occupancy", "occupancy"), ("Theoretical Occupancy", "of theoretical"),
+                   ("Registers Per Thread", "registers"))
+
+
+def profile_summary(out: str) -> list:
+    """One line per profiled kernel from ncu's details page (CSV): time, DRAM and SM
+    throughput (% of peak), achieved / theoretical occupancy, registers."""
+    import csv
+
+    path = os.path.join(out, "profile-details.csv")
+    if not os.path.exists(path):
+        return ["profile: no ncu results, see profile.log"]
+    kernels: dict = {}
+    with open(path, newline="", errors="replace") as f:
+        for row in csv.DictReader(line for line in f if line.startswith('"')):
+            key = (row.get("ID"), row.get("Kernel Name", "?"))
+            kernels.setdefault(key, {})[row.get("Metric Name")] = (row.get("Metric Value"), row.get("Metric Unit"))
+    lines = [f"profile: {len(kernels)} kernels (ncu)"]
+    for (kernel_id, name), metrics in kernels.items():
+        # "void internlm_kernels::x_detail::kernel<T, ...>(params...)" -> "kernel<T, ...>"
+        short = re.sub(r"\w+::", "", re.sub(r"^void |\(.*", "", name))[:90]
+        values = [f"{label} {metrics[metric][0]}{'' if not metrics[metric][1] else ' ' + metrics[metric][1]}"
+                  for metric, label in PROFILE_METRICS if metric in metrics]
+        lines.append(f"  [{kernel_id}] {short}: " + ", ".join(values))
+    return lines
+
+
 def main(out: str, phase: str = "all") -> None:
     sections = [ptxas_summary(out)]
     if phase == "sanitize":
         sections.append(sanitize_summary(out))
+    elif phase == "profile":
+        sections.append(profile_summary(out))
     elif phase != "bench":
         sections.insert(0, tests_summary(out))
         probe = os.path.join(out, "exception-probe.txt")

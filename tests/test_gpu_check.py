@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,7 +31,7 @@ def test_gpu_check_script_parses_and_rejects_unknown_phases(tmp_path):
     script = os.path.join(REPO, "scripts", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
     result = subprocess.run(["bash", script, str(tmp_path), "everything"], capture_output=True, text=True)
-    assert result.returncode == 2 and "phase must be all, tests, bench or sanitize" in result.stderr
+    assert result.returncode == 2 and "phase must be all, tests, bench, sanitize or profile" in result.stderr
 
 
 def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, capsys):
@@ -121,3 +123,32 @@ def test_summary_of_a_sanitize_run_gives_each_tools_verdict(tmp_path, capsys):
     assert "sanitize-memcheck.log: ========= ERROR SUMMARY: 0 errors; compute-sanitizer memcheck exit code: 0" in text
     assert "sanitize-racecheck.log: ========= ERROR SUMMARY: 2 errors; compute-sanitizer racecheck exit code: 99" in text
     assert "tests (" not in text and "bench:" not in text
+
+
+def test_profile_cases_run_with_the_torch_backend():
+    """scripts/profile_kernels.py's calls, at tiny shapes on the eager backend: they run
+    only under Nsight Compute on a GPU, so their arguments are checked here."""
+    spec = importlib.util.spec_from_file_location("profile_kernels", os.path.join(REPO, "scripts",
+                                                                                   "profile_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = module.build_cases(torch.device("cpu"), backend="torch", small=True)
+    assert sorted(cases) == sorted(module.CASES)
+    for name, call in cases.items():
+        assert call() is not None, name
+
+
+NCU_DETAILS = """==PROF== Disconnected from process 4242
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","4242","python3","host","void internlm_kernels::rms_norm_detail::rms_norm_fwd_kernel<__nv_bfloat16, false>(internlm_kernels::RmsNormFwdParams, internlm_kernels::rms_norm_detail::Vectorized)","1","7","(256, 1, 1)","(16384, 1, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","91.2"
+"0","4242","python3","host","void internlm_kernels::rms_norm_detail::rms_norm_fwd_kernel<__nv_bfloat16, false>(internlm_kernels::RmsNormFwdParams, internlm_kernels::rms_norm_detail::Vectorized)","1","7","(256, 1, 1)","(16384, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","us","70.5"
+"0","4242","python3","host","void internlm_kernels::rms_norm_detail::rms_norm_fwd_kernel<__nv_bfloat16, false>(internlm_kernels::RmsNormFwdParams, internlm_kernels::rms_norm_detail::Vectorized)","1","7","(256, 1, 1)","(16384, 1, 1)","0","9.0","Occupancy","Achieved Occupancy","%","47.9"
+"""
+
+
+def test_summary_of_a_profile_run_lists_each_kernels_counters(tmp_path, capsys):
+    (tmp_path / "profile-details.csv").write_text(NCU_DETAILS)
+    _summary_module().main(str(tmp_path), "profile")
+    text = capsys.readouterr().out
+    assert "profile: 1 kernels (ncu)" in text
+    assert "[0] rms_norm_fwd_kernel<__nv_bfloat16, false>: time 70.5 us, DRAM 91.2 %, occupancy 47.9 %" in text

@@ -1,0 +1,112 @@
+"""One call of each CUDA C++ kernel at the benchmark's shapes, for Nsight Compute.
+
+    ncu --profile-from-start off --clock-control none ... python scripts/profile_kernels.py
+
+(`bash scripts/gpu_check.sh OUT profile` runs it so.) Each op runs once outside the profiled
+range (allocations, first-call setup), then once between cudaProfilerStart and Stop, so ncu
+sees only the measured launches: the hardware counters that say why a kernel is where it is
+against the copy bandwidth or the tensor-core rate (DRAM throughput, achieved occupancy,
+warp stalls). Needs a GPU and the built extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict
+
+import torch
+
+CASES = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "rotary_fwd", "attention_fwd",
+         "attention_fwd_warp_rows32", "attention_bwd", "attention_decode")
+
+
+def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
+    """The calls to profile, at the benchmark's shapes (``small``: tiny ones, to check the
+    calls themselves on a CPU with the torch backend)."""
+    import internlm_kernels as ik
+
+    dtype = torch.bfloat16
+    rows, hidden = (64, 256) if small else (16384, 4096)
+    batch, seqlen = (1, 16) if small else (4, 4096)
+    attention_batch, attention_len = (1, 128) if small else (2, 8192)
+    cache_len = 256 if small else 32768
+
+    x = torch.randn(rows, hidden, device=device, dtype=dtype)
+    residual = torch.randn_like(x)
+    weight = torch.randn(hidden, device=device, dtype=dtype)
+    x_grad = x.clone().requires_grad_(True)
+    normed = ik.rms_norm(x_grad, weight, backend=backend)
+    grad_normed = torch.randn_like(normed)
+
+    q_rot = torch.randn(batch, seqlen, 32, 128, device=device, dtype=dtype)
+    k_rot = torch.randn(batch, seqlen, 8, 128, device=device, dtype=dtype)
+    cos, sin = ik.rotary_cos_sin(seqlen, 128, base=1e6, device=device)
+
+    q, k, v = (torch.randn(attention_batch, attention_len, heads, 128, device=device, dtype=dtype)
+               for heads in (32, 8, 8))
+    q_grad, k_grad, v_grad = (t.clone().requires_grad_(True) for t in (q, k, v))
+    attended = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, backend=backend)
+    grad_attended = torch.randn_like(attended)
+
+    q_step = torch.randn(1, 1, 32, 128, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(1, cache_len, 8, 128, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((1,), cache_len, device=device, dtype=torch.int32)
+
+    def attention_warp_rows32():
+        os.environ["INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS"] = "32"
+        try:
+            return ik.flash_attention(q, k, v, causal=True, backend=backend)
+        finally:
+            del os.environ["INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS"]
+
+    return {
+        "rms_norm_fwd": lambda: ik.rms_norm(x, weight, backend=backend),
+        "rms_norm_bwd": lambda: torch.autograd.grad(normed, x_grad, grad_normed, retain_graph=True),
+        "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
+        "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
+        "attention_fwd": lambda: ik.flash_attention(q, k, v, causal=True, backend=backend),
+        "attention_fwd_warp_rows32": attention_warp_rows32,
+        "attention_bwd": lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad), grad_attended,
+                                                     retain_graph=True),
+        "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
+                                                                    backend=backend),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    args = parser.parse_args(argv)
+    wanted = args.cases.split(",")
+    unknown = set(wanted) - set(CASES)
+    if unknown:
+        print(f"unknown cases {sorted(unknown)}; expected some of {CASES}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("profile_kernels: needs a CUDA GPU (it profiles the CUDA C++ kernels under Nsight Compute)",
+              file=sys.stderr)
+        return 2
+    from internlm_kernels import backends
+
+    if backends.extension is None:
+        print(f"profile_kernels: the extension is not built: {backends.available_backends()['cuda'].reason}",
+              file=sys.stderr)
+        return 2
+    cases = build_cases(torch.device("cuda"))
+    for name in wanted:
+        cases[name]()  # outside the profiled range: first-call work
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        torch.cuda.nvtx.range_push(name)
+        cases[name]()
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"profiled {name}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

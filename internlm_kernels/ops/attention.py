@@ -27,6 +27,7 @@ from internlm_kernels._checks import (
     check_tensor,
 )
 from internlm_kernels.backends import choose_backend
+from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import kernels
 from internlm_kernels.ops.rotary import check_rotary_tables
 
@@ -155,7 +156,7 @@ def _new_outputs(q: Tensor, packed: bool) -> Tuple[Tensor, Tensor]:
         torch.empty(_lse_shape(q, packed), device=q.device, dtype=torch.float32)
 
 
-@torch.library.custom_op("internlm_kernels::flash_attn_fwd", mutates_args=())
+@kernel_op("flash_attn_fwd")
 def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                     softmax_scale: float, causal: bool, window_left: int, window_right: int,
                     deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
@@ -178,7 +179,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, w
             torch.empty(_lse_shape(q, cu_seqlens_q is not None), device=q.device, dtype=torch.float32))
 
 
-@torch.library.custom_op("internlm_kernels::flash_attn_bwd", mutates_args=())
+@kernel_op("flash_attn_bwd")
 def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], softmax_scale: float,
                     causal: bool, window_left: int, window_right: int, deterministic: bool,
@@ -224,7 +225,7 @@ def _fwd_backward(ctx, dout, _dlse):
 _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-@torch.library.custom_op("internlm_kernels::flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
+@kernel_op("flash_attn_kvcache", mutates_args=("k_cache", "v_cache"))
 def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
                         cache_seqlens: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
                         rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,

@@ -25,6 +25,7 @@ from internlm_kernels._checks import (
     as_rows, as_rows_view, check_dim, check_dtype, check_last_dim_contiguous, check_same_device, check_shape, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
+from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import kernels
 
 Tensor = torch.Tensor
@@ -80,7 +81,7 @@ def _rows(x: Tensor) -> int:
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("internlm_kernels::rms_norm_fwd", mutates_args=())
+@kernel_op("rms_norm_fwd")
 def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -96,7 +97,7 @@ def _(x, weight, eps, backend):
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
 
-@torch.library.custom_op("internlm_kernels::rms_norm_bwd", mutates_args=())
+@kernel_op("rms_norm_bwd")
 def _rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, compute_dweight: bool,
                   backend: str) -> Tuple[Tensor, Tensor]:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -159,7 +160,7 @@ def _residual_out_dtype(residual: Tensor, residual_in_fp32: bool) -> torch.dtype
     return torch.float32 if residual_in_fp32 else residual.dtype
 
 
-@torch.library.custom_op("internlm_kernels::fused_add_rms_norm_fwd", mutates_args=())
+@kernel_op("fused_add_rms_norm_fwd")
 def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float, residual_in_fp32: bool,
                             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
@@ -178,7 +179,7 @@ def _(x, residual, weight, eps, residual_in_fp32, backend):
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
 
-@torch.library.custom_op("internlm_kernels::fused_add_rms_norm_bwd", mutates_args=())
+@kernel_op("fused_add_rms_norm_bwd")
 def _fused_add_rms_norm_bwd(dy: Tensor, dresidual_out: Optional[Tensor], residual_out: Tensor, weight: Tensor,
                             rstd: Tensor, x_dtype: torch.dtype, residual_dtype: torch.dtype,
                             compute_dresidual: bool, compute_dweight: bool,
@@ -252,7 +253,7 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float =
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("internlm_kernels::fused_add_rms_norm_", mutates_args=("x", "residual"))
+@kernel_op("fused_add_rms_norm_", mutates_args=("x", "residual"))
 def _fused_add_rms_norm_inplace(x: Tensor, residual: Tensor, weight: Tensor, eps: float, backend: str) -> None:
     if x.numel() == 0:
         return

@@ -23,6 +23,7 @@ from internlm_kernels._checks import (
     check_tensor,
 )
 from internlm_kernels.backends import choose_backend
+from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import kernels
 
 Tensor = torch.Tensor
@@ -82,7 +83,7 @@ def _output_like(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
-@torch.library.custom_op("internlm_kernels::rotary", mutates_args=())
+@kernel_op("rotary")
 def _rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor],
             seqlen_offsets: Optional[Tensor], seqlen_offset: int, cu_seqlens: Optional[Tensor],
             interleaved: bool, conjugate: bool, backend: str) -> Tuple[Tensor, Tensor]:
@@ -119,7 +120,7 @@ def _rotary_backward(ctx, dq_out, dk_out):
 _rotary.register_autograd(_rotary_backward, setup_context=_rotary_setup_context)
 
 
-@torch.library.custom_op("internlm_kernels::rotary_", mutates_args=("q", "k"))
+@kernel_op("rotary_", mutates_args=("q", "k"))
 def _rotary_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor],
              seqlen_offsets: Optional[Tensor], seqlen_offset: int, cu_seqlens: Optional[Tensor],
              interleaved: bool, conjugate: bool, backend: str) -> None:

@@ -1,0 +1,88 @@
+"""The ops' eager fast path (internlm_kernels/ops/_dispatch.py): plain eager calls skip
+torch.library's dispatch, everything that must see the custom op still gets it."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import internlm_kernels as ik
+from tests.helpers import KERNEL_BACKENDS
+
+rms_ops = importlib.import_module("internlm_kernels.ops.rms_norm")  # the module, not the function
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the rms_norm_fwd custom op itself (not its fast path)."""
+    calls = []
+    op = rms_ops._rms_norm_fwd.op
+
+    def counting(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(rms_ops._rms_norm_fwd, "op", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eager_calls_skip_the_dispatcher_with_and_without_grad(backend, device, op_calls):
+    x = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device, requires_grad=True)
+    out = ik.rms_norm(x, weight, backend=backend)
+    out.sum().backward()
+    with torch.no_grad():
+        ik.rms_norm(x, weight, backend=backend)
+    assert op_calls == [] and weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_dispatch_mode_sees_the_custom_op(backend, device):
+    x = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device)
+    with _OpLog() as log:
+        ik.rms_norm(x, weight, backend=backend)
+    assert "internlm_kernels.rms_norm_fwd.default" in log.names
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fast_and_dispatched_paths_agree_forward_and_backward(backend, device):
+    x = torch.randn(5, 64, device=device)
+    weight = torch.randn(64, device=device)
+    grad = torch.randn(5, 64, device=device)
+
+    def run(dispatched: bool):
+        xs, ws = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if dispatched:
+            with _OpLog():
+                out = ik.rms_norm(xs, ws, backend=backend)
+        else:
+            out = ik.rms_norm(xs, ws, backend=backend)
+        out.backward(grad)
+        return out.detach(), xs.grad, ws.grad
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_in_place_fast_path_bumps_version_counters(backend, device):
+    x = torch.randn(4, 64, device=device)
+    residual = torch.randn(4, 64, device=device)
+    weight = torch.randn(64, device=device)
+    before = (x._version, residual._version)
+    ik.fused_add_rms_norm_(x, residual, weight, backend=backend)
+    assert x._version > before[0] and residual._version > before[1]

@@ -12,7 +12,6 @@ warp stalls). Needs a GPU and the built extension.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict
 
@@ -26,6 +25,7 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
     """The calls to profile, at the benchmark's shapes (``small``: tiny ones, to check the
     calls themselves on a CPU with the torch backend)."""
     import internlm_kernels as ik
+    from internlm_kernels.bench.cases import with_env
 
     dtype = torch.bfloat16
     rows, hidden = (64, 256) if small else (16384, 4096)
@@ -54,20 +54,14 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
     k_cache, v_cache = (torch.randn(1, cache_len, 8, 128, device=device, dtype=dtype) for _ in range(2))
     lengths = torch.full((1,), cache_len, device=device, dtype=torch.int32)
 
-    def attention_warp_rows32():
-        os.environ["INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS"] = "32"
-        try:
-            return ik.flash_attention(q, k, v, causal=True, backend=backend)
-        finally:
-            del os.environ["INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS"]
-
     return {
         "rms_norm_fwd": lambda: ik.rms_norm(x, weight, backend=backend),
         "rms_norm_bwd": lambda: torch.autograd.grad(normed, x_grad, grad_normed, retain_graph=True),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "attention_fwd": lambda: ik.flash_attention(q, k, v, causal=True, backend=backend),
-        "attention_fwd_warp_rows32": attention_warp_rows32,
+        "attention_fwd_warp_rows32": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32",
+                                              lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
         "attention_bwd": lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad), grad_attended,
                                                      retain_graph=True),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,

@@ -73,7 +73,7 @@ def _backward_runner(forward: Callable[[], object], inputs: Sequence[Tensor], gr
     return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
 
 
-def _with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
+def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
     """fn with the environment variable ``name`` set to ``value`` during each call (a kernel
     choice the CUDA glue reads per call)."""
     def call():
@@ -218,7 +218,7 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         impls["cuda_deterministic"] = lambda: ik.flash_attention(q, k, v, causal=causal, deterministic=True,
                                                                  backend="cuda")
     if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (4 warps of 32 rows)
-        impls["cuda_warp_rows32"] = _with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32", impls["cuda"])
+        impls["cuda_warp_rows32"] = with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32", impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
     if "eager" in providers and small_enough:
         impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)

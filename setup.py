@@ -24,6 +24,13 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0a"
+# Keep whatever the compiler links in from static archives private to the extension. Some
+# toolchains link libstdc++ statically into every shared object (the GPU machines' /opt/gcc
+# does). Exported, those copies clash with the libstdc++.so that torch loaded first: with
+# torch's -Bsymbolic-functions our functions bind to our copy while its data (the locale's
+# facet ids) binds to torch's, and the first integer streamed into an error message crashed
+# the process. A no-op where libstdc++ is linked dynamically.
+LINK_FLAGS = ["-Wl,--exclude-libs,ALL"]
 
 
 def _say(message: str) -> None:
@@ -87,6 +94,7 @@ def cuda_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
+        extra_link_args=LINK_FLAGS,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [extension], {"build_ext": build_ext}

@@ -7,6 +7,7 @@ The kernels themselves run in the op tests (parametrized with the ``cuda`` backe
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -56,6 +57,21 @@ def test_glue_rejects_cpu_tensors_before_any_launch():
                              (-1, -1), None, None, False)
     with pytest.raises(RuntimeError, match=r"kvcache_append \(cuda\): k_cache must be a CUDA tensor"):
         ext.kvcache_append(q, q, q, q, torch.zeros(1, dtype=torch.int32), None, None, False)
+
+
+@needs_extension
+def test_extension_does_not_export_a_private_libstdcxx():
+    """A toolchain that links libstdc++ statically must not leak that copy's symbols: torch's
+    libstdc++.so would then own the copy's data (locale facet ids) while the extension ran the
+    copy's code, and formatting a number into an error message crashed (seen on a GPU machine
+    whose compiler links it statically). setup.py links with --exclude-libs,ALL."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) here to read the extension's dynamic symbol table")
+    table = subprocess.run([nm, "-D", "--defined-only", "-C", backends.extension.__file__],
+                           capture_output=True, text=True, check=True).stdout
+    leaked = [line for line in table.splitlines() if "std::locale::" in line or "std::ios_base::" in line]
+    assert not leaked, f"the extension exports {len(leaked)} libstdc++ runtime symbols, e.g. {leaked[:3]}"
 
 
 @pytest.mark.gpu

@@ -13,8 +13,10 @@ that was running.
 Writes, in OUT_DIR: NAME.log (all rounds' output), junit-NAME-<round>.xml (each round's
 results; a crashed round leaves none, its finished tests are only in the log), and
 NAME-status.json: {"exit_codes": [...], "crashed": [ids], "cut_during": id or null,
-"deselected_after_crash": n}. Exit code: 0 when every round passed and nothing crashed
-or was cut, else 1.
+"deselected_after_crash": n, "counts": {outcome: n}, "failed": [{"id", "outcome", "message"}]},
+the counts and failures taken test by test, so a crashed or cut round keeps them.
+Exit code: 0 when every test passed and nothing crashed; 124 when the budget cut the run
+and every test that ran passed; else 1.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv: List[str]) -> int:
     scripts = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, IK_PYTEST_PROGRESS_FILE=progress,
                PYTHONPATH=os.pathsep.join(filter(None, [scripts, os.environ.get("PYTHONPATH")])))
+    if os.path.exists(progress + ".results"):
+        os.remove(progress + ".results")
     with open(log_path, "w") as log:
         for round_number in range(1, 1000):
             left = deadline - time.monotonic()
@@ -76,14 +80,22 @@ def main(argv: List[str]) -> int:
             status["deselected_after_crash"] = len(done_before)
             if len(done_before) == len(ids):
                 break
-    for stale in (progress, progress + ".collected"):
+    results = []
+    if os.path.exists(progress + ".results"):
+        results = [json.loads(line) for line in open(progress + ".results") if line.strip()]
+    status["counts"] = {outcome: sum(r["outcome"] == outcome for r in results)
+                        for outcome in ("passed", "failed", "error", "skipped")}
+    status["failed"] = [r for r in results if r["outcome"] in ("failed", "error")]
+    for stale in (progress, progress + ".collected", progress + ".results"):
         if os.path.exists(stale):
             os.remove(stale)
     with open(os.path.join(out, f"{name}-status.json"), "w") as f:
         json.dump(status, f, indent=1)
     print(f"{name}: exit codes {status['exit_codes']}, crashed {status['crashed']}, cut during {status['cut_during']}")
-    clean = not status["crashed"] and status["cut_during"] is None and status["exit_codes"][-1:] == [0]
-    return 0 if clean else 1
+    broken = status["crashed"] or status["failed"]
+    if status["cut_during"] is not None and not broken:
+        return 124  # every test that ran passed
+    return 0 if not broken and status["exit_codes"][-1:] == [0] else 1
 
 
 if __name__ == "__main__":

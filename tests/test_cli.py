@@ -42,3 +42,29 @@ def test_bench_runs_every_op_and_labels_cpu_timings(tmp_path):
             assert 0 <= row["max_err"] < 0.5, row
     if not torch.cuda.is_available():
         assert "NOT kernel speed" in result.stdout
+
+
+def test_backward_rows_run_their_forward_inside_the_providers_guard():
+    """A backward runner runs its forward at the first call, not when the case is built: on the
+    GPU, SDPA's memory-efficient backend refusing a shape took every attention_bwd row with it."""
+    from internlm_kernels.bench import cases
+
+    x = torch.randn(5, requires_grad=True)
+    forwards = []
+
+    def forward():
+        forwards.append(1)
+        return x * 3
+
+    run = cases._backward_runner(forward, (x,), (torch.ones(5),))
+    assert forwards == []
+    first, second = run()[0], run()[0]
+    assert forwards == [1]
+    assert torch.equal(first, torch.full((5,), 3.0)) and torch.equal(second, first)
+
+    def refusing_forward():
+        raise RuntimeError("No available kernel")
+
+    refusing = cases._backward_runner(refusing_forward, (x,), (torch.ones(5),))
+    with pytest.raises(RuntimeError, match="No available kernel"):
+        refusing()

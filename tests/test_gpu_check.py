@@ -20,13 +20,6 @@ def _summary_module():
     return module
 
 
-JUNIT = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="2" tests="9">
-<testcase classname="tests.test_rms_norm" name="test_a"/>
-<testcase classname="tests.test_rms_norm" name="test_b"><failure message="AssertionError: off by 3"/></testcase>
-</testsuite></testsuites>"""
-
-
 def test_gpu_check_script_parses_and_rejects_unknown_phases(tmp_path):
     script = os.path.join(REPO, "scripts", "gpu_check.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
@@ -35,13 +28,16 @@ def test_gpu_check_script_parses_and_rejects_unknown_phases(tmp_path):
 
 
 def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, capsys):
-    (tmp_path / "junit-tests-1.xml").write_text(JUNIT)
     (tmp_path / "tests-status.json").write_text(json.dumps(
-        {"exit_codes": [1], "crashed": [], "cut_during": None, "deselected_after_crash": 0}))
-    # The attention step: round 1 crashed (no junit), round 2 was cut by the time limit (none either).
+        {"exit_codes": [1], "crashed": [], "cut_during": None, "deselected_after_crash": 0,
+         "counts": {"passed": 6, "failed": 1, "error": 0, "skipped": 2},
+         "failed": [{"id": "tests/test_rms_norm.py::test_b", "outcome": "failed",
+                     "message": "AssertionError: off by 3\nassert 3 == 0"}]}))
+    # The attention step: round 1 crashed after 5 tests, round 2 was cut by the time limit.
     (tmp_path / "attention-status.json").write_text(json.dumps(
         {"exit_codes": [-11, 124], "crashed": ["tests/test_attention.py::test_x[cuda]"],
-         "cut_during": "tests/test_attention.py::test_y[cuda]", "deselected_after_crash": 12}))
+         "cut_during": "tests/test_attention.py::test_y[cuda]", "deselected_after_crash": 12,
+         "counts": {"passed": 5, "failed": 0, "error": 0, "skipped": 0}, "failed": []}))
     (tmp_path / "exception-probe.txt").write_text("extension error, CUDA tensors   killed by SIGSEGV\n")
     (tmp_path / "bench.log").write_text("[case 1/9] ...\nbench exit code: 124\n")
     (tmp_path / "dispatch.log").write_text("Name (time in us)          Median   Rounds\n"
@@ -54,8 +50,8 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
     text = capsys.readouterr().out
     assert "extension error, CUDA tensors   killed by SIGSEGV" in text
     assert "tests (tests): 9 run, 1 failed, 0 errors, 2 skipped; pytest exit codes [1]" in text
-    assert "FAIL tests.test_rms_norm::test_b: AssertionError: off by 3" in text
-    assert "tests (attention): 0 run" in text and "exit codes [-11, 124]" in text
+    assert "FAIL tests/test_rms_norm.py::test_b: AssertionError: off by 3" in text
+    assert "tests (attention): 5 run" in text and "exit codes [-11, 124]" in text
     assert "CRASHED" in text and "tests/test_attention.py::test_x[cuda]" in text
     assert "CUT by the time limit during tests/test_attention.py::test_y[cuda]" in text
     assert "rms_norm_fwd" in text and "triton=1.10" in text and "NVIDIA H100 2026-11-27" in text
@@ -106,6 +102,10 @@ def test_resilient_pytest_runs_the_tests_after_a_crash(tmp_path):
     assert status["crashed"] == ["test_demo.py::test_crashes"]
     assert status["exit_codes"][0] == -11 and status["exit_codes"][1] == 1
     assert status["cut_during"] is None
+    # Outcomes are counted test by test, so the crashed round's test_before is kept.
+    assert status["counts"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 0}
+    assert [(r["id"], r["outcome"]) for r in status["failed"]] == [("test_demo.py::test_after_fails", "failed")]
+    assert "assert (2 + 2) == 5" in status["failed"][0]["message"]
     second_round = (out / "junit-demo-2.xml").read_text()
     assert 'name="test_after_passes"' in second_round and 'name="test_after_fails"' in second_round
     assert 'name="test_before"' not in second_round and 'name="test_crashes"' not in second_round
@@ -152,3 +152,30 @@ def test_summary_of_a_profile_run_lists_each_kernels_counters(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "profile: 1 kernels (ncu)" in text
     assert "[0] rms_norm_fwd_kernel<__nv_bfloat16, false>: time 70.5 us, DRAM 91.2 %, occupancy 47.9 %" in text
+
+
+SLOW_TESTS = """
+import time
+
+
+def test_quick():
+    assert len("abc") == 3
+
+
+def test_slow():
+    time.sleep(60)
+"""
+
+
+def test_resilient_pytest_exits_124_when_cut_with_every_test_passed(tmp_path):
+    """gpu_check benchmarks the cuda provider after attention tests that were only cut short."""
+    (tmp_path / "test_slow.py").write_text(SLOW_TESTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["python", os.path.join(REPO, "scripts", "pytest_resilient.py"), "demo", str(out), "10",
+                             "-q", "-p", "no:cacheprovider", "test_slow.py"], cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert result.returncode == 124, result.stdout + result.stderr
+    status = json.loads((out / "demo-status.json").read_text())
+    assert status["cut_during"] == "test_slow.py::test_slow"
+    assert status["counts"]["passed"] == 1 and status["failed"] == []

@@ -68,9 +68,16 @@ def _against(expected: Sequence[Tensor]) -> Callable[[object], float]:
 
 
 def _backward_runner(forward: Callable[[], object], inputs: Sequence[Tensor], grads: Sequence[Tensor]):
-    """Run the forward once, then time only the backward (autograd.grad with retain_graph)."""
-    outputs = _as_tuple(forward())
-    return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+    """The backward alone (autograd.grad with retain_graph) of one forward, run at the first
+    call: inside the benchmark's per-provider guard, so a provider whose forward refuses the
+    shape fails alone instead of taking the whole case with it."""
+    outputs: List[Tensor] = []
+
+    def run():
+        if not outputs:
+            outputs.extend(_as_tuple(forward()))
+        return torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+    return run
 
 
 def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -205,6 +212,14 @@ def _sdpa(name: str, q, k, v, causal: bool):
     return run
 
 
+def _sdpa_serves(name: str, device, heads_q: int, heads_kv: int) -> bool:
+    """Whether SDPA's backend ``name`` runs here: the fused ones only on a GPU, and the
+    memory-efficient one not with grouped-query heads (enable_gqa is flash, cuDNN and math only)."""
+    if device.type != "cuda":
+        return name == "sdpa_math"
+    return name != "sdpa_efficient" or heads_q == heads_kv
+
+
 def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_kv: int, head_dim: int,
                    causal: bool, providers: Sequence[str], *, backward: bool) -> Case:
     gen = torch.Generator(device=device).manual_seed(0)
@@ -225,7 +240,7 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     if "torch_compile" in providers and small_enough:
         impls["torch_compile"] = lambda f=_compiled(reference.attention): f(q, k, v, causal=causal)
     for name in SDPA_BACKENDS:
-        if name in providers and (device.type == "cuda" or name == "sdpa_math") and \
+        if name in providers and _sdpa_serves(name, device, heads_q, heads_kv) and \
                 (name != "sdpa_math" or small_enough):
             impls[name] = _sdpa(name, q, k, v, causal)
 
@@ -266,7 +281,7 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
     if "eager" in providers:
         impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
     for name in SDPA_BACKENDS:
-        if name in providers and (device.type == "cuda" or name == "sdpa_math"):
+        if name in providers and _sdpa_serves(name, device, heads_q, heads_kv):
             impls[name] = _sdpa(name, q, k_cache, v_cache, causal=False)  # one query sees every key
     expected = reference.attention(q[:1].float(), k_cache[:1].float(), v_cache[:1].float(), causal=True)
     bytes_moved = 2 * k_cache.numel() * k_cache.element_size()

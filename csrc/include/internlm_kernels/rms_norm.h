@@ -80,6 +80,7 @@ namespace rms_norm_detail {
 // registers for the row. Backward keeps x and dy: 2 chunks each (4 spilled 392 bytes at the
 // 128-register budget of a 512-thread block; ptxas report).
 constexpr int kMaxFwdItems = 4;
+constexpr int kFewFwdItems = 2;  // the forward's smaller variant (launch_config gives most rows 2)
 constexpr int kMaxBwdItems = 2;
 // 1024 threads per row would cap registers at 64 per thread; 512 keeps the row in registers.
 constexpr int kMaxThreadsPerRow = 512;

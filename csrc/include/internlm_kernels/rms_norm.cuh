@@ -74,19 +74,45 @@ __device__ __forceinline__ FwdRow fwd_row(const RmsNormFwdParams& p, int64_t row
   return r;
 }
 
-// Loads the chunk being normalised into v: x, or x + residual rounded to residual_out's
-// dtype (which is also stored). Returns nothing for out-of-range chunks (v zero).
+// The chunk being normalised: x, or x + residual rounded to residual_out's dtype (which is
+// also stored). load issues the chunk's loads; get waits for them and gives the values (zero
+// for out-of-range columns), so a thread's chunks can all be loaded before any is used
+// (ChunkAhead). An fp32 residual under a 16-bit x is read at get.
+template <typename T, bool kFused>
+struct InputAhead {
+  static constexpr int kVec = Vec<T>::kSize;
+  ChunkAhead<T> x, residual;
+
+  __device__ __forceinline__ void load(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
+                                       int64_t col) {
+    x.load(static_cast<const T*>(r.x), col, p.cols, vec.x);
+    if constexpr (kFused) {
+      residual.vector = false;
+      if (std::is_same<T, float>::value || !p.residual_fp32)
+        residual.load(static_cast<const T*>(r.residual), col, p.cols, vec.residual);
+    }
+  }
+
+  __device__ __forceinline__ void get(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r, int64_t col,
+                                      float (&v)[kVec]) const {
+    x.get(static_cast<const T*>(r.x), col, p.cols, v);
+    if constexpr (kFused) {
+      float res[kVec];
+      if (residual.vector) residual.get(static_cast<const T*>(r.residual), col, p.cols, res);
+      else load_floats_t_or_f32<kVec, T>(r.residual, p.residual_fp32, col, p.cols, vec.residual, res);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] = p.residual_out_fp32 ? v[i] + res[i] : round_to<T>(v[i] + res[i]);
+      store_floats_t_or_f32<kVec, T>(r.residual_out, p.residual_out_fp32, col, p.cols, vec.residual_out, v);
+    }
+  }
+};
+
 template <typename T, bool kFused, int kVec>
 __device__ __forceinline__ void load_input_chunk(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
                                                  int64_t col, float (&v)[kVec]) {
-  load_floats<T, kVec>(static_cast<const T*>(r.x), col, p.cols, vec.x, v);
-  if constexpr (kFused) {
-    float res[kVec];
-    load_floats_t_or_f32<kVec, T>(r.residual, p.residual_fp32, col, p.cols, vec.residual, res);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) v[i] = p.residual_out_fp32 ? v[i] + res[i] : round_to<T>(v[i] + res[i]);
-    store_floats_t_or_f32<kVec, T>(r.residual_out, p.residual_out_fp32, col, p.cols, vec.residual_out, v);
-  }
+  InputAhead<T, kFused> input;
+  input.load(p, vec, r, col);
+  input.get(p, vec, r, col, v);
 }
 
 template <typename T, int kVec>
@@ -112,13 +138,19 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool row_ok = row < p.rows;
   const FwdRow r = fwd_row<T>(p, row_ok ? row : 0);
+  InputAhead<T, kFused> input[kItems];
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {  // every chunk's loads in flight at once
+    const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+    if (row_ok && col < p.cols) input[item].load(p, vec, r, col);
+  }
   float v[kItems][kVec];
   float sum_sq = 0.f;
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
     const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
     if (row_ok && col < p.cols) {
-      load_input_chunk<T, kFused, kVec>(p, vec, r, col, v[item]);
+      input[item].get(p, vec, r, col, v[item]);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) sum_sq += v[item][i] * v[item][i];
     }
@@ -216,17 +248,43 @@ __device__ __forceinline__ void bwd_chunk(const RmsNormBwdParams& p, const Vecto
     store_floats_t_or_f32<kVec, T>(r.dresidual, p.dresidual_fp32, col, p.cols, vec.dresidual, dx);
 }
 
+// A chunk's x (the normalised input) and dy, loaded ahead as InputAhead does; one that is
+// fp32 under a 16-bit T is read at get.
+template <typename T>
+struct XDyAhead {
+  static constexpr int kVec = Vec<T>::kSize;
+  ChunkAhead<T> x, dy;
+
+  __device__ __forceinline__ void load(const RmsNormBwdParams& p, const Vectorized& vec, const BwdRow& r,
+                                       int64_t col) {
+    constexpr bool kFloat = std::is_same<T, float>::value;
+    x.vector = dy.vector = false;
+    if (kFloat || !p.normed_fp32) x.load(static_cast<const T*>(r.normed), col, p.cols, vec.normed);
+    if (kFloat || !p.dy_fp32) dy.load(static_cast<const T*>(r.dy), col, p.cols, vec.dy);
+  }
+
+  // x and dy as floats; returns the chunk's sum of dy * w * x (times rstd later).
+  __device__ __forceinline__ float get(const RmsNormBwdParams& p, const Vectorized& vec, const BwdRow& r,
+                                       int64_t col, float (&x_out)[kVec], float (&dy_out)[kVec]) const {
+    if (x.vector) x.get(static_cast<const T*>(r.normed), col, p.cols, x_out);
+    else load_floats_t_or_f32<kVec, T>(r.normed, p.normed_fp32, col, p.cols, vec.normed, x_out);
+    if (dy.vector) dy.get(static_cast<const T*>(r.dy), col, p.cols, dy_out);
+    else load_floats_t_or_f32<kVec, T>(r.dy, p.dy_fp32, col, p.cols, vec.dy, dy_out);
+    float w[kVec];
+    load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+    float gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) gx += dy_out[i] * w[i] * x_out[i];
+    return gx;
+  }
+};
+
 template <typename T, int kVec>
 __device__ __forceinline__ float load_x_dy(const RmsNormBwdParams& p, const Vectorized& vec, const BwdRow& r,
                                            int64_t col, float (&x)[kVec], float (&dy)[kVec]) {
-  load_floats_t_or_f32<kVec, T>(r.normed, p.normed_fp32, col, p.cols, vec.normed, x);
-  load_floats_t_or_f32<kVec, T>(r.dy, p.dy_fp32, col, p.cols, vec.dy, dy);
-  float w[kVec];
-  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
-  float gx = 0.f;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) gx += dy[i] * w[i] * x[i];
-  return gx;  // sum of g * x over the chunk (times rstd later)
+  XDyAhead<T> input;
+  input.load(p, vec, r, col);
+  return input.get(p, vec, r, col, x, dy);
 }
 
 // dw_row[col .. col + kVec) (+)= values, as float4 accesses: a thread's kVec floats are
@@ -277,11 +335,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
     const int64_t row = base + threadIdx.y;
     const bool row_ok = row < p.rows;
     const BwdRow r = bwd_row<T>(p, row_ok ? row : 0);
+    XDyAhead<T> input[kMaxBwdItems];
+#pragma unroll
+    for (int item = 0; item < kMaxBwdItems; ++item) {  // every chunk's loads in flight at once
+      const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+      if (row_ok && col < p.cols) input[item].load(p, vec, r, col);
+    }
     float gx = 0.f;
 #pragma unroll
     for (int item = 0; item < kMaxBwdItems; ++item) {
       const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
-      if (row_ok && col < p.cols) gx += load_x_dy<T, kVec>(p, vec, r, col, x[item], dy[item]);
+      if (row_ok && col < p.cols) gx += input[item].get(p, vec, r, col, x[item], dy[item]);
     }
     const float rstd = row_ok ? p.rstd[row] : 0.f;
     const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);

@@ -1,9 +1,10 @@
 // Rotary position embedding kernel: q and k in one launch; forward, and backward through
 // ``conjugate`` (rotation by the negative angle).
 //
-// Grid (S, B): one block per token. The token's position is resolved once per block
-// (binary search of cu_seqlens for packed inputs: lengths are read on the device, so CUDA
-// graphs replay correctly with new lengths) and its cos/sin row is shared by every head.
+// Grid (S, B): one block per token. Each thread resolves the token's position itself (binary
+// search of cu_seqlens for packed inputs: lengths are read on the device, so CUDA graphs
+// replay correctly with new lengths) after issuing its chunk's loads, so the lookup's latency
+// hides under theirs; the same addresses in every thread make those reads broadcasts.
 // Threads walk (head, chunk) items over q's heads then k's; a chunk is kVec rotary pairs,
 // read and written as 16-byte vectors when aligned (rotate-half: two contiguous halves;
 // interleaved: 2 * kVec contiguous values). Offsets are int64.
@@ -55,26 +56,41 @@ __device__ __forceinline__ float2 rotate_pair(float a, float b, float cos, float
   return make_float2(a * cos - b * sin, b * cos + a * sin);
 }
 
+// The kVec pairs (a, b) of one chunk, as floats.
+template <int kVec>
+struct Pairs {
+  float a[kVec], b[kVec];
+};
+
 template <typename T, bool kInterleaved, int kVec>
-__device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const RotaryParams& p, bool vec_ok,
-                                             const float (&cos)[kVec], const float (&sin)[kVec]) {
-  float a[kVec], b[kVec];  // the two members of each pair
+__device__ __forceinline__ Pairs<kVec> load_pairs(const T* x, int pair, const RotaryParams& p, bool vec_ok) {
+  Pairs<kVec> pairs;
   if constexpr (kInterleaved) {
     float both[2 * kVec];
     load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok, both);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      a[i] = both[2 * i];
-      b[i] = both[2 * i + 1];
+      pairs.a[i] = both[2 * i];
+      pairs.b[i] = both[2 * i + 1];
     }
-  } else {
-    load_floats<T, kVec>(x, pair, p.rotary_half, vec_ok, a);
-    load_floats<T, kVec>(x + p.rotary_half, pair, p.rotary_half, vec_ok, b);
+  } else {  // two loads, both issued before either is converted
+    ChunkAhead<T> a, b;
+    a.load(x, pair, p.rotary_half, vec_ok);
+    b.load(x + p.rotary_half, pair, p.rotary_half, vec_ok);
+    a.get(x, pair, p.rotary_half, pairs.a);
+    b.get(x + p.rotary_half, pair, p.rotary_half, pairs.b);
   }
+  return pairs;
+}
+
+template <typename T, bool kInterleaved, int kVec>
+__device__ __forceinline__ void store_rotated(T* out, int pair, const RotaryParams& p, bool vec_ok,
+                                              const Pairs<kVec>& x, const float (&cos)[kVec],
+                                              const float (&sin)[kVec]) {
   float ra[kVec], rb[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const float2 rotated = rotate_pair(a[i], b[i], cos[i], sin[i]);
+    const float2 rotated = rotate_pair(x.a[i], x.b[i], cos[i], sin[i]);
     ra[i] = rotated.x;
     rb[i] = rotated.y;
   }
@@ -90,6 +106,33 @@ __device__ __forceinline__ void rotate_chunk(const T* x, T* out, int pair, const
     store_floats<T, kVec>(out, pair, p.rotary_half, vec_ok, ra);
     store_floats<T, kVec>(out + p.rotary_half, pair, p.rotary_half, vec_ok, rb);
   }
+}
+
+// Where a token sits: its row of the cos/sin tables, and whether it belongs to a sequence
+// (packed tokens past cu_seqlens[-1] are padding).
+struct TokenPosition {
+  int64_t position;
+  bool in_sequence;
+};
+
+__device__ __forceinline__ TokenPosition token_position(const RotaryParams& p, int64_t token, int64_t batch) {
+  int64_t sequence = batch, local = token;
+  bool in_sequence = true;
+  if (p.cu_seqlens != nullptr) {
+    sequence = find_sequence(p.cu_seqlens, p.num_sequences, token);
+    in_sequence = sequence < p.num_sequences;
+    if (!in_sequence) sequence = p.num_sequences - 1;
+    local = token - (sequence >= 0 ? int64_t(p.cu_seqlens[sequence]) : 0);
+  }
+  int64_t position;
+  if (p.position_ids != nullptr) {
+    position = load_index(p.position_ids, p.position_ids_int64, batch * p.position_stride_b + token * p.position_stride_s);
+  } else {
+    position = local + p.seqlen_offset;
+    if (p.seqlen_offsets != nullptr && sequence >= 0)
+      position += load_index(p.seqlen_offsets, p.seqlen_offsets_int64, sequence);
+  }
+  return {position, in_sequence};
 }
 
 // Copy elements [col, col + N) of a row unchanged (padding tokens, out of place): raw
@@ -115,35 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_kernel(const RotaryParams 
   constexpr int kVec = Vec<T>::kSize;
   const int64_t token = blockIdx.x, batch = blockIdx.y;
 
-  IK_SHARED_ARRAY(int64_t, shared_position, 1);
-  IK_SHARED_ARRAY(int, shared_in_sequence, 1);  // a word: the emulation race-checks words
-  if (threadIdx.x == 0) {
-    int64_t sequence = batch, local = token;
-    bool in_sequence = true;
-    if (p.cu_seqlens != nullptr) {
-      sequence = find_sequence(p.cu_seqlens, p.num_sequences, token);
-      in_sequence = sequence < p.num_sequences;
-      if (!in_sequence) sequence = p.num_sequences - 1;
-      local = token - (sequence >= 0 ? int64_t(p.cu_seqlens[sequence]) : 0);
-    }
-    int64_t position;
-    if (p.position_ids != nullptr) {
-      position = load_index(p.position_ids, p.position_ids_int64,
-                            batch * p.position_stride_b + token * p.position_stride_s);
-    } else {
-      position = local + p.seqlen_offset;
-      if (p.seqlen_offsets != nullptr && sequence >= 0)
-        position += load_index(p.seqlen_offsets, p.seqlen_offsets_int64, sequence);
-    }
-    store_shared(shared_position, position);
-    store_shared(shared_in_sequence, int(in_sequence));
-  }
-  __syncthreads();
-  const int64_t position = load_shared(shared_position);
-  const bool in_sequence = load_shared(shared_in_sequence) != 0;
-  const bool in_table = position >= 0 && position < p.table_len;
   const float sin_sign = p.conjugate ? -1.f : 1.f;
-
   const int chunks_per_head = (p.rotary_half + kVec - 1) / kVec;
   const int items = (p.heads_q + p.heads_k) * chunks_per_head;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
@@ -161,7 +176,10 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_kernel(const RotaryParams 
       out = static_cast<T*>(p.k_out) + batch * p.k_out_stride_b + token * p.k_out_stride_s + h * p.k_out_stride_h;
     }
     const bool vec_ok = is_q ? vec.q : vec.k;
-    if (!in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
+    // The chunk's loads first: nothing about them depends on the position.
+    const Pairs<kVec> values = load_pairs<T, kInterleaved, kVec>(x, pair, p, vec_ok);
+    const TokenPosition at = token_position(p, token, batch);
+    if (!at.in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
       if (!p.inplace) {
         if constexpr (kInterleaved) {
           copy_elements<T, 2 * kVec>(x, out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok);
@@ -173,16 +191,16 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_kernel(const RotaryParams 
       continue;
     }
     float cos[kVec], sin[kVec];
-    if (!in_table) {
+    if (at.position < 0 || at.position >= p.table_len) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) cos[i] = sin[i] = nanf("");
     } else {
-      load_floats<float, kVec>(p.cos + position * p.cos_stride, pair, p.rotary_half, vec.tables, cos);
-      load_floats<float, kVec>(p.sin + position * p.sin_stride, pair, p.rotary_half, vec.tables, sin);
+      load_floats<float, kVec>(p.cos + at.position * p.cos_stride, pair, p.rotary_half, vec.tables, cos);
+      load_floats<float, kVec>(p.sin + at.position * p.sin_stride, pair, p.rotary_half, vec.tables, sin);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) sin[i] *= sin_sign;
     }
-    rotate_chunk<T, kInterleaved, kVec>(x, out, pair, p, vec_ok, cos, sin);
+    store_rotated<T, kInterleaved, kVec>(out, pair, p, vec_ok, values, cos, sin);
   }
 
   // Out of place with partial rotary: the features past rotary_dim pass through.

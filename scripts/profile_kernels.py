@@ -18,7 +18,7 @@ from typing import Callable, Dict
 import torch
 
 CASES = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "rotary_fwd", "attention_fwd",
-         "attention_fwd_warp_rows32", "attention_bwd", "attention_decode")
+         "attention_fwd_warp_rows16", "attention_bwd", "attention_decode")
 
 
 def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
@@ -60,7 +60,7 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "attention_fwd": lambda: ik.flash_attention(q, k, v, causal=True, backend=backend),
-        "attention_fwd_warp_rows32": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "32",
+        "attention_fwd_warp_rows16": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16",
                                               lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
         "attention_bwd": lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad), grad_attended,
                                                      retain_graph=True),

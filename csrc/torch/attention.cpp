@@ -142,12 +142,12 @@ RotaryTables rotary_tables(const char* op, const std::optional<at::Tensor>& cos,
   return tables;
 }
 
-// The forward's warp layout (ForwardTraits in attention.cuh): 16 query rows per warp, or 32
+// The forward's warp layout (ForwardTraits in attention.cuh): 32 query rows per warp, or 16
 // when INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS says so. Read at every call, so one process (the
 // benchmark) can time both.
 int forward_warp_rows(const char* op) {
   const char* value = std::getenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS");
-  if (value == nullptr || *value == '\0') return 16;
+  if (value == nullptr || *value == '\0') return 32;
   const std::string text(value);
   TORCH_CHECK(text == "16" || text == "32", op, ": INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 16 or 32, got '",
               text, "'");

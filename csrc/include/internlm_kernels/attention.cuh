@@ -78,9 +78,11 @@ struct TileTraits {
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
 //    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 68 B
 //    (full) / 104 B (masked) of spills: 14 local accesses per 64-key tile, next to 256 mma.
-// The first stays the default until the benchmark (provider cuda_warp_rows32) has measured
-// the second on a GPU.
-template <typename T, int kHeadDim, int kWarpRows = 16>
+// The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
+// ran the full forward 1.28x faster and the causal one as fast, spills included. The first
+// stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
+// cuda_warp_rows16).
+template <typename T, int kHeadDim, int kWarpRows = 32>
 using ForwardTraits = TileTraits<T, kHeadDim, 128, 64, 128 / kWarpRows, 1>;
 
 // Decode: one 16-row tile (a few positions x the group), 4 warps sharing each 64-key tile.

@@ -39,7 +39,7 @@ struct AttentionParams {
   int window_left = 0, window_right = 0;  // >= 0, clamped below 2^30
   // Forward only: query rows per warp, 16 (8 warps of one 16-row tile) or 32 (4 warps of two
   // tiles; each K/V fragment feeds two mma). See ForwardTraits in attention.cuh.
-  int forward_warp_rows = 16;
+  int forward_warp_rows = 32;
 };
 
 // Backward: dout like out; dq like q, dk / dv like k / v; delta (fp32, lse's strides) is

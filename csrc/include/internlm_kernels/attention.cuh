@@ -669,11 +669,17 @@ __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const Attentio
   const int64_t batch = row.batch, pos = row.pos, head = row.head;
   float sum = 0.f;
   if (lane < kChunks) {
+    static_assert(Vec<T>::kSize == 8, "16-bit T: 8 values per chunk");
+    const T* out_row = static_cast<const T*>(p.out) + batch * p.out_stride_b + pos * p.out_stride_s +
+                       head * p.out_stride_h;
+    const T* dout_row = static_cast<const T*>(p.dout) + batch * p.dout_stride_b + pos * p.dout_stride_s +
+                        head * p.dout_stride_h;
+    ChunkAhead<T> out_chunk, dout_chunk;  // both loads in flight before either is used
+    out_chunk.load(out_row, lane * 8, kHeadDim, true);
+    dout_chunk.load(dout_row, lane * 8, kHeadDim, true);
     float o[8], d[8];
-    load_floats<T, 8>(static_cast<const T*>(p.out) + batch * p.out_stride_b + pos * p.out_stride_s +
-                          head * p.out_stride_h, lane * 8, kHeadDim, true, o);
-    load_floats<T, 8>(static_cast<const T*>(p.dout) + batch * p.dout_stride_b + pos * p.dout_stride_s +
-                          head * p.dout_stride_h, lane * 8, kHeadDim, true, d);
+    out_chunk.get(out_row, lane * 8, kHeadDim, o);
+    dout_chunk.get(dout_row, lane * 8, kHeadDim, d);
 #pragma unroll
     for (int i = 0; i < 8; ++i) sum += o[i] * d[i];
   }

@@ -105,12 +105,14 @@ if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
   # The CPU emulation of the CUDA kernels (tests/test_cuda_emulation.py) is for machines
   # without a GPU; here the kernels themselves run. scripts/pytest_resilient.py reruns the
   # tests after one that crashes the interpreter, and names it; --durations lists the
-  # slowest tests, to fit the suite into the run.
+  # slowest tests, to fit the suite into the run. The tests take most of an `all` run's
+  # deadline (neither step finished in 120 / 150 s on the H200); a `bench` run on the same
+  # machine then measures.
   export INTERNLM_KERNELS_AUTOTUNE=0
   pytest_args=(-q -rfEs -p no:cacheprovider --durations=15)
-  $PY scripts/pytest_resilient.py tests "$OUT" "$(limit 120)" "${pytest_args[@]}" tests \
+  $PY scripts/pytest_resilient.py tests "$OUT" "$(limit 150)" "${pytest_args[@]}" tests \
     --deselect tests/test_triton_compile.py --ignore tests/test_attention.py --ignore tests/test_cuda_emulation.py
-  $PY scripts/pytest_resilient.py attention "$OUT" "$(limit 150)" "${pytest_args[@]}" tests/test_attention.py
+  $PY scripts/pytest_resilient.py attention "$OUT" "$(limit 180)" "${pytest_args[@]}" tests/test_attention.py
   attention_rc=$?
   mkdir -p build && echo "$attention_rc" > "$ATTENTION_RC_FILE"
   unset INTERNLM_KERNELS_AUTOTUNE

@@ -90,15 +90,21 @@ def test_after_fails():
 """
 
 
-def test_resilient_pytest_runs_the_tests_after_a_crash(tmp_path):
-    (tmp_path / "test_demo.py").write_text(CRASHING_TESTS)
+def _run_resilient(tmp_path, tests: str, seconds: int):
+    """scripts/pytest_resilient.py over one test file written from ``tests``: (process, out dir, status)."""
+    (tmp_path / "test_demo.py").write_text(tests)
     out = tmp_path / "out"
     out.mkdir()
-    result = subprocess.run(["python", os.path.join(REPO, "scripts", "pytest_resilient.py"), "demo", str(out), "120",
-                             "-q", "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path, capture_output=True,
-                            text=True)
+    result = subprocess.run(["python", os.path.join(REPO, "scripts", "pytest_resilient.py"), "demo", str(out),
+                             str(seconds), "-q", "-p", "no:cacheprovider", "test_demo.py"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    status_path = out / "demo-status.json"
+    return result, out, json.loads(status_path.read_text()) if status_path.exists() else None
+
+
+def test_resilient_pytest_runs_the_tests_after_a_crash(tmp_path):
+    result, out, status = _run_resilient(tmp_path, CRASHING_TESTS, 120)
     assert result.returncode == 1, result.stdout + result.stderr
-    status = json.loads((out / "demo-status.json").read_text())
     assert status["crashed"] == ["test_demo.py::test_crashes"]
     assert status["exit_codes"][0] == -11 and status["exit_codes"][1] == 1
     assert status["cut_during"] is None
@@ -169,13 +175,7 @@ def test_slow():
 
 def test_resilient_pytest_exits_124_when_cut_with_every_test_passed(tmp_path):
     """gpu_check benchmarks the cuda provider after attention tests that were only cut short."""
-    (tmp_path / "test_slow.py").write_text(SLOW_TESTS)
-    out = tmp_path / "out"
-    out.mkdir()
-    result = subprocess.run(["python", os.path.join(REPO, "scripts", "pytest_resilient.py"), "demo", str(out), "10",
-                             "-q", "-p", "no:cacheprovider", "test_slow.py"], cwd=tmp_path, capture_output=True,
-                            text=True)
+    result, _, status = _run_resilient(tmp_path, SLOW_TESTS, 10)
     assert result.returncode == 124, result.stdout + result.stderr
-    status = json.loads((out / "demo-status.json").read_text())
-    assert status["cut_during"] == "test_slow.py::test_slow"
+    assert status["cut_during"] == "test_demo.py::test_slow"
     assert status["counts"]["passed"] == 1 and status["failed"] == []

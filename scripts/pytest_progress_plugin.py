@@ -2,7 +2,7 @@
 the collected test ids (in run order) to that path + ".collected", before each test the
 test's id to that path, so the test that killed the interpreter can be named, and after each
 test one JSON line (id, outcome, message) to that path + ".results", so outcomes survive a
-round that crashes or is cut (pytest's junit report is written only at a clean exit)."""
+round that crashes or is cut (pytest's own reports are written only at a clean exit)."""
 
 import json
 import os

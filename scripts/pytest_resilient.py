@@ -10,9 +10,7 @@ crashed and the next round deselects it and every test that already ran (collect
 is stable), so each test runs at most once. A round cut by the budget records the test
 that was running.
 
-Writes, in OUT_DIR: NAME.log (all rounds' output), junit-NAME-<round>.xml (each round's
-results; a crashed round leaves none, its finished tests are only in the log), and
-NAME-status.json: {"exit_codes": [...], "crashed": [ids], "cut_during": id or null,
+Writes, in OUT_DIR: NAME.log (all rounds' output) and NAME-status.json: {"exit_codes": [...], "crashed": [ids], "cut_during": id or null,
 "deselected_after_crash": n, "counts": {outcome: n}, "failed": [{"id", "outcome", "message"}]},
 the counts and failures taken test by test, so a crashed or cut round keeps them.
 Exit code: 0 when every test passed and nothing crashed; 124 when the budget cut the run
@@ -52,9 +50,8 @@ def main(argv: List[str]) -> int:
                 if os.path.exists(stale):
                     os.remove(stale)
             deselect = [arg for test in done_before for arg in ("--deselect", test)]
-            junit = os.path.join(out, f"junit-{name}-{round_number}.xml")
             command = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-p", "pytest_progress_plugin",
-                       *pytest_args, *deselect, f"--junitxml={junit}"]
+                       *pytest_args, *deselect]
             log.write(f"=== round {round_number}: {len(done_before)} tests deselected (ran earlier)\n")
             log.flush()
             try:

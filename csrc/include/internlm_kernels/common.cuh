@@ -132,6 +132,24 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t col, int64_t n_cols
   }
 }
 
+// One 16-byte vector's raw bits as floats, and floats packed into one, rounding as
+// from_float does.
+template <typename T>
+__device__ __forceinline__ void unpack_floats(const uint4& bits, float (&out)[Vec<T>::kSize]) {
+  const T* elements = reinterpret_cast<const T*>(&bits);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kSize; ++i) out[i] = to_float(elements[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack_floats(const float (&in)[Vec<T>::kSize]) {
+  uint4 bits;
+  T* elements = reinterpret_cast<T*>(&bits);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::kSize; ++i) elements[i] = from_float<T>(in[i]);
+  return bits;
+}
+
 // One 16-byte chunk of T loaded ahead of its use. load_floats converts a chunk inside the
 // branch that loads it, so the thread waits for that load before its next one issues: a
 // thread loading two chunks paid two memory round trips, one after the other (seen in the
@@ -153,9 +171,7 @@ struct ChunkAhead {
   // The chunk as floats (ptr, col and n_cols as given to load).
   __device__ __forceinline__ void get(const T* ptr, int64_t col, int64_t n_cols, float (&out)[kSize]) const {
     if (vector) {
-      const T* elements = reinterpret_cast<const T*>(&bits);
-#pragma unroll
-      for (int i = 0; i < kSize; ++i) out[i] = to_float(elements[i]);
+      unpack_floats<T>(bits, out);
     } else {
       load_floats<T, kSize>(ptr, col, n_cols, false, out);
     }

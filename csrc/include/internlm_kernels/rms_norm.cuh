@@ -369,6 +369,141 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
   }
 }
 
+// The backward's common case, taken when every input (normed, dy, dresidual_out) has dtype T,
+// every tensor allows 16-byte accesses and rows are whole 16-byte chunks
+// (bwd_takes_aligned_path). What the general kernel above decides per chunk at run time is
+// known here at compile time, and that is what keeps this one lean: every access is one
+// vector, with no element-wise fallback to keep registers for, and the row's x, dy (and
+// dresidual_out) stay raw bits across the row reduction, unpacked once for the reduction and
+// again for dx (4 registers a 16-bit chunk instead of 8). dweight accumulates in shared memory
+// as in the general kernel (in registers too, it spilled at the 64-register cap).
+// The general kernel takes 122 registers: 2 blocks of 256 threads per SM, and about 0.3 of the
+// copy bandwidth at N = 4096 on an H200. __launch_bounds__(512, 2) caps this one at 64 (no
+// spills, ptxas -v), so the 1024 threads per SM that bwd_blocks sizes the grid for are resident.
+template <typename T>
+__device__ __forceinline__ void load_weight_chunk(const RmsNormBwdParams& p, int64_t col,
+                                                  float (&w)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  // The uint4 values are copied out before unpacking: unpacked straight from the pointer, the
+  // compiler split each 16-byte load into element loads.
+  if (std::is_same<T, float>::value || !p.weight_fp32) {
+    const uint4 bits = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.weight) + col);
+    unpack_floats<T>(bits, w);
+  } else {
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const float*>(p.weight) + col);
+#pragma unroll
+    for (int v = 0; v < kVec / 4; ++v) {
+      const uint4 bits = src[v];
+      float part[4];
+      unpack_floats<float>(bits, part);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[4 * v + i] = part[i];
+    }
+  }
+}
+
+// A whole chunk stored to a tensor that is T or fp32, as 16-byte stores.
+template <typename T>
+__device__ __forceinline__ void store_chunk_t_or_f32(void* row, bool is_fp32, int col,
+                                                     const float (&values)[Vec<T>::kSize]) {
+  constexpr int kVec = Vec<T>::kSize;
+  if (std::is_same<T, float>::value || !is_fp32) {
+    *reinterpret_cast<uint4*>(static_cast<T*>(row) + col) = pack_floats<T>(values);
+  } else {
+    float4* dst = reinterpret_cast<float4*>(static_cast<float*>(row) + col);
+#pragma unroll
+    for (int v = 0; v < kVec / 4; ++v)
+      dst[v] = make_float4(values[4 * v], values[4 * v + 1], values[4 * v + 2], values[4 * v + 3]);
+  }
+}
+
+template <typename T, bool kFused>
+__global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_kernel(const RmsNormBwdParams p,
+                                                                                   const Vectorized /*all true*/) {
+  constexpr int kVec = Vec<T>::kSize;
+  constexpr int kItems = kMaxBwdItems;
+  IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
+  IK_DYNAMIC_SHARED(float4, dw_shared);  // [blockDim.y][cols] floats
+  float* dw_row = p.dweight_partial != nullptr ? reinterpret_cast<float*>(dw_shared) + threadIdx.y * p.cols : nullptr;
+  const bool has_dresidual_out = p.dresidual_out != nullptr;
+  if (dw_row != nullptr) {
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;
+      const float zeros[kVec] = {};
+      if (col < p.cols) add_to_shared<kVec>(dw_row, col, p.cols, zeros, /*overwrite=*/true);
+    }
+  }
+  const int64_t step = int64_t(gridDim.x) * blockDim.y;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.y; base < p.rows; base += step) {  // uniform trip count
+    const int64_t row = base + threadIdx.y;
+    const bool row_ok = row < p.rows;
+    const BwdRow r = bwd_row<T>(p, row_ok ? row : 0);
+    uint4 x_bits[kItems], dy_bits[kItems], dro_bits[kItems];
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {  // every chunk's loads in flight at once
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      if (row_ok && col < p.cols) {
+        x_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.normed) + col);
+        dy_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dy) + col);
+        if (has_dresidual_out)
+          dro_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dresidual_out) + col);
+      }
+    }
+    float gx = 0.f;
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      if (row_ok && col < p.cols) {
+        float x[kVec], dy[kVec], w[kVec];
+        unpack_floats<T>(x_bits[item], x);
+        unpack_floats<T>(dy_bits[item], dy);
+        load_weight_chunk<T>(p, col, w);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) gx += dy[i] * w[i] * x[i];
+      }
+    }
+    const float rstd = row_ok ? p.rstd[row] : 0.f;
+    const float mean_gx = row_sum(gx, scratch) * rstd / float(p.cols);
+    if (!row_ok) continue;
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      if (col < p.cols) {
+        float x[kVec], dy[kVec], w[kVec], dx[kVec];
+        unpack_floats<T>(x_bits[item], x);
+        unpack_floats<T>(dy_bits[item], dy);
+        load_weight_chunk<T>(p, col, w);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float x_hat = x[i] * rstd;
+          dx[i] = (dy[i] * w[i] - x_hat * mean_gx) * rstd;
+          dy[i] *= round_to<T>(x_hat);  // dy is done with: it becomes the dweight term
+        }
+        if (dw_row != nullptr) add_to_shared<kVec>(dw_row, col, p.cols, dy, /*overwrite=*/false);
+        if (has_dresidual_out) {
+          float dro[kVec];
+          unpack_floats<T>(dro_bits[item], dro);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dx[i] += dro[i];
+        }
+        *reinterpret_cast<uint4*>(static_cast<T*>(r.dx) + col) = pack_floats<T>(dx);
+        if (kFused && r.dresidual != nullptr) store_chunk_t_or_f32<T>(r.dresidual, p.dresidual_fp32, col, dx);
+      }
+    }
+  }
+  if (dw_row == nullptr) return;  // each thread owns its columns: no synchronisation needed
+  float* out = p.dweight_partial + (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * p.cols;
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int col = int(threadIdx.x + item * blockDim.x) * kVec;
+    if (col < p.cols)
+#pragma unroll
+      for (int v = 0; v < kVec / 4; ++v)
+        *reinterpret_cast<float4*>(out + col + 4 * v) = load_shared(reinterpret_cast<const float4*>(dw_row + col) + v);
+  }
+}
+
 // Wide rows: one row at a time per block, dweight added into the block's own workspace row
 // (zeroed by the launcher; each thread only ever touches its own columns).
 template <typename T, bool kFused>
@@ -398,16 +533,30 @@ __global__ void __launch_bounds__(kLoopedThreads, 1) rms_norm_bwd_looped_kernel(
   }
 }
 
-// dweight[c] = sum over workspace rows, in row order (deterministic). A template so that only
-// the translation units that launch it (the backward instantiations) compile it.
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) column_sum_kernel(const float* __restrict__ partial, int64_t partial_rows,
-                                                              int64_t cols, float* __restrict__ out) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
+// dweight[c] = the sum of column c over the workspace rows, in a fixed order (deterministic):
+// each of kRowGroups threads per column sums every kRowGroups-th row, then one adds the
+// groups' sums in order. The workspace has a row per resident row slot (hundreds on an H100),
+// so one thread per column, walking them all in series, took a long chain of dependent
+// memory round trips on a few SMs (N / 256 blocks). A template so that only the translation
+// units that launch it (the backward instantiations) compile it.
+template <int kColumns, int kRowGroups>
+__global__ void __launch_bounds__(kColumns* kRowGroups) column_sum_kernel(const float* __restrict__ partial,
+                                                                         int64_t partial_rows, int64_t cols,
+                                                                         float* __restrict__ out) {
+  IK_SHARED_ARRAY(float, group_sums, kRowGroups * kColumns);
+  const int64_t col = int64_t(blockIdx.x) * kColumns + threadIdx.x;
   float sum = 0.f;
-  for (int64_t r = 0; r < partial_rows; ++r) sum += partial[r * cols + col];
-  out[col] = sum;
+  if (col < cols) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < partial_rows; r += kRowGroups) sum += partial[r * cols + col];
+  }
+  store_shared(&group_sums[threadIdx.y * kColumns + threadIdx.x], sum);
+  __syncthreads();
+  if (threadIdx.y != 0 || col >= cols) return;
+  float total = 0.f;
+#pragma unroll
+  for (int g = 0; g < kRowGroups; ++g) total += load_shared(&group_sums[g * kColumns + threadIdx.x]);
+  out[col] = total;
 }
 
 template <typename T>
@@ -435,6 +584,16 @@ Vectorized bwd_vectorized(const RmsNormBwdParams& p) {
   v.dx = vectorizable(p.dx, sizeof(T), p.cols);
   v.dresidual = vectorizable(p.dresidual, p.dresidual_fp32 ? 4 : sizeof(T), p.cols);
   return v;
+}
+
+// Whether rms_norm_bwd_aligned_kernel serves these arguments (on the register path).
+template <typename T>
+bool bwd_takes_aligned_path(const RmsNormBwdParams& p, const Vectorized& vec) {
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  const bool inputs_are_t = kFloat || (!p.normed_fp32 && !p.dy_fp32 && (p.dresidual_out == nullptr || !p.dresidual_out_fp32));
+  const bool vectors = vec.normed && vec.dy && vec.weight && vec.dx && (p.dresidual_out == nullptr || vec.dresidual_out) &&
+                       (p.dresidual == nullptr || vec.dresidual);
+  return inputs_are_t && vectors && p.cols % Vec<T>::kSize == 0;
 }
 
 }  // namespace rms_norm_detail
@@ -471,10 +630,12 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) 
   cudaError_t error = cudaSuccess;
   if (config.in_registers) {
     partial_rows = blocks * config.rows_per_block;
-    const size_t shared =
+    const dim3 block(config.threads_per_row, config.rows_per_block);
+    const size_t shared =  // a dweight row per row slot (padded_cols = cols on the aligned path)
         p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * padded_cols(p.cols) : 0;
-    error = launch_kernel(rms_norm_bwd_kernel<T, kFused>, dim3(unsigned(blocks)),
-                          dim3(config.threads_per_row, config.rows_per_block), shared, stream, p, vec);
+    auto* kernel = bwd_takes_aligned_path<T>(p, vec) ? rms_norm_bwd_aligned_kernel<T, kFused>
+                                                      : rms_norm_bwd_kernel<T, kFused>;
+    error = launch_kernel(kernel, dim3(unsigned(blocks)), block, shared, stream, p, vec);
   } else {
     if (p.dweight_partial != nullptr) {
       error = zero_async(p.dweight_partial, sizeof(float) * partial_rows * p.cols, stream);
@@ -484,9 +645,10 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) 
                           stream, p, vec);
   }
   if (error != cudaSuccess || p.dweight == nullptr) return error;
-  constexpr int kSumThreads = 256;
-  return launch_kernel(column_sum_kernel<kSumThreads>, dim3(unsigned((p.cols + kSumThreads - 1) / kSumThreads)),
-                       dim3(kSumThreads), 0, stream, p.dweight_partial, partial_rows, p.cols, p.dweight);
+  constexpr int kSumColumns = 32, kSumRowGroups = 16;  // a warp reads 128 contiguous bytes of a row
+  return launch_kernel(column_sum_kernel<kSumColumns, kSumRowGroups>,
+                       dim3(unsigned((p.cols + kSumColumns - 1) / kSumColumns)), dim3(kSumColumns, kSumRowGroups), 0,
+                       stream, p.dweight_partial, partial_rows, p.cols, p.dweight);
 }
 
 }  // namespace internlm_kernels

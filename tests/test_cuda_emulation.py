@@ -308,6 +308,19 @@ def test_emulated_fused_add_rms_norm_matches_reference(cuda_backend, dtype, shap
     rms_tests.test_fused_add_rms_norm_matches_reference("cuda", dtype, shape, residual_in_fp32, CPU)
 
 
+# 67 rows on the emulation's 4-SM grid: each persistent block of the backward walks several
+# rows, so the aligned kernel's staging of the next row is used (hidden 4096: rows of whole
+# 16-byte chunks; 4100: the general kernel).
+@pytest.mark.parametrize("hidden", [4096, 4100])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_emulated_rms_norm_backward_several_rows_per_block(cuda_backend, fused, hidden):
+    x, weight = rms_tests._inputs((67, hidden), torch.bfloat16, CPU)
+    if fused:
+        rms_tests._check_fused(x, torch.randn_like(x), weight, "cuda", residual_in_fp32=False)
+    else:
+        rms_tests._check_rms_norm(x, weight, "cuda")
+
+
 def test_emulated_fused_add_rms_norm_fp32_residual_stream_and_strides(cuda_backend):
     rms_tests.test_fused_add_rms_norm_fp32_residual_stream_and_strides("cuda", CPU)
 

@@ -18,7 +18,10 @@
 // T or fp32 (a uniform run-time branch) to keep template instantiations few.
 #pragma once
 
+#include <initializer_list>
+
 #include "internlm_kernels/common.cuh"
+#include "internlm_kernels/mma.cuh"
 #include "internlm_kernels/rms_norm.h"
 
 namespace internlm_kernels {
@@ -31,11 +34,12 @@ struct Vectorized {  // which tensors may use 16-byte accesses
 // A row's place in its (outer, inner) layout. The split is a 64-bit division, dozens of
 // instructions, so each kernel makes it once per row and hands the row's start pointers to
 // its chunk helpers. (Split per chunk and per tensor, the divisions took about as long as the
-// memory traffic, by an instruction count of the SASS.)
+// memory traffic, by an instruction count of the SASS.) The launchers fold layouts whose
+// rows are evenly strided into one outer block (with_uniform_rows), where no division is made.
 struct RowPosition {
   int64_t outer, inner;
   __device__ __forceinline__ RowPosition(int64_t row, int64_t rows_inner)
-      : outer(row / rows_inner), inner(row - outer * rows_inner) {}
+      : outer(row < rows_inner ? 0 : row / rows_inner), inner(row - outer * rows_inner) {}
   __device__ __forceinline__ int64_t offset(const RowLayout& layout) const {
     return outer * layout.stride_outer + inner * layout.stride_inner;
   }
@@ -369,39 +373,6 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
   }
 }
 
-// The backward's common case, taken when every input (normed, dy, dresidual_out) has dtype T,
-// every tensor allows 16-byte accesses and rows are whole 16-byte chunks
-// (bwd_takes_aligned_path). What the general kernel above decides per chunk at run time is
-// known here at compile time, and that is what keeps this one lean: every access is one
-// vector, with no element-wise fallback to keep registers for, and the row's x, dy (and
-// dresidual_out) stay raw bits across the row reduction, unpacked once for the reduction and
-// again for dx (4 registers a 16-bit chunk instead of 8). dweight accumulates in shared memory
-// as in the general kernel (in registers too, it spilled at the 64-register cap).
-// The general kernel takes 122 registers: 2 blocks of 256 threads per SM, and about 0.3 of the
-// copy bandwidth at N = 4096 on an H200. __launch_bounds__(512, 2) caps this one at 64 (no
-// spills, ptxas -v), so the 1024 threads per SM that bwd_blocks sizes the grid for are resident.
-template <typename T>
-__device__ __forceinline__ void load_weight_chunk(const RmsNormBwdParams& p, int64_t col,
-                                                  float (&w)[Vec<T>::kSize]) {
-  constexpr int kVec = Vec<T>::kSize;
-  // The uint4 values are copied out before unpacking: unpacked straight from the pointer, the
-  // compiler split each 16-byte load into element loads.
-  if (std::is_same<T, float>::value || !p.weight_fp32) {
-    const uint4 bits = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.weight) + col);
-    unpack_floats<T>(bits, w);
-  } else {
-    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const float*>(p.weight) + col);
-#pragma unroll
-    for (int v = 0; v < kVec / 4; ++v) {
-      const uint4 bits = src[v];
-      float part[4];
-      unpack_floats<float>(bits, part);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) w[4 * v + i] = part[i];
-    }
-  }
-}
-
 // A whole chunk stored to a tensor that is T or fp32, as 16-byte stores.
 template <typename T>
 __device__ __forceinline__ void store_chunk_t_or_f32(void* row, bool is_fp32, int col,
@@ -417,48 +388,102 @@ __device__ __forceinline__ void store_chunk_t_or_f32(void* row, bool is_fp32, in
   }
 }
 
+// The backward's common case, taken when every input (normed, dy, dresidual_out, weight) has
+// dtype T, every tensor allows 16-byte accesses and rows are whole 16-byte chunks
+// (bwd_takes_aligned_path). A persistent block walks its rows one after another, so what
+// decides its speed is how much of each row's time its loads are in flight. In the general
+// kernel a row's loads start only when the previous row is done (reduction, dx, stores), and
+// at 122 registers only 2 blocks of 256 threads fit on an SM: about 0.3 of the copy
+// bandwidth at N = 4096 on an H200. Here:
+//  * the next row's x and dy are copied into shared memory with cp.async while this row is
+//    reduced and written (two staging buffers per row slot, alternating, so a copy never
+//    lands on data still being read); each thread copies and reads only its own chunks, so
+//    the staging needs cp.async.wait_group but no barrier;
+//  * every access is one 16-byte vector, and x and dy are read from the staging again for dx
+//    instead of being held across the reduction: 64 registers under
+//    __launch_bounds__(512, 2) with no spills (ptxas -v), so the 1024 threads per SM that
+//    bwd_blocks sizes the grid for are resident;
+//  * dresidual_out, needed only after the reduction, is loaded into registers as the row
+//    starts; dweight accumulates in shared memory as in the general kernel.
+// Shared memory per block (AlignedBwdShared, rms_norm.h): the dweight rows and the staging,
+// 48 KiB at N = 4096 in bf16 (4 blocks per SM), 96 KiB at N = 8192 (2 blocks).
 template <typename T, bool kFused>
 __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_kernel(const RmsNormBwdParams p,
                                                                                    const Vectorized /*all true*/) {
   constexpr int kVec = Vec<T>::kSize;
   constexpr int kItems = kMaxBwdItems;
   IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
-  IK_DYNAMIC_SHARED(float4, dw_shared);  // [blockDim.y][cols] floats
-  float* dw_row = p.dweight_partial != nullptr ? reinterpret_cast<float*>(dw_shared) + threadIdx.y * p.cols : nullptr;
+  IK_DYNAMIC_SHARED(float4, smem);
+  const AlignedBwdShared layout(p.cols, sizeof(T), blockDim.y, p.dweight_partial != nullptr);
+  char* const base_address = reinterpret_cast<char*>(smem);
+  float* const dw_row =
+      layout.has_dweight ? reinterpret_cast<float*>(base_address) + threadIdx.y * p.cols : nullptr;
+  // staging(buffer, stream): this row slot's copy of one row of x (stream 0) or dy (stream 1)
+  auto staging = [&](int buffer, int stream) {
+    return reinterpret_cast<T*>(base_address + layout.staging_offset(buffer, threadIdx.y, stream));
+  };
   const bool has_dresidual_out = p.dresidual_out != nullptr;
+  const int64_t step = int64_t(gridDim.x) * blockDim.y;
+
   if (dw_row != nullptr) {
 #pragma unroll
     for (int item = 0; item < kItems; ++item) {
-      const int col = int(threadIdx.x + item * blockDim.x) * kVec;
-      const float zeros[kVec] = {};
-      if (col < p.cols) add_to_shared<kVec>(dw_row, col, p.cols, zeros, /*overwrite=*/true);
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      if (col < p.cols)
+#pragma unroll
+        for (int v = 0; v < kVec / 4; ++v)
+          store_shared(reinterpret_cast<float4*>(dw_row + col) + v, make_float4(0.f, 0.f, 0.f, 0.f));
     }
   }
-  const int64_t step = int64_t(gridDim.x) * blockDim.y;
-  for (int64_t base = int64_t(blockIdx.x) * blockDim.y; base < p.rows; base += step) {  // uniform trip count
-    const int64_t row = base + threadIdx.y;
-    const bool row_ok = row < p.rows;
-    const BwdRow r = bwd_row<T>(p, row_ok ? row : 0);
-    uint4 x_bits[kItems], dy_bits[kItems], dro_bits[kItems];
+  // Copies one row's x and dy chunks of this thread into a staging buffer (nothing past the
+  // last row) and commits them as one cp.async group.
+  auto stage_row = [&](int64_t row, int buffer) {
+    if (row < p.rows) {
+      const BwdRow r = bwd_row<T>(p, row);
 #pragma unroll
-    for (int item = 0; item < kItems; ++item) {  // every chunk's loads in flight at once
-      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
-      if (row_ok && col < p.cols) {
-        x_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.normed) + col);
-        dy_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dy) + col);
-        if (has_dresidual_out)
-          dro_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dresidual_out) + col);
+      for (int item = 0; item < kItems; ++item) {
+        const int col = int(threadIdx.x + item * blockDim.x) * kVec;
+        if (col < p.cols) {
+          mma::cp_async_16(mma::shared_address(staging(buffer, 0) + col), static_cast<const T*>(r.normed) + col,
+                           true);
+          mma::cp_async_16(mma::shared_address(staging(buffer, 1) + col), static_cast<const T*>(r.dy) + col, true);
+        }
       }
     }
+    mma::cp_async_commit();
+  };
+
+  int buffer = 0;
+  stage_row(int64_t(blockIdx.x) * blockDim.y + threadIdx.y, buffer);
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.y; base < p.rows; base += step, buffer ^= 1) {
+    const int64_t row = base + threadIdx.y;  // uniform trip count: every thread reaches row_sum
+    const bool row_ok = row < p.rows;
+    mma::cp_async_wait<0>();         // this row's staging has landed (this thread's chunks)
+    stage_row(row + step, buffer ^ 1);  // the next row streams in while this one is worked on
+    const BwdRow r = bwd_row<T>(p, row_ok ? row : 0);
+    uint4 dro_bits[kItems];
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;
+      if (row_ok && col < p.cols && has_dresidual_out)
+        dro_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dresidual_out) + col);
+    }
+    // x, dy and the weight of one chunk, as floats
+    auto chunk = [&](int col, float (&x)[kVec], float (&dy)[kVec], float (&w)[kVec]) {
+      unpack_floats<T>(load_shared(reinterpret_cast<const uint4*>(staging(buffer, 0) + col)), x);
+      unpack_floats<T>(load_shared(reinterpret_cast<const uint4*>(staging(buffer, 1) + col)), dy);
+      // Copied out as a uint4 first: unpacked straight from the pointer, the compiler split
+      // the 16-byte load into element loads.
+      const uint4 w_bits = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.weight) + col);
+      unpack_floats<T>(w_bits, w);
+    };
     float gx = 0.f;
 #pragma unroll
     for (int item = 0; item < kItems; ++item) {
-      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;
       if (row_ok && col < p.cols) {
         float x[kVec], dy[kVec], w[kVec];
-        unpack_floats<T>(x_bits[item], x);
-        unpack_floats<T>(dy_bits[item], dy);
-        load_weight_chunk<T>(p, col, w);
+        chunk(col, x, dy, w);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) gx += dy[i] * w[i] * x[i];
       }
@@ -468,19 +493,25 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
     if (!row_ok) continue;
 #pragma unroll
     for (int item = 0; item < kItems; ++item) {
-      const int col = int(threadIdx.x + item * blockDim.x) * kVec;  // < 2^31: the register path
+      const int col = int(threadIdx.x + item * blockDim.x) * kVec;
       if (col < p.cols) {
         float x[kVec], dy[kVec], w[kVec], dx[kVec];
-        unpack_floats<T>(x_bits[item], x);
-        unpack_floats<T>(dy_bits[item], dy);
-        load_weight_chunk<T>(p, col, w);
+        chunk(col, x, dy, w);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           const float x_hat = x[i] * rstd;
           dx[i] = (dy[i] * w[i] - x_hat * mean_gx) * rstd;
           dy[i] *= round_to<T>(x_hat);  // dy is done with: it becomes the dweight term
         }
-        if (dw_row != nullptr) add_to_shared<kVec>(dw_row, col, p.cols, dy, /*overwrite=*/false);
+        if (dw_row != nullptr) {
+          float4* dw = reinterpret_cast<float4*>(dw_row + col);
+#pragma unroll
+          for (int v = 0; v < kVec / 4; ++v) {
+            float4 sum = load_shared(dw + v);
+            sum.x += dy[4 * v], sum.y += dy[4 * v + 1], sum.z += dy[4 * v + 2], sum.w += dy[4 * v + 3];
+            store_shared(dw + v, sum);
+          }
+        }
         if (has_dresidual_out) {
           float dro[kVec];
           unpack_floats<T>(dro_bits[item], dro);
@@ -492,6 +523,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
       }
     }
   }
+  mma::cp_async_wait<0>();  // the last, empty group
   if (dw_row == nullptr) return;  // each thread owns its columns: no synchronisation needed
   float* out = p.dweight_partial + (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * p.cols;
 #pragma unroll
@@ -586,22 +618,38 @@ Vectorized bwd_vectorized(const RmsNormBwdParams& p) {
   return v;
 }
 
+// Params whose row layouts are all evenly strided (row r at r * stride_inner, as for any
+// contiguous (batch, seq, hidden) tensor) as one outer block of rows: the same addresses,
+// without the per-row division. The other params come back as they are.
+template <typename Params>
+Params with_uniform_rows(Params p, std::initializer_list<const RowLayout*> layouts) {
+  for (const RowLayout* layout : layouts)
+    if (layout != nullptr && layout->stride_outer != p.rows_inner * layout->stride_inner) return p;
+  p.rows_inner = p.rows;
+  return p;
+}
+
 // Whether rms_norm_bwd_aligned_kernel serves these arguments (on the register path).
 template <typename T>
 bool bwd_takes_aligned_path(const RmsNormBwdParams& p, const Vectorized& vec) {
   constexpr bool kFloat = std::is_same<T, float>::value;
-  const bool inputs_are_t = kFloat || (!p.normed_fp32 && !p.dy_fp32 && (p.dresidual_out == nullptr || !p.dresidual_out_fp32));
-  const bool vectors = vec.normed && vec.dy && vec.weight && vec.dx && (p.dresidual_out == nullptr || vec.dresidual_out) &&
-                       (p.dresidual == nullptr || vec.dresidual);
+  // (An fp32 weight makes the output, and so dy, fp32: the general kernel's case.)
+  const bool inputs_are_t = kFloat || (!p.normed_fp32 && !p.dy_fp32 && !p.weight_fp32 &&
+                                       (p.dresidual_out == nullptr || !p.dresidual_out_fp32));
+  const bool vectors = vec.normed && vec.dy && vec.weight && vec.dx &&
+                       (p.dresidual_out == nullptr || vec.dresidual_out) && (p.dresidual == nullptr || vec.dresidual);
   return inputs_are_t && vectors && p.cols % Vec<T>::kSize == 0;
 }
 
 }  // namespace rms_norm_detail
 
 template <typename T, bool kFused>
-cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& params, cudaStream_t stream) {
   using namespace rms_norm_detail;
-  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  if (params.rows == 0 || params.cols == 0) return cudaSuccess;
+  const RmsNormFwdParams p = with_uniform_rows(
+      params, {&params.x_layout, &params.out_layout, params.residual != nullptr ? &params.residual_layout : nullptr,
+               params.residual_out != nullptr ? &params.residual_out_layout : nullptr});
   const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxFwdItems);
   const Vectorized vec = fwd_vectorized<T>(p);
   if (config.in_registers) {
@@ -618,11 +666,14 @@ cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& p, cudaStream_t stream) 
 }
 
 template <typename T, bool kFused>
-cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) {
+cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& params, cudaStream_t stream) {
   using namespace rms_norm_detail;
-  if (p.rows == 0 || p.cols == 0) {
-    return p.dweight != nullptr ? zero_async(p.dweight, sizeof(float) * p.cols, stream) : cudaSuccess;
+  if (params.rows == 0 || params.cols == 0) {
+    return params.dweight != nullptr ? zero_async(params.dweight, sizeof(float) * params.cols, stream) : cudaSuccess;
   }
+  const RmsNormBwdParams p = with_uniform_rows(
+      params, {&params.normed_layout, &params.dy_layout,
+               params.dresidual_out != nullptr ? &params.dresidual_out_layout : nullptr});
   const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxBwdItems);
   const Vectorized vec = bwd_vectorized<T>(p);
   const int64_t blocks = bwd_blocks(p.rows, config);
@@ -631,11 +682,15 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& p, cudaStream_t stream) 
   if (config.in_registers) {
     partial_rows = blocks * config.rows_per_block;
     const dim3 block(config.threads_per_row, config.rows_per_block);
-    const size_t shared =  // a dweight row per row slot (padded_cols = cols on the aligned path)
-        p.dweight_partial != nullptr ? sizeof(float) * config.rows_per_block * padded_cols(p.cols) : 0;
-    auto* kernel = bwd_takes_aligned_path<T>(p, vec) ? rms_norm_bwd_aligned_kernel<T, kFused>
-                                                      : rms_norm_bwd_kernel<T, kFused>;
-    error = launch_kernel(kernel, dim3(unsigned(blocks)), block, shared, stream, p, vec);
+    const bool has_dweight = p.dweight_partial != nullptr;
+    if (bwd_takes_aligned_path<T>(p, vec)) {
+      const AlignedBwdShared layout(p.cols, sizeof(T), config.rows_per_block, has_dweight);
+      error = launch_kernel(rms_norm_bwd_aligned_kernel<T, kFused>, dim3(unsigned(blocks)), block,
+                            size_t(layout.bytes()), stream, p, vec);
+    } else {
+      const size_t shared = has_dweight ? sizeof(float) * config.rows_per_block * padded_cols(p.cols) : 0;
+      error = launch_kernel(rms_norm_bwd_kernel<T, kFused>, dim3(unsigned(blocks)), block, shared, stream, p, vec);
+    }
   } else {
     if (p.dweight_partial != nullptr) {
       error = zero_async(p.dweight_partial, sizeof(float) * partial_rows * p.cols, stream);

@@ -124,6 +124,23 @@ inline int64_t bwd_blocks(int64_t rows, const LaunchConfig& config) {
 // (constexpr: also callable from device code under --expt-relaxed-constexpr.)
 constexpr int64_t padded_cols(int64_t cols) { return (cols + 3) / 4 * 4; }
 
+// Dynamic shared memory of the aligned backward kernel (rms_norm.cuh): a dweight row per row
+// slot when dweight is wanted, then two staging buffers, each a row of x and a row of dy per
+// row slot. Rows are whole 16-byte chunks there, so every piece starts 16-byte aligned.
+// (constexpr members: used by the launcher and the kernel alike.)
+struct AlignedBwdShared {
+  int64_t cols, element_size, slots;
+  bool has_dweight;
+
+  constexpr AlignedBwdShared(int64_t cols_, int64_t element_size_, int64_t slots_, bool has_dweight_)
+      : cols(cols_), element_size(element_size_), slots(slots_), has_dweight(has_dweight_) {}
+  constexpr int64_t dweight_bytes() const { return has_dweight ? slots * cols * 4 : 0; }
+  constexpr int64_t staging_offset(int buffer, int slot, int stream) const {
+    return dweight_bytes() + ((buffer * slots + slot) * 2 + stream) * cols * element_size;
+  }
+  constexpr int64_t bytes() const { return staging_offset(2, 0, 0); }
+};
+
 }  // namespace rms_norm_detail
 
 // Size of the fp32 dweight workspace the backward needs for these sizes on this GPU.

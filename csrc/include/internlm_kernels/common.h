@@ -26,4 +26,16 @@ inline int multiprocessor_count() {
   return count > 0 ? count : 1;
 }
 
+// Shared memory of one SM of the current device, in bytes (the most its resident blocks can
+// hold together: 228 KiB on an H100, 164 KiB on an A100).
+inline int64_t shared_memory_per_multiprocessor() {
+#ifdef IK_CUDA_EMULATION
+  return 228 * 1024;  // the pretend GPU is Hopper-sized
+#endif
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) return 0;
+  return bytes;
+}
+
 }  // namespace internlm_kernels

@@ -676,7 +676,7 @@ cudaError_t launch_rms_norm_bwd(const RmsNormBwdParams& params, cudaStream_t str
                params.dresidual_out != nullptr ? &params.dresidual_out_layout : nullptr});
   const LaunchConfig config = launch_config(p.cols, Vec<T>::kSize, kMaxBwdItems);
   const Vectorized vec = bwd_vectorized<T>(p);
-  const int64_t blocks = bwd_blocks(p.rows, config);
+  const int64_t blocks = bwd_blocks(p.rows, p.cols, int(sizeof(T)), config);
   int64_t partial_rows = blocks;
   cudaError_t error = cudaSuccess;
   if (config.in_registers) {

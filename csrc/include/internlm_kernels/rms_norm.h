@@ -107,19 +107,6 @@ inline LaunchConfig launch_config(int64_t cols, int vec, int max_items) {
   return {kLoopedThreads, 1, false};
 }
 
-// Persistent backward grid: about 1024 resident threads per SM (half of an H100 SM's 2048),
-// enough to keep loads in flight, while the fp32 dweight workspace (one row per row slot of
-// every block) stays a few MB, small next to the tensors the backward streams.
-constexpr int kBwdThreadsPerSm = 1024;
-
-inline int64_t bwd_blocks(int64_t rows, const LaunchConfig& config) {
-  const int64_t row_blocks = (rows + config.rows_per_block - 1) / config.rows_per_block;
-  const int64_t threads = int64_t(config.threads_per_row) * config.rows_per_block;
-  const int64_t per_sm = threads < kBwdThreadsPerSm ? kBwdThreadsPerSm / threads : 1;
-  const int64_t cap = per_sm * int64_t(multiprocessor_count());
-  return row_blocks < cap ? (row_blocks > 0 ? row_blocks : 1) : cap;
-}
-
 // Shared-memory dweight rows are padded to 4 floats so every chunk is float4-aligned.
 // (constexpr: also callable from device code under --expt-relaxed-constexpr.)
 constexpr int64_t padded_cols(int64_t cols) { return (cols + 3) / 4 * 4; }
@@ -141,6 +128,29 @@ struct AlignedBwdShared {
   constexpr int64_t bytes() const { return staging_offset(2, 0, 0); }
 };
 
+// Persistent backward grid: about 1024 resident threads per SM (half of an H100 SM's 2048),
+// enough to keep loads in flight, while the fp32 dweight workspace (one row per row slot of
+// every block) stays a few MB, small next to the tensors the backward streams. No more blocks
+// per SM than the aligned kernel's shared memory lets reside together (3 of 48 KiB on an
+// A100's 164 KiB): a block that has to wait for another to finish doubles a persistent
+// grid's time.
+constexpr int kBwdThreadsPerSm = 1024;
+constexpr int64_t kSharedBytesReservedPerBlock = 1024 + 4 * kMaxRowsPerBlock * 32;  // the system's + scratch
+
+inline int64_t bwd_blocks(int64_t rows, int64_t cols, int element_size, const LaunchConfig& config) {
+  const int64_t row_blocks = (rows + config.rows_per_block - 1) / config.rows_per_block;
+  const int64_t threads = int64_t(config.threads_per_row) * config.rows_per_block;
+  int64_t per_sm = threads < kBwdThreadsPerSm ? kBwdThreadsPerSm / threads : 1;
+  if (config.in_registers) {
+    const int64_t block_bytes =
+        AlignedBwdShared(cols, element_size, config.rows_per_block, true).bytes() + kSharedBytesReservedPerBlock;
+    const int64_t fit = shared_memory_per_multiprocessor() / block_bytes;
+    per_sm = fit < per_sm ? (fit > 0 ? fit : 1) : per_sm;
+  }
+  const int64_t cap = per_sm * int64_t(multiprocessor_count());
+  return row_blocks < cap ? (row_blocks > 0 ? row_blocks : 1) : cap;
+}
+
 }  // namespace rms_norm_detail
 
 // Size of the fp32 dweight workspace the backward needs for these sizes on this GPU.
@@ -148,7 +158,7 @@ inline int64_t rms_norm_bwd_workspace_floats(int64_t rows, int64_t cols, int ele
   using namespace rms_norm_detail;
   const LaunchConfig config = launch_config(cols, 16 / element_size, kMaxBwdItems);
   const int64_t slots = config.in_registers ? config.rows_per_block : 1;
-  return bwd_blocks(rows, config) * slots * cols;
+  return bwd_blocks(rows, cols, element_size, config) * slots * cols;
 }
 
 }  // namespace internlm_kernels

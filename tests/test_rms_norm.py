@@ -172,6 +172,19 @@ def test_dweight_is_bitwise_deterministic(backend, hidden, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_backward_with_many_rows_per_program(backend, fused, device):
+    # More rows than the persistent backward has programs: each walks many of them (the CUDA
+    # aligned kernel stages the next row while it works on the current one).
+    x, weight = _inputs((4099, 4096), torch.bfloat16, device)
+    if fused:
+        _check_fused(x, torch.randn_like(x), weight, backend, residual_in_fp32=False)
+    else:
+        _check_rms_norm(x, weight, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_more_than_2_pow_31_elements(backend, device):
     hidden = 4096
     rows = (1 << 31) // hidden + 3  # the last rows start past element 2^31

@@ -73,11 +73,12 @@ struct TileTraits {
 
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
-//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 214 registers at d = 128, 131 at
-//    d = 64, no spills. Every warp reads all of K and V from shared memory for its 16 rows.
+//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 181 / 227 registers (full /
+//    masked) at d = 128, 137 / 129 at d = 64, no spills. Every warp reads all of K and V from shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 68 B
-//    (full) / 104 B (masked) of spills: 14 local accesses per 64-key tile, next to 256 mma.
+//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 112 B
+//    (full) / 32 B (masked) of spill stores, made outside the key loop: inside it, 4 / 0 local
+//    loads per 64-key tile, next to 256 mma (SASS; 6 / 2 with exp2f, before fast_exp2).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -381,13 +382,13 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
         }
       const float new_max = fmaxf(row_max[mt][r], mma::quad_max(tile_max));
       const float base = new_max == -INFINITY ? 0.f : new_max;  // rows that have seen no key yet
-      const float alpha = exp2f(row_max[mt][r] - base);
+      const float alpha = fast_exp2(row_max[mt][r] - base);
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(s[mt][nt][2 * r + e] - base);
+          const float p = fast_exp2(s[mt][nt][2 * r + e] - base);
           s[mt][nt][2 * r + e] = p;
           sum += p;
         }
@@ -592,7 +593,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int w = 0; w < Tr::kWarpsN; ++w) {
-        const float weight = exp2f(load_shared(merge_max + w * 16 + row) - base);
+        const float weight = fast_exp2(load_shared(merge_max + w * 16 + row) - base);
         const float4 part = load_shared(reinterpret_cast<const float4*>(merge_acc + (w * 16 + row) * Tr::kHeadDim + col));
         total += weight * load_shared(merge_sum + w * 16 + row);
         sum.x += weight * part.x, sum.y += weight * part.y, sum.z += weight * part.z, sum.w += weight * part.w;
@@ -625,7 +626,7 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Att
     const float lse = p.partial_lse[slot];
     if (lse == -INFINITY) continue;  // the split saw no key
     const float new_best = fmaxf(best, lse);
-    const float alpha = exp2f(best - new_best), weight = exp2f(lse - new_best);
+    const float alpha = fast_exp2(best - new_best), weight = fast_exp2(lse - new_best);
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) acc[i] = acc[i] * alpha + weight * p.partial_out[slot * kHeadDim + lane * kPerLane + i];
     total = total * alpha + weight;
@@ -714,7 +715,7 @@ __device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const Pro
 // ``rows`` of the score tile are queries (dQ kernel) or keys (dK/dV kernel, transposed).
 __device__ __forceinline__ float bwd_probability(float s, float scale_log2, const BwdRow& row, int key, bool needs_mask) {
   if (needs_mask && (key < row.visible.x || key > row.visible.y)) return 0.f;
-  return exp2f(s * scale_log2 - row.lse2);
+  return fast_exp2(s * scale_log2 - row.lse2);
 }
 
 // The atomic-dQ step of the dK/dV program: its dS for one query tile (kBlockN rows x the

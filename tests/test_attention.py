@@ -86,6 +86,17 @@ def test_attention_matches_reference(backend, dtype, case, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_every_row_maximum_in_the_first_key_tile(backend, device):
+    """Key 0 gives every row its largest score, so after the first key tile no running maximum
+    moves (the CUDA forward then skips its output rescale), while the other keys, each with
+    a tenth or so of key 0's weight, still carry over 90% of it."""
+    q, k, v = _qkv(1, 70, 200, 2, 1, _dim(backend, 64), torch.bfloat16, device)
+    q, k = q.abs(), 0.1 * k
+    k[:, 0] = 0.3
+    _check(q, k, v, backend, causal=True)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
 def test_attention_head_dims(backend, head_dim, device):
     q, k, v = _qkv(1, 20, 20, 2, 1, head_dim, torch.bfloat16, device)

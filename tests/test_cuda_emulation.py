@@ -138,6 +138,10 @@ def test_emulated_attention_matches_reference(cuda_backend, case, dtype, head_di
     attention_tests._check(*attention_tests._qkv(batch, sq, sk, hq, hkv, head_dim, dtype, CPU), "cuda", **kwargs)
 
 
+def test_emulated_every_row_maximum_in_the_first_key_tile(cuda_backend):
+    attention_tests.test_every_row_maximum_in_the_first_key_tile("cuda", CPU)
+
+
 def test_emulated_nan_in_a_query_row_stays_in_that_row(cuda_backend):
     attention_tests.test_nan_in_a_query_row_stays_in_that_row("cuda", CPU)
 

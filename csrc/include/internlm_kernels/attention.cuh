@@ -76,9 +76,9 @@ struct TileTraits {
 //  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 181 / 227 registers (full /
 //    masked) at d = 128, 137 / 129 at d = 64, no spills. Every warp reads all of K and V from shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 112 B
-//    (full) / 32 B (masked) of spill stores, made outside the key loop: inside it, 4 / 0 local
-//    loads per 64-key tile, next to 256 mma (SASS; 6 / 2 with exp2f, before fast_exp2).
+//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 32 B
+//    of spills, all outside the key loop (SASS; with exp2f and an unconditional output
+//    rescale, 68-104 B, and 2-6 local accesses per 64-key tile next to its 256 mma).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -363,6 +363,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
                                                const int2 (&visible)[Tr::kMTiles][2], float scale_log2,
                                                bool needs_mask, int key0, int lane) {
   const int t = lane % 4;
+  float alphas[Tr::kMTiles][2];
+  bool any_max_moved = false;
 #pragma unroll
   for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
@@ -393,13 +395,22 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
           sum += p;
         }
       row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < Tr::kDimTiles; ++dt) {
-        acc[mt][dt][2 * r] *= alpha;
-        acc[mt][dt][2 * r + 1] *= alpha;
-      }
+      alphas[mt][r] = alpha;
+      any_max_moved |= new_max != row_max[mt][r];
       row_max[mt][r] = new_max;
     }
+  // The output rescale (2 kMTiles kDimTiles multiplies per row pair) only where some row of the
+  // warp has a new maximum: past the first few key tiles, most tiles bring none.
+  if (__ballot_sync(kFullMask, any_max_moved) == 0) return;
+#pragma unroll
+  for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int dt = 0; dt < Tr::kDimTiles; ++dt) {
+        acc[mt][dt][2 * r] *= alphas[mt][r];
+        acc[mt][dt][2 * r + 1] *= alphas[mt][r];
+      }
 }
 
 // One program of the forward (kDecode = false: writes out and lse) or of the split-KV

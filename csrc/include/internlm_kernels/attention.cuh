@@ -74,7 +74,8 @@ struct TileTraits {
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
 //  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 182 registers at d = 128,
-//    127-128 at d = 64, no spills. Every warp reads all of K and V from shared memory for its 16 rows.
+//    127-128 at d = 64, no spills. Every warp reads all of K and V from shared memory for
+//    its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
 //    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 32 B
 //    of spills, all outside the key loop (SASS; with exp2f and an unconditional output

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "internlm_kernels/common.h"
@@ -83,7 +84,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 __device__ __forceinline__ float fast_exp2(float x) {
 #ifdef IK_CUDA_EMULATION
   const float y = std::exp2(x);
-  return y < 1.17549435e-38f ? 0.f : y;
+  return y < std::numeric_limits<float>::min() ? 0.f : y;  // ftz: denormal results are 0
 #else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -373,7 +373,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_bwd_kernel(const R
   }
 }
 
-// A whole chunk stored to a tensor that is T or fp32, as 16-byte stores.
+// A whole chunk stored to a tensor that is T or fp32, as 16-byte stores: store_floats_t_or_f32
+// without its element-wise fallback, for callers that know every chunk is aligned and whole.
 template <typename T>
 __device__ __forceinline__ void store_chunk_t_or_f32(void* row, bool is_fp32, int col,
                                                      const float (&values)[Vec<T>::kSize]) {

@@ -135,7 +135,8 @@ struct AlignedBwdShared {
 // A100's 164 KiB): a block that has to wait for another to finish doubles a persistent
 // grid's time.
 constexpr int kBwdThreadsPerSm = 1024;
-constexpr int64_t kSharedBytesReservedPerBlock = 1024 + 4 * kMaxRowsPerBlock * 32;  // the system's + scratch
+// Per block beyond the dynamic allocation: the 1 KiB the system reserves, and row_sum's scratch.
+constexpr int64_t kSharedBytesReservedPerBlock = 1024 + int64_t(sizeof(float)) * kMaxRowsPerBlock * 32;
 
 inline int64_t bwd_blocks(int64_t rows, int64_t cols, int element_size, const LaunchConfig& config) {
   const int64_t row_blocks = (rows + config.rows_per_block - 1) / config.rows_per_block;

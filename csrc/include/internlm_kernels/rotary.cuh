@@ -180,7 +180,9 @@ __global__ void __launch_bounds__(kMaxThreads) rotary_kernel(const RotaryParams 
     const Pairs<kVec> values = load_pairs<T, kInterleaved, kVec>(x, pair, p, vec_ok);
     const TokenPosition at = token_position(p, token, batch);
     if (!at.in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
-      if (!p.inplace) {
+      // Tested on the pointers rather than p.inplace: ptxas kept that flag in a predicate
+      // for the whole loop and spilled it (4-8 B at fp32).
+      if (out != x) {
         if constexpr (kInterleaved) {
           copy_elements<T, 2 * kVec>(x, out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok);
         } else {

@@ -18,7 +18,7 @@ from typing import Callable, Dict
 import torch
 
 CASES = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "rotary_fwd", "attention_fwd",
-         "attention_fwd_warp_rows16", "attention_bwd", "attention_decode")
+         "attention_fwd_warp_rows16", "attention_bwd", "attention_bwd_key_block128", "attention_decode")
 
 
 def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
@@ -64,6 +64,9 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
                                               lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
         "attention_bwd": lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad), grad_attended,
                                                      retain_graph=True),
+        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128",
+                                               lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad),
+                                                                           grad_attended, retain_graph=True)),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
                                                                     backend=backend),
     }

@@ -443,6 +443,30 @@ def test_atomic_dq_changes_only_dq(head_dim, device):
     atomic_dq_changes_only_dq(device, 2, 1000, 16, 4, head_dim, causal=True)
 
 
+def backward_key_blocks_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv,
+                              dtype=torch.bfloat16, **kwargs):
+    """The CUDA backward's two dK/dV layouts at head_dim 128 (INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK:
+    64 keys with each warp's scores in registers, or 128 keys with P and dS shared) both meet
+    the reference rule. They round P at different points (the shared layout rounds it to bf16
+    before dS = P (dP - delta), as eager autograd does), so they agree within a few roundings
+    (2^-6 of each gradient's largest magnitude), not bitwise."""
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, 128, dtype, device)
+    grad = torch.randn_like(q)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "64")
+    _, registers = _check(q, k, v, "cuda", grad, **kwargs)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")
+    _, shared = _check(q, k, v, "cuda", grad, **kwargs)
+    for name, ours, theirs in zip(("dq", "dk", "dv"), shared, registers):
+        scale = theirs.double().abs().max().item()
+        error = (ours.double() - theirs.double()).abs().max().item()
+        assert error <= 2 ** -6 * scale, f"{name}: the layouts differ by {error:.3g} (largest magnitude {scale:.3g})"
+
+
+@pytest.mark.gpu
+def test_backward_key_blocks_agree(device, monkeypatch):
+    backward_key_blocks_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, causal=True)
+
+
 def forward_warp_layouts_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
                                **kwargs):
     """The CUDA forward's two warp layouts (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS 16 or 32) take

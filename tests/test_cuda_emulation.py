@@ -215,6 +215,15 @@ def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim):
     attention_tests.atomic_dq_changes_only_dq(CPU, 1, 150, 2, 1, head_dim, causal=True)
 
 
+@pytest.mark.parametrize("case,dtype", [("gqa3_causal", torch.bfloat16), ("sq_lt_sk_causal", torch.bfloat16),
+                                        ("window_both", torch.bfloat16), ("long_keys_causal", torch.bfloat16),
+                                        ("long_keys_causal", torch.float16)], ids=str)
+def test_emulated_backward_key_blocks_agree(cuda_backend, case, dtype, monkeypatch):
+    # long_keys_causal: 2 tiles of 128 keys x 3 tiles of 64 rows, so the Q / dO ring refills
+    batch, sq, sk, hq, hkv, kwargs = CASES[case]
+    attention_tests.backward_key_blocks_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, dtype=dtype, **kwargs)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
 def test_emulated_forward_warp_layouts_agree(cuda_backend, case, head_dim, monkeypatch):
@@ -274,8 +283,12 @@ def test_emulated_glue_checks_run_before_any_launch(kernels, monkeypatch):
         kernels.attention_fwd(q, unaligned, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
     with monkeypatch.context() as patch:
         patch.setenv("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "24")
-        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 16 or 32, got '24'"):
+        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 32 or 16, got '24'"):
             kernels.attention_fwd(q, k, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
+        patch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "256")
+        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK must be 64 or 128, got '256'"):
+            kernels.attention_bwd(q, q, k, k, q, lse, torch.empty_like(q), torch.empty_like(k), torch.empty_like(k),
+                                  None, None, 1.0, True, (-1, -1), False)
     lengths = torch.zeros(1, dtype=torch.int32)
     cos = torch.ones(16, 32)
     with pytest.raises(RuntimeError, match="does not support rotary_cos of dtype Half"):

@@ -232,6 +232,8 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     if backward and "cuda" in impls:  # the CUDA backward's other dQ path (its own kernel, no atomics)
         impls["cuda_deterministic"] = lambda: ik.flash_attention(q, k, v, causal=causal, deterministic=True,
                                                                  backend="cuda")
+    if backward and "cuda" in impls and head_dim == 128:  # 128-key dK/dV programs, scores shared
+        impls["cuda_key_block128"] = with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", impls["cuda"])
     if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (8 warps of 16 rows)
         impls["cuda_warp_rows16"] = with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16", impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES

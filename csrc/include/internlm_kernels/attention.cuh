@@ -15,7 +15,9 @@
 // writes dQ once.
 //
 // Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
-// m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts). Operands stream from global
+// m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts); the dK/dV program's other
+// layout (BwdKeySharedTraits) splits S and dP over rows and keys and shares P and dS
+// through shared memory, as FlashAttention-2 does. Operands stream from global
 // memory through a two-stage cp.async ring in shared memory (the next tile loads while the
 // tensor cores work on the current one; one barrier per tile); ldmatrix reads them from XOR-swizzled tiles, so
 // neither side has bank conflicts. The softmax runs in base 2 with the scale folded into one
@@ -33,6 +35,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "internlm_kernels/attention.h"
 #include "internlm_kernels/common.cuh"
@@ -53,9 +56,14 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // A program's tile: kBlockM rows (queries, or keys for dK/dV) split over kWarpsM warps, a
 // stream of kBlockN-row tiles of the other operand, split over kWarpsN warps (decode only:
 // its row tile is small, so the warps share the keys and merge at the end).
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_>
+// kScoresInShared (dK/dV only): the warps split S and dP over both dimensions and share P
+// and dS through shared memory (FlashAttention-2's backward), rather than each warp holding
+// its own keys' scores in registers.
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kWarpsM_, int kWarpsN_,
+          bool kScoresInShared_ = false>
 struct TileTraits {
   using T = T_;
+  static constexpr bool kScoresInShared = kScoresInShared_;
   static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_;
   static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -73,13 +81,14 @@ struct TileTraits {
 
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
-//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 182 registers at d = 128,
-//    127-128 at d = 64, no spills. Every warp reads all of K and V from shared memory for
-//    its 16 rows.
+//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 175-182 registers at d = 128,
+//    128 at d = 64, no spills. Every warp reads all of K and V from shared memory for its
+//    16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 255 registers at d = 128 with 32 B
-//    of spills, all outside the key loop (SASS; with exp2f and an unconditional output
-//    rescale, 68-104 B, and 2-6 local accesses per 64-key tile next to its 256 mma).
+//    memory reads per flop (FlashAttention-2's layout). 214-230 registers at d = 64; at
+//    d = 128, 255 with 8-28 B of spills on sm_90a and 20-68 B on sm_80: cold values (the
+//    program's coordinates, loop bounds) that the SASS reloads from L1 2-6 times per 64-key
+//    tile, next to its 256 mma.
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -91,13 +100,27 @@ using ForwardTraits = TileTraits<T, kHeadDim, 128, 64, 128 / kWarpRows, 1>;
 template <typename T, int kHeadDim>
 using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>;
 
-// dK/dV: 64 keys (16 per warp) x tiles of query rows; at d = 128 the fp32 dK and dV slabs
-// take 128 registers per thread, so the row tiles are 32 rows there and 64 at d = 64.
-// Shared memory K + V + 2 stages of Q and dO + row info: 65 KB at d = 128, 50 KB at d = 64;
-// the atomic-dQ variant adds its dS tile (4 KB / 8 KB). ptxas (CUDA 13.0, sm_90a, no
-// spills): 254-255 registers at d = 128 either way; 174 at d = 64, 208-212 with atomic dQ.
+// dK/dV, two layouts (AttentionBwdParams::key_block).
+// 64 keys, 4 warps of 16 keys, each holding its keys' scores (S^T, dP^T) in registers, x
+// tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
+// the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
+// dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
+// (4 KB / 8 KB). ptxas (CUDA 13.0, no spills): sm_90a 243-250 registers at d = 128 and
+// 168-176 at d = 64; sm_80 243-248 and 206-222.
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
+
+// 128 keys x 64-row tiles, 8 warps, scores shared (FlashAttention-2's layout at d = 128):
+// per tile, warp (w % 2, w / 2) computes S and dP for 32 rows x 32 keys, P and dS go to
+// shared memory, then warp (w % 4, w / 4) adds 32 keys x d/2 of dV and dK, and warp (w % 2,
+// w / 2) 32 rows x d/4 of dQ. Per mma, about 30% fewer shared-memory reads than the layout
+// above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
+// one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
+// and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
+// 255 registers; no spills on sm_90a, 4-12 B on sm_80 without a window. Selected with
+// atomic dQ at d = 128 only.
+template <typename T, int kHeadDim>
+using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 
 // dQ: 64 query rows (16 per warp) x 64-key tiles.
 template <typename T, int kHeadDim>
@@ -222,10 +245,73 @@ __device__ __forceinline__ const void* packed_row_address(const void* base, int 
   return static_cast<const T*>(base) + int64_t(pos) * stride_s + int64_t(head) * stride_h;
 }
 
+// A packed row as (position, head), stepped forward by a fixed number of rows without a
+// division per row (an integer division by the run-time group is some 20 instructions; the
+// backward's loops load and update several rows per thread per tile).
+struct PackedRowWalk {
+  int row, pos, head;    // row = pos * group + head
+  int step_pos, step_head;  // the step, step_pos * group + step_head rows, step_head < group
+  int group;
+
+  __device__ __forceinline__ PackedRowWalk(int first_row, int step, int group_) : row(first_row), group(group_) {
+    pos = first_row / group, head = first_row - pos * group;
+    step_pos = step / group, step_head = step - step_pos * group;
+  }
+  template <typename T>
+  __device__ __forceinline__ const T* address(const void* base, int64_t stride_s, int64_t stride_h) const {
+    return static_cast<const T*>(base) + int64_t(pos) * stride_s + int64_t(head) * stride_h;
+  }
+  __device__ __forceinline__ void advance(int step) {
+    row += step, pos += step_pos, head += step_head;
+    if (head >= group) head -= group, ++pos;
+  }
+};
+
+// A (position, head) operand: its packed row 0 at ``base``, strides in elements, and the
+// address cp.async takes for rows outside the tensor.
+struct PackedOperand {
+  const void* base;
+  int64_t stride_s, stride_h;
+  const void* fallback;
+};
+
+// Packed rows [m0, m0 + Tile::kRows) of each operand (same rows, tiles kBytes apart from
+// ``tile`` on) with cp.async; rows from ``rows`` on are zero-filled. One walk over the rows
+// serves every operand.
+template <typename T, class Tile, int kThreads, int kOperands>
+__device__ __forceinline__ void load_packed_rows(uint32_t tile, const PackedOperand (&operands)[kOperands], int m0,
+                                                 int rows, int group) {
+  constexpr int kRowsPerPass = kThreads / Tile::kChunks;  // load_tile_async's passes
+  static_assert(Tile::kRows % kRowsPerPass == 0, "whole passes");
+  const int chunk = static_cast<int>(threadIdx.x) % Tile::kChunks;
+  const uint32_t destination = tile + Tile::offset(static_cast<int>(threadIdx.x) / Tile::kChunks, chunk);
+  PackedRowWalk walk(m0 + static_cast<int>(threadIdx.x) / Tile::kChunks, kRowsPerPass, group);
+#pragma unroll
+  for (int j = 0; j < Tile::kRows / kRowsPerPass; ++j, walk.advance(kRowsPerPass)) {
+    const bool valid = walk.row < rows;
+#pragma unroll
+    for (int o = 0; o < kOperands; ++o) {
+      const char* source = reinterpret_cast<const char*>(walk.address<T>(operands[o].base, operands[o].stride_s,
+                                                                          operands[o].stride_h)) + chunk * 16;
+      mma::cp_async_16(destination + o * Tile::kBytes + j * kRowsPerPass * Tile::kRowBytes,
+                       valid ? source : operands[o].fallback, valid);
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ const void* tensor_base(const void* ptr, int64_t batch, int64_t stride_b, int64_t start,
                                                    int64_t stride_s, int64_t head, int64_t stride_h) {
   return static_cast<const T*>(ptr) + batch * stride_b + start * stride_s + head * stride_h;
+}
+
+// Keys [key0, key0 + Tile::kRows) of a K or V head whose key 0 is at ``base`` (keys
+// ``stride`` elements apart), into ``tile`` with cp.async; keys from k_len on zero-filled.
+template <typename T, class Tile, int kThreads>
+__device__ __forceinline__ void load_key_rows(uint32_t tile, const void* fallback, const void* base, int64_t stride,
+                                              int key0, int k_len) {
+  mma::load_strided_tile_async<Tile, kThreads>(tile, fallback, static_cast<const T*>(base) + int64_t(key0) * stride,
+                                               stride * int64_t(sizeof(T)), k_len - key0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -287,25 +373,38 @@ __device__ __forceinline__ void gemm_pb(float (&acc)[kMTiles][kNTiles][4], const
   }
 }
 
-// acc[1][kNTiles] += A B: A rows [a_row0, a_row0 + 16) of a row-major tile over its 16 kKSteps
-// columns, B the k-major tile's rows [0, 16 kKSteps), columns from 16-column group b_step0
-// on (dS K: dS staged in shared memory, K as the dK/dV program holds it).
-template <typename T, class ATile, class BTile, int kKSteps, int kNTiles>
-__device__ __forceinline__ void gemm_ab(float (&acc)[1][kNTiles][4], uint32_t a_tile, int a_row0, uint32_t b_tile,
+// acc[kMTiles][kNTiles] += A B, B a k-major tile's rows [0, 16 kKSteps), columns from
+// 16-column group b_step0 on, and A over the same k either
+//  * row-major (kATransposed false): rows [a0, a0 + 16 kMTiles) of a tile over its first
+//    16 kKSteps columns (dS K: dS staged in shared memory, K as the dK/dV program holds it);
+//  * k-major (kATransposed true): columns [a0, a0 + 16 kMTiles) of a tile's first 16 kKSteps
+//    rows, read with ldmatrix.trans (P^T dO and dS^T Q with P and dS stored [query][key]).
+template <typename T, bool kATransposed, class ATile, class BTile, int kMTiles, int kKSteps, int kNTiles>
+__device__ __forceinline__ void gemm_ab(float (&acc)[kMTiles][kNTiles][4], uint32_t a_tile, int a0, uint32_t b_tile,
                                         int b_step0, int lane) {
   static_assert(kNTiles % 2 == 0, "B fragments come in pairs of 8-column tiles");
-  static_assert(kKSteps <= ATile::kChunks / 2, "SwizzledTile::address: k steps stay inside a row");
-  const uint32_t a_offset = ATile::a_lane_offset(lane), b_offset = BTile::b_trans_lane_offset(lane);
+  static_assert(kATransposed || kKSteps <= ATile::kChunks / 2, "SwizzledTile::address: k steps stay inside a row");
+  const uint32_t a_offset = kATransposed ? ATile::a_trans_lane_offset(lane) : ATile::a_lane_offset(lane);
+  const uint32_t b_offset = BTile::b_trans_lane_offset(lane);
 #pragma unroll
   for (int k = 0; k < kKSteps; ++k) {
-    uint32_t a[4];
-    mma::ldmatrix_x4(a, ATile::address(a_tile, a_row0, a_offset, k));
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      if constexpr (kATransposed)
+        mma::ldmatrix_x4_trans(a[mt], ATile::address(a_tile, 16 * k, a_offset, a0 / 16 + mt));
+      else
+        mma::ldmatrix_x4(a[mt], ATile::address(a_tile, a0 + 16 * mt, a_offset, k));
+    }
 #pragma unroll
     for (int n = 0; n < kNTiles / 2; ++n) {
       uint32_t b[4];
       mma::ldmatrix_x4_trans(b, BTile::address(b_tile, 16 * k, b_offset, b_step0 + n));
-      mma::mma_16816<T>(acc[0][2 * n], a, b[0], b[1]);
-      mma::mma_16816<T>(acc[0][2 * n + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        mma::mma_16816<T>(acc[mt][2 * n], a[mt], b[0], b[1]);
+        mma::mma_16816<T>(acc[mt][2 * n + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
@@ -320,22 +419,38 @@ __device__ __forceinline__ void zero(float (&acc)[kMTiles][kNTiles][4]) {
       for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 }
 
-// Write a warp's accumulator slab (rows [row0, row0 + 16 kMTiles) of ``tile``), times
-// ``scale``, rounded to T, into shared memory; the caller copies it out in 16-byte rows.
+// Store accumulator-shaped pairs of T (pairs[mt][nt][r]: row row0 + 16 mt + g + 8 r, columns col0 +
+// 8 nt + 2 t and the next) into a [rows][keys] tile, one 4-byte word each.
+template <class Tile, int kMTiles, int kNTiles>
+__device__ __forceinline__ void stage_pairs(char* tile, int row0, int col0,
+                                            const uint32_t (&pairs)[kMTiles][kNTiles][2], int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        store_shared(reinterpret_cast<uint32_t*>(tile + Tile::element_offset(row0 + 16 * mt + g + 8 * r,
+                                                                             col0 + 8 * nt + 2 * t)),
+                     pairs[mt][nt][r]);
+}
+
+// Write a warp's accumulator slab (rows [row0, row0 + 16 kMTiles), columns [col0, col0 +
+// 8 kDimTiles) of ``tile``), times ``scale``, rounded to T, into shared memory; the caller
+// copies it out in 16-byte rows.
 template <typename T, class Tile, int kMTiles, int kDimTiles>
 __device__ __forceinline__ void stage_rows(char* tile, int row0, const float (&acc)[kMTiles][kDimTiles][4],
-                                           float scale, int lane) {
-  const int g = lane / 4, t = lane % 4;
+                                           float scale, int lane, int col0 = 0) {
+  uint32_t pairs[kMTiles][kDimTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int dt = 0; dt < kDimTiles; ++dt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = row0 + 16 * mt + g + 8 * r;
-        store_shared(reinterpret_cast<uint32_t*>(tile + Tile::element_offset(row, 8 * dt + 2 * t)),
-                     mma::pack2<T>(acc[mt][dt][2 * r] * scale, acc[mt][dt][2 * r + 1] * scale));
-      }
+      for (int r = 0; r < 2; ++r)
+        pairs[mt][dt][r] = mma::pack2<T>(acc[mt][dt][2 * r] * scale, acc[mt][dt][2 * r + 1] * scale);
+  stage_pairs<Tile>(tile, row0, col0, pairs, lane);
 }
 
 // Copy ``rows`` staged rows [row0, row0 + rows) of ``tile`` to global memory, 16 bytes at a
@@ -357,12 +472,12 @@ __device__ __forceinline__ void store_rows(const char* tile, int row0, int rows,
 
 // Online softmax over one tile of scores (in place: s becomes p, in base 2): masks, updates
 // each row's running max and (thread-partial) sum, rescales the output accumulators.
-template <class Tr>
+template <class Tr, bool kMask>
 __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
                                                float (&acc)[Tr::kMTiles][Tr::kDimTiles][4],
                                                float (&row_max)[Tr::kMTiles][2], float (&row_sum)[Tr::kMTiles][2],
                                                const int2 (&visible)[Tr::kMTiles][2], float scale_log2,
-                                               bool needs_mask, int key0, int lane) {
+                                               int key0, int lane) {
   const int t = lane % 4;
   float alphas[Tr::kMTiles][2];
   bool any_max_moved = false;
@@ -376,7 +491,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           float x = s[mt][nt][2 * r + e] * scale_log2;
-          if (needs_mask) {
+          if constexpr (kMask) {
             const int key = key0 + 8 * nt + 2 * t + e;
             if (key < visible[mt][r].x || key > visible[mt][r].y) x = -INFINITY;
           }
@@ -488,12 +603,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const int k_len = pt.k_len;
   auto load_kv = [&](int n0, int stage) {
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
-    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage, p.k, [&](int r) -> const void* {
-      return n0 + r < k_len ? static_cast<const T*>(k_base) + int64_t(n0 + r) * p.k_stride_s : nullptr;
-    });
-    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, [&](int r) -> const void* {
-      return n0 + r < k_len ? static_cast<const T*>(v_base) + int64_t(n0 + r) * p.v_stride_s : nullptr;
-    });
+    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
+    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, k_len);
   };
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
@@ -529,8 +640,12 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     zero(s);
     gemm_abt<T, RowTile, StreamTile, Tr::kMTiles, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage,
                                                                            warp_key0, lane);
-    online_softmax<Tr>(s, acc, row_max, row_sum, visible, p.scale_log2, range.needs_mask(n0, Tr::kBlockN),
-                       n0 + warp_key0, lane);
+    // The mask as a template argument: compiled in, its tests ran on every tile (predicated),
+    // a quarter of the loop's instructions; now only tiles that need it take that path.
+    if (range.needs_mask(n0, Tr::kBlockN))
+      online_softmax<Tr, true>(s, acc, row_max, row_sum, visible, p.scale_log2, n0 + warp_key0, lane);
+    else
+      online_softmax<Tr, false>(s, acc, row_max, row_sum, visible, p.scale_log2, n0 + warp_key0, lane);
     gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kWarpKeys / 16, Tr::kDimTiles>(acc, s, k_stage + StreamTile::kBytes,
                                                                            warp_key0, lane);
   }
@@ -723,11 +838,24 @@ __device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const Pro
   return info;
 }
 
-// p = exp2(s * scale_log2 - lse2), zero outside the visible keys; then ds = p * (dp - delta).
-// ``rows`` of the score tile are queries (dQ kernel) or keys (dK/dV kernel, transposed).
-__device__ __forceinline__ float bwd_probability(float s, float scale_log2, const BwdRow& row, int key, bool needs_mask) {
-  if (needs_mask && (key < row.visible.x || key > row.visible.y)) return 0.f;
+// p = exp2(s * scale_log2 - lse2), zero outside the visible keys when kMask; then ds = p *
+// (dp - delta). ``rows`` of the score tile are queries (dQ kernel) or keys (dK/dV kernel,
+// transposed).
+template <bool kMask>
+__device__ __forceinline__ float bwd_probability(float s, float scale_log2, const BwdRow& row, int key) {
+  if (kMask && (key < row.visible.x || key > row.visible.y)) return 0.f;
   return fast_exp2(s * scale_log2 - row.lse2);
+}
+
+// body(std::true_type) on tiles that need the mask, body(std::false_type) on the others: a
+// run-time flag inside the unrolled element loops is if-converted, so the mask's tests
+// would run (predicated) on every tile.
+template <class Body>
+__device__ __forceinline__ void with_mask(bool needs_mask, Body body) {
+  if (needs_mask)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
 }
 
 // The atomic-dQ step of the dK/dV program: its dS for one query tile (kBlockN rows x the
@@ -775,6 +903,43 @@ __device__ __forceinline__ void stage_ds(char* ds_tile, int key0, const float (&
     }
 }
 
+// Add a warp's dQ slab (rows [row0, row0 + 16 kMTiles) of the tile at packed row m0, columns
+// [col0, col0 + 8 kDimTiles)) into the fp32 p.dq_accum, atomically; rows past the sequence
+// (the next sequence's, or past the tensor) are skipped.
+template <int kMTiles, int kDimTiles>
+__device__ __forceinline__ void add_dq_slab(const AttentionBwdParams& p, const ProgramTile& pt, int m0, int row0,
+                                            int col0, int rows, const float (&dq)[kMTiles][kDimTiles][4], int lane) {
+  const int g = lane / 4, t = lane % 4;
+  // Recomputed per tile rather than held across the loop: at d = 128 the loop has no
+  // registers to spare (sm_80 spilled with it held).
+  const void* dq_accum_base = tensor_base<float>(p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start,
+                                                 p.dq_accum_stride_s, pt.kv_head * p.group, p.dq_accum_stride_h);
+  PackedRowWalk walk(m0 + row0 + g, 8, p.group);  // rows 16 mt + 8 r on: steps of 8
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r, walk.advance(8)) {
+      if (walk.row >= rows) continue;
+      float* target = const_cast<float*>(walk.address<float>(dq_accum_base, p.dq_accum_stride_s, p.dq_accum_stride_h));
+#pragma unroll
+      for (int dt = 0; dt < kDimTiles; ++dt)
+        atomic_add_pair(target + col0 + 8 * dt + 2 * t, dq[mt][dt][2 * r], dq[mt][dt][2 * r + 1]);
+    }
+}
+
+// The dK/dV accumulators of one warp: kKeyTiles 16-key tiles from key_row0, kDimTiles
+// 8-column tiles from column col0 of the head dim.
+template <class Tr>
+struct KeySlab {
+  static constexpr bool kShared = Tr::kScoresInShared;
+  static constexpr int kKeyTiles = kShared ? 2 : 1;
+  static constexpr int kDimTiles = kShared ? Tr::kDimTiles / 2 : Tr::kDimTiles;
+  static_assert(!kShared || (Tr::kWarpsM == 8 && Tr::kBlockM == 128 && Tr::kBlockN == 64),
+                "shared scores: 8 warps, 128 keys x 64-row tiles (2 x 4 warps of 32 x 32 scores)");
+  __device__ __forceinline__ static int key_row0(int warp) { return kShared ? 32 * (warp % 4) : 16 * warp; }
+  __device__ __forceinline__ static int col0(int warp) { return kShared ? (Tr::kHeadDim / 2) * (warp / 4) : 0; }
+};
+
 // dK and dV of one tile of keys: loops over the query rows of the group that see it. With
 // kAtomicDq, also adds each query tile's dS K into p.dq_accum.
 template <class Tr, bool kHasWindow, bool kAtomicDq>
@@ -783,17 +948,20 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
   using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages
   using Dq = AtomicDq<Tr>;
-  static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-key slab per warp");
+  using Slab = KeySlab<Tr>;
+  using ScoreTile = typename Dq::DsTile;  // [query rows][keys]: dS (atomic dQ), P and dS (shared scores)
+  static_assert(Tr::kWarpsN == 1, "warps split the keys (and, with shared scores, the head dim)");
+  static_assert(Tr::kScoresInShared || Tr::kMTiles == 1, "registers layout: one 16-key slab per warp");
   IK_DYNAMIC_SHARED(char, smem);
   char* k_tile = smem;
   char* v_tile = smem + KeyTile::kBytes;
   char* q_tiles = v_tile + KeyTile::kBytes;  // stages: Q0 dO0 Q1 dO1
   BwdRow* row_info = reinterpret_cast<BwdRow*>(q_tiles + 4 * QueryTile::kBytes);  // [2][kBlockN]
-  char* ds_tile = reinterpret_cast<char*>(row_info + 2 * Tr::kBlockN);  // kAtomicDq only
+  char* ds_tile = reinterpret_cast<char*>(row_info + 2 * Tr::kBlockN);  // atomic dQ or shared scores
+  char* p_tile = ds_tile + ScoreTile::kBytes;                              // shared scores only
   const uint32_t k_address = mma::shared_address(k_tile), v_address = mma::shared_address(v_tile);
   const uint32_t q_address = mma::shared_address(q_tiles);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int warp_key0 = warp * 16;
 
   const ProgramTile pt = program_tile(p, true, Tr::kBlockM);
   const int key0 = pt.tile * Tr::kBlockM;
@@ -802,12 +970,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 
   const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
-  mma::load_tile_async<KeyTile, Tr::kThreads>(k_address, p.k, [&](int r) -> const void* {
-    return key0 + r < pt.k_len ? static_cast<const T*>(k_base) + int64_t(key0 + r) * p.k_stride_s : nullptr;
-  });
-  mma::load_tile_async<KeyTile, Tr::kThreads>(v_address, p.v, [&](int r) -> const void* {
-    return key0 + r < pt.k_len ? static_cast<const T*>(v_base) + int64_t(key0 + r) * p.v_stride_s : nullptr;
-  });
+  load_key_rows<T, KeyTile, Tr::kThreads>(k_address, p.k, k_base, p.k_stride_s, key0, pt.k_len);
+  load_key_rows<T, KeyTile, Tr::kThreads>(v_address, p.v, v_base, p.v_stride_s, key0, pt.k_len);
 
   // Packed query rows that see some key of this tile.
   const int key_last = min(key0 + Tr::kBlockM, pt.k_len) - 1;
@@ -825,22 +989,19 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
                                        pt.kv_head * p.group, p.dout_stride_h);
   auto load_rows = [&](int m0, int stage) {
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes;
-    mma::load_tile_async<QueryTile, Tr::kThreads>(q_stage, p.q, [&](int r) -> const void* {
-      return m0 + r < rows ? packed_row_address<T>(q_base, m0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
-    });
-    mma::load_tile_async<QueryTile, Tr::kThreads>(q_stage + QueryTile::kBytes, p.dout, [&](int r) -> const void* {
-      return m0 + r < rows ? packed_row_address<T>(do_base, m0 + r, p.group, p.dout_stride_s, p.dout_stride_h)
-                           : nullptr;
-    });
+    const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
+                                       {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
+    load_packed_rows<T, QueryTile, Tr::kThreads>(q_stage, operands, m0, rows, p.group);
     for (int r = threadIdx.x; r < Tr::kBlockN; r += Tr::kThreads)
       store_shared(row_info + stage * Tr::kBlockN + r, bwd_row<T, kHasWindow>(p, pt, m0 + r, rows, shift));
   };
   if (row_lo < row_hi) load_rows(row_lo, 0);
   mma::cp_async_commit();
 
-  float dk[1][Tr::kDimTiles][4], dv[1][Tr::kDimTiles][4];
+  float dk[Slab::kKeyTiles][Slab::kDimTiles][4], dv[Slab::kKeyTiles][Slab::kDimTiles][4];
   zero(dk);
   zero(dv);
+  const int slab_key0 = Slab::key_row0(warp), slab_col0 = Slab::col0(warp);
   const int g = lane / 4, t = lane % 4;
   int stage = 0;
   for (int m0 = row_lo; m0 < row_hi; m0 += Tr::kBlockN, stage ^= 1) {
@@ -859,70 +1020,124 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
                    visible_keys<kHasWindow>(p, first_pos, pt.k_len, shift).y < key0 + Tr::kBlockM - 1;
     }
 
-    // S^T = K Q^T: this warp's 16 keys x the tile's query rows.
-    float pt_[1][Tr::kNTiles][4];
-    zero(pt_);
-    gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(pt_, k_address, warp_key0, q_stage, 0, lane);
+    if constexpr (Tr::kScoresInShared) {
+      // S = Q K^T and dP = dO V^T for this warp's 32 rows x 32 keys; P and dS to shared memory.
+      // P is rounded to T before dS = P (dP - delta) uses it, as eager autograd does with
+      // softmax's output; so only P's 16-bit pairs stay live through the dP product.
+      const int score_row0 = 32 * (warp % 2), score_key0 = 32 * (warp / 2);
+      uint32_t prob[2][4][2];
+      {
+        float s[2][4][4];
+        zero(s);
+        gemm_abt<T, QueryTile, KeyTile, 2, 4, Tr::kKSteps>(s, q_stage, score_row0, k_address, score_key0, lane);
+        with_mask(needs_mask, [&](auto mask) {
+          constexpr bool kMask = decltype(mask)::value;
 #pragma unroll
-    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+          for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + warp_key0 + g + 8 * (e / 2);
-        pt_[0][nt][e] = bwd_probability(pt_[0][nt][e], p.scale_log2, shared_view(info + 8 * nt + 2 * t + e % 2), key,
-                                        needs_mask);
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const BwdRow& row = shared_view(info + score_row0 + 16 * mt + g + 8 * r);
+                const int key = key0 + score_key0 + 8 * nt + 2 * t;
+                const float low = bwd_probability<kMask>(s[mt][nt][2 * r], p.scale_log2, row, key);
+                const float high = bwd_probability<kMask>(s[mt][nt][2 * r + 1], p.scale_log2, row, key + 1);
+                prob[mt][nt][r] = mma::pack2<T>(low, high);
+              }
+        });
       }
-    // dV += P^T dO
-    gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dv, pt_, do_stage, 0, lane);
-    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place of P^T
-    float dpt[1][Tr::kNTiles][4];
-    zero(dpt);
-    gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(dpt, v_address, warp_key0, do_stage, 0, lane);
+      stage_pairs<ScoreTile>(p_tile, score_row0, score_key0, prob, lane);
+      float dp[2][4][4];
+      zero(dp);
+      gemm_abt<T, QueryTile, KeyTile, 2, 4, Tr::kKSteps>(dp, do_stage, score_row0, v_address, score_key0, lane);
 #pragma unroll
-    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - load_shared(&info[8 * nt + 2 * t + e % 2].delta);
-    if constexpr (kAtomicDq) stage_ds<T, typename Dq::DsTile>(ds_tile, warp_key0, pt_, lane);
-    // dK += dS^T Q (scaled once at the end)
-    gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
-    if constexpr (kAtomicDq) {
-      // dQ += dS K over this tile's keys (scaled in the conversion). The barrier publishes
-      // every warp's dS; the next tile's loop-top barrier keeps its rewrite behind these reads.
-      __syncthreads();
-      const int slab_row = 16 * (warp % Dq::kRowSlabs), slab_step = (warp / Dq::kRowSlabs) * Dq::kDimTiles / 2;
-      float dq[1][Dq::kDimTiles][4];
-      zero(dq);
-      gemm_ab<T, typename Dq::DsTile, KeyTile, Tr::kBlockM / 16, Dq::kDimTiles>(
-          dq, mma::shared_address(ds_tile), slab_row, k_address, slab_step, lane);
-      // Recomputed per tile rather than held across the loop: at d = 128 the loop has no
-      // registers to spare (sm_80 spilled with it held).
-      const void* dq_accum_base = tensor_base<float>(p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start,
-                                                     p.dq_accum_stride_s, pt.kv_head * p.group, p.dq_accum_stride_h);
+        for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = m0 + slab_row + g + 8 * r;
-        if (row >= rows) continue;  // past the sequence: the next sequence's rows, or past the tensor
-        float* target = static_cast<float*>(const_cast<void*>(
-            packed_row_address<float>(dq_accum_base, row, p.group, p.dq_accum_stride_s, p.dq_accum_stride_h)));
+          for (int r = 0; r < 2; ++r) {
+            const float delta = load_shared(&info[score_row0 + 16 * mt + g + 8 * r].delta);
+            const float2 pair = mma::unpack2<T>(prob[mt][nt][r]);
+            dp[mt][nt][2 * r] = pair.x * (dp[mt][nt][2 * r] - delta);
+            dp[mt][nt][2 * r + 1] = pair.y * (dp[mt][nt][2 * r + 1] - delta);
+          }
+      stage_rows<T, ScoreTile>(ds_tile, score_row0, dp, 1.f, lane, score_key0);
+      __syncthreads();  // every warp's P and dS; the next tile's loop-top barrier orders their rewrite
+      // dV += P^T dO and dK += dS^T Q (scaled once at the end) for this warp's keys x columns.
+      const uint32_t p_address = mma::shared_address(p_tile), ds_address = mma::shared_address(ds_tile);
+      constexpr int kRowSteps = Tr::kBlockN / 16;
+      gemm_ab<T, true, ScoreTile, QueryTile, 2, kRowSteps, Slab::kDimTiles>(dv, p_address, slab_key0, do_stage,
+                                                                            slab_col0 / 16, lane);
+      gemm_ab<T, true, ScoreTile, QueryTile, 2, kRowSteps, Slab::kDimTiles>(dk, ds_address, slab_key0, q_stage,
+                                                                            slab_col0 / 16, lane);
+      if constexpr (kAtomicDq) {
+        // dQ += dS K over this tile's keys (scaled in the conversion): 32 rows x d/4 per warp.
+        constexpr int kDqDimTiles = Tr::kDimTiles / 4;
+        const int dq_row0 = 32 * (warp % 2), dq_col0 = (Tr::kHeadDim / 4) * (warp / 2);
+        float dq[2][kDqDimTiles][4];
+        zero(dq);
+        gemm_ab<T, false, ScoreTile, KeyTile, 2, Tr::kBlockM / 16, kDqDimTiles>(dq, ds_address, dq_row0, k_address,
+                                                                                dq_col0 / 16, lane);
+        add_dq_slab(p, pt, m0, dq_row0, dq_col0, rows, dq, lane);
+      }
+    } else {
+      // S^T = K Q^T: this warp's 16 keys x the tile's query rows.
+      float pt_[1][Tr::kNTiles][4];
+      zero(pt_);
+      gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(pt_, k_address, slab_key0, q_stage, 0, lane);
+      with_mask(needs_mask, [&](auto mask) {
+        constexpr bool kMask = decltype(mask)::value;
 #pragma unroll
-        for (int dt = 0; dt < Dq::kDimTiles; ++dt)
-          atomic_add_pair(target + 16 * slab_step + 8 * dt + 2 * t, dq[0][dt][2 * r], dq[0][dt][2 * r + 1]);
+        for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + slab_key0 + g + 8 * (e / 2);
+            pt_[0][nt][e] = bwd_probability<kMask>(pt_[0][nt][e], p.scale_log2,
+                                                   shared_view(info + 8 * nt + 2 * t + e % 2), key);
+          }
+      });
+      // dV += P^T dO
+      gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dv, pt_, do_stage, 0, lane);
+      // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place of P^T
+      float dpt[1][Tr::kNTiles][4];
+      zero(dpt);
+      gemm_abt<T, KeyTile, QueryTile, 1, Tr::kNTiles, Tr::kKSteps>(dpt, v_address, slab_key0, do_stage, 0, lane);
+#pragma unroll
+      for (int nt = 0; nt < Tr::kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pt_[0][nt][e] *= dpt[0][nt][e] - load_shared(&info[8 * nt + 2 * t + e % 2].delta);
+      if constexpr (kAtomicDq) stage_ds<T, ScoreTile>(ds_tile, slab_key0, pt_, lane);
+      // dK += dS^T Q (scaled once at the end)
+      gemm_pb<T, QueryTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dk, pt_, q_stage, 0, lane);
+      if constexpr (kAtomicDq) {
+        // dQ += dS K over this tile's keys (scaled in the conversion). The barrier publishes
+        // every warp's dS; the next tile's loop-top barrier keeps its rewrite behind these reads.
+        __syncthreads();
+        const int slab_row = 16 * (warp % Dq::kRowSlabs), slab_step = (warp / Dq::kRowSlabs) * Dq::kDimTiles / 2;
+        float dq[1][Dq::kDimTiles][4];
+        zero(dq);
+        gemm_ab<T, false, ScoreTile, KeyTile, 1, Tr::kBlockM / 16, Dq::kDimTiles>(
+            dq, mma::shared_address(ds_tile), slab_row, k_address, slab_step, lane);
+        add_dq_slab(p, pt, m0, slab_row, 16 * slab_step, rows, dq, lane);
       }
     }
   }
   mma::cp_async_wait<0>();
   __syncthreads();  // K / V copies by other threads landed, and every warp's reads of K are done
 
-  // Each warp stages its own 16 keys in its own rows of the K and V tiles.
-  stage_rows<T, KeyTile>(k_tile, warp_key0, dk, p.scale, lane);
-  stage_rows<T, KeyTile>(v_tile, warp_key0, dv, 1.f, lane);
-  __syncwarp();
+  // Stage dK and dV in the K and V tiles, then each warp copies out 16 keys. With scores in
+  // registers a warp stages its own 16 keys; with shared scores, other warps' columns too.
+  stage_rows<T, KeyTile>(k_tile, slab_key0, dk, p.scale, lane, slab_col0);
+  stage_rows<T, KeyTile>(v_tile, slab_key0, dv, 1.f, lane, slab_col0);
+  if constexpr (Tr::kScoresInShared) __syncthreads();
+  else __syncwarp();
   T* dk_base = static_cast<T*>(p.dk) + pt.batch * p.dk_stride_b + pt.k_start * p.dk_stride_s + pt.kv_head * p.dk_stride_h;
   T* dv_base = static_cast<T*>(p.dv) + pt.batch * p.dv_stride_b + pt.k_start * p.dv_stride_s + pt.kv_head * p.dv_stride_h;
-  const int first_key = key0 + warp_key0;
-  store_rows<KeyTile>(k_tile, warp_key0, 16, lane, [&](int r) -> void* {
+  const int first_key = key0 + 16 * warp;
+  store_rows<KeyTile>(k_tile, 16 * warp, 16, lane, [&](int r) -> void* {
     return first_key + r < pt.k_len ? dk_base + int64_t(first_key + r) * p.dk_stride_s : nullptr;
   });
-  store_rows<KeyTile>(v_tile, warp_key0, 16, lane, [&](int r) -> void* {
+  store_rows<KeyTile>(v_tile, 16 * warp, 16, lane, [&](int r) -> void* {
     return first_key + r < pt.k_len ? dv_base + int64_t(first_key + r) * p.dv_stride_s : nullptr;
   });
 }
@@ -965,12 +1180,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
   auto load_kv = [&](int n0, int stage) {
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
-    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage, p.k, [&](int r) -> const void* {
-      return n0 + r < pt.k_len ? static_cast<const T*>(k_base) + int64_t(n0 + r) * p.k_stride_s : nullptr;
-    });
-    mma::load_tile_async<StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, [&](int r) -> const void* {
-      return n0 + r < pt.k_len ? static_cast<const T*>(v_base) + int64_t(n0 + r) * p.v_stride_s : nullptr;
-    });
+    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, pt.k_len);
+    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, pt.k_len);
   };
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
@@ -989,20 +1200,22 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes, v_stage = k_stage + StreamTile::kBytes;
-    const bool needs_mask = range.needs_mask(n0, Tr::kBlockN);
     float s[1][Tr::kNTiles][4], dp[1][Tr::kNTiles][4];
     zero(s);
     zero(dp);
     gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage, 0, lane);
     gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(dp, do_address, warp_row0, v_stage, 0, lane);
+    with_mask(range.needs_mask(n0, Tr::kBlockN), [&](auto mask) {
+      constexpr bool kMask = decltype(mask)::value;
 #pragma unroll
-    for (int nt = 0; nt < Tr::kNTiles; ++nt)
+      for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const BwdRow& row = info[e / 2];
-        const float prob = bwd_probability(s[0][nt][e], p.scale_log2, row, n0 + 8 * nt + 2 * t + e % 2, needs_mask);
-        s[0][nt][e] = prob * (dp[0][nt][e] - row.delta);  // dS
-      }
+        for (int e = 0; e < 4; ++e) {
+          const BwdRow& row = info[e / 2];
+          const float prob = bwd_probability<kMask>(s[0][nt][e], p.scale_log2, row, n0 + 8 * nt + 2 * t + e % 2);
+          s[0][nt][e] = prob * (dp[0][nt][e] - row.delta);  // dS
+        }
+    });
     gemm_pb<T, StreamTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dq, s, k_stage, 0, lane);
   }
   mma::cp_async_wait<0>();
@@ -1087,6 +1300,22 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
 }  // namespace attention_detail
 
 namespace attention_detail {
+// Shared memory of the dK/dV kernel: K, V, 2 stages of Q and dO, row info, then the score
+// tiles (dS for atomic dQ; P and dS with shared scores).
+template <class Tr, bool kAtomicDq>
+constexpr int key_tile_shared_bytes() {
+  const int score_tiles = Tr::kScoresInShared ? 2 : kAtomicDq ? 1 : 0;
+  return 2 * Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes + 2 * Tr::kBlockN * static_cast<int>(sizeof(BwdRow)) +
+         score_tiles * AtomicDq<Tr>::DsTile::kBytes;
+}
+
+// The dK/dV kernel over every key tile.
+template <class Tr, bool kHasWindow, bool kAtomicDq>
+cudaError_t launch_key_tiles(const AttentionBwdParams& p, cudaStream_t stream) {
+  return launch(attention_bwd_dkdv_kernel<Tr, kHasWindow, kAtomicDq>, tile_grid(p, p.seqlen_k, Tr::kBlockM),
+                Tr::kThreads, key_tile_shared_bytes<Tr, kAtomicDq>(), stream, p);
+}
+
 template <class Tr, bool kHasWindow>
 cudaError_t launch_forward_tiles(const AttentionDecodeParams& p, cudaStream_t stream) {
   const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
@@ -1135,19 +1364,24 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
                              128, 0, stream, p);
   if (error != cudaSuccess) return error;
   using KeyTr = BwdKeyTraits<T, kHeadDim>;
-  const int key_smem = 2 * KeyTr::RowTile::kBytes + 4 * KeyTr::StreamTile::kBytes +
-                       2 * KeyTr::kBlockN * static_cast<int>(sizeof(BwdRow));
-  const dim3 key_grid = tile_grid(p, p.seqlen_k, KeyTr::kBlockM);
   if (p.dq_accum != nullptr) {
     error = zero_async(p.dq_accum, static_cast<size_t>(delta_rows) * kHeadDim * sizeof(float), stream);
     if (error != cudaSuccess) return error;
-    error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow, true>, key_grid, KeyTr::kThreads,
-                   key_smem + AtomicDq<KeyTr>::DsTile::kBytes, stream, p);
+    if (p.key_block != 64 && p.key_block != 128) return cudaErrorInvalidValue;  // the glue checks it first
+    using SharedTr = BwdKeySharedTraits<T, kHeadDim>;
+    // 128-key programs at d = 128 where a block may take their 162 KB (not on sm_86 / sm_89).
+    const bool shared_scores = kHeadDim == 128 && p.key_block == 128 &&
+                               shared_memory_per_block_optin() >= key_tile_shared_bytes<SharedTr, true>();
+    if constexpr (kHeadDim == 128)
+      error = shared_scores ? launch_key_tiles<SharedTr, kHasWindow, true>(p, stream)
+                            : launch_key_tiles<KeyTr, kHasWindow, true>(p, stream);
+    else
+      error = launch_key_tiles<KeyTr, kHasWindow, true>(p, stream);
     if (error != cudaSuccess) return error;
     return launch(attention_bwd_dq_convert_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
                   128, 0, stream, p);
   }
-  error = launch(attention_bwd_dkdv_kernel<KeyTr, kHasWindow, false>, key_grid, KeyTr::kThreads, key_smem, stream, p);
+  error = launch_key_tiles<KeyTr, kHasWindow, false>(p, stream);
   if (error != cudaSuccess) return error;
   using QueryTr = BwdQueryTraits<T, kHeadDim>;
   const int query_smem = 2 * QueryTr::RowTile::kBytes + 4 * QueryTr::StreamTile::kBytes;

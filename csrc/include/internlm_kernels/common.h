@@ -15,14 +15,20 @@ inline bool vectorizable(const void* ptr, int64_t element_size, int64_t stride_a
          (stride_b * element_size) % 16 == 0;
 }
 
+// An attribute of the current device, or ``fallback`` when it cannot be read.
+inline int device_attribute(cudaDeviceAttr attribute, int fallback) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return fallback;
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) return fallback;
+  return value;
+}
+
 // SM count of the current device (the launchers size persistent grids with it).
 inline int multiprocessor_count() {
 #ifdef IK_CUDA_EMULATION
   return 4;  // the CPU emulation's pretend GPU: small, so split-KV decoding still splits
 #endif
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  const int count = device_attribute(cudaDevAttrMultiProcessorCount, 1);
   return count > 0 ? count : 1;
 }
 
@@ -32,10 +38,16 @@ inline int64_t shared_memory_per_multiprocessor() {
 #ifdef IK_CUDA_EMULATION
   return 228 * 1024;  // the pretend GPU is Hopper-sized
 #endif
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) return 0;
-  return bytes;
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, 0);
+}
+
+// The most dynamic shared memory one block may opt in to, in bytes (227 KiB on an H100, 163
+// KiB on an A100, 99 KiB on sm_86 / sm_89).
+inline int64_t shared_memory_per_block_optin() {
+#ifdef IK_CUDA_EMULATION
+  return 227 * 1024;
+#endif
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
 }
 
 }  // namespace internlm_kernels

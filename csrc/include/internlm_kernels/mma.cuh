@@ -132,6 +132,20 @@ __device__ __forceinline__ uint32_t pack2(float low, float high) {
   }
 }
 
+// One register of two T -> two floats (the inverse of pack2, exact).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t pair) {
+  if constexpr (std::is_same<T, __half>::value) {
+    __half2 values;
+    std::memcpy(&values, &pair, 4);
+    return __half22float2(values);
+  } else {
+    __nv_bfloat162 values;
+    std::memcpy(&values, &pair, 4);
+    return __bfloat1622float2(values);
+  }
+}
+
 // The A fragment (16 rows x 16 columns) made of two neighbouring C fragments (columns
 // 0..7 and 8..15), rounded to T.
 template <typename T>
@@ -188,6 +202,13 @@ struct SwizzledTile {
     return offset(lane % 8 + (lane / 16) * 8, (lane / 8) % 2);
   }
 
+  // A operand stored k-major (rows = k, columns = m, e.g. P stored [query][key] for P^T dO),
+  // read with ldmatrix.trans: k rows [row0, row0 + 16); step j gives the A fragment of m
+  // columns [16 j, 16 j + 16). The four 8 x 8 matrices a0..a3 are (m 0-7, k 0-7), (m 8-15,
+  // k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15): stored rows 0-7 then 8-15, each at chunks 0
+  // then 1, the same lanes as the n-major B operand's.
+  __device__ __forceinline__ static uint32_t a_trans_lane_offset(int lane) { return b_lane_offset(lane); }
+
   // B operand stored k-major (rows = k, columns = n, e.g. V in P V), read with ldmatrix.trans:
   // k rows [row0, row0 + 16); step j gives {b0, b1} of n columns [16 j, 16 j + 8), then of
   // [16 j + 8, 16 j + 16).
@@ -220,6 +241,23 @@ __device__ __forceinline__ void load_tile_async(uint32_t tile_base, const void* 
     cp_async_16(destination + j * kRowsPerPass * Tile::kRowBytes, source ? source + chunk * 16 : fallback,
                 source != nullptr);
   }
+}
+
+// load_tile_async for rows at a constant stride: row r of the tile starts ``row_stride``
+// bytes after row r - 1, ``first`` is row 0, rows from ``valid_rows`` on are zero-filled.
+// A thread's source then moves by one 64-bit add per pass, where a row function costs a
+// 64-bit multiply and the bounds select per row (in the forward's key loop, about 20
+// instructions per row).
+template <class Tile, int kThreads>
+__device__ __forceinline__ void load_strided_tile_async(uint32_t tile_base, const void* fallback, const void* first,
+                                                        int64_t row_stride, int valid_rows) {
+  const int64_t pass_stride = int64_t(kThreads / Tile::kChunks) * row_stride;  // load_tile_async's passes
+  const char* row = static_cast<const char*>(first) + int64_t(threadIdx.x / Tile::kChunks) * row_stride;
+  load_tile_async<Tile, kThreads>(tile_base, fallback, [&](int index) -> const void* {
+    const char* source = index < valid_rows ? row : nullptr;  // called once per pass, in order
+    row += pass_stride;
+    return source;
+  });
 }
 
 // Sum / max over the 4 threads of a quad (the threads sharing an accumulator row).

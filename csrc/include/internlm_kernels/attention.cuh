@@ -282,7 +282,8 @@ template <typename T, class Tile, int kThreads, int kOperands>
 __device__ __forceinline__ void load_packed_rows(uint32_t tile, const PackedOperand (&operands)[kOperands], int m0,
                                                  int rows, int group) {
   constexpr int kRowsPerPass = kThreads / Tile::kChunks;  // load_tile_async's passes
-  static_assert(Tile::kRows % kRowsPerPass == 0, "whole passes");
+  static_assert(kThreads % Tile::kChunks == 0 && Tile::kRows % kRowsPerPass == 0, "whole rows per pass");
+  static_assert(kRowsPerPass % 8 == 0, "passes move by whole swizzle periods");
   const int chunk = static_cast<int>(threadIdx.x) % Tile::kChunks;
   const uint32_t destination = tile + Tile::offset(static_cast<int>(threadIdx.x) / Tile::kChunks, chunk);
   PackedRowWalk walk(m0 + static_cast<int>(threadIdx.x) / Tile::kChunks, kRowsPerPass, group);
@@ -587,7 +588,10 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       q_loaded = true;
     }
   }
-  if (!q_loaded) mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, q_row);
+  if (!q_loaded) {
+    const PackedOperand operands[1] = {{q_base, p.q_stride_s, p.q_stride_h, p.q}};
+    load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group);
+  }
 
   const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
   KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
@@ -987,15 +991,23 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
                                       p.q_stride_h);
   const void* do_base = tensor_base<T>(p.dout, pt.batch, p.dout_stride_b, pt.q_start, p.dout_stride_s,
                                        pt.kv_head * p.group, p.dout_stride_h);
-  auto load_rows = [&](int m0, int stage) {
+  // Row info: thread r < kBlockN handles row r of a tile. In the registers layout, the next
+  // tile's info is loaded at the start of a tile and stored at its end, so the global loads'
+  // latency hides behind the products (stored at once, they stall the row-info warp at the
+  // start of every tile); the shared-scores layout has no registers to hold it (it spilled).
+  static_assert(Tr::kBlockN <= Tr::kThreads, "one row of info per thread");
+  constexpr bool kDeferInfo = !Tr::kScoresInShared;
+  const bool row_info_thread = threadIdx.x < Tr::kBlockN;
+  auto load_rows = [&](int m0, int stage, bool with_info) {
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes;
     const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
                                        {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
     load_packed_rows<T, QueryTile, Tr::kThreads>(q_stage, operands, m0, rows, p.group);
-    for (int r = threadIdx.x; r < Tr::kBlockN; r += Tr::kThreads)
-      store_shared(row_info + stage * Tr::kBlockN + r, bwd_row<T, kHasWindow>(p, pt, m0 + r, rows, shift));
+    if (with_info && row_info_thread)
+      store_shared(row_info + stage * Tr::kBlockN + threadIdx.x,
+                   bwd_row<T, kHasWindow>(p, pt, m0 + threadIdx.x, rows, shift));
   };
-  if (row_lo < row_hi) load_rows(row_lo, 0);
+  if (row_lo < row_hi) load_rows(row_lo, 0, true);
   mma::cp_async_commit();
 
   float dk[Slab::kKeyTiles][Slab::kDimTiles][4], dv[Slab::kKeyTiles][Slab::kDimTiles][4];
@@ -1007,7 +1019,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   for (int m0 = row_lo; m0 < row_hi; m0 += Tr::kBlockN, stage ^= 1) {
     mma::cp_async_wait<0>();  // one barrier per tile, as in the forward
     __syncthreads();
-    if (m0 + Tr::kBlockN < row_hi) load_rows(m0 + Tr::kBlockN, stage ^ 1);
+    const bool has_next = m0 + Tr::kBlockN < row_hi;
+    BwdRow next_info;
+    if (has_next) {
+      load_rows(m0 + Tr::kBlockN, stage ^ 1, !kDeferInfo);
+      if (kDeferInfo && row_info_thread)
+        next_info = bwd_row<T, kHasWindow>(p, pt, m0 + Tr::kBlockN + threadIdx.x, rows, shift);
+    }
     mma::cp_async_commit();
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes, do_stage = q_stage + QueryTile::kBytes;
     const BwdRow* info = row_info + stage * Tr::kBlockN;
@@ -1121,6 +1139,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         add_dq_slab(p, pt, m0, slab_row, 16 * slab_step, rows, dq, lane);
       }
     }
+    // The other stage's info was last read in the previous tile, before this tile's barrier.
+    if (kDeferInfo && has_next && row_info_thread)
+      store_shared(row_info + (stage ^ 1) * Tr::kBlockN + threadIdx.x, next_info);
   }
   mma::cp_async_wait<0>();
   __syncthreads();  // K / V copies by other threads landed, and every warp's reads of K are done
@@ -1167,13 +1188,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
                                       p.q_stride_h);
   const void* do_base = tensor_base<T>(p.dout, pt.batch, p.dout_stride_b, pt.q_start, p.dout_stride_s,
                                        pt.kv_head * p.group, p.dout_stride_h);
-  mma::load_tile_async<RowTile, Tr::kThreads>(q_address, p.q, [&](int r) -> const void* {
-    return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
-  });
-  mma::load_tile_async<RowTile, Tr::kThreads>(do_address, p.dout, [&](int r) -> const void* {
-    return row0 + r < rows ? packed_row_address<T>(do_base, row0 + r, p.group, p.dout_stride_s, p.dout_stride_h)
-                           : nullptr;
-  });
+  const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
+                                     {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
+  load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group);  // Q, then dO
   const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
   const KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
   const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);

@@ -81,14 +81,14 @@ struct TileTraits {
 
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
-//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_90a) 175-182 registers at d = 128,
-//    128 at d = 64, no spills. Every warp reads all of K and V from shared memory for its
-//    16 rows.
+//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_80 and sm_90a) 175-181 registers at
+//    d = 128, 126-128 at d = 64, no spills. Every warp reads all of K and V from shared
+//    memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 214-230 registers at d = 64; at
-//    d = 128, 255 with 8-28 B of spills on sm_90a and 20-68 B on sm_80: cold values (the
-//    program's coordinates, loop bounds) that the SASS reloads from L1 2-6 times per 64-key
-//    tile, next to its 256 mma.
+//    memory reads per flop (FlashAttention-2's layout). 213-230 registers at d = 64; at
+//    d = 128, 255, and with a window compiled in 12 B of spills on sm_90a (4 B without) and
+//    68-88 B on sm_80 (none without): cold values that the SASS reloads from L1 at most 2
+//    (sm_90a) or 4 (sm_80) times per 64-key tile, next to its 256 mma.
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -105,8 +105,8 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, no spills): sm_90a 243-250 registers at d = 128 and
-// 168-176 at d = 64; sm_80 243-248 and 206-222.
+// (4 KB / 8 KB). ptxas (CUDA 13.0, no spills): sm_90a 246-252 registers at d = 128 and
+// 214-231 at d = 64; sm_80 249-255 and 220-234 (2 blocks per SM either way).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -117,8 +117,9 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 255 registers; no spills on sm_90a, 4-12 B on sm_80 without a window. Selected with
-// atomic dQ at d = 128 only.
+// 255 registers; 24 B of spills with a window compiled in (none on sm_90a without, 32 B on
+// sm_80), none reloaded inside the row loop on sm_90a. Selected with atomic dQ at d = 128
+// only.
 template <typename T, int kHeadDim>
 using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 

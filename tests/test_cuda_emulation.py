@@ -224,6 +224,18 @@ def test_emulated_backward_key_blocks_agree(cuda_backend, case, dtype, monkeypat
     attention_tests.backward_key_blocks_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, dtype=dtype, **kwargs)
 
 
+def test_emulated_shared_scores_backward_packed_varlen(cuda_backend, monkeypatch):
+    # The 128-key dK/dV layout over packed sequences: lengths (q, k) (3, 5), (0, 2), (1, 1),
+    # (16, 22), then 2 padding query rows and 1 padding key, which get zero gradients.
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")
+    cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)
+    q, k, v = attention_tests._qkv(None, 22, 31, 6, 2, 128, torch.bfloat16, CPU, packed=True)
+    _, (dq, dk, dv) = attention_tests._check(q, k, v, "cuda", causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.equal(dq[20:], torch.zeros_like(dq[20:]))
+    assert torch.equal(dk[30:], torch.zeros_like(dk[30:])) and torch.equal(dv[30:], torch.zeros_like(dv[30:]))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
 def test_emulated_forward_warp_layouts_agree(cuda_backend, case, head_dim, monkeypatch):

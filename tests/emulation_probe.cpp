@@ -1,7 +1,8 @@
 // Small shared-memory patterns (cp.async / ldmatrix pipelines, plain stores and loads), each
 // correct or missing one piece of synchronisation, for tests/test_cuda_emulation.py: the
 // emulation's race check (emulation.h) must pass the correct ones with the right data and
-// fail each broken one with a message that says why.
+// fail each broken one with a message that says why. Also the kernels' division by a
+// launch-time divisor (fast_divide, common.cuh), checked against integer division.
 // Built with -DIK_CUDA_EMULATION only.
 #include <torch/extension.h>
 
@@ -151,9 +152,20 @@ std::string run_probe(const std::string& name) {
   return "";
 }
 
+// The first numerator in [first, last] whose quotient by ``divisor`` fast_divide gets wrong,
+// or -1.
+int64_t fast_divide_mismatch(int64_t divisor, int64_t first, int64_t last) {
+  const FastDivisor fast(static_cast<uint32_t>(divisor));
+  for (int64_t n = first; n <= last; ++n)
+    if (fast_divide(static_cast<int>(n), fast) != n / divisor) return n;
+  return -1;
+}
+
 }  // namespace
 }  // namespace internlm_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_probe", &internlm_kernels::run_probe, "run one cp.async / ldmatrix pattern under the CUDA emulation");
+  m.def("fast_divide_mismatch", &internlm_kernels::fast_divide_mismatch,
+        "first n in [first, last] with fast_divide(n, divisor) != n / divisor, or -1");
 }

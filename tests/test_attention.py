@@ -121,6 +121,16 @@ def test_nan_in_a_query_row_stays_in_that_row(backend, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_negative_softmax_scale(backend, device):
+    """A negative scale makes a row's largest scaled score its smallest raw one. The scaled
+    scores spread over more than 2^7 (base 2), so a kernel that took the raw scores' max as
+    the scaled ones' would overflow 2^x to inf. Two whole 64-key tiles and no mask: the
+    path where the CUDA forward folds the scale into the exponent."""
+    q, k, v = _qkv(1, 20, 128, 2, 1, _dim(backend, 64), torch.bfloat16, device)
+    _check(4 * q, k, v, backend, softmax_scale=-1.0)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_attention_strided_inputs(backend, device):
     # q, k, v as slices of one fused qkv projection (B, S, Hq + 2 Hkv, D): no copies needed.
     qkv = torch.randn(2, 19, 6 + 2 * 2, _dim(backend, 32), device=device, dtype=torch.float16)

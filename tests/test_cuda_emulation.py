@@ -103,6 +103,15 @@ def test_race_check_finds_missing_synchronisation(probe, pattern, message):
     assert re.search(message, fault), fault
 
 
+@pytest.mark.parametrize("divisor", [*range(1, 66), 96, 127, 128, 129, 255, 1000, 65537, 2**30 - 1, 2**30, 2**31 - 1])
+def test_fast_divide_matches_integer_division(probe, divisor):
+    """The kernels divide packed rows by the query group with a multiply-high and a shift
+    (FastDivisor, common.h). Every numerator of their range's two ends, where the rounding
+    of the multiplier would show first."""
+    for first, last in [(0, 1 << 17), ((1 << 31) - 1 - (1 << 17), (1 << 31) - 1)]:
+        assert probe.fast_divide_mismatch(divisor, first, last) == -1
+
+
 @pytest.fixture
 def cuda_backend(kernels, monkeypatch):
     """backend="cuda" served by the emulated extension on CPU tensors, through the real ops."""
@@ -144,6 +153,10 @@ def test_emulated_every_row_maximum_in_the_first_key_tile(cuda_backend):
 
 def test_emulated_nan_in_a_query_row_stays_in_that_row(cuda_backend):
     attention_tests.test_nan_in_a_query_row_stays_in_that_row("cuda", CPU)
+
+
+def test_emulated_negative_softmax_scale(cuda_backend):
+    attention_tests.test_negative_softmax_scale("cuda", CPU)
 
 
 def test_emulated_attention_strided_inputs(cuda_backend):

@@ -81,14 +81,14 @@ struct TileTraits {
 
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
-//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_80 and sm_90a) 175-181 registers at
-//    d = 128, 126-128 at d = 64, no spills. Every warp reads all of K and V from shared
-//    memory for its 16 rows.
+//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_80 and sm_90a) 170-177 registers at
+//    d = 128, 123-128 at d = 64 (with a window compiled in on sm_90a, 4 B of spills, one
+//    reload per key tile). Every warp reads all of K and V from shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 213-230 registers at d = 64; at
-//    d = 128, 255, and with a window compiled in 12 B of spills on sm_90a (4 B without) and
-//    68-88 B on sm_80 (none without): cold values that the SASS reloads from L1 at most 2
-//    (sm_90a) or 4 (sm_80) times per 64-key tile, next to its 256 mma.
+//    memory reads per flop (FlashAttention-2's layout). 207-224 registers at d = 64; at
+//    d = 128, 255: on sm_90a 4 B of spills without a window (one value, reloaded once per
+//    64-key tile next to its 256 mma) and none with one; on sm_80 none without a window and
+//    76-88 B with one (8 reloads from L1 per tile).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -105,8 +105,8 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, no spills): sm_90a 246-252 registers at d = 128 and
-// 214-231 at d = 64; sm_80 249-255 and 220-234 (2 blocks per SM either way).
+// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16, no spills): sm_90a 246-252 registers at d = 128
+// and 212-229 at d = 64; sm_80 248-251 and 212-226 (2 blocks per SM either way).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -117,8 +117,7 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 255 registers; 24 B of spills with a window compiled in (none on sm_90a without, 32 B on
-// sm_80), none reloaded inside the row loop on sm_90a. Selected with atomic dQ at d = 128
+// 255 registers, no spills on sm_90a, 24-28 B on sm_80. Selected with atomic dQ at d = 128
 // only.
 template <typename T, int kHeadDim>
 using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
@@ -237,30 +236,36 @@ __device__ __forceinline__ KeyRange key_range(const AttentionParams& p, int pos_
   return r;
 }
 
+// (position, head) -> element offset. Both are non-negative: widened as unsigned, each
+// product is one wide multiply-add, where a sign extension costs two more instructions.
+__device__ __forceinline__ int64_t position_head_offset(int pos, int head, int64_t stride_s, int64_t stride_h) {
+  return int64_t(static_cast<uint32_t>(pos)) * stride_s + int64_t(static_cast<uint32_t>(head)) * stride_h;
+}
+
 // Packed row -> global address of its (position, head) in a (B, S, H, D) tensor whose
 // (batch, sequence start, first head of the group) is ``base``.
 template <typename T>
-__device__ __forceinline__ const void* packed_row_address(const void* base, int row, int group, int64_t stride_s,
-                                                          int64_t stride_h) {
-  const int pos = row / group, head = row - pos * group;
-  return static_cast<const T*>(base) + int64_t(pos) * stride_s + int64_t(head) * stride_h;
+__device__ __forceinline__ const void* packed_row_address(const void* base, int row, const FastDivisor& group,
+                                                          int64_t stride_s, int64_t stride_h) {
+  const int pos = fast_divide(row, group), head = row - pos * static_cast<int>(group.divisor);
+  return static_cast<const T*>(base) + position_head_offset(pos, head, stride_s, stride_h);
 }
 
 // A packed row as (position, head), stepped forward by a fixed number of rows without a
-// division per row (an integer division by the run-time group is some 20 instructions; the
-// backward's loops load and update several rows per thread per tile).
+// division per row (the backward's loops load and update several rows per thread per tile).
 struct PackedRowWalk {
   int row, pos, head;    // row = pos * group + head
   int step_pos, step_head;  // the step, step_pos * group + step_head rows, step_head < group
   int group;
 
-  __device__ __forceinline__ PackedRowWalk(int first_row, int step, int group_) : row(first_row), group(group_) {
-    pos = first_row / group, head = first_row - pos * group;
-    step_pos = step / group, step_head = step - step_pos * group;
+  __device__ __forceinline__ PackedRowWalk(int first_row, int step, const FastDivisor& divisor)
+      : row(first_row), group(static_cast<int>(divisor.divisor)) {
+    pos = fast_divide(first_row, divisor), head = first_row - pos * group;
+    step_pos = fast_divide(step, divisor), step_head = step - step_pos * group;
   }
   template <typename T>
   __device__ __forceinline__ const T* address(const void* base, int64_t stride_s, int64_t stride_h) const {
-    return static_cast<const T*>(base) + int64_t(pos) * stride_s + int64_t(head) * stride_h;
+    return static_cast<const T*>(base) + position_head_offset(pos, head, stride_s, stride_h);
   }
   __device__ __forceinline__ void advance(int step) {
     row += step, pos += step_pos, head += step_head;
@@ -281,8 +286,8 @@ struct PackedOperand {
 // serves every operand.
 template <typename T, class Tile, int kThreads, int kOperands>
 __device__ __forceinline__ void load_packed_rows(uint32_t tile, const PackedOperand (&operands)[kOperands], int m0,
-                                                 int rows, int group) {
-  constexpr int kRowsPerPass = kThreads / Tile::kChunks;  // load_tile_async's passes
+                                                 int rows, const FastDivisor& group) {
+  constexpr int kRowsPerPass = kThreads / Tile::kChunks;  // load_strided_tile_async's passes
   static_assert(kThreads % Tile::kChunks == 0 && Tile::kRows % kRowsPerPass == 0, "whole rows per pass");
   static_assert(kRowsPerPass % 8 == 0, "passes move by whole swizzle periods");
   const int chunk = static_cast<int>(threadIdx.x) % Tile::kChunks;
@@ -332,9 +337,13 @@ __device__ __forceinline__ void gemm_abt(float (&acc)[kMTiles][kNTiles][4], uint
   const uint32_t a_offset = ATile::a_lane_offset(lane), b_offset = BTile::b_lane_offset(lane);
 #pragma unroll
   for (int k = 0; k < kKSteps; ++k) {
+    // A's 16-row blocks as constant offsets from one address per k step: in the forward's key
+    // loop, 16 fewer instructions per tile and (sm_90a) no spill with a window compiled in.
+    // The same spelled out for B moved ptxas's allocation there (d = 128: 24-52 B of spills).
+    const uint32_t a_step = ATile::address(a_tile, a_row0, a_offset, k);
     uint32_t a[kMTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) mma::ldmatrix_x4(a[mt], ATile::address(a_tile, a_row0 + 16 * mt, a_offset, k));
+    for (int mt = 0; mt < kMTiles; ++mt) mma::ldmatrix_x4(a[mt], a_step + 16 * mt * ATile::kRowBytes);
 #pragma unroll
     for (int n = 0; n < kNTiles / 2; ++n) {
       uint32_t b[4];
@@ -474,12 +483,19 @@ __device__ __forceinline__ void store_rows(const char* tile, int row0, int rows,
 
 // Online softmax over one tile of scores (in place: s becomes p, in base 2): masks, updates
 // each row's running max and (thread-partial) sum, rescales the output accumulators.
-template <class Tr, bool kMask>
+// ``visible_of(mt, r)`` gives the key bounds of this thread's row (mt, r); only masked tiles
+// call it, so the bounds are not held in registers across the key loop.
+//
+// Unmasked tiles take the row max of the raw scores and scale it once, then fold the scale
+// into the exponent: p = 2^(s * scale_log2 - max), one FFMA per score where scaling every
+// score first took an FMUL and an FADD. Rounding is monotonic, so the scaled max is the
+// same number as the max of the scaled scores; but only for scale_log2 >= 0: the caller
+// sends tiles of a negative scale down the masked path, which scales first.
+template <class Tr, bool kMask, class VisibleOf>
 __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTiles][4],
                                                float (&acc)[Tr::kMTiles][Tr::kDimTiles][4],
                                                float (&row_max)[Tr::kMTiles][2], float (&row_sum)[Tr::kMTiles][2],
-                                               const int2 (&visible)[Tr::kMTiles][2], float scale_log2,
-                                               int key0, int lane) {
+                                               VisibleOf visible_of, float scale_log2, int key0, int lane) {
   const int t = lane % 4;
   float alphas[Tr::kMTiles][2];
   bool any_max_moved = false;
@@ -487,19 +503,22 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
   for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
+      float tile_max = -INFINITY;  // scaled scores' max (kMask), raw scores' max (not)
+      int2 visible = make_int2(0, 0);
+      if constexpr (kMask) visible = visible_of(mt, r);
 #pragma unroll
       for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float x = s[mt][nt][2 * r + e] * scale_log2;
+          float x = s[mt][nt][2 * r + e];
           if constexpr (kMask) {
             const int key = key0 + 8 * nt + 2 * t + e;
-            if (key < visible[mt][r].x || key > visible[mt][r].y) x = -INFINITY;
+            x = key < visible.x || key > visible.y ? -INFINITY : x * scale_log2;
+            s[mt][nt][2 * r + e] = x;
           }
-          s[mt][nt][2 * r + e] = x;
           tile_max = fmaxf(tile_max, x);
         }
+      if constexpr (!kMask) tile_max *= scale_log2;
       const float new_max = fmaxf(row_max[mt][r], mma::quad_max(tile_max));
       const float base = new_max == -INFINITY ? 0.f : new_max;  // rows that have seen no key yet
       const float alpha = fast_exp2(row_max[mt][r] - base);
@@ -508,7 +527,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
       for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float p = fast_exp2(s[mt][nt][2 * r + e] - base);
+          const float x = s[mt][nt][2 * r + e];
+          const float p = fast_exp2(kMask ? x - base : fmaf(x, scale_log2, -base));
           s[mt][nt][2 * r + e] = p;
           sum += p;
         }
@@ -570,7 +590,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s,
                                       pt.kv_head * p.group, p.q_stride_h);
   const auto q_row = [&](int r) -> const void* {
-    return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group, p.q_stride_s, p.q_stride_h) : nullptr;
+    return row0 + r < rows ? packed_row_address<T>(q_base, row0 + r, p.group_divisor, p.q_stride_s, p.q_stride_h)
+                           : nullptr;
   };
   bool q_loaded = false;
   if constexpr (kDecode) {
@@ -582,7 +603,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
         const int r = i / RowTile::kChunks, chunk = i % RowTile::kChunks;
         const T* row = static_cast<const T*>(q_row(r));
         const int col = chunk * 8;  // 8 16-bit values per chunk
-        const int64_t position = first_position + (row0 + r) / p.group;
+        const int64_t position = first_position + fast_divide(row0 + r, p.group_divisor);
         store_shared(reinterpret_cast<uint4*>(q_tile + RowTile::offset(r, chunk)),
                      row != nullptr ? rotated_chunk<T>(row, col, position, p.rotary) : make_uint4(0, 0, 0, 0));
       }
@@ -591,10 +612,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   }
   if (!q_loaded) {
     const PackedOperand operands[1] = {{q_base, p.q_stride_s, p.q_stride_h, p.q}};
-    load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group);
+    load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group_divisor);
   }
 
-  const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
+  const int pos_first = fast_divide(row0, p.group_divisor);
+  const int pos_last = fast_divide(min(row0 + Tr::kBlockM, rows) - 1, p.group_divisor);
   KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
   if constexpr (kDecode) {  // this program's split of the cache (keys_per_split: whole tiles)
     const int split_lo = split * p.keys_per_split, split_hi = split_lo + p.keys_per_split;
@@ -603,6 +625,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     range.full_lo = min(max(range.full_lo, range.lo), range.hi);
     range.full_hi = min(max(range.full_hi, range.full_lo), range.hi);
   }
+  // online_softmax's mask-free path folds the scale into the exponent, which needs a scale
+  // of at least 0: with any other, every tile takes the masked path.
+  if (!(p.scale_log2 >= 0.f)) range.full_hi = range.full_lo;
   const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
   const int k_len = pt.k_len;
@@ -614,14 +639,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
 
-  // This thread's rows: visible key bounds.
+  // Visible key bounds of this thread's rows, computed in masked tiles only: held across the
+  // loop they took 2 kMTiles registers, which the 32-row layout at d = 128 then spilled.
   const int g = lane / 4;
-  int2 visible[Tr::kMTiles][2];
-#pragma unroll
-  for (int mt = 0; mt < Tr::kMTiles; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      visible[mt][r] = visible_keys<kHasWindow>(p, (row0 + warp_row0 + 16 * mt + g + 8 * r) / p.group, k_len, shift);
+  const int thread_row0 = row0 + warp_row0 + g;
+  const auto visible_of = [&](int mt, int r) {
+    return visible_keys<kHasWindow>(p, fast_divide(thread_row0 + 16 * mt + 8 * r, p.group_divisor), k_len, shift);
+  };
 
   float acc[Tr::kMTiles][Tr::kDimTiles][4];
   float row_max[Tr::kMTiles][2], row_sum[Tr::kMTiles][2];
@@ -648,9 +672,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     // The mask as a template argument: compiled in, its tests ran on every tile (predicated),
     // a quarter of the loop's instructions; now only tiles that need it take that path.
     if (range.needs_mask(n0, Tr::kBlockN))
-      online_softmax<Tr, true>(s, acc, row_max, row_sum, visible, p.scale_log2, n0 + warp_key0, lane);
+      online_softmax<Tr, true>(s, acc, row_max, row_sum, visible_of, p.scale_log2, n0 + warp_key0, lane);
     else
-      online_softmax<Tr, false>(s, acc, row_max, row_sum, visible, p.scale_log2, n0 + warp_key0, lane);
+      online_softmax<Tr, false>(s, acc, row_max, row_sum, visible_of, p.scale_log2, n0 + warp_key0, lane);
     gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kWarpKeys / 16, Tr::kDimTiles>(acc, s, k_stage + StreamTile::kBytes,
                                                                            warp_key0, lane);
   }
@@ -678,7 +702,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
         }
         const int row = row0 + warp_row0 + 16 * mt + g + 8 * r;
         if (t == 0 && row < rows) {
-          const int pos = row / p.group, head = row - pos * p.group;
+          const int pos = fast_divide(row, p.group_divisor), head = row - pos * p.group;
           p.lse[pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
                 (pt.q_start + pos) * p.lse_stride_s] = seen ? (row_max[mt][r] + log2f(total)) * kLn2 : -INFINITY;
         }
@@ -688,7 +712,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     __syncwarp();
     store_rows<RowTile>(q_tile, warp_row0, Tr::kWarpRows, lane, [&](int r) -> void* {
       const int row = row0 + warp_row0 + r;
-      return row < rows ? const_cast<void*>(packed_row_address<T>(out_base, row, p.group, p.out_stride_s,
+      return row < rows ? const_cast<void*>(packed_row_address<T>(out_base, row, p.group_divisor, p.out_stride_s,
                                                                    p.out_stride_h))
                         : nullptr;
     });
@@ -766,7 +790,7 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Att
   }
   const bool overflow = int64_t(p.cache_seqlens[batch]) + p.new_tokens > p.capacity;
   const float inv = total != 0.f ? 1.f / total : 0.f;
-  const int pos = row / p.group, head = static_cast<int>(kv_head) * p.group + row % p.group;
+  const int pos = fast_divide(row, p.group_divisor), head = static_cast<int>(kv_head) * p.group + row - pos * p.group;
   T* out = static_cast<T*>(p.out) + batch * p.out_stride_b + int64_t(pos) * p.out_stride_s + int64_t(head) * p.out_stride_h;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) out[lane * kPerLane + i] = from_float<T>(overflow ? NAN : acc[i] * inv);
@@ -833,7 +857,7 @@ __device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const Pro
                                           int shift) {
   BwdRow info{INFINITY, 0.f, make_int2(0, -1)};
   if (row >= rows) return info;
-  const int pos = row / p.group, head = row - pos * p.group;
+  const int pos = fast_divide(row, p.group_divisor), head = row - pos * p.group;
   const int64_t stats = pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
                         (pt.q_start + pos) * p.lse_stride_s;
   const float lse = p.lse[stats];
@@ -919,7 +943,7 @@ __device__ __forceinline__ void add_dq_slab(const AttentionBwdParams& p, const P
   // registers to spare (sm_80 spilled with it held).
   const void* dq_accum_base = tensor_base<float>(p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start,
                                                  p.dq_accum_stride_s, pt.kv_head * p.group, p.dq_accum_stride_h);
-  PackedRowWalk walk(m0 + row0 + g, 8, p.group);  // rows 16 mt + 8 r on: steps of 8
+  PackedRowWalk walk(m0 + row0 + g, 8, p.group_divisor);  // rows 16 mt + 8 r on: steps of 8
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -1003,7 +1027,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes;
     const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
                                        {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
-    load_packed_rows<T, QueryTile, Tr::kThreads>(q_stage, operands, m0, rows, p.group);
+    load_packed_rows<T, QueryTile, Tr::kThreads>(q_stage, operands, m0, rows, p.group_divisor);
     if (with_info && row_info_thread)
       store_shared(row_info + stage * Tr::kBlockN + threadIdx.x,
                    bwd_row<T, kHasWindow>(p, pt, m0 + threadIdx.x, rows, shift));
@@ -1034,7 +1058,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     // rows whose visible range does not cover every key of the tile.
     bool needs_mask = key0 + Tr::kBlockM > pt.k_len;
     if constexpr (kHasWindow) {
-      const int first_pos = m0 / p.group, last_pos = (min(m0 + Tr::kBlockN, rows) - 1) / p.group;
+      const int first_pos = fast_divide(m0, p.group_divisor);
+      const int last_pos = fast_divide(min(m0 + Tr::kBlockN, rows) - 1, p.group_divisor);
       needs_mask = needs_mask || visible_keys<kHasWindow>(p, last_pos, pt.k_len, shift).x > key0 ||
                    visible_keys<kHasWindow>(p, first_pos, pt.k_len, shift).y < key0 + Tr::kBlockM - 1;
     }
@@ -1191,8 +1216,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
                                        pt.kv_head * p.group, p.dout_stride_h);
   const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
                                      {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
-  load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group);  // Q, then dO
-  const int pos_first = row0 / p.group, pos_last = (min(row0 + Tr::kBlockM, rows) - 1) / p.group;
+  load_packed_rows<T, RowTile, Tr::kThreads>(q_address, operands, row0, rows, p.group_divisor);  // Q, then dO
+  const int pos_first = fast_divide(row0, p.group_divisor);
+  const int pos_last = fast_divide(min(row0 + Tr::kBlockM, rows) - 1, p.group_divisor);
   const KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
   const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
@@ -1245,7 +1271,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
                                        p.dq_stride_h);
   store_rows<RowTile>(q_tile, warp_row0, 16, lane, [&](int r) -> void* {
     const int row = row0 + warp_row0 + r;
-    return row < rows ? const_cast<void*>(packed_row_address<T>(dq_base, row, p.group, p.dq_stride_s, p.dq_stride_h))
+    return row < rows ? const_cast<void*>(
+                            packed_row_address<T>(dq_base, row, p.group_divisor, p.dq_stride_s, p.dq_stride_h))
                       : nullptr;
   });
 }
@@ -1318,6 +1345,14 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
 }  // namespace attention_detail
 
 namespace attention_detail {
+// The caller's parameters with the group's divisor, which the kernels divide packed rows by.
+template <class Params>
+Params with_group_divisor(const Params& params) {
+  Params p = params;
+  p.group_divisor = FastDivisor(static_cast<uint32_t>(p.group));
+  return p;
+}
+
 // Shared memory of the dK/dV kernel: K, V, 2 stages of Q and dO, row info, then the score
 // tiles (dS for atomic dQ; P and dS with shared scores).
 template <class Tr, bool kAtomicDq>
@@ -1345,8 +1380,9 @@ cudaError_t launch_forward_tiles(const AttentionDecodeParams& p, cudaStream_t st
 template <typename T, int kHeadDim, bool kHasWindow>
 cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
   using namespace attention_detail;
+  if (params.group < 1) return cudaErrorInvalidValue;
   AttentionDecodeParams p;
-  static_cast<AttentionParams&>(p) = params;
+  static_cast<AttentionParams&>(p) = with_group_divisor(params);
   if (params.forward_warp_rows == 32)
     return launch_forward_tiles<ForwardTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);
   if (params.forward_warp_rows != 16) return cudaErrorInvalidValue;  // the glue checks it first
@@ -1354,8 +1390,10 @@ cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t str
 }
 
 template <typename T, int kHeadDim>
-cudaError_t launch_attention_decode(const AttentionDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStream_t stream) {
   using namespace attention_detail;
+  if (params.group < 1) return cudaErrorInvalidValue;
+  const AttentionDecodeParams p = with_group_divisor(params);
   using Tr = DecodeTraits<T, kHeadDim>;
   const int64_t rows = int64_t(p.seqlen_q) * p.group;
   const dim3 grid(p.splits, static_cast<unsigned>(ceil_div(rows, Tr::kBlockM)), p.batch * p.heads_kv);
@@ -1375,8 +1413,10 @@ cudaError_t launch_kvcache_append(const KvcacheAppendParams& p, cudaStream_t str
 }
 
 template <typename T, int kHeadDim, bool kHasWindow>
-cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
+cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
   using namespace attention_detail;
+  if (params.group < 1) return cudaErrorInvalidValue;
+  const AttentionBwdParams p = with_group_divisor(params);
   const int64_t delta_rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
   cudaError_t error = launch(attention_bwd_delta_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
                              128, 0, stream, p);

@@ -33,6 +33,7 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k = nullptr;
   int num_sequences = 0;
   int batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0, group = 1;
+  FastDivisor group_divisor;  // group, for the kernels' divisions: the launchers set it
   float scale = 1.f;       // softmax scale
   float scale_log2 = 1.f;  // scale * log2(e): softmax runs in base 2
   bool has_left = false, has_right = false;

@@ -31,6 +31,16 @@
 
 namespace internlm_kernels {
 
+// n / d for n in [0, 2^31) by a FastDivisor (common.h).
+__device__ __forceinline__ int fast_divide(int n, const FastDivisor& d) {
+#ifdef IK_CUDA_EMULATION
+  const uint32_t high = static_cast<uint32_t>((uint64_t(uint32_t(n)) * d.multiplier) >> 32);
+#else
+  const uint32_t high = __umulhi(static_cast<uint32_t>(n), d.multiplier);
+#endif
+  return static_cast<int>((high + static_cast<uint32_t>(n)) >> d.shift);
+}
+
 // Plain shared-memory loads and stores. The kernels make them through these two so the CPU
 // emulation can race-check them (emulation.h); on the GPU they are the plain access.
 template <typename T>

@@ -15,6 +15,23 @@ inline bool vectorizable(const void* ptr, int64_t element_size, int64_t stride_a
          (stride_b * element_size) % 16 == 0;
 }
 
+// Division by a divisor fixed for a launch (the attention kernels' query group): a kernel
+// divides with one multiply-high, an add and a shift (fast_divide in common.cuh) where an
+// integer division by a register takes some 20 instructions. Granlund and Montgomery's
+// round-up method, "Division by invariant integers using multiplication" (1994), Figure 4.1:
+// with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1 (< 2^32),
+// n / d = (umulhi(n, m) + n) >> l for every n in [0, 2^32); numerators below 2^31 keep the
+// sum within 32 bits. Divisor 1 gives m = 1, l = 0: n itself.
+struct FastDivisor {
+  uint32_t divisor = 1, multiplier = 1, shift = 0;
+
+  FastDivisor() = default;
+  explicit FastDivisor(uint32_t d) : divisor(d) {
+    while ((uint64_t(1) << shift) < d) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+};
+
 // An attribute of the current device, or ``fallback`` when it cannot be read.
 inline int device_attribute(cudaDeviceAttr attribute, int fallback) {
   int device = 0, value = 0;

@@ -218,46 +218,40 @@ struct SwizzledTile {
 };
 
 // Copy kRows rows of kCols 16-bit values into a swizzled tile with cp.async, kThreads
-// threads cooperating. ``row_source(r)`` returns the global address of row r, or nullptr
-// for rows outside the tensor (zero-filled; ``fallback`` is the mapped address handed to
-// the zero-byte copy).
-template <class Tile, int kThreads, class RowSource>
-__device__ __forceinline__ void load_tile_async(uint32_t tile_base, const void* fallback, RowSource row_source) {
+// threads cooperating. Row r starts ``row_stride`` bytes after row r - 1 and ``first`` is
+// row 0; rows from ``valid_rows`` on are zero-filled (``fallback`` is the mapped address
+// handed to their zero-byte copies).
+template <class Tile, int kThreads>
+__device__ __forceinline__ void load_strided_tile_async(uint32_t tile_base, const void* fallback, const void* first,
+                                                        int64_t row_stride, int valid_rows) {
   // Each pass of the block covers kRowsPerPass whole rows; a thread keeps its chunk column,
   // and since the swizzle repeats every 8 rows, its destination moves by a constant per pass.
   // Spelled out, the offsets are one register plus immediates. Left to the compiler as
   // (threadIdx.x + j kThreads) / kChunks, they took a register per pass, held across the
   // key loops: every attention kernel took more registers (sm_90a: the dK/dV kernels
-  // 254-255 instead of 246-248, the 16-row forward 182 instead of 170).
+  // 254-255 instead of 246-248, the 16-row forward 182 instead of 170). The source moves by
+  // one 64-bit add per pass (a row index times the stride cost a 64-bit multiply per row).
   constexpr int kRowsPerPass = kThreads / Tile::kChunks;
   static_assert(kThreads % Tile::kChunks == 0 && Tile::kRows % kRowsPerPass == 0, "whole rows per pass");
   static_assert(kRowsPerPass % 8 == 0, "passes move by whole swizzle periods");
   const int first_row = threadIdx.x / Tile::kChunks, chunk = threadIdx.x % Tile::kChunks;
   const uint32_t destination = tile_base + Tile::offset(first_row, chunk);
+  const char* source = static_cast<const char*>(first) + int64_t(first_row) * row_stride + chunk * 16;
+  const int64_t pass_stride = int64_t(kRowsPerPass) * row_stride;
+  // Whole tiles (every key tile but a sequence's last) copy without the bounds test and the
+  // fallback select: 16 copies per K/V tile in the forward, each of which spent a compare
+  // and two selects on them.
+  const auto copy = [&](auto bounds_checked) {
 #pragma unroll
-  for (int j = 0; j < Tile::kRows / kRowsPerPass; ++j) {
-    const int row = first_row + j * kRowsPerPass;
-    const char* source = static_cast<const char*>(row_source(row));
-    cp_async_16(destination + j * kRowsPerPass * Tile::kRowBytes, source ? source + chunk * 16 : fallback,
-                source != nullptr);
-  }
-}
-
-// load_tile_async for rows at a constant stride: row r of the tile starts ``row_stride``
-// bytes after row r - 1, ``first`` is row 0, rows from ``valid_rows`` on are zero-filled.
-// A thread's source then moves by one 64-bit add per pass, where a row function costs a
-// 64-bit multiply and the bounds select per row (in the forward's key loop, about 20
-// instructions per row).
-template <class Tile, int kThreads>
-__device__ __forceinline__ void load_strided_tile_async(uint32_t tile_base, const void* fallback, const void* first,
-                                                        int64_t row_stride, int valid_rows) {
-  const int64_t pass_stride = int64_t(kThreads / Tile::kChunks) * row_stride;  // load_tile_async's passes
-  const char* row = static_cast<const char*>(first) + int64_t(threadIdx.x / Tile::kChunks) * row_stride;
-  load_tile_async<Tile, kThreads>(tile_base, fallback, [&](int index) -> const void* {
-    const char* source = index < valid_rows ? row : nullptr;  // called once per pass, in order
-    row += pass_stride;
-    return source;
-  });
+    for (int j = 0; j < Tile::kRows / kRowsPerPass; ++j, source += pass_stride) {
+      const bool valid = !decltype(bounds_checked)::value || first_row + j * kRowsPerPass < valid_rows;
+      cp_async_16(destination + j * kRowsPerPass * Tile::kRowBytes, valid ? source : fallback, valid);
+    }
+  };
+  if (valid_rows >= Tile::kRows)
+    copy(std::false_type{});
+  else
+    copy(std::true_type{});
 }
 
 // Sum / max over the 4 threads of a quad (the threads sharing an accumulator row).

@@ -124,10 +124,21 @@ def test_nan_in_a_query_row_stays_in_that_row(backend, device):
 def test_negative_softmax_scale(backend, device):
     """A negative scale makes a row's largest scaled score its smallest raw one. The scaled
     scores spread over more than 2^7 (base 2), so a kernel that took the raw scores' max as
-    the scaled ones' would overflow 2^x to inf. Two whole 64-key tiles and no mask: the
-    path where the CUDA forward folds the scale into the exponent."""
+    the scaled ones' would overflow 2^x to inf. Whole 64-key tiles and no mask: the path
+    where the CUDA forward and decode kernel fold the scale into the exponent."""
     q, k, v = _qkv(1, 20, 128, 2, 1, _dim(backend, 64), torch.bfloat16, device)
     _check(4 * q, k, v, backend, softmax_scale=-1.0)
+
+    # Decoding over a KV cache (the split-KV kernel shares the forward's softmax).
+    k_cache, v_cache = _cache(2, 200, 1, _dim(backend, 64), torch.bfloat16, device)
+    lengths = torch.tensor([130, 200], device=device, dtype=torch.int32)
+    q = 4 * torch.randn(2, 1, 4, _dim(backend, 64), device=device, dtype=torch.bfloat16)
+    out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, softmax_scale=-1.0,
+                                          backend=backend)
+    expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, softmax_scale=-1.0)
+    exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lengths,
+                                             softmax_scale=-1.0)
+    assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "decode, negative scale")
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

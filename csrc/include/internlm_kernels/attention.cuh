@@ -7,8 +7,9 @@
 // head and a tile of its group's rows, and every K/V tile it loads serves the whole group
 // (GQA/MQA without repeating K/V; a decode step with 1 position still fills 8 rows with
 // group 8). Programs: forward per tile of packed rows; dK/dV per tile of keys (summed over
-// the group's rows, so dK and dV never need atomics); decode per (split of the cache, row
-// tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV program also
+// the group's rows, so dK and dV never need atomics; it takes them as tiles of one query
+// head's consecutive positions, which load as simply as K and V); decode per (split of the
+// cache, row tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV program also
 // multiplies its dS by K and adds the result into an fp32 dQ with atomics (5 products per
 // tile pair; the order of the adds varies, so the last bits of dQ do too). Deterministic:
 // a dQ program per tile of packed rows recomputes S and dP (8 products per tile pair) and
@@ -105,8 +106,8 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16, no spills): sm_90a 246-252 registers at d = 128
-// and 212-229 at d = 64; sm_80 248-251 and 212-226 (2 blocks per SM either way).
+// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16, no spills): sm_90a 249-251 registers at
+// d = 128 and 214-228 at d = 64; sm_80 251-255 and 212-233 (2 blocks per SM either way).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -117,9 +118,10 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 255 registers, no spills on sm_90a, 24-28 B on sm_80. In the SASS (sm_90a) a mask-free
-// row tile takes about 1230 instructions per warp for its 320 mma, against 863 for 160 in
-// the layout above. Selected with atomic dQ at d = 128 only.
+// 255 registers, no spills on sm_90a; on sm_80 4-8 B without a window, 16-24 B with one. In
+// the SASS (sm_90a, bf16) a warp executes about 1060 instructions for a mask-free row tile
+// of 320 mma, against 650 for 160 in the layout above. Selected with atomic dQ at d = 128
+// only.
 template <typename T, int kHeadDim>
 using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 
@@ -253,7 +255,7 @@ __device__ __forceinline__ const void* packed_row_address(const void* base, int 
 }
 
 // A packed row as (position, head), stepped forward by a fixed number of rows without a
-// division per row (the backward's loops load and update several rows per thread per tile).
+// division per row (a thread loads several rows of a packed tile).
 struct PackedRowWalk {
   int row, pos, head;    // row = pos * group + head
   int step_pos, step_head;  // the step, step_pos * group + step_head rows, step_head < group
@@ -313,13 +315,14 @@ __device__ __forceinline__ const void* tensor_base(const void* ptr, int64_t batc
   return static_cast<const T*>(ptr) + batch * stride_b + start * stride_s + head * stride_h;
 }
 
-// Keys [key0, key0 + Tile::kRows) of a K or V head whose key 0 is at ``base`` (keys
-// ``stride`` elements apart), into ``tile`` with cp.async; keys from k_len on zero-filled.
+// Tokens [first, first + Tile::kRows) of one head whose token 0 is at ``base`` (tokens
+// ``stride`` elements apart: a K or V head, or one query head of Q or dO), into ``tile`` with
+// cp.async; tokens from ``len`` on zero-filled.
 template <typename T, class Tile, int kThreads>
-__device__ __forceinline__ void load_key_rows(uint32_t tile, const void* fallback, const void* base, int64_t stride,
-                                              int key0, int k_len) {
-  mma::load_strided_tile_async<Tile, kThreads>(tile, fallback, static_cast<const T*>(base) + int64_t(key0) * stride,
-                                               stride * int64_t(sizeof(T)), k_len - key0);
+__device__ __forceinline__ void load_head_rows(uint32_t tile, const void* fallback, const void* base, int64_t stride,
+                                               int first, int len) {
+  mma::load_strided_tile_async<Tile, kThreads>(tile, fallback, static_cast<const T*>(base) + int64_t(first) * stride,
+                                               stride * int64_t(sizeof(T)), len - first);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -634,8 +637,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const int k_len = pt.k_len;
   auto load_kv = [&](int n0, int stage) {
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
-    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
-    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, k_len);
+    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
+    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, k_len);
   };
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
@@ -853,12 +856,11 @@ struct BwdRow {
   int2 visible;
 };
 
-template <typename T, bool kHasWindow>
-__device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const ProgramTile& pt, int row, int rows,
-                                          int shift) {
+template <bool kHasWindow>
+__device__ __forceinline__ BwdRow bwd_row_at(const AttentionBwdParams& p, const ProgramTile& pt, int pos, int head,
+                                             int shift) {
   BwdRow info{INFINITY, 0.f, make_int2(0, -1)};
-  if (row >= rows) return info;
-  const int pos = fast_divide(row, p.group_divisor), head = row - pos * p.group;
+  if (pos >= pt.q_len) return info;
   const int64_t stats = pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
                         (pt.q_start + pos) * p.lse_stride_s;
   const float lse = p.lse[stats];
@@ -866,6 +868,13 @@ __device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const Pro
   info.delta = p.delta[stats];
   info.visible = visible_keys<kHasWindow>(p, pos, pt.k_len, shift);
   return info;
+}
+
+// The same for packed row ``row`` (position row / group of head row % group).
+template <bool kHasWindow>
+__device__ __forceinline__ BwdRow bwd_row(const AttentionBwdParams& p, const ProgramTile& pt, int row, int shift) {
+  const int pos = fast_divide(row, p.group_divisor);
+  return bwd_row_at<kHasWindow>(p, pt, pos, row - pos * p.group, shift);
 }
 
 // p = exp2(s * scale_log2 - lse2), zero outside the visible keys when kMask; then ds = p *
@@ -887,6 +896,20 @@ __device__ __forceinline__ void with_mask(bool needs_mask, Body body) {
   else
     body(std::false_type{});
 }
+
+// A query tile of the dK/dV program: kBlockN consecutive positions [pos0, pos0 + kBlockN) of
+// one query head ``head`` (within the group). Such a tile is a strided block, loaded as K and
+// V are (one 64-bit add per row); a tile of packed rows took a division and two wide
+// multiplies per row (about 150 instructions per 32-row tile of Q and dO at d = 128). The
+// tiles go through the group's heads at each position tile; dK and dV sum over all of them
+// in any order, and this one holds no first position across the loop.
+struct HeadTile {
+  int head, pos0;
+  template <int kBlockN>
+  __device__ __forceinline__ HeadTile next(int group) const {
+    return head + 1 < group ? HeadTile{head + 1, pos0} : HeadTile{0, pos0 + kBlockN};
+  }
+};
 
 // The atomic-dQ step of the dK/dV program: its dS for one query tile (kBlockN rows x the
 // tile's kBlockM keys) goes through shared memory, and the warps split dQ += dS K, each a
@@ -933,27 +956,29 @@ __device__ __forceinline__ void stage_ds(char* ds_tile, int key0, const float (&
     }
 }
 
-// Add a warp's dQ slab (rows [row0, row0 + 16 kMTiles) of the tile at packed row m0, columns
-// [col0, col0 + 8 kDimTiles)) into the fp32 p.dq_accum, atomically; rows past the sequence
-// (the next sequence's, or past the tensor) are skipped.
+// Add a warp's dQ slab (rows [row0, row0 + 16 kMTiles) of the query tile at ``tile``,
+// columns [col0, col0 + 8 kDimTiles)) into the fp32 p.dq_accum, atomically; positions past
+// the sequence (the next sequence's, or past the tensor) are skipped.
 template <int kMTiles, int kDimTiles>
-__device__ __forceinline__ void add_dq_slab(const AttentionBwdParams& p, const ProgramTile& pt, int m0, int row0,
-                                            int col0, int rows, const float (&dq)[kMTiles][kDimTiles][4], int lane) {
+__device__ __forceinline__ void add_dq_slab(const AttentionBwdParams& p, const ProgramTile& pt,
+                                            const HeadTile& tile, int row0, int col0,
+                                            const float (&dq)[kMTiles][kDimTiles][4], int lane) {
   const int g = lane / 4, t = lane % 4;
   // Recomputed per tile rather than held across the loop: at d = 128 the loop has no
   // registers to spare (sm_80 spilled with it held).
-  const void* dq_accum_base = tensor_base<float>(p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start,
-                                                 p.dq_accum_stride_s, pt.kv_head * p.group, p.dq_accum_stride_h);
-  PackedRowWalk walk(m0 + row0 + g, 8, p.group_divisor);  // rows 16 mt + 8 r on: steps of 8
+  const int first_pos = tile.pos0 + row0 + g;  // rows 16 mt + 8 r on: positions 8 apart
+  const float* target = static_cast<const float*>(tensor_base<float>(
+      p.dq_accum, pt.batch, p.dq_accum_stride_b, pt.q_start + first_pos, p.dq_accum_stride_s,
+      pt.kv_head * p.group + tile.head, p.dq_accum_stride_h));
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r, walk.advance(8)) {
-      if (walk.row >= rows) continue;
-      float* target = const_cast<float*>(walk.address<float>(dq_accum_base, p.dq_accum_stride_s, p.dq_accum_stride_h));
+    for (int r = 0; r < 2; ++r, target += 8 * p.dq_accum_stride_s) {
+      if (first_pos + 16 * mt + 8 * r >= pt.q_len) continue;
 #pragma unroll
       for (int dt = 0; dt < kDimTiles; ++dt)
-        atomic_add_pair(target + col0 + 8 * dt + 2 * t, dq[mt][dt][2 * r], dq[mt][dt][2 * r + 1]);
+        atomic_add_pair(const_cast<float*>(target) + col0 + 8 * dt + 2 * t, dq[mt][dt][2 * r],
+                        dq[mt][dt][2 * r + 1]);
     }
 }
 
@@ -996,22 +1021,23 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const ProgramTile pt = program_tile(p, true, Tr::kBlockM);
   const int key0 = pt.tile * Tr::kBlockM;
   if (key0 >= pt.k_len) return;
-  const int shift = pt.k_len - pt.q_len, rows = pt.q_len * p.group;
+  const int shift = pt.k_len - pt.q_len;
 
   const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
-  load_key_rows<T, KeyTile, Tr::kThreads>(k_address, p.k, k_base, p.k_stride_s, key0, pt.k_len);
-  load_key_rows<T, KeyTile, Tr::kThreads>(v_address, p.v, v_base, p.v_stride_s, key0, pt.k_len);
+  load_head_rows<T, KeyTile, Tr::kThreads>(k_address, p.k, k_base, p.k_stride_s, key0, pt.k_len);
+  load_head_rows<T, KeyTile, Tr::kThreads>(v_address, p.v, v_base, p.v_stride_s, key0, pt.k_len);
 
-  // Packed query rows that see some key of this tile.
+  // Query positions that see some key of this tile, [pos_first, pos_end), the first rounded
+  // down to a whole tile; every query head of the group runs over them.
   const int key_last = min(key0 + Tr::kBlockM, pt.k_len) - 1;
   int64_t pos_lo = 0, pos_hi = pt.q_len;
   if constexpr (kHasWindow) {
     if (p.has_right) pos_lo = max(pos_lo, int64_t(key0) - shift - p.window_right);
     if (p.has_left) pos_hi = min(pos_hi, int64_t(key_last) - shift + p.window_left + 1);
   }
-  const int row_lo = static_cast<int>(min(pos_lo, int64_t(pt.q_len)) * p.group / Tr::kBlockN * Tr::kBlockN);
-  const int row_hi = static_cast<int>(max(pos_hi, int64_t(0)) * p.group);
+  const int pos_first = static_cast<int>(min(pos_lo, int64_t(pt.q_len)) / Tr::kBlockN * Tr::kBlockN);
+  const int pos_end = static_cast<int>(max(pos_hi, int64_t(0)));
 
   const void* q_base = tensor_base<T>(p.q, pt.batch, p.q_stride_b, pt.q_start, p.q_stride_s, pt.kv_head * p.group,
                                       p.q_stride_h);
@@ -1024,16 +1050,18 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   static_assert(Tr::kBlockN <= Tr::kThreads, "one row of info per thread");
   constexpr bool kDeferInfo = !Tr::kScoresInShared;
   const bool row_info_thread = threadIdx.x < Tr::kBlockN;
-  auto load_rows = [&](int m0, int stage, bool with_info) {
+  auto load_rows = [&](const HeadTile& tile, int stage, bool with_info) {
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes;
-    const PackedOperand operands[2] = {{q_base, p.q_stride_s, p.q_stride_h, p.q},
-                                       {do_base, p.dout_stride_s, p.dout_stride_h, p.dout}};
-    load_packed_rows<T, QueryTile, Tr::kThreads>(q_stage, operands, m0, rows, p.group_divisor);
+    load_head_rows<T, QueryTile, Tr::kThreads>(q_stage, p.q, static_cast<const T*>(q_base) + tile.head * p.q_stride_h,
+                                               p.q_stride_s, tile.pos0, pt.q_len);
+    load_head_rows<T, QueryTile, Tr::kThreads>(q_stage + QueryTile::kBytes, p.dout,
+                                               static_cast<const T*>(do_base) + tile.head * p.dout_stride_h,
+                                               p.dout_stride_s, tile.pos0, pt.q_len);
     if (with_info && row_info_thread)
       store_shared(row_info + stage * Tr::kBlockN + threadIdx.x,
-                   bwd_row<T, kHasWindow>(p, pt, m0 + threadIdx.x, rows, shift));
+                   bwd_row_at<kHasWindow>(p, pt, tile.pos0 + threadIdx.x, tile.head, shift));
   };
-  if (row_lo < row_hi) load_rows(row_lo, 0, true);
+  if (pos_first < pos_end) load_rows(HeadTile{0, pos_first}, 0, true);
   mma::cp_async_commit();
 
   float dk[Slab::kKeyTiles][Slab::kDimTiles][4], dv[Slab::kKeyTiles][Slab::kDimTiles][4];
@@ -1042,15 +1070,16 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const int slab_key0 = Slab::key_row0(warp), slab_col0 = Slab::col0(warp);
   const int g = lane / 4, t = lane % 4;
   int stage = 0;
-  for (int m0 = row_lo; m0 < row_hi; m0 += Tr::kBlockN, stage ^= 1) {
+  for (HeadTile tile{0, pos_first}; tile.pos0 < pos_end; tile = tile.next<Tr::kBlockN>(p.group), stage ^= 1) {
     mma::cp_async_wait<0>();  // one barrier per tile, as in the forward
     __syncthreads();
-    const bool has_next = m0 + Tr::kBlockN < row_hi;
+    const HeadTile next = tile.next<Tr::kBlockN>(p.group);
+    const bool has_next = next.pos0 < pos_end;
     BwdRow next_info;
     if (has_next) {
-      load_rows(m0 + Tr::kBlockN, stage ^ 1, !kDeferInfo);
+      load_rows(next, stage ^ 1, !kDeferInfo);
       if (kDeferInfo && row_info_thread)
-        next_info = bwd_row<T, kHasWindow>(p, pt, m0 + Tr::kBlockN + threadIdx.x, rows, shift);
+        next_info = bwd_row_at<kHasWindow>(p, pt, next.pos0 + threadIdx.x, next.head, shift);
     }
     mma::cp_async_commit();
     const uint32_t q_stage = q_address + 2 * stage * QueryTile::kBytes, do_stage = q_stage + QueryTile::kBytes;
@@ -1059,10 +1088,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
     // rows whose visible range does not cover every key of the tile.
     bool needs_mask = key0 + Tr::kBlockM > pt.k_len;
     if constexpr (kHasWindow) {
-      const int first_pos = fast_divide(m0, p.group_divisor);
-      const int last_pos = fast_divide(min(m0 + Tr::kBlockN, rows) - 1, p.group_divisor);
+      const int last_pos = min(tile.pos0 + Tr::kBlockN, pt.q_len) - 1;
       needs_mask = needs_mask || visible_keys<kHasWindow>(p, last_pos, pt.k_len, shift).x > key0 ||
-                   visible_keys<kHasWindow>(p, first_pos, pt.k_len, shift).y < key0 + Tr::kBlockM - 1;
+                   visible_keys<kHasWindow>(p, tile.pos0, pt.k_len, shift).y < key0 + Tr::kBlockM - 1;
     }
 
     if constexpr (Tr::kScoresInShared) {
@@ -1123,7 +1151,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         zero(dq);
         gemm_ab<T, false, ScoreTile, KeyTile, 2, Tr::kBlockM / 16, kDqDimTiles>(dq, ds_address, dq_row0, k_address,
                                                                                 dq_col0 / 16, lane);
-        add_dq_slab(p, pt, m0, dq_row0, dq_col0, rows, dq, lane);
+        add_dq_slab(p, pt, tile, dq_row0, dq_col0, dq, lane);
       }
     } else {
       // S^T = K Q^T: this warp's 16 keys x the tile's query rows.
@@ -1163,7 +1191,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
         zero(dq);
         gemm_ab<T, false, ScoreTile, KeyTile, 1, Tr::kBlockM / 16, Dq::kDimTiles>(
             dq, mma::shared_address(ds_tile), slab_row, k_address, slab_step, lane);
-        add_dq_slab(p, pt, m0, slab_row, 16 * slab_step, rows, dq, lane);
+        add_dq_slab(p, pt, tile, slab_row, 16 * slab_step, dq, lane);
       }
     }
     // The other stage's info was last read in the previous tile, before this tile's barrier.
@@ -1225,8 +1253,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
   auto load_kv = [&](int n0, int stage) {
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
-    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, pt.k_len);
-    load_key_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, pt.k_len);
+    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, pt.k_len);
+    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, pt.k_len);
   };
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
@@ -1234,7 +1262,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   const int g = lane / 4, t = lane % 4;
   BwdRow info[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) info[r] = bwd_row<T, kHasWindow>(p, pt, row0 + warp_row0 + g + 8 * r, rows, shift);
+  for (int r = 0; r < 2; ++r) info[r] = bwd_row<kHasWindow>(p, pt, row0 + warp_row0 + g + 8 * r, shift);
 
   float dq[1][Tr::kDimTiles][4];
   zero(dq);

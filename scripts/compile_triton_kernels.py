@@ -81,17 +81,17 @@ def cases(quick: bool = False):
             for causal, varlen in ((True, False), (False, True)):
                 flags = {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_VARLEN": varlen,
                          "HAS_LEFT": not causal, "HAS_RIGHT": causal}
-                shapes_fwd = attention._shapes(head_dim, backward=False)
-                shapes_bwd = attention._shapes(head_dim, backward=True)
+                shapes_fwd = attention._shapes(head_dim, "fwd")
+                shapes_bwd = {"dkdv": attention._shapes(head_dim, "dkdv"), "dq": attention._shapes(head_dim, "dq")}
                 if quick:
-                    shapes_fwd, shapes_bwd = shapes_fwd[:1], shapes_bwd[:1]
+                    shapes_fwd, shapes_bwd = shapes_fwd[:1], {name: s[:1] for name, s in shapes_bwd.items()}
                 for block_m, block_n, warps, stages in shapes_fwd:
                     yield (f"attention_fwd {dtype} d={head_dim} causal={causal} varlen={varlen} "
                            f"{block_m}x{block_n}w{warps}s{stages}", attention._attn_fwd_kernel,
                            {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)
-                for block_m, block_n, warps, stages in shapes_bwd:
-                    for label, kernel in (("dkdv", attention._attn_bwd_dkdv_kernel),
-                                          ("dq", attention._attn_bwd_dq_kernel)):
+                for label, kernel in (("dkdv", attention._attn_bwd_dkdv_kernel),
+                                      ("dq", attention._attn_bwd_dq_kernel)):
+                    for block_m, block_n, warps, stages in shapes_bwd[label]:
                         yield (f"attention_bwd_{label} {dtype} d={head_dim} causal={causal} varlen={varlen} "
                                f"{block_m}x{block_n}w{warps}s{stages}", kernel,
                                {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)

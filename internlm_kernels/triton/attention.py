@@ -44,19 +44,30 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # --------------------------------------------------------------------------------------
 
 
-def _shapes(head_dim_padded: int, backward: bool):
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned by head dim so shared memory
-    fits on A100/H100, registers do not spill (scripts/compile_triton_kernels.py reports
-    both without a GPU), and the first call tunes only two or three configs.
+def _shapes(head_dim_padded: int, kernel: str):
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq",
+    pruned by head dim so shared memory fits on A100/H100, registers do not spill
+    (scripts/compile_triton_kernels.py reports both without a GPU), and the first call tunes
+    only two or three configs.
 
-    Backward: BLOCK_N keys own fp32 dK and dV tiles (2 * BLOCK_N * D floats) per program."""
+    dK/dV: BLOCK_N keys own fp32 dK and dV tiles (2 * BLOCK_N * D floats) per program. dQ:
+    BLOCK_M query rows own an fp32 dQ tile. Tiles of 64 rows per 4 warps or 128 per 8 match
+    sm_90's warpgroup mma (m64): their mask-free key loop takes about a third of the
+    instructions per flop of the 32-row tile (SASS, triton 3.8), but they spill on sm_80 at
+    d = 128 (and with a window on sm_90), where the 32-row tile, first, does not."""
     if INTERPRETER:  # the CPU interpreter: small tiles keep numpy fast
         return [(16, 16, 4, 1)]
-    if backward:
+    if kernel == "dkdv":
         if head_dim_padded <= 64:
             return [(64, 64, 4, 2), (32, 64, 4, 2)]
         if head_dim_padded <= 128:
             return [(32, 64, 8, 2), (64, 64, 8, 2)]
+        return [(16, 32, 8, 1), (32, 32, 8, 1)]
+    if kernel == "dq":
+        if head_dim_padded <= 64:
+            return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
+        if head_dim_padded <= 128:
+            return [(32, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]
         return [(16, 32, 8, 1), (32, 32, 8, 1)]
     # sm_90 ptxas (AOT, triton 3.8): d=128 128x64/8 warps spills 24 B, 128x32 none; a minimal
     # tutorial-style kernel spills 96 B at 128x64. d=256 spills in every shape tried (64x32 least).
@@ -72,15 +83,16 @@ def _config(shape) -> "triton.Config":
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _autotuned(kernel, backward: bool, key):
-    """Autotune over ``_shapes`` keyed on head dim, group size and mask kind (Triton's cache
-    key adds the GPU). Under the interpreter the launcher passes the single shape itself."""
+def _autotuned(kernel, name: str, key):
+    """Autotune ``kernel`` over ``_shapes(..., name)`` keyed on head dim, group size and mask
+    kind (Triton's cache key adds the GPU). Under the interpreter the launcher passes the
+    single shape itself."""
     if INTERPRETER:
         return kernel
-    every_shape = sorted({shape for dim in (64, 128, 256) for shape in _shapes(dim, backward)})
+    every_shape = sorted({shape for dim in (64, 128, 256) for shape in _shapes(dim, name)})
 
     def prune(configs, named_args, **kwargs):
-        shapes = _shapes(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128)), backward)
+        shapes = _shapes(kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128)), name)
         if os.environ.get("INTERNLM_KERNELS_AUTOTUNE", "1") == "0":
             shapes = shapes[:1]  # first candidate only: fast first calls (test suites)
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in shapes]
@@ -90,11 +102,11 @@ def _autotuned(kernel, backward: bool, key):
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-def _interpreter_blocks(head_dim_padded: int, backward: bool) -> dict:
+def _interpreter_blocks(head_dim_padded: int, kernel: str) -> dict:
     """BLOCK_M / BLOCK_N passed explicitly when there is no autotuner (the interpreter)."""
     if not INTERPRETER:
         return {}
-    block_m, block_n, _, _ = _shapes(head_dim_padded, backward)[0]
+    block_m, block_n, _, _ = _shapes(head_dim_padded, kernel)[0]
     return {"BLOCK_M": block_m, "BLOCK_N": block_n}
 
 
@@ -429,6 +441,43 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K_BASE, V_BASE, stride_ks, stride_vs, start, end, rows_pos, row_ok,
+                       k_len, shift, window_left, window_right, qk_scale,
+                       MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ over key blocks [start, end). MASK blocks apply the causal / window mask and the keys'
+    end (and check the K / V loads' bounds); the others are seen whole by every row of the
+    tile, whose padding rows (past the sequence) have q = 0 and dO = 0, so dS = 0 there."""
+    k_t_block = tl.make_block_ptr(K_BASE, shape=(HEAD_DIM, k_len), strides=(1, stride_ks), offsets=(0, start),
+                                  block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+    v_t_block = tl.make_block_ptr(V_BASE, shape=(HEAD_DIM, k_len), strides=(1, stride_vs), offsets=(0, start),
+                                  block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
+    for start_n in range(start, end, BLOCK_N):
+        if MASK:
+            k_t = tl.load(k_t_block, boundary_check=(0, 1), padding_option="zero")
+            v_t = tl.load(v_t_block, boundary_check=(0, 1), padding_option="zero")
+        elif BLOCK_D == HEAD_DIM:
+            k_t = tl.load(k_t_block)
+            v_t = tl.load(v_t_block)
+        else:
+            k_t = tl.load(k_t_block, boundary_check=(0,), padding_option="zero")
+            v_t = tl.load(v_t_block, boundary_check=(0,), padding_option="zero")
+        k_t_block = tl.advance(k_t_block, (0, BLOCK_N))
+        v_t_block = tl.advance(v_t_block, (0, BLOCK_N))
+        qk = tl.dot(q, k_t) * qk_scale
+        if MASK:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            visible = _visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(visible & row_ok[:, None], tl.math.exp2(qk - lse[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, v_t)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, stride_qb, stride_qs, stride_qh,
     K, stride_kb, stride_ks, stride_kh,
@@ -466,22 +515,18 @@ def _attn_bwd_dq_kernel(
     hi = tl.where(q_len > 0, hi, 0)
     K_BASE = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
     V_BASE = V + batch * stride_vb + k_start * stride_vs + kv_head * stride_vh
-    k_t_block = tl.make_block_ptr(K_BASE, shape=(HEAD_DIM, k_len), strides=(1, stride_ks), offsets=(0, lo),
-                                  block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
-    v_t_block = tl.make_block_ptr(V_BASE, shape=(HEAD_DIM, k_len), strides=(1, stride_vs), offsets=(0, lo),
-                                  block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_t_block, boundary_check=(0, 1), padding_option="zero")
-        v_t = tl.load(v_t_block, boundary_check=(0, 1), padding_option="zero")
-        k_t_block = tl.advance(k_t_block, (0, BLOCK_N))
-        v_t_block = tl.advance(v_t_block, (0, BLOCK_N))
-        qk = tl.dot(q, k_t) * qk_scale
-        visible = _visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        p = tl.where(visible & row_ok[:, None], tl.math.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, v_t)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    # Masked edges, unmasked middle [full_lo, full_hi), as in the forward. Without a left
+    # window every row sees the first keys (full_lo == lo): no leading masked loop. The
+    # trailing masked blocks go before the middle: so ordered, ptxas (sm_90, triton 3.8) fits
+    # the 64-row tile at d = 128 in 193 registers; the other way it spilled 40 B.
+    args = (q, do, lse, delta, K_BASE, V_BASE, stride_ks, stride_vs)
+    tail = (rows_pos, row_ok, k_len, shift, window_left, window_right, qk_scale)
+    if HAS_LEFT:
+        dq = _attn_bwd_dq_inner(dq, *args, lo, full_lo, *tail, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D,
+                                BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, *args, full_hi, hi, *tail, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _attn_bwd_dq_inner(dq, *args, full_lo, full_hi, *tail, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D,
+                            BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + batch * stride_dqb + first * stride_dqs + kv_head * GROUP * stride_dqh
              + rel * stride_dqs + rows_sub[:, None] * stride_dqh + dims[None, :], dq.to(DQ.dtype.element_ty),
@@ -646,9 +691,9 @@ def _attn_decode_combine_kernel(
 # launchers
 # --------------------------------------------------------------------------------------
 
-_fwd = _autotuned(_attn_fwd_kernel, False, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
-_dkdv = _autotuned(_attn_bwd_dkdv_kernel, True, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
-_dq = _autotuned(_attn_bwd_dq_kernel, True, ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_fwd = _autotuned(_attn_fwd_kernel, "fwd", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_dq = _autotuned(_attn_bwd_dq_kernel, "dq", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
 
 
 def _mask_args(causal: bool, window_size):
@@ -687,7 +732,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
         q, *_strides(q), k, *_strides(k), v, *_strides(v), out, *_strides(out), lse, *_strides(lse),
         cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, **window,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        **_interpreter_blocks(block_d, False),
+        **_interpreter_blocks(block_d, "fwd"),
     )
 
 
@@ -714,13 +759,15 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
         seqlen_q, heads_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
     )
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right, **_interpreter_blocks(block_d, True))
+                  HAS_RIGHT=has_right)
     tensors = (q, *_strides(q), k, *_strides(k), v, *_strides(v), dout, *_strides(dout))
     scalars = (cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, softmax_scale)
     _dkdv[_grid(seqlen_k, sequences, varlen, batch, heads_kv, "BLOCK_N")](
-        *tensors, dk, *_strides(dk), dv, *_strides(dv), lse, delta, *_strides(lse), *scalars, **window, **common)
+        *tensors, dk, *_strides(dk), dv, *_strides(dv), lse, delta, *_strides(lse), *scalars, **window, **common,
+        **_interpreter_blocks(block_d, "dkdv"))
     _dq[_grid(seqlen_q * group, sequences, varlen, batch, heads_kv, "BLOCK_M")](
-        *tensors, dq, *_strides(dq), lse, delta, *_strides(lse), *scalars, **window, **common)
+        *tensors, dq, *_strides(dq), lse, delta, *_strides(lse), *scalars, **window, **common,
+        **_interpreter_blocks(block_d, "dq"))
 
 
 @functools.lru_cache(maxsize=None)

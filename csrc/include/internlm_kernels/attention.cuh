@@ -81,15 +81,15 @@ struct TileTraits {
 };
 
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
-// d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows):
-//  * 8 warps of one 16-row tile: ptxas (CUDA 13.0, sm_80 and sm_90a) 170-177 registers at
-//    d = 128, 123-128 at d = 64 (with a window compiled in on sm_90a, 4 B of spills, one
-//    reload per key tile). Every warp reads all of K and V from shared memory for its 16 rows.
+// d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows); ptxas
+// (CUDA 13.0, sm_80 and sm_90a, bf16 and fp16):
+//  * 8 warps of one 16-row tile: 131-135 registers at d = 128 without a window compiled in,
+//    173-174 with one; 123-128 at d = 64; no spills. Every warp reads all of K and V from
+//    shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 207-224 registers at d = 64; at
-//    d = 128, 255: on sm_90a 4 B of spills without a window (one value, reloaded once per
-//    64-key tile next to its 256 mma) and none with one; on sm_80 none without a window and
-//    76-88 B with one (8 reloads from L1 per tile).
+//    memory reads per flop (FlashAttention-2's layout). 174-176 registers at d = 64 without
+//    a window, 228-229 with one; 255 at d = 128, with no spills except on sm_80 with a
+//    window: 72-80 B (6 reloads from L1 per 64-key tile, next to its 256 mma).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -107,7 +107,7 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
 // (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16, no spills): sm_90a 249-251 registers at
-// d = 128 and 214-228 at d = 64; sm_80 251-255 and 212-233 (2 blocks per SM either way).
+// d = 128 and 214-226 at d = 64; sm_80 249-255 and 212-224 (2 blocks per SM either way).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -567,7 +567,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   char* kv_tiles = smem + RowTile::kBytes;  // stages: K0 V0 K1 V1
   const uint32_t q_address = mma::shared_address(q_tile);
   const uint32_t kv_address = mma::shared_address(kv_tiles);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int thread = thread_in_block<Tr::kThreads>(), lane = thread % 32, warp = thread / 32;
   const int warp_m = warp % Tr::kWarpsM, warp_n = warp / Tr::kWarpsM;
   const int warp_row0 = warp_m * Tr::kWarpRows, warp_key0 = warp_n * Tr::kWarpKeys;
 
@@ -1016,7 +1016,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   char* p_tile = ds_tile + ScoreTile::kBytes;                              // shared scores only
   const uint32_t k_address = mma::shared_address(k_tile), v_address = mma::shared_address(v_tile);
   const uint32_t q_address = mma::shared_address(q_tiles);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int thread = thread_in_block<Tr::kThreads>(), lane = thread % 32, warp = thread / 32;
 
   const ProgramTile pt = program_tile(p, true, Tr::kBlockM);
   const int key0 = pt.tile * Tr::kBlockM;
@@ -1231,7 +1231,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   char* kv_tiles = do_tile + RowTile::kBytes;  // stages: K0 V0 K1 V1
   const uint32_t q_address = mma::shared_address(q_tile), do_address = mma::shared_address(do_tile);
   const uint32_t kv_address = mma::shared_address(kv_tiles);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int thread = thread_in_block<Tr::kThreads>(), lane = thread % 32, warp = thread / 32;
   const int warp_row0 = warp * 16;
 
   const ProgramTile pt = program_tile(p, false, Tr::kBlockM);

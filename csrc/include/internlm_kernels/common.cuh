@@ -31,6 +31,23 @@
 
 namespace internlm_kernels {
 
+// threadIdx.x in a kernel launched with kThreads threads per block (its __launch_bounds__),
+// with that bound told to the compiler, for every read of threadIdx.x in the kernel. Without
+// it, warp / kWarpsM of a one-warp-wide dimension was not folded to 0: in the attention
+// forward's key loop that held 3 registers of address offsets and cost an add per ldmatrix
+// (the 32-row layout at d = 128 spilled for it on sm_90a).
+template <int kThreads>
+__device__ __forceinline__ int thread_in_block() {
+#ifndef IK_CUDA_EMULATION
+  __builtin_assume(threadIdx.x < kThreads);
+#endif
+  return static_cast<int>(threadIdx.x);
+}
+
+}  // namespace internlm_kernels
+
+namespace internlm_kernels {
+
 // n / d for n in [0, 2^31) by a FastDivisor (common.h).
 __device__ __forceinline__ int fast_divide(int n, const FastDivisor& d) {
 #ifdef IK_CUDA_EMULATION

@@ -50,12 +50,13 @@ def _shapes(head_dim_padded: int, kernel: str):
     (scripts/compile_triton_kernels.py reports both without a GPU), and the first call tunes
     only two or three configs.
 
-    dK/dV: BLOCK_N keys own fp32 dK and dV tiles (2 * BLOCK_N * D floats) per program; at
+    dK/dV: BLOCK_N keys own fp32 dK and dV tiles (2 * BLOCK_N * D floats) per program. At
     d = 128, 64 keys per 4 warps (one sm_90 warpgroup, m64) take about 40% of the
     instructions per flop of 8 warps, with 72-104 B of spills on sm_90 (outside the row loop
-    without a window). dQ:
-    BLOCK_M query rows own an fp32 dQ tile. Tiles of 64 rows per 4 warps or 128 per 8 match
-    sm_90's warpgroup mma (m64): their mask-free key loop takes about a third of the
+    without a window).
+
+    dQ: BLOCK_M query rows own an fp32 dQ tile. Tiles of 64 rows per 4 warps or 128 per 8
+    match sm_90's warpgroup mma (m64): their mask-free key loop takes about a third of the
     instructions per flop of the 32-row tile (SASS, triton 3.8), but they spill on sm_80 at
     d = 128 (and with a window on sm_90), where the 32-row tile, first, does not."""
     if INTERPRETER:  # the CPU interpreter: small tiles keep numpy fast

@@ -9,11 +9,11 @@
 // group 8). Programs: forward per tile of packed rows; dK/dV per tile of keys (summed over
 // the group's rows, so dK and dV never need atomics; it takes them as tiles of one query
 // head's consecutive positions, which load as simply as K and V); decode per (split of the
-// cache, row tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV program also
-// multiplies its dS by K and adds the result into an fp32 dQ with atomics (5 products per
-// tile pair; the order of the adds varies, so the last bits of dQ do too). Deterministic:
-// a dQ program per tile of packed rows recomputes S and dP (8 products per tile pair) and
-// writes dQ once.
+// cache, row tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV
+// program also multiplies its dS by K and adds the result into an fp32 dQ with atomics (5
+// products per tile pair; the order of the adds varies, so the last bits of dQ do too).
+// Deterministic: a dQ program per tile of packed rows recomputes S and dP (8 products per
+// tile pair) and writes dQ once.
 //
 // Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
 // m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts); the dK/dV program's other
@@ -1070,10 +1070,11 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
   const int slab_key0 = Slab::key_row0(warp), slab_col0 = Slab::col0(warp);
   const int g = lane / 4, t = lane % 4;
   int stage = 0;
-  for (HeadTile tile{0, pos_first}; tile.pos0 < pos_end; tile = tile.next<Tr::kBlockN>(p.group), stage ^= 1) {
+  HeadTile next{0, pos_first};
+  for (HeadTile tile = next; tile.pos0 < pos_end; tile = next, stage ^= 1) {
     mma::cp_async_wait<0>();  // one barrier per tile, as in the forward
     __syncthreads();
-    const HeadTile next = tile.next<Tr::kBlockN>(p.group);
+    next = tile.next<Tr::kBlockN>(p.group);
     const bool has_next = next.pos0 < pos_end;
     BwdRow next_info;
     if (has_next) {

@@ -44,10 +44,6 @@ __device__ __forceinline__ int thread_in_block() {
   return static_cast<int>(threadIdx.x);
 }
 
-}  // namespace internlm_kernels
-
-namespace internlm_kernels {
-
 // n / d for n in [0, 2^31) by a FastDivisor (common.h).
 __device__ __forceinline__ int fast_divide(int n, const FastDivisor& d) {
 #ifdef IK_CUDA_EMULATION

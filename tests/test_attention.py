@@ -15,7 +15,7 @@ import torch
 
 import internlm_kernels as ik
 from internlm_kernels import reference
-from internlm_kernels.ops.attention import CUDA_HEAD_DIMS
+from internlm_kernels.ops.attention import CUDA_HEAD_DIMS, _rows_aligned
 from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
 
 ATTENTION_BACKENDS = KERNEL_BACKENDS
@@ -326,6 +326,25 @@ def test_opcheck(backend, device):
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
                            lengths, cos, sin, False, 0.25, True, -1, -1, backend))
+
+
+def test_cuda_alignment_check_traces_without_graph_breaks():
+    # The cuda backend's check of 16-byte rows runs while torch.compile traces, also on tensors
+    # computed inside the graph (q * 0.5), whose storage_offset() Dynamo cannot trace.
+    # Traced here on the CPU, so any machine runs it.
+    torch._dynamo.reset()
+
+    def pick(q):
+        return q + 1 if _rows_aligned(q * 0.5) else q - 1
+
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    rows = torch.randn(4, 3, 16)
+    torch.testing.assert_close(compiled(rows), rows + 1)
+    odd = torch.randn(4, 3, 12)  # q * 0.5 has strides 36 and 12
+    torch.testing.assert_close(compiled(odd), odd - 1)
+    # Eagerly the start counts too: one element past an aligned storage is not 16-byte aligned.
+    shifted = torch.randn(65)[1:].view(4, 16)
+    assert _rows_aligned(rows) and not _rows_aligned(shifted)
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

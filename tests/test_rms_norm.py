@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,6 +13,7 @@ import internlm_kernels as ik
 from internlm_kernels import reference
 from tests.helpers import DTYPES, KERNEL_BACKENDS, assert_close_dtype, assert_within_eager_error
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (rows, hidden): awkward widths, 1 to past the single-pass limit (16384 -> looped path)
 SHAPES = [(1, 1), (19, 123), (3, 1000), (2, 5120), (5, 8200), (2, 20000)]
 
@@ -181,6 +186,24 @@ def test_backward_with_many_rows_per_program(backend, fused, device):
         _check_fused(x, torch.randn_like(x), weight, backend, residual_in_fp32=False)
     else:
         _check_rms_norm(x, weight, backend)
+
+
+@pytest.mark.gpu
+def test_backward_launches_first_at_48_kib_of_shared_memory(device):
+    # At N = 4096 in 16-bit dtypes the CUDA backward's aligned kernel takes exactly 48 KiB of
+    # dynamic shared memory beside its static scratch, which needs the large-shared-memory
+    # opt-in. Once a wider row has set it the kernel launches anyway, so only a process whose
+    # first backward is this one shows a missing opt-in.
+    code = """
+import torch
+from tests.test_rms_norm import _check_fused, _check_rms_norm, _inputs
+for dtype in (torch.bfloat16, torch.float16):
+    x, weight = _inputs((64, 4096), dtype, "cuda")
+    _check_rms_norm(x, weight, "cuda")
+    _check_fused(x, torch.randn_like(x), weight, "cuda", residual_in_fp32=False)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.gpu

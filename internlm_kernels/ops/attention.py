@@ -65,11 +65,14 @@ def _rows_aligned(t: Optional[Tensor]) -> bool:
     strides of size > 1 dims a multiple of 8 elements."""
     if t is None:
         return True
-    # The storage offset, not data_ptr(): it is known while torch.compile traces with fake
-    # tensors, and PyTorch's allocators align storages to at least 16 bytes (the glue checks
-    # the real pointer too).
-    return (t.storage_offset() * t.element_size()) % 16 == 0 and all(
-        size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    strides_ok = all(size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    if torch.compiler.is_compiling():
+        # Dynamo (torch 2.11 to 2.14) cannot trace storage_offset() of a tensor made inside the
+        # graph: a graph break. The start is left to the glue, which checks the real pointer
+        # and names the argument when it is misaligned.
+        return strides_ok
+    # PyTorch's allocators align storages to at least 16 bytes: the offset decides.
+    return strides_ok and (t.storage_offset() * t.element_size()) % 16 == 0
 
 
 def _kernel_limits(op: str, q: Tensor, *operands: Optional[Tensor]):

@@ -29,8 +29,8 @@ def check() -> int:
         print("no CUDA GPU visible")
     if backends.extension is not None:
         print(f"extension: {backends.extension.build_info()}")
-    print("backends (auto tries them in the order "
-          f"{' > '.join(backends.AUTO_PREFERENCE)}):")
+    exceptions = "".join(f"; {op}: {' > '.join(order)}" for op, order in backends.AUTO_PREFERENCE_BY_OP.items())
+    print(f"backends (auto tries them in the order {' > '.join(backends.AUTO_PREFERENCE)}{exceptions}):")
     for name, status in ik.available_backends().items():
         print(f"  {name:<7} {'available' if status.available else 'unavailable':<12} {status.reason}")
     return 0

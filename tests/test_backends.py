@@ -67,6 +67,20 @@ def test_unsupported_reason_moves_auto_along(device):
         backends.choose_backend("triton", device, "op", only_torch)
 
 
+def test_auto_order_is_per_op():
+    # Choosing reads only the extension's presence and the device type, so a CUDA device can
+    # be named without a GPU.
+    if backends.extension is None or not backends.available_backends()["triton"].available:
+        pytest.skip("needs the compiled extension and triton")
+    cuda = torch.device("cuda")
+    # The decode kernel was measured faster in CUDA C++; the other ops stay with Triton.
+    assert backends.choose_backend("auto", cuda, "flash_attention_with_kvcache") == "cuda"
+    assert backends.choose_backend("auto", cuda, "flash_attention") == "triton"
+    # A call the CUDA kernels refuse (a head dim they lack) goes on to Triton.
+    assert backends.choose_backend("auto", cuda, "flash_attention_with_kvcache",
+                                   lambda b: "head_dim 96" if b == "cuda" else None) == "triton"
+
+
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

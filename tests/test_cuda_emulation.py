@@ -398,8 +398,9 @@ def test_emulated_rotary_matches_reference(cuda_backend, dtype, interleaved, rot
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 def test_emulated_rotary_more_chunks_than_threads(cuda_backend, interleaved):
-    # fp32, head_dim 256: 32 chunks per head; 9 q + 8 k heads = 544 chunks, past the 512
-    # threads of a block, so threads loop over the token's chunks.
+    # fp32, head_dim 256: 32 chunks per head; 9 q + 8 k heads in groups of 2 (the last q group
+    # has one head) make 9 x 32 = 288 items, past the 256 threads of a block, so the token
+    # takes two blocks.
     q, k = rotary_tests._qk(1, 3, 9, 8, 256, torch.float32, CPU)
     cos, sin = ik.rotary_cos_sin(8, 256, base=1e4, device=CPU)
     rotary_tests._check(q, k, cos, sin, "cuda", interleaved=interleaved, seqlen_offsets=2)

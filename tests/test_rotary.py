@@ -76,11 +76,14 @@ def test_rotary_packed_varlen(backend, device):
     _check(q, k, cos, sin, backend, cu_seqlens=cu_seqlens)
     offsets = torch.tensor([2, 0, 7, 1], device=device)
     _check(q, k, cos, sin, backend, cu_seqlens=cu_seqlens, seqlen_offsets=offsets)
-    q_out, _ = ik.apply_rotary(q, k, cos, sin, cu_seqlens=cu_seqlens, backend=backend)
-    assert torch.equal(q_out[9:], q[9:]), "padding tokens must pass through"
+    _check(q, k, cos, sin, backend, cu_seqlens=cu_seqlens, interleaved=True)
+    for interleaved in (False, True):
+        q_out, k_out = ik.apply_rotary(q, k, cos, sin, cu_seqlens=cu_seqlens, interleaved=interleaved,
+                                       backend=backend)
+        assert torch.equal(q_out[9:], q[9:]) and torch.equal(k_out[9:], k[9:]), "padding tokens must pass through"
     # Positions restart per sequence: token 3, alone in the third sequence, sits at
     # position 0, where the rotation is the identity.
-    assert torch.equal(q_out[3], q[3])
+    assert torch.equal(q_out[3], q[3]) and torch.equal(k_out[3], k[3])
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -392,6 +392,8 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 // CUDA built-ins for the kernels' source.
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+#undef __maxnreg__
+#define __maxnreg__(...)
 #define threadIdx (::internlm_kernels::emulation::thread_index)
 #define blockIdx (::internlm_kernels::emulation::current_block->index)
 #define blockDim (::internlm_kernels::emulation::current_block->dim)

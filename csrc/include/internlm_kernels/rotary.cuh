@@ -1,13 +1,15 @@
 // Rotary position embedding kernel: q and k in one launch; forward, and backward through
 // ``conjugate`` (rotation by the negative angle).
 //
-// Grid (S, B): one block per token. Each thread resolves the token's position itself (binary
-// search of cu_seqlens for packed inputs: lengths are read on the device, so CUDA graphs
-// replay correctly with new lengths) after issuing its chunk's loads, so the lookup's latency
-// hides under theirs; the same addresses in every thread make those reads broadcasts.
-// Threads walk (head, chunk) items over q's heads then k's; a chunk is kVec rotary pairs,
-// read and written as 16-byte vectors when aligned (rotate-half: two contiguous halves;
-// interleaved: 2 * kVec contiguous values). Offsets are int64.
+// Grid (S, B, item blocks): a token's work in one block (several when it has more than
+// kMaxThreads items). Each thread resolves the token's position itself (binary search of
+// cu_seqlens for packed inputs: lengths are read on the device, so CUDA graphs replay
+// correctly with new lengths) after issuing its chunks' loads, so the lookup's latency hides
+// under theirs; the same addresses in every thread make those reads broadcasts.
+// Threads walk (head group, chunk) items over q's heads then k's: a chunk is kVec rotary
+// pairs at the same columns of kHeadsPerThread heads, which share one load of the cos / sin
+// chunk. Chunks are read and written as 16-byte vectors when aligned (rotate-half: two
+// contiguous halves; interleaved: 2 * kVec contiguous values). Offsets are int64.
 //
 // Out-of-table positions give NaN (never an out-of-bounds read); packed tokens past
 // cu_seqlens[-1] are padding and pass through unchanged (copied bit for bit).
@@ -21,11 +23,21 @@
 namespace internlm_kernels {
 namespace rotary_detail {
 
-// One block per token, one thread per 16-byte chunk of the rotated half of every q and k
-// head (InternLM2-7B: 40 heads x 8 chunks = 320 threads), up to kMaxThreads: every load of
-// the token is issued at once. (Fixed 128-thread blocks looped over the chunks, one round
-// of load latency after another: 0.68 of copy bandwidth forward on an H200.)
-constexpr int kMaxThreads = 512;
+// One thread per 16-byte chunk of the rotated half of kHeadsPerThread q or k heads
+// (InternLM2-7B: 40 heads / 2 x 8 chunks = 160 threads), in blocks of up to kMaxThreads for
+// one token: every load of the token is issued at once. (Fixed 128-thread blocks looped over
+// the chunks, one round of load latency after another: 0.68 of copy bandwidth forward on an
+// H200.) With one head per thread, 0.67 on the H200 (2026-11-28): its 64 registers let 3
+// blocks of 320 threads reside per SM, each thread with 32 B of q / k in flight, while the
+// fp32 cos / sin chunk, loaded again for every head, took as many registers as the data.
+// Two heads per thread carry twice the bytes in flight for the same cos / sin registers.
+// Registers: kMaxRegisters, not __launch_bounds__. Given the largest block, ptxas spilled to
+// let two or three such blocks reside, blocks far larger than a token's items usually need;
+// at 64, 6 blocks of 160 threads reside per SM, with no spills in any instantiation (sm_80,
+// sm_90a). A token with more than kMaxThreads items takes several blocks (grid z).
+constexpr int kMaxThreads = 256;
+constexpr int kMaxRegisters = 64;
+constexpr int kHeadsPerThread = 2;
 
 inline int threads_for(int64_t chunks) {
   const int64_t warps = (chunks + 31) / 32;
@@ -62,30 +74,66 @@ struct Pairs {
   float a[kVec], b[kVec];
 };
 
+// Where one head's chunk of kVec pairs lies in its row: two 16-byte chunks, the pairs' first
+// and second members (rotate-half) or the 2 * kVec interleaved values (interleaved).
+template <typename T, bool kInterleaved>
+__device__ __forceinline__ int64_t second_chunk_offset(const RotaryParams& p) {
+  return kInterleaved ? Vec<T>::kSize : p.rotary_half;
+}
+
+template <typename T, bool kInterleaved>
+__device__ __forceinline__ int64_t first_chunk_offset(int pair) {
+  return kInterleaved ? 2 * int64_t(pair) : int64_t(pair);
+}
+
+// The raw bits of one head's two chunks, loaded ahead of their use (see ChunkAhead).
+struct RawChunks {
+  uint4 first, second;
+};
+
+template <typename T, bool kInterleaved>
+__device__ __forceinline__ RawChunks load_raw_chunks(const T* x, int pair, const RotaryParams& p) {
+  const T* chunk = x + first_chunk_offset<T, kInterleaved>(pair);
+  return {*reinterpret_cast<const uint4*>(chunk),
+          *reinterpret_cast<const uint4*>(chunk + second_chunk_offset<T, kInterleaved>(p))};
+}
+
+// The chunk's kVec pairs as floats: from raw bits loaded ahead (``whole``), or element-wise
+// from memory with bounds tests (misaligned rows, or the last chunk of a rotary half that is
+// not a whole number of chunks).
 template <typename T, bool kInterleaved, int kVec>
-__device__ __forceinline__ Pairs<kVec> load_pairs(const T* x, int pair, const RotaryParams& p, bool vec_ok) {
+__device__ __forceinline__ Pairs<kVec> pairs_of(const RawChunks& raw, bool whole, const T* x, int pair,
+                                                const RotaryParams& p) {
   Pairs<kVec> pairs;
   if constexpr (kInterleaved) {
     float both[2 * kVec];
-    load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok, both);
+    if (whole) {
+      float first[kVec], second[kVec];
+      unpack_floats<T>(raw.first, first);
+      unpack_floats<T>(raw.second, second);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) both[i] = first[i], both[kVec + i] = second[i];
+    } else {
+      load_floats<T, 2 * kVec>(x, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), false, both);
+    }
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       pairs.a[i] = both[2 * i];
       pairs.b[i] = both[2 * i + 1];
     }
-  } else {  // two loads, both issued before either is converted
-    ChunkAhead<T> a, b;
-    a.load(x, pair, p.rotary_half, vec_ok);
-    b.load(x + p.rotary_half, pair, p.rotary_half, vec_ok);
-    a.get(x, pair, p.rotary_half, pairs.a);
-    b.get(x + p.rotary_half, pair, p.rotary_half, pairs.b);
+  } else if (whole) {
+    unpack_floats<T>(raw.first, pairs.a);
+    unpack_floats<T>(raw.second, pairs.b);
+  } else {
+    load_floats<T, kVec>(x, pair, p.rotary_half, false, pairs.a);
+    load_floats<T, kVec>(x + p.rotary_half, pair, p.rotary_half, false, pairs.b);
   }
   return pairs;
 }
 
 template <typename T, bool kInterleaved, int kVec>
-__device__ __forceinline__ void store_rotated(T* out, int pair, const RotaryParams& p, bool vec_ok,
-                                              const Pairs<kVec>& x, const float (&cos)[kVec],
+__device__ __forceinline__ void store_rotated(T* out, int pair, const RotaryParams& p, int64_t half_bound,
+                                              bool vec_ok, const Pairs<kVec>& x, const float (&cos)[kVec],
                                               const float (&sin)[kVec]) {
   float ra[kVec], rb[kVec];
 #pragma unroll
@@ -101,10 +149,10 @@ __device__ __forceinline__ void store_rotated(T* out, int pair, const RotaryPara
       both[2 * i] = ra[i];
       both[2 * i + 1] = rb[i];
     }
-    store_floats<T, 2 * kVec>(out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok, both);
+    store_floats<T, 2 * kVec>(out, 2 * int64_t(pair), 2 * half_bound, vec_ok, both);
   } else {
-    store_floats<T, kVec>(out, pair, p.rotary_half, vec_ok, ra);
-    store_floats<T, kVec>(out + p.rotary_half, pair, p.rotary_half, vec_ok, rb);
+    store_floats<T, kVec>(out, pair, half_bound, vec_ok, ra);
+    store_floats<T, kVec>(out + p.rotary_half, pair, half_bound, vec_ok, rb);
   }
 }
 
@@ -135,75 +183,127 @@ __device__ __forceinline__ TokenPosition token_position(const RotaryParams& p, i
   return {position, in_sequence};
 }
 
-// Copy elements [col, col + N) of a row unchanged (padding tokens, out of place): raw
-// 16-byte moves when aligned and in bounds, element by element otherwise.
+// Copy elements [col, col + N) of a row unchanged, element by element with bounds tests (a
+// padding token's chunk that is not a whole 16-byte vector).
 template <typename T, int N>
-__device__ __forceinline__ void copy_elements(const T* src, T* dst, int64_t col, int64_t n_cols, bool vector_ok) {
-  static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
-  if (vector_ok && col + N <= n_cols) {
+__device__ __forceinline__ void copy_elements(const T* src, T* dst, int64_t col, int64_t n_cols) {
 #pragma unroll
-    for (int v = 0; v < int(N * sizeof(T) / 16); ++v)
-      reinterpret_cast<uint4*>(dst + col)[v] = reinterpret_cast<const uint4*>(src + col)[v];
+  for (int i = 0; i < N; ++i)
+    if (col + i < n_cols) dst[col + i] = src[col + i];
+}
+
+// Counts of the kernel's work items: (head group, chunk) pairs, q's groups first.
+struct RotaryItems {
+  int chunks_per_head, q_groups, count;
+};
+
+template <typename T>
+__host__ __device__ __forceinline__ RotaryItems rotary_items(const RotaryParams& p) {
+  constexpr int kVec = Vec<T>::kSize;
+  RotaryItems items;
+  items.chunks_per_head = (p.rotary_half + kVec - 1) / kVec;
+  items.q_groups = (p.heads_q + kHeadsPerThread - 1) / kHeadsPerThread;
+  items.count = (items.q_groups + (p.heads_k + kHeadsPerThread - 1) / kHeadsPerThread) * items.chunks_per_head;
+  return items;
+}
+
+// One work item: kVec pairs at the same columns of up to kHeadsPerThread heads of one token.
+// The layout is a template parameter and the conjugate flag a sign, so the code keeps few
+// predicates live (with both as run-time flags ptxas spilled predicate registers). kAligned:
+// every chunk is whole 16-byte vectors (the launcher checked q, k, their outputs and the
+// tables), so the kernel holds no element-wise path, whose registers ptxas would reserve
+// for the whole kernel.
+template <typename T, bool kInterleaved, bool kAligned>
+__device__ __forceinline__ void rotate_item(const RotaryParams& p, const Vectorized& vec, int64_t token, int64_t batch,
+                                            const RotaryItems& items, int item) {
+  constexpr int kVec = Vec<T>::kSize;
+  const float sin_sign = p.conjugate ? -1.f : 1.f;
+  const int chunks_per_head = items.chunks_per_head, q_groups = items.q_groups;
+  const int group = item / chunks_per_head;
+  const int pair = (item % chunks_per_head) * kVec;
+  // Where the rotary half ends, as this chunk's bounds tests see it. Aligned, the half is whole
+  // chunks, so the chunk's own end: the tests fold away at compile time.
+  const int64_t half_bound = kAligned ? int64_t(pair) + kVec : int64_t(p.rotary_half);
+  const bool is_q = group < q_groups;
+  const int first_head = (is_q ? group : group - q_groups) * kHeadsPerThread;
+  const int heads = (is_q ? p.heads_q : p.heads_k) - first_head;  // of this group: 1 to kHeadsPerThread
+  const T* x;
+  T* out;
+  int64_t x_stride_h, out_stride_h;
+  if (is_q) {
+    x = static_cast<const T*>(p.q) + batch * p.q_stride_b + token * p.q_stride_s + first_head * p.q_stride_h;
+    out = static_cast<T*>(p.q_out) + batch * p.q_out_stride_b + token * p.q_out_stride_s +
+          first_head * p.q_out_stride_h;
+    x_stride_h = p.q_stride_h, out_stride_h = p.q_out_stride_h;
   } else {
+    x = static_cast<const T*>(p.k) + batch * p.k_stride_b + token * p.k_stride_s + first_head * p.k_stride_h;
+    out = static_cast<T*>(p.k_out) + batch * p.k_out_stride_b + token * p.k_out_stride_s +
+          first_head * p.k_out_stride_h;
+    x_stride_h = p.k_stride_h, out_stride_h = p.k_out_stride_h;
+  }
+  // Every head of the group takes the vector path or none: same columns, same row layout.
+  const bool whole = kAligned || ((is_q ? vec.q : vec.k) && pair + kVec <= p.rotary_half);
+  // The chunks' loads first: nothing about them depends on the position.
+  RawChunks raw[kHeadsPerThread];
+  if (whole) {
 #pragma unroll
-    for (int i = 0; i < N; ++i)
-      if (col + i < n_cols) dst[col + i] = src[col + i];
+    for (int h = 0; h < kHeadsPerThread; ++h)
+      if (h < heads) raw[h] = load_raw_chunks<T, kInterleaved>(x + h * x_stride_h, pair, p);
+  }
+  const TokenPosition at = token_position(p, token, batch);
+  if (!at.in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
+    // Tested on the pointers rather than p.inplace: ptxas kept that flag in a predicate
+    // throughout and spilled it (4-8 B at fp32).
+    if (out != x) {
+#pragma unroll
+      for (int h = 0; h < kHeadsPerThread; ++h) {
+        if (h < heads && whole) {  // the chunks are loaded already
+          T* dst = out + h * out_stride_h + first_chunk_offset<T, kInterleaved>(pair);
+          *reinterpret_cast<uint4*>(dst) = raw[h].first;
+          *reinterpret_cast<uint4*>(dst + second_chunk_offset<T, kInterleaved>(p)) = raw[h].second;
+        } else if (h < heads) {
+          const T* src = x + h * x_stride_h;
+          T* dst = out + h * out_stride_h;
+          if constexpr (kInterleaved) {
+            copy_elements<T, 2 * kVec>(src, dst, 2 * int64_t(pair), 2 * int64_t(p.rotary_half));
+          } else {
+            copy_elements<T, kVec>(src, dst, pair, p.rotary_half);
+            copy_elements<T, kVec>(src + p.rotary_half, dst + p.rotary_half, pair, p.rotary_half);
+          }
+        }
+      }
+    }
+    return;
+  }
+  float cos[kVec], sin[kVec];
+  if (at.position < 0 || at.position >= p.table_len) {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) cos[i] = sin[i] = nanf("");
+  } else {
+    const bool tables_whole = kAligned || vec.tables;
+    load_floats<float, kVec>(p.cos + at.position * p.cos_stride, pair, half_bound, tables_whole, cos);
+    load_floats<float, kVec>(p.sin + at.position * p.sin_stride, pair, half_bound, tables_whole, sin);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sin[i] *= sin_sign;
+  }
+#pragma unroll
+  for (int h = 0; h < kHeadsPerThread; ++h) {
+    if (h < heads) {
+      const Pairs<kVec> values = pairs_of<T, kInterleaved, kVec>(raw[h], whole, x + h * x_stride_h, pair, p);
+      store_rotated<T, kInterleaved, kVec>(out + h * out_stride_h, pair, p, half_bound, whole, values, cos, sin);
+    }
   }
 }
 
-// The layout is a template parameter and the conjugate flag a sign, so the loop keeps few
-// predicates live (with both as run-time flags ptxas spilled predicate registers).
-template <typename T, bool kInterleaved>
-__global__ void __launch_bounds__(kMaxThreads) rotary_kernel(const RotaryParams p, const Vectorized vec) {
-  constexpr int kVec = Vec<T>::kSize;
+// Grid (S, B, item blocks): one thread per work item, so no thread loops. (A loop over items
+// kept its bound and the table address live across the body, which ptxas spilled on sm_80.)
+template <typename T, bool kInterleaved, bool kAligned>
+__global__ void __maxnreg__(kMaxRegisters) rotary_kernel(const RotaryParams p, const Vectorized vec) {
   const int64_t token = blockIdx.x, batch = blockIdx.y;
-
-  const float sin_sign = p.conjugate ? -1.f : 1.f;
-  const int chunks_per_head = (p.rotary_half + kVec - 1) / kVec;
-  const int items = (p.heads_q + p.heads_k) * chunks_per_head;
-  for (int item = threadIdx.x; item < items; item += blockDim.x) {
-    const int head = item / chunks_per_head;
-    const int pair = (item % chunks_per_head) * kVec;
-    const bool is_q = head < p.heads_q;
-    const T* x;
-    T* out;
-    if (is_q) {
-      x = static_cast<const T*>(p.q) + batch * p.q_stride_b + token * p.q_stride_s + head * p.q_stride_h;
-      out = static_cast<T*>(p.q_out) + batch * p.q_out_stride_b + token * p.q_out_stride_s + head * p.q_out_stride_h;
-    } else {
-      const int64_t h = head - p.heads_q;
-      x = static_cast<const T*>(p.k) + batch * p.k_stride_b + token * p.k_stride_s + h * p.k_stride_h;
-      out = static_cast<T*>(p.k_out) + batch * p.k_out_stride_b + token * p.k_out_stride_s + h * p.k_out_stride_h;
-    }
-    const bool vec_ok = is_q ? vec.q : vec.k;
-    // The chunk's loads first: nothing about them depends on the position.
-    const Pairs<kVec> values = load_pairs<T, kInterleaved, kVec>(x, pair, p, vec_ok);
-    const TokenPosition at = token_position(p, token, batch);
-    if (!at.in_sequence) {  // padding token: passes through unchanged (nothing to do in place)
-      // Tested on the pointers rather than p.inplace: ptxas kept that flag in a predicate
-      // for the whole loop and spilled it (4-8 B at fp32).
-      if (out != x) {
-        if constexpr (kInterleaved) {
-          copy_elements<T, 2 * kVec>(x, out, 2 * int64_t(pair), 2 * int64_t(p.rotary_half), vec_ok);
-        } else {
-          copy_elements<T, kVec>(x, out, pair, p.rotary_half, vec_ok);
-          copy_elements<T, kVec>(x + p.rotary_half, out + p.rotary_half, pair, p.rotary_half, vec_ok);
-        }
-      }
-      continue;
-    }
-    float cos[kVec], sin[kVec];
-    if (at.position < 0 || at.position >= p.table_len) {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) cos[i] = sin[i] = nanf("");
-    } else {
-      load_floats<float, kVec>(p.cos + at.position * p.cos_stride, pair, p.rotary_half, vec.tables, cos);
-      load_floats<float, kVec>(p.sin + at.position * p.sin_stride, pair, p.rotary_half, vec.tables, sin);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) sin[i] *= sin_sign;
-    }
-    store_rotated<T, kInterleaved, kVec>(out, pair, p, vec_ok, values, cos, sin);
-  }
+  const RotaryItems items = rotary_items<T>(p);
+  const int item = int(blockIdx.z * blockDim.x + threadIdx.x);
+  if (item < items.count) rotate_item<T, kInterleaved, kAligned>(p, vec, token, batch, items, item);
+  if (blockIdx.z != 0) return;
 
   // Out of place with partial rotary: the features past rotary_dim pass through.
   const int rest = p.head_dim - 2 * p.rotary_half;
@@ -278,11 +378,17 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
                                            tensor_ok(p.k_out, p.k_out_stride_b, p.k_out_stride_s, p.k_out_stride_h)));
   vec.tables = vectorizable(p.cos, sizeof(float), p.cos_stride) && vectorizable(p.sin, sizeof(float), p.sin_stride);
   if (p.batch > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
-  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch));
   constexpr int kVec = Vec<T>::kSize;
-  const dim3 block(threads_for((p.heads_q + p.heads_k) * ((p.rotary_half + kVec - 1) / kVec)));
-  if (p.interleaved) return launch_kernel(rotary_kernel<T, true>, grid, block, 0, stream, p, vec);
-  return launch_kernel(rotary_kernel<T, false>, grid, block, 0, stream, p, vec);
+  const int items = rotary_items<T>(p).count;
+  const dim3 block(threads_for(items));
+  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned((items + block.x - 1) / block.x));
+  const bool aligned = vec.q && vec.k && vec.tables && p.rotary_half % kVec == 0;
+  if (p.interleaved) {
+    return aligned ? launch_kernel(rotary_kernel<T, true, true>, grid, block, 0, stream, p, vec)
+                   : launch_kernel(rotary_kernel<T, true, false>, grid, block, 0, stream, p, vec);
+  }
+  return aligned ? launch_kernel(rotary_kernel<T, false, true>, grid, block, 0, stream, p, vec)
+                 : launch_kernel(rotary_kernel<T, false, false>, grid, block, 0, stream, p, vec);
 }
 
 }  // namespace internlm_kernels

@@ -60,6 +60,39 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
     assert "test_rms_norm_call_overhead[cuda]   21.5" in text
 
 
+def test_cuda_fault_only_for_crashes_and_sticky_cuda_errors(tmp_path):
+    # The benchmark leaves the cuda provider out only after a fault that would poison its
+    # process: on 2026-11-28 one graph break under torch.compile had cost the whole cuda column.
+    script = os.path.join(REPO, "scripts", "cuda_fault.py")
+
+    def verdict(*statuses):
+        paths = []
+        for index, status in enumerate(statuses):
+            path = tmp_path / f"status{index}.json"
+            path.write_text(json.dumps(status))
+            paths.append(str(path))
+        result = subprocess.run(["python3", script, str(tmp_path / "missing.json"), *paths],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def failed(test_id, message):
+        return {"crashed": [], "failed": [{"id": test_id, "outcome": "failed", "message": message}]}
+
+    ordinary = failed("tests/test_attention.py::test_compiles[cuda]",
+                      "torch._dynamo.exc.Unsupported: torch.* op returned non-Tensor")
+    launch_error = failed("tests/test_rms_norm.py::test_bwd[cuda]", "RuntimeError: rms_norm_bwd (cuda): CUDA error: "
+                                                                    "invalid argument")
+    assert verdict(ordinary, launch_error) == ""
+    sticky = failed("tests/test_attention.py::test_fwd[cuda]",
+                    "RuntimeError: CUDA error: an illegal memory access was encountered\nmore")
+    assert verdict(ordinary, sticky) == ("tests/test_attention.py::test_fwd[cuda]: RuntimeError: CUDA error: "
+                                         "an illegal memory access was encountered")
+    crashed = {"crashed": ["tests/test_attention.py::test_x[cuda]"], "failed": []}
+    assert verdict(crashed) == "tests/test_attention.py::test_x[cuda] crashed the interpreter"
+    assert verdict() == ""
+
+
 def test_summary_of_a_bench_only_run_skips_the_tests(tmp_path, capsys):
     (tmp_path / "bench.log").write_text("Traceback ...\nbench exit code: 1\n")
     _summary_module().main(str(tmp_path), "bench")

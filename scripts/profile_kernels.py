@@ -1,4 +1,5 @@
-"""One call of each CUDA C++ kernel at the benchmark's shapes, for Nsight Compute.
+"""One call of each CUDA C++ kernel at the benchmark's shapes, for Nsight Compute; and of the
+Triton kernels where Triton measured faster, so the two profiles can be compared.
 
     ncu --profile-from-start off --clock-control none ... python scripts/profile_kernels.py
 
@@ -17,13 +18,17 @@ from typing import Callable, Dict
 
 import torch
 
-CASES = ("rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "rotary_fwd", "attention_fwd",
-         "attention_fwd_warp_rows16", "attention_bwd", "attention_bwd_key_block128", "attention_decode")
+CASES = ("rms_norm_fwd", "rms_norm_fwd_n8192", "rms_norm_fwd_n8192_triton", "rms_norm_bwd", "fused_add_rms_norm_fwd",
+         "rotary_fwd", "rotary_fwd_triton", "attention_fwd", "attention_fwd_warp_rows16", "attention_bwd",
+         "attention_bwd_deterministic", "attention_bwd_key_block128", "attention_bwd_triton", "attention_decode")
 
 
 def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
     """The calls to profile, at the benchmark's shapes (``small``: tiny ones, to check the
-    calls themselves on a CPU with the torch backend)."""
+    calls themselves on a CPU with the torch backend). The ``_triton`` cases run the Triton
+    kernels of ops where they measured faster than the CUDA ones on the H200 (2026-11-28):
+    RMSNorm forward at N = 8192 (0.97 of copy bandwidth from a CUDA graph, against 0.85),
+    rotary forward (0.86 against 0.67) and the attention backward (1.40x)."""
     import internlm_kernels as ik
     from internlm_kernels.bench.cases import with_env
 
@@ -33,7 +38,10 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
     attention_batch, attention_len = (1, 128) if small else (2, 8192)
     cache_len = 256 if small else 32768
 
+    compared = "torch" if backend == "torch" else "triton"
     x = torch.randn(rows, hidden, device=device, dtype=dtype)
+    x_wide = torch.randn(rows, 2 * hidden, device=device, dtype=dtype)
+    weight_wide = torch.randn(2 * hidden, device=device, dtype=dtype)
     residual = torch.randn_like(x)
     weight = torch.randn(hidden, device=device, dtype=dtype)
     x_grad = x.clone().requires_grad_(True)
@@ -48,7 +56,13 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
                for heads in (32, 8, 8))
     q_grad, k_grad, v_grad = (t.clone().requires_grad_(True) for t in (q, k, v))
     attended = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, backend=backend)
+    attended_deterministic = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, deterministic=True,
+                                                backend=backend)
+    attended_compared = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, backend=compared)
     grad_attended = torch.randn_like(attended)
+
+    def attention_grads(output):
+        return lambda: torch.autograd.grad(output, (q_grad, k_grad, v_grad), grad_attended, retain_graph=True)
 
     q_step = torch.randn(1, 1, 32, 128, device=device, dtype=dtype)
     k_cache, v_cache = (torch.randn(1, cache_len, 8, 128, device=device, dtype=dtype) for _ in range(2))
@@ -56,17 +70,19 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
 
     return {
         "rms_norm_fwd": lambda: ik.rms_norm(x, weight, backend=backend),
+        "rms_norm_fwd_n8192": lambda: ik.rms_norm(x_wide, weight_wide, backend=backend),
+        "rms_norm_fwd_n8192_triton": lambda: ik.rms_norm(x_wide, weight_wide, backend=compared),
         "rms_norm_bwd": lambda: torch.autograd.grad(normed, x_grad, grad_normed, retain_graph=True),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
+        "rotary_fwd_triton": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=compared),
         "attention_fwd": lambda: ik.flash_attention(q, k, v, causal=True, backend=backend),
         "attention_fwd_warp_rows16": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16",
                                               lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
-        "attention_bwd": lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad), grad_attended,
-                                                     retain_graph=True),
-        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128",
-                                               lambda: torch.autograd.grad(attended, (q_grad, k_grad, v_grad),
-                                                                           grad_attended, retain_graph=True)),
+        "attention_bwd": attention_grads(attended),
+        "attention_bwd_deterministic": attention_grads(attended_deterministic),
+        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended)),
+        "attention_bwd_triton": attention_grads(attended_compared),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
                                                                     backend=backend),
     }

@@ -44,6 +44,8 @@ ATTENTION_PASSES = {
 ATTENTION_DECODE = [
     "template cudaError_t launch_attention_decode<{T}, 64>(const AttentionDecodeParams&, cudaStream_t);",
     "template cudaError_t launch_attention_decode<{T}, 128>(const AttentionDecodeParams&, cudaStream_t);",
+    "template int attention_decode_programs_per_sm<{T}, 64>();",
+    "template int attention_decode_programs_per_sm<{T}, 128>();",
     "template cudaError_t launch_kvcache_append<{T}>(const KvcacheAppendParams&, cudaStream_t);",
 ]
 

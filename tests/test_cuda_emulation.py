@@ -279,8 +279,8 @@ def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_emulated_decode_over_several_splits(cuda_backend, head_dim):
-    """A 300-slot cache: the emulated GPU has 4 SMs, so the decode splits it and the combine
-    kernel merges the parts; 2 positions x group 4."""
+    """A 300-slot cache: the emulated GPU runs 4 SMs x 3 decode programs, so the decode splits
+    it and the combine kernel merges the parts; 2 positions x group 4."""
     dtype = torch.bfloat16
     k_cache, v_cache = (torch.randn(3, 300, 2, head_dim, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([0, 37, 298], dtype=torch.int32)

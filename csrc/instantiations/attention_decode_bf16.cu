@@ -4,5 +4,7 @@
 namespace internlm_kernels {
 template cudaError_t launch_attention_decode<__nv_bfloat16, 64>(const AttentionDecodeParams&, cudaStream_t);
 template cudaError_t launch_attention_decode<__nv_bfloat16, 128>(const AttentionDecodeParams&, cudaStream_t);
+template int attention_decode_programs_per_sm<__nv_bfloat16, 64>();
+template int attention_decode_programs_per_sm<__nv_bfloat16, 128>();
 template cudaError_t launch_kvcache_append<__nv_bfloat16>(const KvcacheAppendParams&, cudaStream_t);
 }  // namespace internlm_kernels

@@ -4,5 +4,7 @@
 namespace internlm_kernels {
 template cudaError_t launch_attention_decode<__half, 64>(const AttentionDecodeParams&, cudaStream_t);
 template cudaError_t launch_attention_decode<__half, 128>(const AttentionDecodeParams&, cudaStream_t);
+template int attention_decode_programs_per_sm<__half, 64>();
+template int attention_decode_programs_per_sm<__half, 128>();
 template cudaError_t launch_kvcache_append<__half>(const KvcacheAppendParams&, cudaStream_t);
 }  // namespace internlm_kernels

@@ -285,8 +285,11 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.new_tokens = static_cast<int>(new_tokens);
   p.capacity = static_cast<int>(k_cache.size(1));
+  const int programs_per_sm = IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
+    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] { return attention_decode_programs_per_sm<T, kHeadDim>(); });
+  });
   const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, k_cache.size(1),
-                                            multiprocessor_count());
+                                            int64_t(multiprocessor_count()) * programs_per_sm);
   p.splits = splits.splits, p.keys_per_split = splits.keys_per_split, p.rows_padded = splits.rows_padded;
   const auto workspace = q.options().dtype(at::kFloat);
   const at::Tensor partial_out =

@@ -1399,11 +1399,16 @@ cudaError_t launch_key_tiles(const AttentionBwdParams& p, cudaStream_t stream) {
                 Tr::kThreads, key_tile_shared_bytes<Tr, kAtomicDq>(), stream, p);
 }
 
+// Shared memory of a forward or decode program: its query rows, and two stages of K and V.
+template <class Tr>
+constexpr int forward_shared_bytes() {
+  return Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
+}
+
 template <class Tr, bool kHasWindow>
 cudaError_t launch_forward_tiles(const AttentionDecodeParams& p, cudaStream_t stream) {
-  const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
   return launch(attention_fwd_kernel<Tr, kHasWindow, false>, tile_grid(p, int64_t(p.seqlen_q) * p.group, Tr::kBlockM),
-                Tr::kThreads, smem, stream, p);
+                Tr::kThreads, forward_shared_bytes<Tr>(), stream, p);
 }
 }  // namespace attention_detail
 
@@ -1428,11 +1433,29 @@ cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStr
   const int64_t rows = int64_t(p.seqlen_q) * p.group;
   const dim3 grid(p.splits, static_cast<unsigned>(ceil_div(rows, Tr::kBlockM)), p.batch * p.heads_kv);
   // The mask is a run-time choice here: decode steps are bandwidth-bound, the mask test is free.
-  const int smem = Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes;
-  cudaError_t error = launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, smem, stream, p);
+  cudaError_t error =
+      launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, forward_shared_bytes<Tr>(), stream, p);
   if (error != cudaSuccess) return error;
   const dim3 combine_grid(static_cast<unsigned>(ceil_div(rows, 4)), p.batch * p.heads_kv);
   return launch(attention_decode_combine_kernel<T, kHeadDim>, combine_grid, 128, 0, stream, p);
+}
+
+template <typename T, int kHeadDim>
+int attention_decode_programs_per_sm() {
+#ifdef IK_CUDA_EMULATION
+  return 3;  // the pretend GPU's SMs run as many as an H100's do at d = 128
+#else
+  using namespace attention_detail;
+  using Tr = DecodeTraits<T, kHeadDim>;
+  const auto kernel = attention_fwd_kernel<Tr, true, true>;
+  constexpr int kShared = forward_shared_bytes<Tr>();
+  // The occupancy query counts only the dynamic shared memory the kernel has opted in to.
+  int programs = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&programs, kernel, Tr::kThreads, kShared) != cudaSuccess)
+    return 1;
+  return programs > 0 ? programs : 1;
+#endif
 }
 
 template <typename T>

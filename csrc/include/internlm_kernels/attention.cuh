@@ -34,6 +34,7 @@
 // how CI checks fragment layouts, indexing and masks without a GPU.
 #pragma once
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -1447,6 +1448,13 @@ int attention_decode_programs_per_sm() {
 #else
   using namespace attention_detail;
   using Tr = DecodeTraits<T, kHeadDim>;
+  // Asked once per device: decode calls are short enough for a driver query to show.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device < kMaxDevices && known[device].load(std::memory_order_relaxed) > 0)
+    return known[device].load(std::memory_order_relaxed);
   const auto kernel = attention_fwd_kernel<Tr, true, true>;
   constexpr int kShared = forward_shared_bytes<Tr>();
   // The occupancy query counts only the dynamic shared memory the kernel has opted in to.
@@ -1454,7 +1462,9 @@ int attention_decode_programs_per_sm() {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&programs, kernel, Tr::kThreads, kShared) != cudaSuccess)
     return 1;
-  return programs > 0 ? programs : 1;
+  programs = programs > 0 ? programs : 1;
+  if (device < kMaxDevices) known[device].store(programs, std::memory_order_relaxed);
+  return programs;
 #endif
 }
 

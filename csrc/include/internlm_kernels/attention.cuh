@@ -1459,7 +1459,7 @@ int attention_decode_programs_per_sm() {
   constexpr int kShared = forward_shared_bytes<Tr>();
   // The occupancy query counts only the dynamic shared memory the kernel has opted in to.
   int programs = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared) != cudaSuccess ||
+  if (opt_in_shared_memory(reinterpret_cast<const void*>(kernel), kShared) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&programs, kernel, Tr::kThreads, kShared) != cudaSuccess)
     return 1;
   programs = programs > 0 ? programs : 1;

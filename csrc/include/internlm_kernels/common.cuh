@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "internlm_kernels/common.h"
 
@@ -256,19 +259,38 @@ __host__ __device__ __forceinline__ void* offset_ptr(void* base, int64_t element
 // on CPU threads. And a zero fill on the stream.
 // ---------------------------------------------------------------------------------------
 
+#ifndef IK_CUDA_EMULATION
+// Opts ``kernel`` in to ``bytes`` of dynamic shared memory on the current device. The 48 KB a
+// block gets without the opt-in counts the kernel's static __shared__ arrays too, so the
+// dynamic size alone cannot say when the opt-in is needed (48 KB of dynamic memory beside 512
+// B of static scratch, the RMSNorm backward at N = 4096 in bf16, failed to launch with
+// "invalid argument"): every kernel with dynamic shared memory is opted in. The attribute
+// belongs to the kernel, not to a launch, so it only ever grows: a launch never lowers what
+// another, maybe concurrent, launch of the same kernel needs. The driver is called only when
+// a launch needs more than the kernel has been granted on that device.
+inline cudaError_t opt_in_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> granted;  // (device, kernel) -> bytes
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = granted[{device, kernel}];
+  if (bytes <= current) return cudaSuccess;
+  error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (error == cudaSuccess) current = bytes;
+  return error;
+}
+#endif
+
 template <class... KernelArgs, class... Args>
 cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
                           const Args&... args) {
 #ifdef IK_CUDA_EMULATION
   return emulation::launch(kernel, grid, block, shared, args...);
 #else
-  // The 48 KB limit counts the kernel's static __shared__ arrays with the dynamic allocation,
-  // so the dynamic size alone cannot say when the opt-in is needed (48 KB of dynamic memory
-  // beside 512 B of static scratch, the RMSNorm backward at N = 4096 in bf16, failed to launch
-  // with "invalid argument"). Every launch with dynamic shared memory sets it: one attribute
-  // call, as cheap as the query of the static size it would otherwise take.
   if (shared > 0) {
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+    const cudaError_t error = opt_in_shared_memory(reinterpret_cast<const void*>(kernel), shared);
     if (error != cudaSuccess) return error;
   }
   kernel<<<grid, block, shared, stream>>>(args...);

@@ -391,7 +391,7 @@ def test_emulated_rms_norm_zero_size(cuda_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
-@pytest.mark.parametrize("rotary_dim", [16, 10], ids=["full", "partial"])
+@pytest.mark.parametrize("rotary_dim", [32, 16, 10], ids=["full", "partial", "partial_odd"])
 def test_emulated_rotary_matches_reference(cuda_backend, dtype, interleaved, rotary_dim):
     rotary_tests.test_rotary_matches_reference("cuda", dtype, interleaved, rotary_dim, CPU)
 

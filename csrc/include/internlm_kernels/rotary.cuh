@@ -39,8 +39,9 @@ constexpr int kMaxThreads = 256;
 constexpr int kMaxRegisters = 64;
 constexpr int kHeadsPerThread = 2;
 
-inline int threads_for(int64_t chunks) {
-  const int64_t warps = (chunks + 31) / 32;
+// Threads of a block for ``items`` work items: whole warps, at most kMaxThreads.
+inline int threads_for(int64_t items) {
+  const int64_t warps = (items + 31) / 32;
   return static_cast<int>(32 * (warps < 1 ? 1 : warps > kMaxThreads / 32 ? kMaxThreads / 32 : warps));
 }
 

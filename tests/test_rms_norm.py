@@ -159,6 +159,76 @@ def test_torch_backend_is_the_reference(device):
     assert torch.equal(ik.rms_norm(x, weight, backend="torch"), reference.rms_norm(x, weight))
 
 
+class _MustNotLaunch:
+    """Stands in for a kernel that a test requires not to run."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the pointer backward kernel ran where the TMA kernel was required")
+
+
+def _require_tma_kernel(monkeypatch, device):
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or newer")
+    from internlm_kernels.triton import rms_norm as triton_rms_norm
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
+    monkeypatch.setattr(triton_rms_norm, "_rms_norm_bwd_kernel", _MustNotLaunch())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["rows_5120", "rows_6000", "every_other_row_4096"])
+@pytest.mark.parametrize("op", ["plain", "fused", "fused_fp32_residual"])
+def test_triton_backward_tma_kernel(dtype, layout, op, device, monkeypatch):
+    # The Triton backward's row loads through TMA descriptors, pipelined (the default on
+    # sm_90+), here forced and required: the pointer kernel fails if it runs. Widths past
+    # a power of two leave columns the descriptor zero-fills.
+    _require_tma_kernel(monkeypatch, device)
+    if layout == "every_other_row_4096":
+        x = torch.randn(2, 10, 4096, device=device, dtype=dtype)[:, ::2]
+    else:
+        x = torch.randn(3, int(layout.split("_")[1]), device=device, dtype=dtype)
+    weight = (1 + 0.5 * torch.randn(x.shape[-1], device=device)).to(dtype)
+    if op == "plain":
+        _check_rms_norm(x, weight, "triton")
+    else:
+        _check_fused(x, torch.randn_like(x), weight, "triton", residual_in_fp32=op == "fused_fp32_residual")
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("contiguous_bf16_8192", 3),     # two rows ahead: 2 x (dy, x) x 16 KiB of buffers
+    ("fused_bf16_16384", 2),         # 2 x 3 x 32 KiB would pass the prefetch budget: one row ahead
+    ("fp32_16384", 0),               # 64 KiB rows: the pointer kernel
+    ("row_stride_not_16_bytes", 0),  # rows 300 elements apart (600 bytes)
+    ("transposed", 0),               # (S, B, N) read as (B, S, N): rows out of order
+    ("unaligned_base", 0),
+])
+def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
+    # Which inputs the TMA kernel takes, with its budget (no kernel runs: CPU tensors).
+    from internlm_kernels.triton import rms_norm as triton_rms_norm
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
+    width = {"contiguous_bf16_8192": 8192, "row_stride_not_16_bytes": 257, "transposed": 4096}.get(layout, 16384)
+    dtype = torch.float32 if layout == "fp32_16384" else torch.bfloat16
+    if layout == "row_stride_not_16_bytes":
+        rows = torch.randn(11, 300, dtype=dtype)[:, 5:262].reshape(1, 11, 257)
+    elif layout == "transposed":
+        rows = torch.randn(6, 3, width, dtype=dtype).transpose(0, 1)
+    elif layout == "unaligned_base":
+        rows = torch.randn(4 * width + 1, dtype=dtype)[1:].view(1, 4, width)
+    else:
+        rows = torch.randn(1, 4, width, dtype=dtype)
+    inputs = (rows, rows, rows) if layout.startswith("fused") else (rows, rows)
+    block_n = max(16, 1 << (width - 1).bit_length())
+    assert triton_rms_norm._tma_bwd_stages(inputs, block_n) == expected
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "0")
+    assert triton_rms_norm._tma_bwd_stages(inputs, block_n) == 0
+
+
+def test_triton_backward_tma_switch_rejects_other_values(monkeypatch):
+    from internlm_kernels.triton import rms_norm as triton_rms_norm
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "yes")
+    with pytest.raises(ValueError, match="INTERNLM_KERNELS_TRITON_NORM_BWD_TMA must be 0 or 1, got 'yes'"):
+        triton_rms_norm._tma_bwd_stages((torch.randn(1, 2, 4096),), 4096)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("hidden", [4096, 20000])

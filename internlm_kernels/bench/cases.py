@@ -155,6 +155,11 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
     fp32_inputs = [t.detach().float().requires_grad_(True) for t in inputs]
     expected = torch.autograd.grad(_as_tuple(oracle(*fp32_inputs)), fp32_inputs, [g.float() for g in grads])
     runners = {name: _backward_runner(fn, inputs, grads) for name, fn in impls.items()}
+    if "triton" in impls and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+        # The Triton backward's pointer kernel, which its TMA kernel replaces on sm_90+ (the
+        # switch is read when the backward launches, so it wraps the backward runner).
+        runners["triton_no_tma"] = with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0",
+                                            _backward_runner(impls["triton"], inputs, grads))
     # bwd reads dy, x (fused: dy, d residual_out, residual_out), writes dx (fused: dx, d residual)
     bytes_moved = (5 if fused else 3) * rows * hidden * element
     return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected))

@@ -16,6 +16,10 @@ Width: rows up to ``MAX_SINGLE_PASS_N`` stay in registers (one read of x). Wider
 are processed in ``LOOP_BLOCK_N`` tiles over two passes (x read twice, the second read
 mostly from L2), which keeps register use bounded for any N.
 
+Backward on sm_90+: single-pass rows wider than 2048 (one row per step) are read through
+TMA tensor descriptors, which the loop pipeliner prefetches into shared memory one or two
+rows ahead (``_rms_norm_bwd_tma_kernel``); other GPUs and layouts use the pointer kernel.
+
 dweight is deterministic: every program accumulates its own rows' contribution in fp32
 into its own row of a (programs, N) buffer, summed afterwards in a fixed order.
 """
@@ -23,10 +27,17 @@ into its own row of a (programs, N) buffer, summed afterwards in a fixed order.
 from __future__ import annotations
 
 import functools
+import os
+from typing import List, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the pointer kernel serves every call
+    TensorDescriptor = None
 
 # A 16384-wide fp32 row is 64 KiB of registers per row: with 16 warps that is 32 values per
 # thread, the most that stays spill-free. Wider rows use the two-pass tiled path.
@@ -35,6 +46,14 @@ LOOP_BLOCK_N = 4096
 # Narrow rows are batched so each program still moves a few KiB (QK-norm: N = 128).
 TARGET_ELEMENTS_PER_PROGRAM = 4096
 MAX_ROWS_PER_PROGRAM = 64
+
+# The backward's TMA path (sm_90+): rows up to this many bytes, prefetched two ahead while
+# their shared-memory buffers stay within the budget, else one ahead.
+TMA_BWD_MAX_ROW_BYTES = 32 * 1024
+TMA_BWD_PREFETCH_BYTES = 128 * 1024
+# "0": always the pointer kernel; "1": the TMA kernel wherever the inputs allow it, the CPU
+# interpreter included (how the tests run it); unset: the TMA kernel on sm_90 and newer.
+TMA_BWD_ENV = "INTERNLM_KERNELS_TRITON_NORM_BWD_TMA"
 
 
 def rms_norm_block_config(n_cols: int, backward: bool = False):
@@ -47,8 +66,8 @@ def rms_norm_block_config(n_cols: int, backward: bool = False):
         block_n, block_m, single_pass = LOOP_BLOCK_N, 1, False
     elements = block_m * block_n
     # At most 16 elements of a row per thread in the forward (two 16-byte vectors of bf16), 8 in
-    # the backward, which keeps x, dy, the weight and five pointer tensors live (16 spilled in
-    # the fused backward at N = 8192: scripts/compile_triton_kernels.py).
+    # the backward, whose row loop also keeps the weight and the dweight sum in registers:
+    # 57-70 registers at 8 (scripts/compile_triton_kernels.py, sm_90).
     per_thread = 8 if backward else 16
     num_warps = min(32, max(4, elements // (per_thread * 32)))
     return block_m, block_n, single_pass, num_warps
@@ -134,6 +153,20 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _rms_norm_bwd_rows(x, dy, dresidual_out, w, rstd, N, normed_dtype: tl.constexpr):
+    """dx and the rows' dweight terms for a [rows, BLOCK_N] tile held whole: x is what was
+    normalised and dy the output gradient, both fp32 and zero past N; dresidual_out the
+    fused op's residual gradient (fp32 tile) or 0.0; w (BLOCK_N,) and rstd (rows,) fp32.
+    x_hat was rounded to x's dtype in the forward before meeting the weight, so the dweight
+    term is dy * round(x_hat)."""
+    x_hat = x * rstd[:, None]
+    g = dy * w[None, :]
+    mean_gx = tl.sum(g * x_hat, axis=1) / N
+    dx = (g - x_hat * mean_gx[:, None]) * rstd[:, None] + dresidual_out
+    return dx, dy * x_hat.to(normed_dtype).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     # inputs: (outer, inner, N) views
     DY, stride_dy_outer, stride_dy_inner,
@@ -170,19 +203,17 @@ def _rms_norm_bwd_kernel(
             dy = tl.load(DY + (outer * stride_dy_outer + inner * stride_dy_inner)[:, None] + cols[None, :],
                          mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            x_hat = x * rstd[:, None]
-            g = dy * w[None, :]
-            mean_gx = tl.sum(g * x_hat, axis=1) / N
-            dx = (g - x_hat * mean_gx[:, None]) * rstd[:, None]
+            dro = 0.0
             if HAS_DRESIDUAL_OUT:
-                dx += tl.load(DRESIDUAL_OUT + (outer * stride_dro_outer + inner * stride_dro_inner)[:, None]
+                dro = tl.load(DRESIDUAL_OUT + (outer * stride_dro_outer + inner * stride_dro_inner)[:, None]
                               + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx, dw_terms = _rms_norm_bwd_rows(x, dy, dro, w, rstd, N, normed_dtype)
             out_offsets = rows[:, None] * N + cols[None, :]
             tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=mask)
             if STORE_DRESIDUAL:
                 tl.store(DRESIDUAL + out_offsets, dx.to(DRESIDUAL.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
-                dw += tl.sum(dy * x_hat.to(normed_dtype).to(tl.float32), axis=0)
+                dw += tl.sum(dw_terms, axis=0)
         if COMPUTE_DW:
             tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
     else:
@@ -223,6 +254,51 @@ def _rms_norm_bwd_kernel(
             tl.debug_barrier()
 
 
+@triton.jit
+def _rms_norm_bwd_tma_kernel(
+    # inputs: tensor descriptors of (outer, inner, N) views, blocks of one row [1, 1, BLOCK_N]
+    DY, X, DRESIDUAL_OUT,
+    W, RSTD,
+    # outputs as in _rms_norm_bwd_kernel
+    DX, DRESIDUAL, DW_PARTIAL,
+    M, N, rows_inner, rows_per_program,
+    HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+):
+    # The single-pass backward with its row loads through tensor descriptors (TMA, sm_90+),
+    # which Triton's loop pipeliner issues STAGES - 1 rows ahead into shared memory. The
+    # pointer kernel's loads land in registers: a program holds its one row while it reduces
+    # and stores it, and with w and the dweight sum also in registers, one or two programs
+    # fit per SM, so an SM had one or two rows in flight and waited for each.
+    normed_dtype = DX.dtype.element_ty
+    pid = tl.program_id(0)
+    row_begin = pid * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in tl.range(row_begin, row_end, num_stages=STAGES):
+        outer, inner = row // rows_inner, row % rows_inner
+        # Columns past N (BLOCK_N is a power of two) come back as zeros from the descriptor.
+        x = X.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
+        dy = DY.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
+        rows = row + tl.arange(0, 1)  # the row as a 1-element tile (the helper takes tiles)
+        rstd = tl.load(RSTD + rows)
+        dro = 0.0
+        if HAS_DRESIDUAL_OUT:
+            dro = DRESIDUAL_OUT.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
+        dx, dw_terms = _rms_norm_bwd_rows(x, dy, dro, w, rstd, N, normed_dtype)
+        out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=col_ok[None, :])
+        if STORE_DRESIDUAL:
+            tl.store(DRESIDUAL + out_offsets, dx.to(DRESIDUAL.dtype.element_ty), mask=col_ok[None, :])
+        if COMPUTE_DW:
+            dw += tl.sum(dw_terms, axis=0)
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -233,6 +309,48 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     if device.type == "cuda":
         return max(1, min(row_blocks, 4 * _num_sms(device.index if device.index is not None else 0)))
     return max(1, min(row_blocks, 4))  # interpreter: fewer, larger programs are faster
+
+
+def _tma_bwd_stages(inputs: Sequence[torch.Tensor], block_n: int) -> int:
+    """Pipeline depth of the backward's TMA kernel for these (outer, inner, N) inputs, or 0
+    for the pointer kernel: on request (TMA_BWD_ENV) or on sm_90+, when a descriptor can
+    address every input and the rows fit in shared memory."""
+    choice = os.environ.get(TMA_BWD_ENV)
+    if choice not in (None, "0", "1"):
+        raise ValueError(f"{TMA_BWD_ENV} must be 0 or 1, got {choice!r}")
+    if choice == "0" or TensorDescriptor is None:
+        return 0
+    device = inputs[0].device
+    if choice is None and not (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
+        return 0
+    row_bytes = [block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
+    if max(row_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:
+        return 0  # (descriptor coordinates are int32)
+    if any(_descriptor_strides(t) is None for t in inputs):
+        return 0
+    return 3 if 2 * sum(row_bytes) <= TMA_BWD_PREFETCH_BYTES else 2
+
+
+def _descriptor_strides(t: torch.Tensor) -> Optional[List[int]]:
+    """Strides of an (outer, inner, N) view for a TMA descriptor, or None when TMA cannot
+    address it: the base and both row strides must be multiples of 16 bytes, and the rows
+    laid out in order without overlap. A dim of size 1 is never stepped over, so its stride
+    (in a view it may be anything) is replaced by the smallest valid one."""
+    outer, inner, n = t.shape
+    outer_stride, inner_stride, _ = t.stride()
+    if inner == 1:
+        inner_stride = -(-n // 16) * 16
+    if outer == 1:
+        outer_stride = inner * inner_stride
+    aligned = t.data_ptr() % 16 == 0 and (outer_stride * t.element_size()) % 16 == 0 \
+        and (inner_stride * t.element_size()) % 16 == 0
+    in_order = inner_stride >= n and outer_stride >= inner * inner_stride
+    return [outer_stride, inner_stride, 1] if aligned and in_order else None
+
+
+def _row_descriptor(t: torch.Tensor, block_n: int):
+    """Descriptor of an (outer, inner, N) view (checked by _tma_bwd_stages) in blocks of one row."""
+    return TensorDescriptor(t, list(t.shape), _descriptor_strides(t), [1, 1, block_n])
 
 
 def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
@@ -273,6 +391,18 @@ def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dwei
     dw_partial = allocate((programs, n_cols) if compute_dweight else (1,), device=x.device, dtype=torch.float32)
     has_dro = dresidual_out is not None
     dro = dresidual_out if has_dro else dy
+    stages = _tma_bwd_stages((dy, x, dro) if has_dro else (dy, x), block_n) if single_pass and block_m == 1 else 0
+    if stages:
+        dy_desc, x_desc, dro_desc = (_row_descriptor(t, block_n) for t in (dy, x, dro))
+        _rms_norm_bwd_tma_kernel[(programs,)](
+            dy_desc, x_desc, dro_desc, weight, rstd,
+            dx, dresidual if dresidual is not None else dx, dw_partial,
+            n_rows, n_cols, inner, rows_per_program,
+            HAS_DRESIDUAL_OUT=has_dro, STORE_DRESIDUAL=dresidual is not None, COMPUTE_DW=compute_dweight,
+            BLOCK_N=block_n, STAGES=stages,
+            num_warps=num_warps,
+        )
+        return dw_partial.sum(0) if compute_dweight else None
     _rms_norm_bwd_kernel[(programs,)](
         dy, dy.stride(0), dy.stride(1),
         x, x.stride(0), x.stride(1),

@@ -8,6 +8,11 @@ for the given architectures with the launch configurations the launchers use (au
 candidates included), so type errors, unsupported constructs and register spills show up
 on a machine with no GPU. It must run without TRITON_INTERPRET (it sets it to 0).
 
+Each kernel is specialised as Triton's launcher specialises a typical call, since that
+decides vectorisation and so registers: pointers 16-byte aligned, strides multiples of 16
+elements (LSE's unit stride a constant 1), and the sizes each case names. Without it every
+load would be element-wise (the RMSNorm kernels' 16-byte loads became 2-byte ones).
+
 Exit status 1 if any kernel fails to compile (with --strict, also if any spills registers).
 Spills are always listed: they are expected for some attention tiles on sm_90 (Triton keeps
 wgmma accumulators in registers), and the autotuner picks among the candidates on the GPU.
@@ -32,13 +37,14 @@ from internlm_kernels.triton import attention, rms_norm, rotary  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "sm_scale"}
 SIZES = {"M", "N"}  # upper-case names that are not pointers
+UNIT_STRIDES = {"stride_ls"}  # innermost strides of contiguous buffers: 1 in every launch
 
 
 def signature(kernel, constexprs: dict, pointers: dict, default_pointer: str) -> dict:
     """Argument types by the kernels' naming convention: UPPERCASE names are pointers (dtype
-    from ``pointers`` or the default), FLOATS are fp32, the rest int32 (strides, sizes), as
-    Triton types integer arguments that fit (the kernels widen to int64 where offsets can
-    exceed 2^31)."""
+    from ``pointers`` or the default; a type there may also be a ``tensordesc<...>``), FLOATS
+    are fp32, the rest int32 (strides, sizes), as Triton types integer arguments that fit
+    (the kernels widen to int64 where offsets can exceed 2^31)."""
     types = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -52,21 +58,48 @@ def signature(kernel, constexprs: dict, pointers: dict, default_pointer: str) ->
     return types
 
 
+def specialise(kernel, constexprs: dict, types: dict, sizes: dict):
+    """(types, constexprs, attrs) as the launcher specialises a typical call: integers equal
+    to 1 become constants, pointers and integers divisible by 16 carry tt.divisibility = 16.
+    Strides are taken as multiples of 16 (unit strides as 1); other integers are left
+    unspecialised unless ``sizes`` gives a value."""
+    types, constexprs, attrs = dict(types), dict(constexprs), {}
+    for index, name in enumerate(kernel.arg_names):
+        value = sizes.get(name, 1 if name in UNIT_STRIDES else 16 if name.startswith("stride") else None)
+        if types[name] == "i32" and value == 1:
+            types[name], constexprs[name] = "constexpr", 1
+        elif types[name].startswith("*") or (types[name] == "i32" and value is not None and value % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return types, constexprs, attrs
+
+
 def cases(quick: bool = False):
-    """(label, kernel, constexprs, pointer dtypes, default pointer dtype, num_warps, num_stages).
-    quick: every kernel and code path, but attention only in bf16 with its first tile shape."""
+    """(label, kernel, constexprs, pointer dtypes, default pointer dtype, num_warps, num_stages,
+    sizes): sizes gives integer arguments of a typical call beyond the stride defaults of
+    ``specialise``. quick: every kernel and code path, but attention only in bf16 with its
+    first tile shape."""
+    rows = 16384  # the benchmark's M: one (1, M, N) view
     for dtype in ("bf16", "fp16", "fp32"):
         for fused in (False, True):
             for n_cols in (128, 4096, 8192, 20000):
+                sizes = {"M": rows, "N": n_cols, "rows_inner": rows, "rows_per_program": 31}
                 block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols)
                 meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
                 yield (f"rms_norm_fwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_fwd_kernel,
-                       {"HAS_RESIDUAL": fused, **meta}, {"RSTD": "fp32"}, f"*{dtype}", warps, 1)
+                       {"HAS_RESIDUAL": fused, **meta}, {"RSTD": "fp32"}, f"*{dtype}", warps, 1, sizes)
                 block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols, backward=True)
                 meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
+                flags = {"HAS_DRESIDUAL_OUT": fused, "STORE_DRESIDUAL": fused, "COMPUTE_DW": True}
                 yield (f"rms_norm_bwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_bwd_kernel,
-                       {"HAS_DRESIDUAL_OUT": fused, "STORE_DRESIDUAL": fused, "COMPUTE_DW": True, **meta},
-                       {"RSTD": "fp32", "DW_PARTIAL": "fp32"}, f"*{dtype}", warps, 1)
+                       {**flags, **meta}, {"RSTD": "fp32", "DW_PARTIAL": "fp32"}, f"*{dtype}", warps, 1, sizes)
+                if single_pass and block_m == 1 and block_n * _bytes(dtype) <= rms_norm.TMA_BWD_MAX_ROW_BYTES:
+                    inputs = 3 if fused else 2
+                    stages = 3 if 2 * inputs * block_n * _bytes(dtype) <= rms_norm.TMA_BWD_PREFETCH_BYTES else 2
+                    descriptor = f"tensordesc<{dtype}[1, 1, {block_n}]>"
+                    yield (f"rms_norm_bwd_tma {dtype} fused={fused} N={n_cols} stages={stages}",
+                           rms_norm._rms_norm_bwd_tma_kernel, {**flags, "BLOCK_N": block_n, "STAGES": stages},
+                           {"RSTD": "fp32", "DW_PARTIAL": "fp32", "DY": descriptor, "X": descriptor,
+                            "DRESIDUAL_OUT": descriptor}, f"*{dtype}", warps, stages, sizes)
         for interleaved in (False, True):
             block_h, block_r, block_rest, warps = rotary.rotary_block_config(32, 8, 128, 128)
             yield (f"rotary {dtype} interleaved={interleaved}", rotary._rotary_kernel,
@@ -74,7 +107,7 @@ def cases(quick: bool = False):
                     "INTERLEAVED": interleaved, "CONJUGATE": False, "COPY_REST": True, "BLOCK_H": block_h,
                     "BLOCK_R": block_r, "BLOCK_REST": block_rest, "BLOCK_SEQS": rotary.SEQUENCE_SEARCH_BLOCK},
                    {"COS": "fp32", "SIN": "fp32", "POSITION_IDS": "i64", "SEQLEN_OFFSETS": "i64",
-                    "CU_SEQLENS": "i32"}, f"*{dtype}", warps, 1)
+                    "CU_SEQLENS": "i32"}, f"*{dtype}", warps, 1, {})
     stats = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}
     for dtype in ("bf16",) if quick else ("bf16", "fp16"):
         for head_dim in (64, 128, 256):
@@ -88,31 +121,35 @@ def cases(quick: bool = False):
                 for block_m, block_n, warps, stages in shapes_fwd:
                     yield (f"attention_fwd {dtype} d={head_dim} causal={causal} varlen={varlen} "
                            f"{block_m}x{block_n}w{warps}s{stages}", attention._attn_fwd_kernel,
-                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)
+                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages, {})
                 for label, kernel in (("dkdv", attention._attn_bwd_dkdv_kernel),
                                       ("dq", attention._attn_bwd_dq_kernel)):
                     for block_m, block_n, warps, stages in shapes_bwd[label]:
                         yield (f"attention_bwd_{label} {dtype} d={head_dim} causal={causal} varlen={varlen} "
                                f"{block_m}x{block_n}w{warps}s{stages}", kernel,
-                               {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages)
+                               {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages, {})
             yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
                    {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
-                   {"DELTA": "*fp32"}, f"*{dtype}", 4, 1)
+                   {"DELTA": "*fp32"}, f"*{dtype}", 4, 1, {})
             tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32"}
             block_n, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
             for rotary_in_kernel in (False, True):
                 rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False}
                 yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel}",
                        attention._kvcache_append_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope},
-                       tables, f"*{dtype}", 4, 1)
+                       tables, f"*{dtype}", 4, 1, {})
                 yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel}",
                        attention._attn_decode_split_kernel,
                        {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
                         "BLOCK_M": 16, "BLOCK_N": block_n, **rope},
-                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1)
+                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1, {})
             yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
                    {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},
-                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1)
+                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1, {})
+
+
+def _bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -137,14 +174,15 @@ def main() -> int:
     failures, spills = [], []
     for arch in args.arch or [90, 80]:
         target = GPUTarget("cuda", arch, 32)
-        for label, kernel, constexprs, pointers, default_pointer, warps, stages in cases(args.quick):
-            if args.filter not in label:
+        for label, kernel, constexprs, pointers, default_pointer, warps, stages, sizes in cases(args.quick):
+            if args.filter not in label or (arch < 90 and "_tma" in label):  # TMA: sm_90 and newer
                 continue
             fn = kernel
-            pointer_types = {k: (v if v.startswith("*") else f"*{v}") for k, v in pointers.items()}
+            pointer_types = {k: (v if v.startswith(("*", "tensordesc")) else f"*{v}") for k, v in pointers.items()}
+            types, constants, attrs = specialise(fn, constexprs, signature(fn, constexprs, pointer_types,
+                                                                           default_pointer), sizes)
             try:
-                compiled = triton.compile(ASTSource(fn, signature(fn, constexprs, pointer_types, default_pointer),
-                                                    constexprs),
+                compiled = triton.compile(ASTSource(fn, types, constants, attrs),
                                           target=target, options={"num_warps": warps, "num_stages": stages})
             except Exception as error:  # report every failure, not only the first
                 failures.append(f"sm_{arch} {label}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")

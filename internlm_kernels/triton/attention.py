@@ -52,13 +52,13 @@ def _shapes(head_dim_padded: int, kernel: str):
 
     dK/dV: BLOCK_N keys own fp32 dK and dV tiles (2 * BLOCK_N * D floats) per program. At
     d = 128, 64 keys per 4 warps (one sm_90 warpgroup, m64) take about 40% of the
-    instructions per flop of 8 warps, with 72-104 B of spills on sm_90 (outside the row loop
-    without a window).
+    instructions per flop of 8 warps, with 8-16 B of spills with a window on sm_90 (none
+    causal) and 8 B on sm_80.
 
     dQ: BLOCK_M query rows own an fp32 dQ tile. Tiles of 64 rows per 4 warps or 128 per 8
     match sm_90's warpgroup mma (m64): their mask-free key loop takes about a third of the
-    instructions per flop of the 32-row tile (SASS, triton 3.8), but they spill on sm_80 at
-    d = 128 (and with a window on sm_90), where the 32-row tile, first, does not."""
+    instructions per flop of the 32-row tile (SASS, triton 3.8). At d = 128 the 128-row tile
+    spills 32-56 B on sm_80; the 32-row tile, first, spills nowhere."""
     if INTERPRETER:  # the CPU interpreter: small tiles keep numpy fast
         return [(16, 16, 4, 1)]
     if kernel == "dkdv":

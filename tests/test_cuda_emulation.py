@@ -350,6 +350,28 @@ def test_emulated_fused_add_rms_norm_matches_reference(cuda_backend, dtype, shap
     rms_tests.test_fused_add_rms_norm_matches_reference("cuda", dtype, shape, residual_in_fp32, CPU)
 
 
+# The forward copies its weight chunks to shared memory (cp.async) when the weight is 16-byte
+# aligned and the row whole chunks (1000 and 5120 columns); 123 columns load it directly.
+# INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT=0 turns the copy off. An fp32 weight under a
+# 16-bit x takes 32-byte slots (two copies each).
+@pytest.mark.parametrize("stage", ["1", "0"], ids=["staged", "unstaged"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float32)], ids=["bf16", "bf16_fp32_weight", "fp32"])
+@pytest.mark.parametrize("shape", [(19, 123), (3, 1000), (2, 5120), (9, 64)], ids=str)
+def test_emulated_rms_norm_forward_weight_staging(cuda_backend, stage, dtypes, shape, monkeypatch):
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", stage)
+    x, weight = rms_tests._inputs(shape, dtypes[0], CPU, weight_dtype=dtypes[1])
+    rms_tests._check_rms_norm(x, weight, "cuda")
+    rms_tests._check_fused(x, torch.randn_like(x), weight.to(x.dtype), "cuda", residual_in_fp32=False)
+
+
+def test_emulated_rms_norm_forward_weight_staging_switch_is_checked(kernels, monkeypatch):
+    x = torch.randn(1, 2, 64)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", "yes")
+    with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT must be 1 or 0, got 'yes'"):
+        kernels.rms_norm_fwd(x, None, torch.ones(64), torch.empty_like(x), None, torch.empty(2), 1e-6)
+
+
 # 67 rows on the emulation's 4-SM grid: each persistent block of the backward walks several
 # rows, so the aligned kernel's staging of the next row is used (hidden 4096: rows of whole
 # 16-byte chunks; 4100: the general kernel).

@@ -143,21 +143,6 @@ RotaryTables rotary_tables(const char* op, const std::optional<at::Tensor>& cos,
   return tables;
 }
 
-// A tile-shape choice from the environment variable ``name``: one of ``allowed`` (the first
-// is the default, taken when it is unset or empty). Read at every call, so one process (the
-// benchmark) can time every choice.
-int tile_choice(const char* op, const char* name, std::initializer_list<int> allowed) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return *allowed.begin();
-  std::string expected;
-  for (const int choice : allowed) {
-    if (std::to_string(choice) == value) return choice;
-    expected += (expected.empty() ? "" : " or ") + std::to_string(choice);
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be ", expected, ", got '", value, "'");
-  return 0;
-}
-
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA error: ", error_text(error));
 }
@@ -174,7 +159,7 @@ void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.lse = lse.data_ptr<float>();
   p.lse_stride_b = lse.stride(0), p.lse_stride_h = lse.stride(1), p.lse_stride_s = lse.stride(2);
   // ForwardTraits in attention.cuh: 4 warps of 32 query rows, or 8 of 16.
-  p.forward_warp_rows = tile_choice(op, "INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", {32, 16});
+  p.forward_warp_rows = env_choice(op, "INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", {32, 16});
   if (q.numel() == 0 || k.numel() == 0) return;  // the ops layer fills outputs for key-less calls
   const LaunchScope scope(q);
   const cudaStream_t stream = scope.stream();
@@ -212,7 +197,7 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   bind_rows(dq, p.dq, p.dq_stride_b, p.dq_stride_s, p.dq_stride_h);
   bind_rows(dk, p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h);
   bind_rows(dv, p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h);
-  p.key_block = tile_choice(op, "INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", {64, 128});  // BwdKeyTraits
+  p.key_block = env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", {64, 128});  // BwdKeyTraits
   at::Tensor dq_accum;  // fp32 atomic target of the default (non-deterministic) backward
   if (!deterministic) {
     dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));

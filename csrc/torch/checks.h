@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 #include <utility>
 
 namespace internlm_kernels {
@@ -27,6 +29,21 @@ inline void check_cuda(const char* op, const char* name, const at::Tensor& t, co
   check_kernel_device(op, name, t);
   TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(), " but the other tensors are on ",
               reference.device());
+}
+
+// A kernel choice from the environment variable ``name``: one of ``allowed`` (the first is
+// the default, taken when it is unset or empty). Read at every call, so one process (the
+// benchmark) can time every choice.
+inline int env_choice(const char* op, const char* name, std::initializer_list<int> allowed) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return *allowed.begin();
+  std::string expected;
+  for (const int choice : allowed) {
+    if (std::to_string(choice) == value) return choice;
+    expected += (expected.empty() ? "" : " or ") + std::to_string(choice);
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be ", expected, ", got '", value, "'");
+  return 0;
 }
 
 inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {

@@ -79,6 +79,7 @@ void rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual
   p.rows_inner = x.size(1);
   p.cols = cols;
   p.eps = static_cast<float>(eps);
+  p.stage_weight = env_choice("rms_norm_fwd", "INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", {1, 0}) == 1;
 
   const LaunchScope scope(x);
   const cudaStream_t stream = scope.stream();

@@ -142,6 +142,10 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
         impls[backend] = make(backend)
     impls = {name: fn for name, fn in impls.items() if name in providers}
 
+    if not backward and "cuda" in impls:
+        # The CUDA forward loading its weight after the reduction instead of staging it in
+        # shared memory while the row loads (the switch is read at each launch).
+        impls["cuda_unstaged_weight"] = with_env("INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", "0", impls["cuda"])
     shape = {"M": rows, "N": hidden}
     if not backward:
         # fwd reads x (and residual), writes out (and residual_out)

@@ -75,6 +75,23 @@ __device__ __forceinline__ T load_shared(const T* address) {
   return *address;
 }
 
+// A 16-byte shared load that stays after every memory access before it (a compiler memory
+// barrier): chunks read from shared memory one at a time, each after the previous chunk's
+// global store, hold one chunk's registers instead of all of them (the compiler would
+// otherwise hoist them all, as shared memory cannot alias the stores).
+__device__ __forceinline__ uint4 load_shared_in_order(const uint4* address) {
+#ifdef IK_CUDA_EMULATION
+  return load_shared(address);
+#else
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(address)))
+               : "memory");
+  return v;
+#endif
+}
+
 // A shared object read field by field through a reference (the compiler loads only the fields
 // used, where a copy could load them all up front); the emulation counts the whole object read.
 template <typename T>

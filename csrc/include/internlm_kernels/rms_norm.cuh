@@ -121,12 +121,88 @@ __device__ __forceinline__ void load_input_chunk(const RmsNormFwdParams& p, cons
 
 template <typename T, int kVec>
 __device__ __forceinline__ void store_output_chunk(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
-                                                   int64_t col, float rstd, const float (&v)[kVec]) {
-  float w[kVec], y[kVec];
-  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+                                                   int64_t col, float rstd, const float (&v)[kVec],
+                                                   const float (&w)[kVec]) {
+  float y[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) y[i] = round_to<T>(v[i] * rstd) * w[i];
   store_floats_t_or_f32<kVec, T>(r.out, p.out_fp32, col, p.cols, vec.out, y);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ void store_output_chunk(const RmsNormFwdParams& p, const Vectorized& vec, const FwdRow& r,
+                                                   int64_t col, float rstd, const float (&v)[kVec]) {
+  float w[kVec];
+  load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+  store_output_chunk<T, kVec>(p, vec, r, col, rstd, v, w);
+}
+
+// Bytes of one weight chunk (kVec elements of T or fp32): one or two 16-byte copies.
+template <typename T>
+__host__ __device__ constexpr int weight_chunk_bytes(bool weight_fp32) {
+  return Vec<T>::kSize * (weight_fp32 ? 4 : int(sizeof(T)));
+}
+
+// A thread's weight chunks staged in shared memory. Loaded after the row's reduction, the
+// weight chunks were the forward's last global loads, one L2 round trip each, in sequence:
+// the compiler cannot move a chunk's load above the previous chunk's output store, which may
+// alias it (SASS), and holding them in registers from the start cost occupancy (40 -> 49-52
+// registers). cp.async copies them while the row's own loads are in flight, without
+// registers. Each thread reads back only its own slots (item-major, so a warp's 16-byte
+// reads are consecutive), which its own cp.async.wait_group makes visible: no barrier.
+// Staged for a 16-byte aligned weight and rows of whole chunks (fwd_stages_weight).
+template <typename T>
+struct StagedWeight {
+  static constexpr int kVec = Vec<T>::kSize;
+  char* slots;  // this thread's first slot; nullptr: not staged
+  int slot_stride;
+
+  __device__ __forceinline__ StagedWeight(const RmsNormFwdParams& p, char* shared, bool staged) {
+    const int bytes = weight_chunk_bytes<T>(p.weight_fp32);
+    slots = staged ? shared + (threadIdx.y * blockDim.x + threadIdx.x) * bytes : nullptr;
+    slot_stride = blockDim.x * blockDim.y * bytes;
+  }
+
+  __device__ __forceinline__ void copy(const RmsNormFwdParams& p, int item, int64_t col) const {
+    if (slots == nullptr) return;
+    const bool two_vectors = !std::is_same<T, float>::value && p.weight_fp32;  // 32-byte chunks
+    const char* src = static_cast<const char*>(p.weight) + col * (two_vectors ? 4 : int64_t(sizeof(T)));
+    const uint32_t slot = mma::shared_address(slots + item * slot_stride);
+    mma::cp_async_16(slot, src, true);
+    if (two_vectors) mma::cp_async_16(slot + 16, src + 16, true);
+  }
+
+  // The chunk as floats, after cp_async_wait (from the global weight when not staged).
+  __device__ __forceinline__ void get(const RmsNormFwdParams& p, const Vectorized& vec, int item, int64_t col,
+                                      float (&w)[kVec]) const {
+    if (slots == nullptr) {
+      load_floats_t_or_f32<kVec, T>(p.weight, p.weight_fp32, col, p.cols, vec.weight, w);
+      return;
+    }
+    const uint4* slot = reinterpret_cast<const uint4*>(slots + item * slot_stride);
+    if constexpr (std::is_same<T, float>::value) {
+      unpack_floats<T>(load_shared_in_order(slot), w);
+    } else if (!p.weight_fp32) {
+      unpack_floats<T>(load_shared_in_order(slot), w);
+    } else {
+      float low[4], high[4];  // 8 fp32 weights: two 16-byte vectors
+      unpack_floats<float>(load_shared_in_order(slot), low);
+      unpack_floats<float>(load_shared_in_order(slot + 1), high);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = low[i], w[i + 4] = high[i];
+    }
+  }
+};
+
+// Whether the forward stages the weight, and its slots' bytes (dynamic shared memory).
+template <typename T>
+__host__ __device__ __forceinline__ bool fwd_stages_weight(const RmsNormFwdParams& p, const Vectorized& vec) {
+  return p.stage_weight && vec.weight && p.cols % Vec<T>::kSize == 0;
+}
+
+template <typename T>
+int64_t fwd_staged_weight_bytes(const RmsNormFwdParams& p, const Vectorized& vec, int threads, int items) {
+  return fwd_stages_weight<T>(p, vec) ? int64_t(threads) * items * weight_chunk_bytes<T>(p.weight_fp32) : 0;
 }
 
 // kItems: chunks per thread the row's array is sized for; registers go to the whole array
@@ -139,15 +215,23 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
                                                                         const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
   IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
+  IK_DYNAMIC_SHARED(char, weight_slots);  // [kItems][block's threads] weight chunks, when staged
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool row_ok = row < p.rows;
   const FwdRow r = fwd_row<T>(p, row_ok ? row : 0);
+  const StagedWeight<T> weight(p, weight_slots, fwd_stages_weight<T>(p, vec));
   InputAhead<T, kFused> input[kItems];
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {  // every chunk's loads in flight at once
     const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
     if (row_ok && col < p.cols) input[item].load(p, vec, r, col);
   }
+#pragma unroll
+  for (int item = 0; item < kItems; ++item) {
+    const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
+    if (row_ok && col < p.cols) weight.copy(p, item, col);
+  }
+  mma::cp_async_commit();
   float v[kItems][kVec];
   float sum_sq = 0.f;
 #pragma unroll
@@ -160,12 +244,17 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
     }
   }
   const float rstd = rsqrtf(row_sum(sum_sq, scratch) / float(p.cols) + p.eps);
+  mma::cp_async_wait<0>();  // before any return: no copy may outlive its block
   if (!row_ok) return;
   if (threadIdx.x == 0) p.rstd[row] = rstd;
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
     const int64_t col = (int64_t(threadIdx.x) + int64_t(item) * blockDim.x) * kVec;
-    if (col < p.cols) store_output_chunk<T, kVec>(p, vec, r, col, rstd, v[item]);
+    if (col < p.cols) {
+      float w[kVec];
+      weight.get(p, vec, item, col, w);
+      store_output_chunk<T, kVec>(p, vec, r, col, rstd, v[item], w);
+    }
   }
 }
 
@@ -658,9 +747,11 @@ cudaError_t launch_rms_norm_fwd(const RmsNormFwdParams& params, cudaStream_t str
     const int64_t blocks = (p.rows + config.rows_per_block - 1) / config.rows_per_block;
     const int64_t chunks = (p.cols + Vec<T>::kSize - 1) / Vec<T>::kSize;
     const bool few_items = chunks <= int64_t(kFewFwdItems) * config.threads_per_row;
+    const int items = few_items ? kFewFwdItems : kMaxFwdItems;
+    const int64_t shared = fwd_staged_weight_bytes<T>(p, vec, block.x * block.y, items);
     return launch_kernel(few_items ? rms_norm_fwd_kernel<T, kFused, kFewFwdItems>
                                    : rms_norm_fwd_kernel<T, kFused, kMaxFwdItems>,
-                         dim3(unsigned(blocks)), block, 0, stream, p, vec);
+                         dim3(unsigned(blocks)), block, size_t(shared), stream, p, vec);
   }
   return launch_kernel(rms_norm_fwd_looped_kernel<T, kFused>, dim3(unsigned(p.rows)), dim3(kLoopedThreads), 0, stream,
                        p, vec);

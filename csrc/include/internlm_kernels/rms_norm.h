@@ -40,6 +40,10 @@ struct RmsNormFwdParams {
   int64_t rows_inner = 1;
   int64_t cols = 0;
   float eps = 1e-6f;
+  // The register path copies each thread's weight chunks to shared memory (cp.async) while
+  // the row's loads are in flight, instead of loading them after the reduction
+  // (rms_norm_fwd_kernel). A run-time choice, so the benchmark can time both.
+  bool stage_weight = true;
 };
 
 // Backward. ``normed`` is what was normalised: x for the plain op, residual_out for the fused

@@ -68,3 +68,24 @@ def test_backward_rows_run_their_forward_inside_the_providers_guard():
     refusing = cases._backward_runner(refusing_forward, (x,), (torch.ones(5),))
     with pytest.raises(RuntimeError, match="No available kernel"):
         refusing()
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm", "rotary"])
+def test_backward_kernels_alone_give_the_backward_gradients(op):
+    """case.backward_kernels (what the benchmark replays from a CUDA graph for backward rows)
+    computes what autograd's backward computes, on the same inputs."""
+    from internlm_kernels.bench import cases
+
+    cpu = torch.device("cpu")
+    if op == "rotary":
+        case = cases.rotary_case(cpu, torch.float32, 1, 8, 4, 2, 32, ["triton"], backward=True)
+    else:
+        case = cases.rms_norm_cases(cpu, torch.float32, 6, 40, ["triton"], fused=op != "rms_norm", backward=True)
+    assert set(case.backward_kernels) == {"triton"}
+    through_autograd = case.providers["triton"]()
+    alone = case.backward_kernels["triton"]()
+    # autograd gives (dx, dweight) / (dx, dresidual, dweight) / (dq, dk); the op the same, with
+    # dweight in the weight's dtype.
+    assert len(alone) == len(through_autograd)
+    for ours, expected in zip(alone, through_autograd):
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)

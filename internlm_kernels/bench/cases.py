@@ -40,6 +40,10 @@ class Case:
     providers: Dict[str, Callable[[], object]]
     error: Callable[[object], Optional[float]]  # max error of a provider's result
     tokens: Optional[int] = None  # end-to-end cases: tokens processed per call (tokens/s)
+    # Backward cases: per kernel provider, its backward op called directly on saved forward
+    # results, without autograd. A CUDA graph can replay that (not autograd's backward, whose
+    # capture failed on the GPU), so the benchmark gets these rows' GPU time alone too.
+    backward_kernels: Dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
 
 
 def kernel_backends(device: torch.device, op: str) -> List[str]:
@@ -159,14 +163,40 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
     fp32_inputs = [t.detach().float().requires_grad_(True) for t in inputs]
     expected = torch.autograd.grad(_as_tuple(oracle(*fp32_inputs)), fp32_inputs, [g.float() for g in grads])
     runners = {name: _backward_runner(fn, inputs, grads) for name, fn in impls.items()}
+    kernels_only = {backend: _norm_backward_kernels(x, residual, weight, grads, eps, fused, backend)
+                    for backend in ("cuda", "triton") if backend in impls}
     if "triton" in impls and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         # The Triton backward's pointer kernel, which its TMA kernel replaces on sm_90+ (the
         # switch is read when the backward launches, so it wraps the backward runner).
         runners["triton_no_tma"] = with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0",
                                             _backward_runner(impls["triton"], inputs, grads))
+        kernels_only["triton_no_tma"] = with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0", kernels_only["triton"])
     # bwd reads dy, x (fused: dy, d residual_out, residual_out), writes dx (fused: dx, d residual)
     bytes_moved = (5 if fused else 3) * rows * hidden * element
-    return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected))
+    return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected),
+                backward_kernels=kernels_only)
+
+
+def _norm_backward_kernels(x, residual, weight, grads, eps: float, fused: bool, backend: str):
+    """The RMSNorm (or fused) backward op of ``backend`` on one forward's saved results, as
+    autograd calls it with dweight wanted. The forward runs at the first call (inside the
+    benchmark's per-provider guard, as in _backward_runner)."""
+    norm_ops = importlib.import_module("internlm_kernels.ops.rms_norm")  # (ops.rms_norm is the function)
+
+    x, residual, weight = (t.detach() for t in (x, residual, weight))
+    saved: List[Tensor] = []
+
+    def run():
+        if fused:
+            if not saved:
+                saved.extend(norm_ops._fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend)[1:])
+            residual_out, rstd = saved
+            return norm_ops._fused_add_rms_norm_bwd(grads[0], grads[1], residual_out, weight, rstd, x.dtype,
+                                                    residual.dtype, True, True, backend)
+        if not saved:
+            saved.append(norm_ops._rms_norm_fwd(x, weight, eps, backend)[1])
+        return norm_ops._rms_norm_bwd(grads[0], x, weight, saved[0], True, backend)
+    return run
 
 
 def rotary_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k: int, head_dim: int,
@@ -195,7 +225,14 @@ def rotary_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k: i
     expected = torch.autograd.grad(reference.apply_rotary(q32, k32, cos, sin), (q32, k32),
                                    [g.float() for g in grads])
     runners = {name: _backward_runner(fn, (q, k), grads) for name, fn in impls.items()}
-    return Case("rotary_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected))
+    rotary_ops = importlib.import_module("internlm_kernels.ops.rotary")
+
+    # The backward is the rotary op with the rotation conjugated.
+    kernels_only = {backend: (lambda b=backend: rotary_ops._rotary(grads[0], grads[1], cos, sin, None, None, 0, None,
+                                                                   False, True, b))
+                    for backend in ("cuda", "triton") if backend in impls}
+    return Case("rotary_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected),
+                backward_kernels=kernels_only)
 
 
 # --------------------------------------------------------------------------------------

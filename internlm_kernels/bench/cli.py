@@ -26,9 +26,10 @@ from internlm_kernels.bench.harness import (
 DEFAULT_PROVIDERS = ("cuda", "triton", "eager", "torch_compile", "torch_rms_norm", "liger", "sdpa_flash",
                      "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 # Not timed from a CUDA graph: the eager references read sequence lengths on the host; the
-# model rows are end to end (their host time is part of what they measure); and backward rows,
-# whose capture of autograd's backward failed on the GPU and left the CUDA generator in capture
-# mode, so that every later case failed to draw its inputs.
+# model rows are end to end (their host time is part of what they measure); and autograd's
+# backward, whose capture failed on the GPU and left the CUDA generator in capture mode, so that
+# every later case failed to draw its inputs. Backward rows of our RMSNorm and rotary kernels
+# replay the backward ops alone instead (case.backward_kernels: no autograd, no generator).
 HOST_SYNCING_PROVIDERS = ("eager", "sdpa_math")
 GRAPH_TIMING_BELOW_MS = 2.0
 REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -105,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
             row = Row(case.op, provider, str(dtype).replace("torch.", ""), case.shape, timing.median_ms,
                       timing.p20_ms, timing.p80_ms, max_err=error)
             # The host's launch cost (tens of microseconds) can only hide the GPU time of short calls.
-            if on_gpu and provider not in HOST_SYNCING_PROVIDERS and not case.op.startswith("model_") and \
-                    not case.op.endswith("_bwd") and timing.median_ms < GRAPH_TIMING_BELOW_MS:
-                row.ms_graph = time_graph_replay(fn, quick=args.quick)
+            # Backward rows replay their backward kernels alone (case.backward_kernels).
+            graphed = case.backward_kernels.get(provider) if case.op.endswith("_bwd") else fn
+            if on_gpu and graphed is not None and provider not in HOST_SYNCING_PROVIDERS and \
+                    not case.op.startswith("model_") and timing.median_ms < GRAPH_TIMING_BELOW_MS:
+                row.ms_graph = time_graph_replay(graphed, quick=args.quick)
             if case.bytes_moved is not None:
                 row.gbps = case.bytes_moved / timing.median_ms / 1e6
             if case.flops is not None:

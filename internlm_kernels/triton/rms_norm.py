@@ -304,6 +304,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: Optional[int]) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     """Enough programs to fill the GPU a few times over; each owns one fp32 dweight row."""
     if device.type == "cuda":
@@ -321,7 +326,7 @@ def _tma_bwd_stages(inputs: Sequence[torch.Tensor], block_n: int) -> int:
     if choice == "0" or TensorDescriptor is None:
         return 0
     device = inputs[0].device
-    if choice is None and not (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9):
+    if choice is None and not (device.type == "cuda" and _capability_major(device.index) >= 9):
         return 0
     row_bytes = [block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
     if max(row_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:

@@ -365,6 +365,14 @@ def test_emulated_rms_norm_forward_weight_staging(cuda_backend, stage, dtypes, s
     rms_tests._check_fused(x, torch.randn_like(x), weight.to(x.dtype), "cuda", residual_in_fp32=False)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided_rows", "wide_looped", "unmergeable"])
+def test_emulated_fused_add_rms_norm_inplace(cuda_backend, dtype, layout):
+    # In place, out is x and residual_out is residual; "strided_rows" (160 columns) stages the
+    # weight, "wide_looped" takes the two-pass kernel.
+    rms_tests.test_fused_add_rms_norm_inplace("cuda", dtype, layout, CPU)
+
+
 def test_emulated_rms_norm_forward_weight_staging_switch_is_checked(kernels, monkeypatch):
     x = torch.randn(1, 2, 64)
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", "yes")

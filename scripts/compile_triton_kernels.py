@@ -81,7 +81,7 @@ def cases(quick: bool = False):
     rows = 16384  # the benchmark's M: one (1, M, N) view
     for dtype in ("bf16", "fp16", "fp32"):
         for fused in (False, True):
-            for n_cols in (128, 4096, 8192, 20000):
+            for n_cols in (128, 2048, 4096, 8192, 20000):
                 sizes = {"M": rows, "N": n_cols, "rows_inner": rows, "rows_per_program": 31}
                 block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols)
                 meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
@@ -92,12 +92,14 @@ def cases(quick: bool = False):
                 flags = {"HAS_DRESIDUAL_OUT": fused, "STORE_DRESIDUAL": fused, "COMPUTE_DW": True}
                 yield (f"rms_norm_bwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_bwd_kernel,
                        {**flags, **meta}, {"RSTD": "fp32", "DW_PARTIAL": "fp32"}, f"*{dtype}", warps, 1, sizes)
-                if single_pass and block_m == 1 and block_n * _bytes(dtype) <= rms_norm.TMA_BWD_MAX_ROW_BYTES:
+                step_bytes = block_m * block_n * _bytes(dtype)
+                if single_pass and step_bytes <= rms_norm.TMA_BWD_MAX_ROW_BYTES:
                     inputs = 3 if fused else 2
-                    stages = 3 if 2 * inputs * block_n * _bytes(dtype) <= rms_norm.TMA_BWD_PREFETCH_BYTES else 2
-                    descriptor = f"tensordesc<{dtype}[1, 1, {block_n}]>"
+                    stages = 3 if 2 * inputs * step_bytes <= rms_norm.TMA_BWD_PREFETCH_BYTES else 2
+                    descriptor = f"tensordesc<{dtype}[1, {block_m}, {block_n}]>"
                     yield (f"rms_norm_bwd_tma {dtype} fused={fused} N={n_cols} stages={stages}",
-                           rms_norm._rms_norm_bwd_tma_kernel, {**flags, "BLOCK_N": block_n, "STAGES": stages},
+                           rms_norm._rms_norm_bwd_tma_kernel,
+                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages},
                            {"RSTD": "fp32", "DW_PARTIAL": "fp32", "DY": descriptor, "X": descriptor,
                             "DRESIDUAL_OUT": descriptor}, f"*{dtype}", warps, stages, sizes)
         for interleaved in (False, True):

@@ -175,17 +175,23 @@ def _require_tma_kernel(monkeypatch, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", ["rows_5120", "rows_6000", "every_other_row_4096"])
+@pytest.mark.parametrize("layout", ["rows_5120", "rows_6000", "rows_1000", "rows_128", "every_other_row_4096",
+                                    "batch_slices_4096"])
 @pytest.mark.parametrize("op", ["plain", "fused", "fused_fp32_residual"])
 def test_triton_backward_tma_kernel(dtype, layout, op, device, monkeypatch):
     # The Triton backward's row loads through TMA descriptors, pipelined (the default on
-    # sm_90+), here forced and required: the pointer kernel fails if it runs. Widths past
-    # a power of two leave columns the descriptor zero-fills.
+    # sm_90+), here forced and required: the pointer kernel fails if it runs. Widths past a
+    # power of two leave columns the descriptor zero-fills; narrow rows take several rows a
+    # step (1000: 4, 128: 32), past the last row and into the next program's. Evenly strided
+    # rows (every other row of a batch) are read as one slice; the first 5 positions of each
+    # batch entry keep both strides, one row a step.
     _require_tma_kernel(monkeypatch, device)
     if layout == "every_other_row_4096":
         x = torch.randn(2, 10, 4096, device=device, dtype=dtype)[:, ::2]
+    elif layout == "batch_slices_4096":
+        x = torch.randn(2, 12, 4096, device=device, dtype=dtype)[:, :5]
     else:
-        x = torch.randn(3, int(layout.split("_")[1]), device=device, dtype=dtype)
+        x = torch.randn(37 if layout == "rows_128" else 3, int(layout.split("_")[1]), device=device, dtype=dtype)
     weight = (1 + 0.5 * torch.randn(x.shape[-1], device=device)).to(dtype)
     if op == "plain":
         _check_rms_norm(x, weight, "triton")
@@ -194,18 +200,22 @@ def test_triton_backward_tma_kernel(dtype, layout, op, device, monkeypatch):
 
 
 @pytest.mark.parametrize("layout, expected", [
-    ("contiguous_bf16_8192", 3),     # two rows ahead: 2 x (dy, x) x 16 KiB of buffers
-    ("fused_bf16_16384", 2),         # 2 x 3 x 32 KiB would pass the prefetch budget: one row ahead
-    ("fp32_16384", 0),               # 64 KiB rows: the pointer kernel
-    ("row_stride_not_16_bytes", 0),  # rows 300 elements apart (600 bytes)
-    ("transposed", 0),               # (S, B, N) read as (B, S, N): rows out of order
-    ("unaligned_base", 0),
+    ("contiguous_bf16_8192", 3),     # two steps ahead: 2 x (dy, x) x 16 KiB of buffers
+    ("fused_bf16_16384", 2),         # 2 x 3 x 32 KiB would pass the prefetch budget: one step ahead
+    ("narrow_bf16_1000", 3),         # 4 rows a step (8 KiB), of one (1, M, N) view
+    ("fp32_16384", None),            # 64 KiB rows: the pointer kernel
+    ("row_stride_not_16_bytes", None),  # rows 300 elements apart (600 bytes)
+    ("transposed", None),            # (S, B, N) read as (B, S, N): rows out of order
+    ("unaligned_base", None),
+    ("batch_slices_4096", 3),        # rows not evenly strided: both strides, one row a step
+    ("batch_slices_1000", None),     # ... which several rows a step cannot take
 ])
 def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
     # Which inputs the TMA kernel takes, with its budget (no kernel runs: CPU tensors).
     from internlm_kernels.triton import rms_norm as triton_rms_norm
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
-    width = {"contiguous_bf16_8192": 8192, "row_stride_not_16_bytes": 257, "transposed": 4096}.get(layout, 16384)
+    width = {"contiguous_bf16_8192": 8192, "row_stride_not_16_bytes": 257, "transposed": 4096,
+             "narrow_bf16_1000": 1000, "batch_slices_4096": 4096, "batch_slices_1000": 1000}.get(layout, 16384)
     dtype = torch.float32 if layout == "fp32_16384" else torch.bfloat16
     if layout == "row_stride_not_16_bytes":
         rows = torch.randn(11, 300, dtype=dtype)[:, 5:262].reshape(1, 11, 257)
@@ -213,20 +223,27 @@ def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
         rows = torch.randn(6, 3, width, dtype=dtype).transpose(0, 1)
     elif layout == "unaligned_base":
         rows = torch.randn(4 * width + 1, dtype=dtype)[1:].view(1, 4, width)
+    elif layout.startswith("batch_slices"):
+        rows = torch.randn(2, 12, width, dtype=dtype)[:, :5]
     else:
         rows = torch.randn(1, 4, width, dtype=dtype)
     inputs = (rows, rows, rows) if layout.startswith("fused") else (rows, rows)
-    block_n = max(16, 1 << (width - 1).bit_length())
-    assert triton_rms_norm._tma_bwd_stages(inputs, block_n) == expected
+    block_m, block_n, _, _ = triton_rms_norm.rms_norm_block_config(width, backward=True)
+    plan = triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n)
+    assert (plan and plan[0]) == expected
+    if plan is not None and layout.startswith("batch_slices"):
+        assert plan[1][0] is rows and plan[2] == 5  # both strides kept
+    elif plan is not None:
+        assert plan[1][0].shape == (1, rows.shape[0] * rows.shape[1], width)
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "0")
-    assert triton_rms_norm._tma_bwd_stages(inputs, block_n) == 0
+    assert triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n) is None
 
 
 def test_triton_backward_tma_switch_rejects_other_values(monkeypatch):
     from internlm_kernels.triton import rms_norm as triton_rms_norm
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "yes")
     with pytest.raises(ValueError, match="INTERNLM_KERNELS_TRITON_NORM_BWD_TMA must be 0 or 1, got 'yes'"):
-        triton_rms_norm._tma_bwd_stages((torch.randn(1, 2, 4096),), 4096)
+        triton_rms_norm._tma_bwd_plan((torch.randn(1, 2, 4096),), 1, 4096)
 
 
 @pytest.mark.gpu

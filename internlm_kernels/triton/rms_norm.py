@@ -16,9 +16,9 @@ Width: rows up to ``MAX_SINGLE_PASS_N`` stay in registers (one read of x). Wider
 are processed in ``LOOP_BLOCK_N`` tiles over two passes (x read twice, the second read
 mostly from L2), which keeps register use bounded for any N.
 
-Backward on sm_90+: single-pass rows wider than 2048 (one row per step) are read through
-TMA tensor descriptors, which the loop pipeliner prefetches into shared memory one or two
-rows ahead (``_rms_norm_bwd_tma_kernel``); other GPUs and layouts use the pointer kernel.
+Backward on sm_90+: single-pass rows are read through TMA tensor descriptors, which the
+loop pipeliner prefetches into shared memory one or two steps ahead
+(``_rms_norm_bwd_tma_kernel``); other GPUs and layouts use the pointer kernel.
 
 dweight is deterministic: every program accumulates its own rows' contribution in fp32
 into its own row of a (programs, N) buffer, summed afterwards in a fixed order.
@@ -47,8 +47,8 @@ LOOP_BLOCK_N = 4096
 TARGET_ELEMENTS_PER_PROGRAM = 4096
 MAX_ROWS_PER_PROGRAM = 64
 
-# The backward's TMA path (sm_90+): rows up to this many bytes, prefetched two ahead while
-# their shared-memory buffers stay within the budget, else one ahead.
+# The backward's TMA path (sm_90+): steps of up to this many bytes per input, prefetched two
+# ahead while their shared-memory buffers stay within the budget, else one ahead.
 TMA_BWD_MAX_ROW_BYTES = 32 * 1024
 TMA_BWD_PREFETCH_BYTES = 128 * 1024
 # "0": always the pointer kernel; "1": the TMA kernel wherever the inputs allow it, the CPU
@@ -256,20 +256,21 @@ def _rms_norm_bwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_tma_kernel(
-    # inputs: tensor descriptors of (outer, inner, N) views, blocks of one row [1, 1, BLOCK_N]
+    # inputs: tensor descriptors of (outer, inner, N) views, blocks of BLOCK_M rows of one
+    # outer slice, [1, BLOCK_M, BLOCK_N] (BLOCK_M > 1 only for views with outer = 1)
     DY, X, DRESIDUAL_OUT,
     W, RSTD,
     # outputs as in _rms_norm_bwd_kernel
     DX, DRESIDUAL, DW_PARTIAL,
     M, N, rows_inner, rows_per_program,
     HAS_DRESIDUAL_OUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):
     # The single-pass backward with its row loads through tensor descriptors (TMA, sm_90+),
-    # which Triton's loop pipeliner issues STAGES - 1 rows ahead into shared memory. The
-    # pointer kernel's loads land in registers: a program holds its one row while it reduces
-    # and stores it, and with w and the dweight sum also in registers, one or two programs
-    # fit per SM, so an SM had one or two rows in flight and waited for each.
+    # which Triton's loop pipeliner issues STAGES - 1 steps ahead into shared memory. The
+    # pointer kernel's loads land in registers: a program holds its rows while it reduces
+    # and stores them, and with w and the dweight sum also in registers, one or two programs
+    # fit per SM, so an SM had one or two steps' rows in flight and waited for each.
     normed_dtype = DX.dtype.element_ty
     pid = tl.program_id(0)
     row_begin = pid * rows_per_program
@@ -278,23 +279,26 @@ def _rms_norm_bwd_tma_kernel(
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for row in tl.range(row_begin, row_end, num_stages=STAGES):
-        outer, inner = row // rows_inner, row % rows_inner
-        # Columns past N (BLOCK_N is a power of two) come back as zeros from the descriptor.
-        x = X.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
-        dy = DY.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
-        rows = row + tl.arange(0, 1)  # the row as a 1-element tile (the helper takes tiles)
-        rstd = tl.load(RSTD + rows)
+    for block in tl.range(row_begin, row_end, BLOCK_M, num_stages=STAGES):
+        outer, inner = block // rows_inner, block % rows_inner
+        # Columns past N, and rows past M, come back as zeros from the descriptor; rows past
+        # this program's range (the next program's) are masked below.
+        x = X.load([outer, inner, 0]).reshape([BLOCK_M, BLOCK_N]).to(tl.float32)
+        dy = DY.load([outer, inner, 0]).reshape([BLOCK_M, BLOCK_N]).to(tl.float32)
+        rows = block + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         dro = 0.0
         if HAS_DRESIDUAL_OUT:
-            dro = DRESIDUAL_OUT.load([outer, inner, 0]).reshape([1, BLOCK_N]).to(tl.float32)
+            dro = DRESIDUAL_OUT.load([outer, inner, 0]).reshape([BLOCK_M, BLOCK_N]).to(tl.float32)
         dx, dw_terms = _rms_norm_bwd_rows(x, dy, dro, w, rstd, N, normed_dtype)
+        mask = row_ok[:, None] & col_ok[None, :]
         out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=col_ok[None, :])
+        tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=mask)
         if STORE_DRESIDUAL:
-            tl.store(DRESIDUAL + out_offsets, dx.to(DRESIDUAL.dtype.element_ty), mask=col_ok[None, :])
+            tl.store(DRESIDUAL + out_offsets, dx.to(DRESIDUAL.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += tl.sum(dw_terms, axis=0)
+            dw += tl.sum(tl.where(row_ok[:, None], dw_terms, 0.0), axis=0)
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
 
@@ -316,24 +320,47 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     return max(1, min(row_blocks, 4))  # interpreter: fewer, larger programs are faster
 
 
-def _tma_bwd_stages(inputs: Sequence[torch.Tensor], block_n: int) -> int:
-    """Pipeline depth of the backward's TMA kernel for these (outer, inner, N) inputs, or 0
-    for the pointer kernel: on request (TMA_BWD_ENV) or on sm_90+, when a descriptor can
-    address every input and the rows fit in shared memory."""
+def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
+    """How the backward's TMA kernel would read these (outer, inner, N) inputs: (pipeline
+    depth, the views its descriptors address, rows per outer slice), or None for the pointer
+    kernel. On request (TMA_BWD_ENV) or on sm_90+, when a descriptor can address every input
+    and a step's rows fit in shared memory. Evenly strided rows (any contiguous activation)
+    are one (1, M, N) view, which also lets a step take BLOCK_M rows; other layouts keep their
+    two strides and take one row per step."""
     choice = os.environ.get(TMA_BWD_ENV)
     if choice not in (None, "0", "1"):
         raise ValueError(f"{TMA_BWD_ENV} must be 0 or 1, got {choice!r}")
     if choice == "0" or TensorDescriptor is None:
-        return 0
+        return None
     device = inputs[0].device
     if choice is None and not (device.type == "cuda" and _capability_major(device.index) >= 9):
-        return 0
-    row_bytes = [block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
-    if max(row_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:
-        return 0  # (descriptor coordinates are int32)
-    if any(_descriptor_strides(t) is None for t in inputs):
-        return 0
-    return 3 if 2 * sum(row_bytes) <= TMA_BWD_PREFETCH_BYTES else 2
+        return None
+    step_bytes = [block_m * block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
+    if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:
+        return None  # (descriptor coordinates are int32)
+    views = [_single_slice_view(t) for t in inputs]
+    if any(v is None for v in views):
+        if block_m > 1:
+            return None
+        views = list(inputs)
+    if any(_descriptor_strides(v) is None for v in views):
+        return None
+    stages = 3 if 2 * sum(step_bytes) <= TMA_BWD_PREFETCH_BYTES else 2
+    return stages, views, views[0].shape[1]
+
+
+def _single_slice_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """An (outer, inner, N) view whose rows are evenly strided as the same rows in one outer
+    slice, (1, outer * inner, N); None when they are not."""
+    outer, inner, n = t.shape
+    if inner == 1:
+        row_stride = t.stride(0)
+    elif outer == 1 or t.stride(0) == inner * t.stride(1):
+        row_stride = t.stride(1)
+    else:
+        return None
+    rows = outer * inner
+    return t.as_strided((1, rows, n), (rows * row_stride, row_stride, 1))
 
 
 def _descriptor_strides(t: torch.Tensor) -> Optional[List[int]]:
@@ -353,9 +380,10 @@ def _descriptor_strides(t: torch.Tensor) -> Optional[List[int]]:
     return [outer_stride, inner_stride, 1] if aligned and in_order else None
 
 
-def _row_descriptor(t: torch.Tensor, block_n: int):
-    """Descriptor of an (outer, inner, N) view (checked by _tma_bwd_stages) in blocks of one row."""
-    return TensorDescriptor(t, list(t.shape), _descriptor_strides(t), [1, 1, block_n])
+def _row_descriptor(t: torch.Tensor, block_m: int, block_n: int):
+    """Descriptor of an (outer, inner, N) view (checked by _tma_bwd_plan) in blocks of
+    block_m rows."""
+    return TensorDescriptor(t, list(t.shape), _descriptor_strides(t), [1, block_m, block_n])
 
 
 def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
@@ -396,15 +424,17 @@ def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dwei
     dw_partial = allocate((programs, n_cols) if compute_dweight else (1,), device=x.device, dtype=torch.float32)
     has_dro = dresidual_out is not None
     dro = dresidual_out if has_dro else dy
-    stages = _tma_bwd_stages((dy, x, dro) if has_dro else (dy, x), block_n) if single_pass and block_m == 1 else 0
-    if stages:
-        dy_desc, x_desc, dro_desc = (_row_descriptor(t, block_n) for t in (dy, x, dro))
+    plan = _tma_bwd_plan((dy, x, dresidual_out) if has_dro else (dy, x), block_m, block_n) if single_pass else None
+    if plan is not None:
+        stages, views, rows_inner = plan
+        dy_desc, x_desc = (_row_descriptor(t, block_m, block_n) for t in views[:2])
+        dro_desc = _row_descriptor(views[2], block_m, block_n) if has_dro else dy_desc
         _rms_norm_bwd_tma_kernel[(programs,)](
             dy_desc, x_desc, dro_desc, weight, rstd,
             dx, dresidual if dresidual is not None else dx, dw_partial,
-            n_rows, n_cols, inner, rows_per_program,
+            n_rows, n_cols, rows_inner, rows_per_program,
             HAS_DRESIDUAL_OUT=has_dro, STORE_DRESIDUAL=dresidual is not None, COMPUTE_DW=compute_dweight,
-            BLOCK_N=block_n, STAGES=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
             num_warps=num_warps,
         )
         return dw_partial.sum(0) if compute_dweight else None

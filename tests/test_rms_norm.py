@@ -209,13 +209,15 @@ def test_triton_backward_tma_kernel(dtype, layout, op, device, monkeypatch):
     ("unaligned_base", None),
     ("batch_slices_4096", 3),        # rows not evenly strided: both strides, one row a step
     ("batch_slices_1000", None),     # ... which several rows a step cannot take
+    ("tiny_bf16_4", None),           # 8-byte rows 16 bytes apart: a TMA box row is at least 16 bytes
 ])
 def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
     # Which inputs the TMA kernel takes, with its budget (no kernel runs: CPU tensors).
     from internlm_kernels.triton import rms_norm as triton_rms_norm
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
     width = {"contiguous_bf16_8192": 8192, "row_stride_not_16_bytes": 257, "transposed": 4096,
-             "narrow_bf16_1000": 1000, "batch_slices_4096": 4096, "batch_slices_1000": 1000}.get(layout, 16384)
+             "narrow_bf16_1000": 1000, "batch_slices_4096": 4096, "batch_slices_1000": 1000,
+             "tiny_bf16_4": 4}.get(layout, 16384)
     dtype = torch.float32 if layout == "fp32_16384" else torch.bfloat16
     if layout == "row_stride_not_16_bytes":
         rows = torch.randn(11, 300, dtype=dtype)[:, 5:262].reshape(1, 11, 257)
@@ -225,6 +227,8 @@ def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
         rows = torch.randn(4 * width + 1, dtype=dtype)[1:].view(1, 4, width)
     elif layout.startswith("batch_slices"):
         rows = torch.randn(2, 12, width, dtype=dtype)[:, :5]
+    elif layout == "tiny_bf16_4":
+        rows = torch.randn(1, 4, 2 * width, dtype=dtype)[..., :width]
     else:
         rows = torch.randn(1, 4, width, dtype=dtype)
     inputs = (rows, rows, rows) if layout.startswith("fused") else (rows, rows)

@@ -338,6 +338,8 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     step_bytes = [block_m * block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
     if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:
         return None  # (descriptor coordinates are int32)
+    if min(block_n * t.element_size() for t in inputs) < 16:
+        return None  # a TMA box's rows are whole 16-byte units
     views = [_single_slice_view(t) for t in inputs]
     if any(v is None for v in views):
         if block_m > 1:

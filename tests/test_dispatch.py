@@ -86,3 +86,16 @@ def test_in_place_fast_path_bumps_version_counters(backend, device):
     before = (x._version, residual._version)
     ik.fused_add_rms_norm_(x, residual, weight, backend=backend)
     assert x._version > before[0] and residual._version > before[1]
+
+
+def test_launchers_host_arithmetic_matches_triton():
+    # The launchers' plain cdiv / next_power_of_2 (internlm_kernels/triton/_host.py) stand in
+    # for Triton's constexpr functions, whose host calls cost about 1.5 us each.
+    import triton
+
+    from internlm_kernels.triton._host import cdiv, next_power_of_2
+
+    for n in list(range(1, 300)) + [2**20 - 1, 2**20, 2**20 + 1, 3 * 2**31]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 7, 16, 64, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -236,9 +236,9 @@ def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
     plan = triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n)
     assert (plan and plan[0]) == expected
     if plan is not None and layout.startswith("batch_slices"):
-        assert plan[1][0] is rows and plan[2] == 5  # both strides kept
+        assert plan[1][0][0] is rows and plan[2] == 5  # both strides kept
     elif plan is not None:
-        assert plan[1][0].shape == (1, rows.shape[0] * rows.shape[1], width)
+        assert plan[1][0][0].shape == (1, rows.shape[0] * rows.shape[1], width)
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "0")
     assert triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n) is None
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from internlm_kernels.triton._host import cdiv, next_power_of_2
 from internlm_kernels.triton.rotary import _rotated_member
 
 # Globals read inside kernels must be constexpr (the interpreter does not enforce it, the
@@ -711,8 +712,8 @@ def _grid(rows: int, sequences: int, varlen: bool, batch: int, heads_kv: int, bl
     """Dense: (tiles per sequence, B, Hkv). Packed: every sequence's tiles numbered in one axis,
     bounded by total_rows / BLOCK + B (each sequence wastes at most one partial tile)."""
     if varlen:
-        return lambda meta: (triton.cdiv(rows, meta[block_key]) + sequences, 1, heads_kv)
-    return lambda meta: (triton.cdiv(rows, meta[block_key]), batch, heads_kv)
+        return lambda meta: (cdiv(rows, meta[block_key]) + sequences, 1, heads_kv)
+    return lambda meta: (cdiv(rows, meta[block_key]), batch, heads_kv)
 
 
 def _strides(t):
@@ -729,7 +730,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
     varlen = cu_seqlens_q is not None
     sequences = cu_seqlens_q.shape[0] - 1 if varlen else batch
     window, has_left, has_right = _mask_args(causal, window_size)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     _fwd[_grid(seqlen_q * group, sequences, varlen, batch, heads_kv, "BLOCK_M")](
@@ -751,14 +752,14 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
     varlen = cu_seqlens_q is not None
     sequences = cu_seqlens_q.shape[0] - 1 if varlen else batch
     window, has_left, has_right = _mask_args(causal, window_size)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
 
     delta = torch.empty_like(lse)
     # 4096 elements per tile and tensor: 32 fp32 values per thread of 4 warps, no spills at d = 256.
     block_s = 16 if INTERPRETER else max(16, 4096 // block_d)
-    _attn_bwd_delta_kernel[(triton.cdiv(seqlen_q, block_s), batch, heads_q)](
+    _attn_bwd_delta_kernel[(cdiv(seqlen_q, block_s), batch, heads_q)](
         out, *_strides(out), dout, *_strides(dout), delta, *_strides(lse),
         seqlen_q, heads_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
     )
@@ -797,7 +798,7 @@ def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin
     _kvcache_append_kernel[(new_tokens, batch, 2 * heads)](
         k, *_strides(k), v, *_strides(v), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache),
         cache_seqlens, k_cache.shape[1], heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
     )
 
 
@@ -810,18 +811,18 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     capacity, heads_kv = k_cache.shape[1], k_cache.shape[2]
     group = heads_q // heads_kv
     rows = seqlen_q * group
-    block_m = max(16, min(64, triton.next_power_of_2(rows)))
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(16, min(64, next_power_of_2(rows)))
+    block_d = max(16, next_power_of_2(head_dim))
     # (BLOCK_N, warps): K and V tiles of BLOCK_N x D; larger heads take narrower tiles and more
     # warps so they stay in registers.
     block_n, warps = (16, 4) if INTERPRETER else (64, 4) if block_d <= 64 else (64, 8) if block_d <= 128 else (32, 8)
-    tiles = triton.cdiv(rows, block_m)
+    tiles = cdiv(rows, block_m)
     # Enough programs to fill the GPU twice over, each split at least a few key blocks long.
     # Sized from the capacity (host-known), not the lengths (device), so CUDA graphs replay.
     sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
-    max_splits = max(1, triton.cdiv(capacity, 4 * block_n))
-    splits = max(1, min(max_splits, triton.cdiv(2 * sms, batch * heads_kv * tiles), 128))
-    keys_per_split = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
+    max_splits = max(1, cdiv(capacity, 4 * block_n))
+    splits = max(1, min(max_splits, cdiv(2 * sms, batch * heads_kv * tiles), 128))
+    keys_per_split = cdiv(cdiv(capacity, splits), block_n) * block_n
     rows_padded = tiles * block_m
     part_o = torch.empty((batch, heads_kv, splits, rows_padded, block_d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((batch, heads_kv, splits, rows_padded), device=q.device, dtype=torch.float32)
@@ -835,7 +836,7 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     )
     _attn_decode_combine_kernel[(rows, batch * heads_kv)](
         part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows_padded,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, triton.next_power_of_2(splits)),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, next_power_of_2(splits)),
     )
 
 

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from internlm_kernels.triton._host import cdiv, next_power_of_2
+
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the pointer kernel serves every call
@@ -59,7 +61,7 @@ TMA_BWD_ENV = "INTERNLM_KERNELS_TRITON_NORM_BWD_TMA"
 def rms_norm_block_config(n_cols: int, backward: bool = False):
     """(BLOCK_M, BLOCK_N, SINGLE_PASS, num_warps) for a row width: the one block-size heuristic."""
     if n_cols <= MAX_SINGLE_PASS_N:
-        block_n = triton.next_power_of_2(max(n_cols, 1))
+        block_n = next_power_of_2(max(n_cols, 1))
         block_m = max(1, min(MAX_ROWS_PER_PROGRAM, TARGET_ELEMENTS_PER_PROGRAM // block_n))
         single_pass = True
     else:
@@ -322,7 +324,7 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
 
 def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     """How the backward's TMA kernel would read these (outer, inner, N) inputs: (pipeline
-    depth, the views its descriptors address, rows per outer slice), or None for the pointer
+    depth, (view, descriptor strides) per input, rows per outer slice), or None for the pointer
     kernel. On request (TMA_BWD_ENV) or on sm_90+, when a descriptor can address every input
     and a step's rows fit in shared memory. Evenly strided rows (any contiguous activation)
     are one (1, M, N) view, which also lets a step take BLOCK_M rows; other layouts keep their
@@ -345,10 +347,11 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
         if block_m > 1:
             return None
         views = list(inputs)
-    if any(_descriptor_strides(v) is None for v in views):
+    strides = [_descriptor_strides(v) for v in views]
+    if any(s is None for s in strides):
         return None
     stages = 3 if 2 * sum(step_bytes) <= TMA_BWD_PREFETCH_BYTES else 2
-    return stages, views, views[0].shape[1]
+    return stages, list(zip(views, strides)), views[0].shape[1]
 
 
 def _single_slice_view(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -382,10 +385,11 @@ def _descriptor_strides(t: torch.Tensor) -> Optional[List[int]]:
     return [outer_stride, inner_stride, 1] if aligned and in_order else None
 
 
-def _row_descriptor(t: torch.Tensor, block_m: int, block_n: int):
-    """Descriptor of an (outer, inner, N) view (checked by _tma_bwd_plan) in blocks of
-    block_m rows."""
-    return TensorDescriptor(t, list(t.shape), _descriptor_strides(t), [1, block_m, block_n])
+def _row_descriptor(view_and_strides, block_m: int, block_n: int):
+    """Descriptor of an (outer, inner, N) view with its descriptor strides (from
+    _tma_bwd_plan), in blocks of block_m rows."""
+    view, strides = view_and_strides
+    return TensorDescriptor(view, list(view.shape), strides, [1, block_m, block_n])
 
 
 def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
@@ -398,7 +402,7 @@ def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> No
     has_residual = residual is not None
     r = residual if has_residual else x
     ro = residual_out if has_residual else out
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     _rms_norm_fwd_kernel[grid](
         x, x.stride(0), x.stride(1),
         r, r.stride(0), r.stride(1),
@@ -420,8 +424,8 @@ def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dwei
     outer, inner, n_cols = x.shape
     n_rows = outer * inner
     block_m, block_n, single_pass, num_warps = rms_norm_block_config(n_cols, backward=True)
-    programs = _num_bwd_programs(x.device, triton.cdiv(n_rows, block_m))
-    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = _num_bwd_programs(x.device, cdiv(n_rows, block_m))
+    rows_per_program = cdiv(n_rows, programs)
     allocate = torch.empty if single_pass else torch.zeros
     dw_partial = allocate((programs, n_cols) if compute_dweight else (1,), device=x.device, dtype=torch.float32)
     has_dro = dresidual_out is not None

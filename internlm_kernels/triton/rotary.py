@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from internlm_kernels.triton._host import cdiv, next_power_of_2
+
 # Elements (heads x rotary pairs) one program rotates: enough 16-byte vectors per thread
 # to hide latency without splitting a token's heads over too many programs.
 TARGET_PAIRS_PER_PROGRAM = 2048
@@ -32,10 +34,10 @@ SEQUENCE_SEARCH_BLOCK = 256
 
 def rotary_block_config(heads_q: int, heads_k: int, rotary_dim: int, head_dim: int):
     """(BLOCK_H, BLOCK_R, BLOCK_REST, num_warps): the one block-size heuristic for rotary."""
-    block_r = triton.next_power_of_2(max(rotary_dim // 2, 1))
+    block_r = next_power_of_2(max(rotary_dim // 2, 1))
     heads = min(h for h in (heads_q, heads_k) if h > 0) if heads_k > 0 else heads_q
-    block_h = max(1, min(triton.next_power_of_2(max(heads, 1)), TARGET_PAIRS_PER_PROGRAM // block_r))
-    block_rest = triton.next_power_of_2(max(head_dim - rotary_dim, 1))
+    block_h = max(1, min(next_power_of_2(max(heads, 1)), TARGET_PAIRS_PER_PROGRAM // block_r))
+    block_rest = next_power_of_2(max(head_dim - rotary_dim, 1))
     pairs = block_h * block_r
     num_warps = 1 if pairs <= 256 else 2 if pairs <= 512 else 4
     return block_h, block_r, block_rest, num_warps
@@ -157,8 +159,8 @@ def rotary(q, k, q_out, k_out, cos, sin, position_ids, seqlen_offsets, seqlen_of
     heads_k = k.shape[2]
     rotary_dim = 2 * cos.shape[1]
     block_h, block_r, block_rest, num_warps = rotary_block_config(heads_q, heads_k, rotary_dim, head_dim)
-    q_head_blocks = triton.cdiv(heads_q, block_h)
-    k_head_blocks = triton.cdiv(heads_k, block_h)
+    q_head_blocks = cdiv(heads_q, block_h)
+    k_head_blocks = cdiv(heads_k, block_h)
     copy_rest = rotary_dim < head_dim and not inplace
     if heads_k == 0:  # no k: never read, but pass a real pointer (an empty tensor's may be null)
         k, k_out = q, q_out

@@ -243,6 +243,19 @@ def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
     assert triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n) is None
 
 
+@pytest.mark.parametrize("fused, expected", [(False, 2), (True, None)], ids=["plain", "fused"])
+def test_triton_backward_tma_fits_the_devices_shared_memory(fused, expected, monkeypatch):
+    # On a part whose blocks get 99 KiB (sm_120), bf16 rows of 16384 (32 KiB per input and
+    # step) prefetch one step ahead for the plain op (64 KiB), and the fused op's three inputs
+    # (96 KiB with its reductions past the limit) take the pointer kernel.
+    from internlm_kernels.triton import rms_norm as triton_rms_norm
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
+    monkeypatch.setattr(triton_rms_norm, "_prefetch_budget", lambda device: 101376 - 4096)
+    rows = torch.randn(1, 4, 16384, dtype=torch.bfloat16)
+    plan = triton_rms_norm._tma_bwd_plan((rows,) * (3 if fused else 2), 1, 16384)
+    assert (plan and plan[0]) == expected
+
+
 def test_triton_backward_tma_switch_rejects_other_values(monkeypatch):
     from internlm_kernels.triton import rms_norm as triton_rms_norm
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "yes")

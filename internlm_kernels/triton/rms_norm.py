@@ -50,7 +50,8 @@ TARGET_ELEMENTS_PER_PROGRAM = 4096
 MAX_ROWS_PER_PROGRAM = 64
 
 # The backward's TMA path (sm_90+): steps of up to this many bytes per input, prefetched two
-# ahead while their shared-memory buffers stay within the budget, else one ahead.
+# ahead while their shared-memory buffers stay within the budget (and the device's limit),
+# else one ahead.
 TMA_BWD_MAX_ROW_BYTES = 32 * 1024
 TMA_BWD_PREFETCH_BYTES = 128 * 1024
 # "0": always the pointer kernel; "1": the TMA kernel wherever the inputs allow it, the CPU
@@ -315,6 +316,24 @@ def _capability_major(device_index: Optional[int]) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+def _prefetch_budget(device: torch.device) -> int:
+    """Shared memory the TMA backward's prefetch buffers may take: TMA_BWD_PREFETCH_BYTES,
+    and no more than a block may have on the device, less room for the reductions (sm_90 and
+    sm_100 parts give a block 227 KiB, sm_120 parts 99 KiB)."""
+    if device.type != "cuda":
+        return TMA_BWD_PREFETCH_BYTES
+    return min(TMA_BWD_PREFETCH_BYTES, _max_shared_per_block(device.index) - 4096)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_per_block(device_index: Optional[int]) -> int:
+    """Bytes of shared memory a block may opt in to on this device."""
+    limit = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+    if limit is None:  # older torch: ask Triton's driver
+        limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return int(limit)
+
+
 def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     """Enough programs to fill the GPU a few times over; each owns one fp32 dweight row."""
     if device.type == "cuda":
@@ -338,10 +357,16 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     if choice is None and not (device.type == "cuda" and _capability_major(device.index) >= 9):
         return None
     step_bytes = [block_m * block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
-    if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES or inputs[0].shape[0] * inputs[0].shape[1] >= 2**31:
-        return None  # (descriptor coordinates are int32)
+    if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES:
+        return None
+    if inputs[0].shape[0] * inputs[0].shape[1] + block_m >= 2**31:
+        return None  # the kernel's row indices, and descriptor coordinates, are int32
     if min(block_n * t.element_size() for t in inputs) < 16:
         return None  # a TMA box's rows are whole 16-byte units
+    budget = _prefetch_budget(device)  # two steps ahead within it, else one
+    stages = 3 if 2 * sum(step_bytes) <= budget else 2 if sum(step_bytes) <= budget else 0
+    if not stages:
+        return None
     views = [_single_slice_view(t) for t in inputs]
     if any(v is None for v in views):
         if block_m > 1:
@@ -350,7 +375,6 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     strides = [_descriptor_strides(v) for v in views]
     if any(s is None for s in strides):
         return None
-    stages = 3 if 2 * sum(step_bytes) <= TMA_BWD_PREFETCH_BYTES else 2
     return stages, list(zip(views, strides)), views[0].shape[1]
 
 

@@ -38,6 +38,12 @@ from internlm_kernels.triton import attention, rms_norm, rotary  # noqa: E402
 FLOATS = {"eps", "qk_scale", "sm_scale"}
 SIZES = {"M", "N"}  # upper-case names that are not pointers
 UNIT_STRIDES = {"stride_ls"}  # innermost strides of contiguous buffers: 1 in every launch
+# Sizes of the benchmark's calls (InternLM2-7B shapes: 32 / 8 heads of 128, 4096 positions;
+# decode: one new token, 16-row tiles, 64-key splits), as the launcher specialises them.
+ROTARY_SIZES = {"head_dim": 128, "rotary_half": 64, "table_len": 4096, "heads_q": 32, "heads_k": 8}
+ATTENTION_SIZES = {"seqlen_q": 8192, "seqlen_k": 8192}
+DECODE_SIZES = {"seqlen_q": 1, "new_tokens": 1, "capacity": 4096, "heads_kv": 8, "heads": 8, "rows_padded": 16,
+                "keys_per_split": 256, "table_len": 4096, "rotary_half": 64}
 
 
 def signature(kernel, constexprs: dict, pointers: dict, default_pointer: str) -> dict:
@@ -82,7 +88,8 @@ def cases(quick: bool = False):
     for dtype in ("bf16", "fp16", "fp32"):
         for fused in (False, True):
             for n_cols in (128, 2048, 4096, 8192, 20000):
-                sizes = {"M": rows, "N": n_cols, "rows_inner": rows, "rows_per_program": 31}
+                # rows_per_program: 16384 rows over 4 programs per SM of a 132-SM GPU
+                sizes = {"M": rows, "N": n_cols, "rows_inner": rows, "rows_per_program": 32}
                 block_m, block_n, single_pass, warps = rms_norm.rms_norm_block_config(n_cols)
                 meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": single_pass}
                 yield (f"rms_norm_fwd {dtype} fused={fused} N={n_cols}", rms_norm._rms_norm_fwd_kernel,
@@ -109,7 +116,7 @@ def cases(quick: bool = False):
                     "INTERLEAVED": interleaved, "CONJUGATE": False, "COPY_REST": True, "BLOCK_H": block_h,
                     "BLOCK_R": block_r, "BLOCK_REST": block_rest, "BLOCK_SEQS": rotary.SEQUENCE_SEARCH_BLOCK},
                    {"COS": "fp32", "SIN": "fp32", "POSITION_IDS": "i64", "SEQLEN_OFFSETS": "i64",
-                    "CU_SEQLENS": "i32"}, f"*{dtype}", warps, 1, {})
+                    "CU_SEQLENS": "i32"}, f"*{dtype}", warps, 1, ROTARY_SIZES)
     stats = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32"}
     for dtype in ("bf16",) if quick else ("bf16", "fp16"):
         for head_dim in (64, 128, 256):
@@ -123,13 +130,15 @@ def cases(quick: bool = False):
                 for block_m, block_n, warps, stages in shapes_fwd:
                     yield (f"attention_fwd {dtype} d={head_dim} causal={causal} varlen={varlen} "
                            f"{block_m}x{block_n}w{warps}s{stages}", attention._attn_fwd_kernel,
-                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages, {})
+                           {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages,
+                           ATTENTION_SIZES)
                 for label, kernel in (("dkdv", attention._attn_bwd_dkdv_kernel),
                                       ("dq", attention._attn_bwd_dq_kernel)):
                     for block_m, block_n, warps, stages in shapes_bwd[label]:
                         yield (f"attention_bwd_{label} {dtype} d={head_dim} causal={causal} varlen={varlen} "
                                f"{block_m}x{block_n}w{warps}s{stages}", kernel,
-                               {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages, {})
+                               {**flags, "BLOCK_M": block_m, "BLOCK_N": block_n}, stats, f"*{dtype}", warps, stages,
+                           ATTENTION_SIZES)
             yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
                    {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
                    {"DELTA": "*fp32"}, f"*{dtype}", 4, 1, {})
@@ -139,15 +148,16 @@ def cases(quick: bool = False):
                 rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False}
                 yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel}",
                        attention._kvcache_append_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope},
-                       tables, f"*{dtype}", 4, 1, {})
+                       tables, f"*{dtype}", 4, 1, DECODE_SIZES)
                 yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel}",
                        attention._attn_decode_split_kernel,
                        {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
                         "BLOCK_M": 16, "BLOCK_N": block_n, **rope},
-                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1, {})
+                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1, DECODE_SIZES)
             yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
                    {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},
-                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1, {})
+                   {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1,
+                   DECODE_SIZES)
 
 
 def _bytes(dtype: str) -> int:

@@ -19,7 +19,7 @@ from typing import Callable, Dict
 import torch
 
 CASES = ("rms_norm_fwd", "rms_norm_fwd_n8192", "rms_norm_fwd_n8192_triton", "rms_norm_bwd", "rms_norm_bwd_triton",
-         "fused_add_rms_norm_fwd",
+         "rms_norm_bwd_triton_no_tma", "fused_add_rms_norm_fwd",
          "rotary_fwd", "rotary_fwd_triton", "attention_fwd", "attention_fwd_warp_rows16", "attention_bwd",
          "attention_bwd_deterministic", "attention_bwd_key_block128", "attention_bwd_triton", "attention_decode")
 
@@ -30,7 +30,7 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
     kernels of ops where they measured faster than the CUDA ones on the H200 (2026-11-28):
     RMSNorm forward at N = 8192 (0.97 of copy bandwidth from a CUDA graph, against 0.85),
     rotary forward (0.86 against 0.67) and the attention backward (1.40x); and the Triton
-    RMSNorm backward, whose TMA kernel (sm_90+) is new since then."""
+    RMSNorm backward, whose TMA kernel (sm_90+) is new since then, beside its pointer kernel."""
     import internlm_kernels as ik
     from internlm_kernels.bench.cases import with_env
 
@@ -77,6 +77,8 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "rms_norm_fwd_n8192_triton": lambda: ik.rms_norm(x_wide, weight_wide, backend=compared),
         "rms_norm_bwd": lambda: torch.autograd.grad(normed, x_grad, grad_normed, retain_graph=True),
         "rms_norm_bwd_triton": lambda: torch.autograd.grad(normed_compared, x_grad, grad_normed, retain_graph=True),
+        "rms_norm_bwd_triton_no_tma": with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0", lambda: torch.autograd.grad(
+            normed_compared, x_grad, grad_normed, retain_graph=True)),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "rotary_fwd_triton": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=compared),

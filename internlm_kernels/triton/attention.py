@@ -23,14 +23,13 @@ the same bits. Softmax is computed in base 2 with the scale folded into one mult
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import cdiv, next_power_of_2
+from internlm_kernels.triton._host import cdiv, next_power_of_2, num_sms
 from internlm_kernels.triton.rotary import _rotated_member
 
 # Globals read inside kernels must be constexpr (the interpreter does not enforce it, the
@@ -775,11 +774,6 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
         **_interpreter_blocks(block_d, "dq"))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _rotary_args(cos, sin, interleaved: bool):
     """The rotary table arguments of the KV-cache kernels (dummies when there is no rotary)."""
     if cos is None:
@@ -819,7 +813,7 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     tiles = cdiv(rows, block_m)
     # Enough programs to fill the GPU twice over, each split at least a few key blocks long.
     # Sized from the capacity (host-known), not the lengths (device), so CUDA graphs replay.
-    sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
+    sms = num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
     max_splits = max(1, cdiv(capacity, 4 * block_n))
     splits = max(1, min(max_splits, cdiv(2 * sms, batch * heads_kv * tiles), 128))
     keys_per_split = cdiv(cdiv(capacity, splits), block_n) * block_n

@@ -26,7 +26,6 @@ into its own row of a (programs, N) buffer, summed afterwards in a fixed order.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import List, Optional, Sequence
 
@@ -34,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import cdiv, next_power_of_2
+from internlm_kernels.triton._host import capability_major, cdiv, max_shared_per_block, next_power_of_2, num_sms
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -306,38 +305,19 @@ def _rms_norm_bwd_tma_kernel(
         tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(device_index: Optional[int]) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def _prefetch_budget(device: torch.device) -> int:
     """Shared memory the TMA backward's prefetch buffers may take: TMA_BWD_PREFETCH_BYTES,
     and no more than a block may have on the device, less room for the reductions (sm_90 and
     sm_100 parts give a block 227 KiB, sm_120 parts 99 KiB)."""
     if device.type != "cuda":
         return TMA_BWD_PREFETCH_BYTES
-    return min(TMA_BWD_PREFETCH_BYTES, _max_shared_per_block(device.index) - 4096)
-
-
-@functools.lru_cache(maxsize=None)
-def _max_shared_per_block(device_index: Optional[int]) -> int:
-    """Bytes of shared memory a block may opt in to on this device."""
-    limit = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
-    if limit is None:  # older torch: ask Triton's driver
-        limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    return int(limit)
+    return min(TMA_BWD_PREFETCH_BYTES, max_shared_per_block(device.index) - 4096)
 
 
 def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     """Enough programs to fill the GPU a few times over; each owns one fp32 dweight row."""
     if device.type == "cuda":
-        return max(1, min(row_blocks, 4 * _num_sms(device.index if device.index is not None else 0)))
+        return max(1, min(row_blocks, 4 * num_sms(device.index if device.index is not None else 0)))
     return max(1, min(row_blocks, 4))  # interpreter: fewer, larger programs are faster
 
 
@@ -354,7 +334,7 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     if choice == "0" or TensorDescriptor is None:
         return None
     device = inputs[0].device
-    if choice is None and not (device.type == "cuda" and _capability_major(device.index) >= 9):
+    if choice is None and not (device.type == "cuda" and capability_major(device.index) >= 9):
         return None
     step_bytes = [block_m * block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
     if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES:

@@ -21,7 +21,8 @@ import torch
 CASES = ("rms_norm_fwd", "rms_norm_fwd_n8192", "rms_norm_fwd_n8192_triton", "rms_norm_bwd", "rms_norm_bwd_triton",
          "rms_norm_bwd_triton_no_tma", "fused_add_rms_norm_fwd",
          "rotary_fwd", "rotary_fwd_triton", "attention_fwd", "attention_fwd_warp_rows16", "attention_bwd",
-         "attention_bwd_deterministic", "attention_bwd_key_block128", "attention_bwd_triton", "attention_decode")
+         "attention_bwd_dq_warp_rows32", "attention_bwd_atomic_dq", "attention_bwd_key_block128", "attention_bwd_triton",
+         "attention_decode")
 
 
 def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
@@ -59,8 +60,6 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
                for heads in (32, 8, 8))
     q_grad, k_grad, v_grad = (t.clone().requires_grad_(True) for t in (q, k, v))
     attended = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, backend=backend)
-    attended_deterministic = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, deterministic=True,
-                                                backend=backend)
     attended_compared = ik.flash_attention(q_grad, k_grad, v_grad, causal=True, backend=compared)
     grad_attended = torch.randn_like(attended)
 
@@ -86,8 +85,11 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "attention_fwd_warp_rows16": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16",
                                               lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
         "attention_bwd": attention_grads(attended),
-        "attention_bwd_deterministic": attention_grads(attended_deterministic),
-        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended)),
+        "attention_bwd_dq_warp_rows32": with_env("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32",
+                                                 attention_grads(attended)),
+        "attention_bwd_atomic_dq": with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", attention_grads(attended)),
+        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", with_env(
+            "INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended))),
         "attention_bwd_triton": attention_grads(attended_compared),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
                                                                     backend=backend),

@@ -464,34 +464,63 @@ def test_backward_is_bitwise_deterministic(backend, device):
         assert torch.equal(first, second)
 
 
-def atomic_dq_changes_only_dq(device, batch, seqlen, heads_q, heads_kv, head_dim, **kwargs):
-    """The CUDA backward's two dQ paths (fp32 atomics in the dK/dV kernel, or the dQ kernel)
-    give the same dK and dV bits, and dQ within one bf16 rounding of each other; both are
-    within the 3x rule of eager against fp64."""
+def atomic_dq_changes_only_dq(device, monkeypatch, batch, seqlen, heads_q, heads_kv, head_dim, **kwargs):
+    """The CUDA backward's two dQ paths (the dQ kernel, the default; fp32 atomics in the dK/dV
+    kernel with INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ=1) give the same dK and dV bits, and dQ
+    within a few bf16 roundings of each other (the dQ kernel rounds P to bf16 before dS, as
+    eager autograd does; the atomic path does not); both are within the 3x rule of eager
+    against fp64. deterministic=True takes the dQ kernel even with the atomics requested."""
     q, k, v = _qkv(batch, seqlen, seqlen, heads_q, heads_kv, head_dim, torch.bfloat16, device)
     grad = torch.randn_like(q)
-    _, (dq_atomic, dk_atomic, dv_atomic) = _check(q, k, v, "cuda", grad, deterministic=False, **kwargs)
-    _, (dq_kernel, dk_kernel, dv_kernel) = _check(q, k, v, "cuda", grad, deterministic=True, **kwargs)
+    _, (dq_kernel, dk_kernel, dv_kernel) = _check(q, k, v, "cuda", grad, **kwargs)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")
+    _, (dq_atomic, dk_atomic, dv_atomic) = _check(q, k, v, "cuda", grad, **kwargs)
+    _, deterministic = _check(q, k, v, "cuda", grad, deterministic=True, **kwargs)
     assert torch.equal(dk_atomic, dk_kernel) and torch.equal(dv_atomic, dv_kernel)
+    assert all(torch.equal(a, b) for a, b in zip(deterministic, (dq_kernel, dk_kernel, dv_kernel)))
     scale = dq_kernel.double().abs().max().item()
-    assert (dq_atomic.double() - dq_kernel.double()).abs().max().item() <= 2 ** -7 * scale
+    error = (dq_atomic.double() - dq_kernel.double()).abs().max().item()
+    assert 0 < error <= 2 ** -6 * scale, f"the dQ paths differ by {error:.3g} (largest magnitude {scale:.3g})"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_atomic_dq_changes_only_dq(head_dim, device):
-    atomic_dq_changes_only_dq(device, 2, 1000, 16, 4, head_dim, causal=True)
+def test_atomic_dq_changes_only_dq(head_dim, device, monkeypatch):
+    atomic_dq_changes_only_dq(device, monkeypatch, 2, 1000, 16, 4, head_dim, causal=True)
+
+
+def dq_warp_layouts_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, **kwargs):
+    """The CUDA dQ kernel's two warp layouts (INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS 16 or 32)
+    take every query row through the same products, 16 keys at a time in key order, so dq is
+    bitwise equal (the larger programs only add more exact zeros from masked keys); dk and dv
+    come from the same dK/dV kernel. The 32-row layout meets the reference rule."""
+    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, torch.bfloat16, device)
+    grad = torch.randn_like(q)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "16")
+    _, rows16 = _check(q, k, v, "cuda", grad, **kwargs)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32")
+    _, rows32 = _check(q, k, v, "cuda", grad, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(rows16, rows32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kwargs", [{"causal": True}, {}, {"window_size": (300, 0)}], ids=["causal", "full", "window"])
+def test_dq_warp_layouts_agree(head_dim, kwargs, device, monkeypatch):
+    dq_warp_layouts_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, head_dim, **kwargs)
 
 
 def backward_key_blocks_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv,
                               dtype=torch.bfloat16, **kwargs):
-    """The CUDA backward's two dK/dV layouts at head_dim 128 (INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK:
-    64 keys with each warp's scores in registers, or 128 keys with P and dS shared) both meet
-    the reference rule. They round P at different points (the shared layout rounds it to bf16
-    before dS = P (dP - delta), as eager autograd does), so they agree within a few roundings
-    (2^-6 of each gradient's largest magnitude), not bitwise."""
+    """The CUDA backward's two dK/dV layouts with atomic dQ at head_dim 128
+    (INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK: 64 keys with each warp's scores in registers, or 128
+    keys with P and dS shared) both meet the reference rule. They round P at different points
+    (the shared layout rounds it to bf16 before dS = P (dP - delta), as eager autograd does),
+    so they agree within a few roundings (2^-6 of each gradient's largest magnitude), not
+    bitwise."""
     q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, 128, dtype, device)
     grad = torch.randn_like(q)
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")  # the 128-key layout comes with it
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "64")
     _, registers = _check(q, k, v, "cuda", grad, **kwargs)
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")

@@ -185,7 +185,8 @@ def test_emulated_backward_is_deterministic(cuda_backend):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_emulated_global_deterministic_switch_selects_the_dq_kernel(cuda_backend):
+def test_emulated_global_deterministic_switch_selects_the_dq_kernel(cuda_backend, monkeypatch):
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")  # requested, and overridden below
     q, k, v = (t.requires_grad_(True) for t in attention_tests._qkv(1, 150, 150, 2, 1, 64, torch.bfloat16, CPU))
     grad = torch.randn_like(q)
 
@@ -202,30 +203,41 @@ def test_emulated_global_deterministic_switch_selects_the_dq_kernel(cuda_backend
         torch.use_deterministic_algorithms(previous)
 
 
-# The grid above runs the default backward (dQ by atomics in the dK/dV kernel); these run the
-# deterministic one (the dQ kernel) over the cases that stress its tiling and masks.
+# The grid above runs the default backward (a dK/dV kernel, then the dQ kernel with 16 rows per
+# warp); these run its other dQ paths over the cases that stress their tiling and masks: the
+# atomic dQ inside the dK/dV kernel, and the dQ kernel's 32-row warp layout.
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
-def test_emulated_deterministic_backward_matches_reference(cuda_backend, case, head_dim):
+def test_emulated_atomic_dq_backward_matches_reference(cuda_backend, case, head_dim, monkeypatch):
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")
     batch, sq, sk, hq, hkv, kwargs = CASES[case]
     q, k, v = attention_tests._qkv(batch, sq, sk, hq, hkv, head_dim, torch.bfloat16, CPU)
-    attention_tests._check(q, k, v, "cuda", deterministic=True, **kwargs)
+    attention_tests._check(q, k, v, "cuda", **kwargs)
 
 
-def test_emulated_deterministic_backward_packed_varlen(cuda_backend):
-    # test_attention_packed_varlen's sequences (empty ones, padding rows), through the dQ kernel.
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", ["gqa3_causal", "sq_gt_sk_causal", "window_both", "long_keys_causal"])
+def test_emulated_dq_warp_layouts_agree(cuda_backend, case, head_dim, monkeypatch):
+    batch, sq, sk, hq, hkv, kwargs = CASES[case]
+    attention_tests.dq_warp_layouts_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, head_dim, **kwargs)
+
+
+@pytest.mark.parametrize("dq_path", [("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1"),
+                                     ("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32")], ids=["atomic", "rows32"])
+def test_emulated_backward_dq_paths_packed_varlen(cuda_backend, dq_path, monkeypatch):
+    # test_attention_packed_varlen's sequences (empty ones, padding rows) through the other dQ paths.
+    monkeypatch.setenv(*dq_path)
     cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)
     q, k, v = attention_tests._qkv(None, 22, 31, 6, 2, 64, torch.bfloat16, CPU, packed=True)
-    _, (dq, _, _) = attention_tests._check(q, k, v, "cuda", deterministic=True, causal=True,
-                                           cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    _, (dq, _, _) = attention_tests._check(q, k, v, "cuda", causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     assert torch.equal(dq[20:], torch.zeros_like(dq[20:])), "padding query rows get zero gradients"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim):
+def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim, monkeypatch):
     # 3 key tiles, 2 heads of a group: several programs add into the same dQ rows.
-    attention_tests.atomic_dq_changes_only_dq(CPU, 1, 150, 2, 1, head_dim, causal=True)
+    attention_tests.atomic_dq_changes_only_dq(CPU, monkeypatch, 1, 150, 2, 1, head_dim, causal=True)
 
 
 @pytest.mark.parametrize("case,dtype", [("gqa3_causal", torch.bfloat16), ("sq_lt_sk_causal", torch.bfloat16),
@@ -240,6 +252,7 @@ def test_emulated_backward_key_blocks_agree(cuda_backend, case, dtype, monkeypat
 def test_emulated_shared_scores_backward_packed_varlen(cuda_backend, monkeypatch):
     # The 128-key dK/dV layout over packed sequences: lengths (q, k) (3, 5), (0, 2), (1, 1),
     # (16, 22), then 2 padding query rows and 1 padding key, which get zero gradients.
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")
     cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)
@@ -311,9 +324,18 @@ def test_emulated_glue_checks_run_before_any_launch(kernels, monkeypatch):
         with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS must be 32 or 16, got '24'"):
             kernels.attention_fwd(q, k, k, torch.empty_like(q), lse, None, None, 1.0, True, (-1, -1))
         patch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "256")
+        bwd_args = (q, q, k, k, q, lse, torch.empty_like(q), torch.empty_like(k), torch.empty_like(k), None, None, 1.0,
+                    True, (-1, -1), False)
         with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK must be 64 or 128, got '256'"):
-            kernels.attention_bwd(q, q, k, k, q, lse, torch.empty_like(q), torch.empty_like(k), torch.empty_like(k),
-                                  None, None, 1.0, True, (-1, -1), False)
+            kernels.attention_bwd(*bwd_args)
+        patch.delenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK")
+        patch.setenv("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "64")
+        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS must be 16 or 32, got '64'"):
+            kernels.attention_bwd(*bwd_args)
+        patch.delenv("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS")
+        patch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "yes")
+        with pytest.raises(RuntimeError, match="INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ must be 0 or 1, got 'yes'"):
+            kernels.attention_bwd(*bwd_args)
     lengths = torch.zeros(1, dtype=torch.int32)
     cos = torch.ones(16, 32)
     with pytest.raises(RuntimeError, match="does not support rotary_cos of dtype Half"):

@@ -198,8 +198,12 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   bind_rows(dk, p.dk, p.dk_stride_b, p.dk_stride_s, p.dk_stride_h);
   bind_rows(dv, p.dv, p.dv_stride_b, p.dv_stride_s, p.dv_stride_h);
   p.key_block = env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", {64, 128});  // BwdKeyTraits
-  at::Tensor dq_accum;  // fp32 atomic target of the default (non-deterministic) backward
-  if (!deterministic) {
+  p.dq_warp_rows = env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", {16, 32});  // BwdQueryTraits
+  // dQ by fp32 atomics in the dK/dV kernel only on request, and never when deterministic: the
+  // separate dQ kernel is the default (AttentionBwdParams in attention.h says why).
+  const bool atomic_dq = !deterministic && env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", {0, 1}) == 1;
+  at::Tensor dq_accum;  // fp32 target of the atomic dQ
+  if (atomic_dq) {
     dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
     bind_rows(dq_accum, p.dq_accum, p.dq_accum_stride_b, p.dq_accum_stride_s, p.dq_accum_stride_h);
   }

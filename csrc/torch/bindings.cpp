@@ -41,7 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"));
   m.def("attention_bwd", &attention_bwd,
-        "fused attention backward (writes dq, dk, dv; dQ by fp32 atomics unless deterministic)", py::arg("dout"),
+        "fused attention backward (writes dq, dk, dv; dQ by a second kernel, or by fp32 atomics when INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ=1 and not deterministic)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("softmax_scale"), py::arg("causal"),
         py::arg("window_size"), py::arg("deterministic"));

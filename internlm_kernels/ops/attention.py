@@ -287,11 +287,12 @@ def flash_attention(
     D ** -0.5. Rows that see no key output zeros (lse -inf).
 
     Returns out (like q), and with ``return_lse`` the fp32 log-sum-exp (B, Hq, Sq), or
-    (Hq, Tq) packed. Differentiable in q, k, v. ``deterministic`` picks the CUDA backward, as
-    in flash-attention: False (default) adds dQ up with fp32 atomics inside the dK/dV kernel
-    (fewer products; dq's last bits vary from run to run), True writes dQ from its own kernel
-    (same bits every run); ``torch.use_deterministic_algorithms(True)`` also selects it. The
-    Triton backward uses no atomics: it is deterministic either way.
+    (Hq, Tq) packed. Differentiable in q, k, v. Both backends' backwards are deterministic
+    (same bits every run): the CUDA one writes dK / dV from one kernel and dQ from another.
+    Its fp32-atomic dQ inside the dK/dV kernel (fewer products, dq's last bits vary from run
+    to run; slower on an H200) is there on request, ``INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ=1``,
+    and ``deterministic=True`` (or ``torch.use_deterministic_algorithms(True)``) rules it
+    out whatever the environment says, as flash-attention's flag does.
     Triton serves float16 / bfloat16 with head_dim a multiple of 8 up to 256; CUDA float16 /
     bfloat16 with head_dim 64 or 128 and 16-byte aligned rows; "auto" hands other calls
     (float32, odd head dims, CPU tensors) to the eager reference.

@@ -126,9 +126,24 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 template <typename T, int kHeadDim>
 using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 
-// dQ: 64 query rows (16 per warp) x 64-key tiles.
-template <typename T, int kHeadDim>
-using BwdQueryTraits = TileTraits<T, kHeadDim, 64, 64, 4, 1>;
+// dQ, two warp layouts (AttentionBwdParams::dq_warp_rows), 4 warps either way:
+//  * 16 rows per warp (the default): 64 query rows x 64-key tiles. Every warp reads all of
+//    each K / V tile from shared memory for its 16 rows.
+//  * 32 rows per warp: 128 query rows x 32-key tiles. Each K / V fragment feeds two mma, as
+//    in the forward's default layout: per tile a warp reads 80 ldmatrix.x4 for its 192 mma
+//    (d = 128) where the first reads 112. The keys per tile are halved so that S and dP (a
+//    warp's rows x the tile's keys) stay at 64 registers beside the 128 of its fp32 dQ rows
+//    at d = 128, and so that Q, dO and two stages of K and V (96 KB at d = 128) leave room
+//    for two blocks per SM; a warp still does 192 mma between two barriers.
+// Shared memory, with the rows' info: 97 / 98 KB at d = 128, 49 / 50 KB at d = 64. ptxas
+// (CUDA 13.0, bf16 and fp16, no spills), 16 / 32 rows per warp: sm_90a 200-213 / 249-255
+// registers at d = 128 and 152-166 / 188-204 at d = 64; sm_80 195-209 / 252-255 and
+// 149-163 / 183-190. So two blocks per SM at d = 128 either way; at d = 64, three of the
+// first and two of the second. The kernel asks for at least one block per SM in its launch
+// bounds: without it, ptxas held the d = 64 kernels to 128 or 168 registers and spilled
+// 8-36 B to fit more.
+template <typename T, int kHeadDim, int kWarpRows = 16>
+using BwdQueryTraits = TileTraits<T, kHeadDim, 4 * kWarpRows, (kWarpRows == 16 ? 64 : 32), 4, 1>;
 
 // ---------------------------------------------------------------------------------------
 // Where a program works: sequence bounds, visible keys
@@ -1222,19 +1237,20 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const 
 
 // dQ of one tile of packed query rows: loops over the key tiles they see.
 template <class Tr, bool kHasWindow>
-__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using T = typename Tr::T;
   using RowTile = typename Tr::RowTile;        // Q, dO; then the dQ staging (in Q)
   using StreamTile = typename Tr::StreamTile;  // K and V, two stages
-  static_assert(Tr::kMTiles == 1 && Tr::kWarpsN == 1, "one 16-row slab per warp");
+  static_assert(Tr::kWarpsN == 1, "each warp its own query rows");
   IK_DYNAMIC_SHARED(char, smem);
   char* q_tile = smem;
   char* do_tile = smem + RowTile::kBytes;
   char* kv_tiles = do_tile + RowTile::kBytes;  // stages: K0 V0 K1 V1
+  BwdRow* row_info = reinterpret_cast<BwdRow*>(kv_tiles + 4 * StreamTile::kBytes);  // [kBlockM]
   const uint32_t q_address = mma::shared_address(q_tile), do_address = mma::shared_address(do_tile);
   const uint32_t kv_address = mma::shared_address(kv_tiles);
   const int thread = thread_in_block<Tr::kThreads>(), lane = thread % 32, warp = thread / 32;
-  const int warp_row0 = warp * 16;
+  const int warp_row0 = warp * Tr::kWarpRows;
 
   const ProgramTile pt = program_tile(p, false, Tr::kBlockM);
   const int rows = pt.q_len * p.group, row0 = pt.tile * Tr::kBlockM;
@@ -1261,12 +1277,15 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
 
+  // The rows' statistics and visible keys wait in shared memory (the first tile's barrier
+  // publishes them); each tile reads those of a thread's rows, warp_row0 + 16 mt + g + 8 r.
+  // Held in registers across the key loop, they made the 32-row layout spill.
+  static_assert(Tr::kBlockM <= Tr::kThreads, "one row of info per thread");
+  if (threadIdx.x < Tr::kBlockM)
+    store_shared(row_info + threadIdx.x, bwd_row<kHasWindow>(p, pt, row0 + threadIdx.x, shift));
   const int g = lane / 4, t = lane % 4;
-  BwdRow info[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) info[r] = bwd_row<kHasWindow>(p, pt, row0 + warp_row0 + g + 8 * r, shift);
 
-  float dq[1][Tr::kDimTiles][4];
+  float dq[Tr::kMTiles][Tr::kDimTiles][4];
   zero(dq);
   int stage = 0;
   for (int n0 = range.lo; n0 < range.hi; n0 += Tr::kBlockN, stage ^= 1) {
@@ -1275,23 +1294,50 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
     if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes, v_stage = k_stage + StreamTile::kBytes;
-    float s[1][Tr::kNTiles][4], dp[1][Tr::kNTiles][4];
-    zero(s);
-    zero(dp);
-    gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage, 0, lane);
-    gemm_abt<T, RowTile, StreamTile, 1, Tr::kNTiles, Tr::kKSteps>(dp, do_address, warp_row0, v_stage, 0, lane);
-    with_mask(range.needs_mask(n0, Tr::kBlockN), [&](auto mask) {
-      constexpr bool kMask = decltype(mask)::value;
+    // P = exp2(S scale_log2 - lse2) is rounded to T before dS = P (dP - delta) uses it, as
+    // eager autograd does with softmax's output; so only P's 16-bit pairs are live through
+    // the dP product (fp32 P there made the 32-row layout spill at d = 128).
+    uint32_t prob[Tr::kMTiles][Tr::kNTiles][2];
+    const BwdRow* info = row_info + warp_row0 + g;  // rows 16 mt + 8 r on
+    {
+      float s[Tr::kMTiles][Tr::kNTiles][4];
+      zero(s);
+      gemm_abt<T, RowTile, StreamTile, Tr::kMTiles, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage, 0,
+                                                                              lane);
+      with_mask(range.needs_mask(n0, Tr::kBlockN), [&](auto mask) {
+        constexpr bool kMask = decltype(mask)::value;
+#pragma unroll
+        for (int mt = 0; mt < Tr::kMTiles; ++mt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const BwdRow& row = shared_view(info + 16 * mt + 8 * r);
+#pragma unroll
+            for (int nt = 0; nt < Tr::kNTiles; ++nt) {
+              const int key = n0 + 8 * nt + 2 * t;
+              prob[mt][nt][r] =
+                  mma::pack2<T>(bwd_probability<kMask>(s[mt][nt][2 * r], p.scale_log2, row, key),
+                                bwd_probability<kMask>(s[mt][nt][2 * r + 1], p.scale_log2, row, key + 1));
+            }
+          }
+      });
+    }
+    // dS = P (dP - delta), in place of dP.
+    float ds[Tr::kMTiles][Tr::kNTiles][4];
+    zero(ds);
+    gemm_abt<T, RowTile, StreamTile, Tr::kMTiles, Tr::kNTiles, Tr::kKSteps>(ds, do_address, warp_row0, v_stage, 0,
+                                                                            lane);
+#pragma unroll
+    for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < Tr::kNTiles; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const BwdRow& row = info[e / 2];
-          const float prob = bwd_probability<kMask>(s[0][nt][e], p.scale_log2, row, n0 + 8 * nt + 2 * t + e % 2);
-          s[0][nt][e] = prob * (dp[0][nt][e] - row.delta);  // dS
+        for (int r = 0; r < 2; ++r) {
+          const float delta = load_shared(&info[16 * mt + 8 * r].delta);
+          const float2 pair = mma::unpack2<T>(prob[mt][nt][r]);
+          ds[mt][nt][2 * r] = pair.x * (ds[mt][nt][2 * r] - delta);
+          ds[mt][nt][2 * r + 1] = pair.y * (ds[mt][nt][2 * r + 1] - delta);
         }
-    });
-    gemm_pb<T, StreamTile, 1, Tr::kNTiles / 2, Tr::kDimTiles>(dq, s, k_stage, 0, lane);
+    gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kNTiles / 2, Tr::kDimTiles>(dq, ds, k_stage, 0, lane);
   }
   mma::cp_async_wait<0>();
   __syncthreads();
@@ -1300,7 +1346,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dq_kernel(const At
   __syncwarp();
   const void* dq_base = tensor_base<T>(p.dq, pt.batch, p.dq_stride_b, pt.q_start, p.dq_stride_s, pt.kv_head * p.group,
                                        p.dq_stride_h);
-  store_rows<RowTile>(q_tile, warp_row0, 16, lane, [&](int r) -> void* {
+  store_rows<RowTile>(q_tile, warp_row0, Tr::kWarpRows, lane, [&](int r) -> void* {
     const int row = row0 + warp_row0 + r;
     return row < rows ? const_cast<void*>(
                             packed_row_address<T>(dq_base, row, p.group_divisor, p.dq_stride_s, p.dq_stride_h))
@@ -1398,6 +1444,15 @@ template <class Tr, bool kHasWindow, bool kAtomicDq>
 cudaError_t launch_key_tiles(const AttentionBwdParams& p, cudaStream_t stream) {
   return launch(attention_bwd_dkdv_kernel<Tr, kHasWindow, kAtomicDq>, tile_grid(p, p.seqlen_k, Tr::kBlockM),
                 Tr::kThreads, key_tile_shared_bytes<Tr, kAtomicDq>(), stream, p);
+}
+
+// The dQ kernel over every tile of packed query rows: shared memory for Q, dO, two stages of
+// K and V, and the rows' info.
+template <class Tr, bool kHasWindow>
+cudaError_t launch_query_tiles(const AttentionBwdParams& p, cudaStream_t stream) {
+  constexpr int kShared = 2 * Tr::RowTile::kBytes + 4 * Tr::StreamTile::kBytes + Tr::kBlockM * sizeof(BwdRow);
+  return launch(attention_bwd_dq_kernel<Tr, kHasWindow>, tile_grid(p, int64_t(p.seqlen_q) * p.group, Tr::kBlockM),
+                Tr::kThreads, kShared, stream, p);
 }
 
 // Shared memory of a forward or decode program: its query rows, and two stages of K and V.
@@ -1504,10 +1559,9 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t 
   }
   error = launch_key_tiles<KeyTr, kHasWindow, false>(p, stream);
   if (error != cudaSuccess) return error;
-  using QueryTr = BwdQueryTraits<T, kHeadDim>;
-  const int query_smem = 2 * QueryTr::RowTile::kBytes + 4 * QueryTr::StreamTile::kBytes;
-  return launch(attention_bwd_dq_kernel<QueryTr, kHasWindow>, tile_grid(p, int64_t(p.seqlen_q) * p.group, QueryTr::kBlockM),
-                QueryTr::kThreads, query_smem, stream, p);
+  if (p.dq_warp_rows == 16) return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 16>, kHasWindow>(p, stream);
+  if (p.dq_warp_rows != 32) return cudaErrorInvalidValue;  // the glue checks it first
+  return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);
 }
 
 }  // namespace internlm_kernels

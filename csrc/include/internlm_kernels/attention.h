@@ -44,10 +44,12 @@ struct AttentionParams {
 };
 
 // Backward: dout like out; dq like q, dk / dv like k / v; delta (fp32, lse's strides) is
-// workspace the launcher fills with rowsum(dout * out). With dq_accum set (fp32, q's shape,
-// contiguous: workspace the launcher zeroes), dQ is summed there by atomics in the dK/dV
-// kernel and then converted into dq (fast; the order of the adds, so dq's last bits, vary
-// from run to run); without it, a dQ kernel writes dq once (deterministic).
+// workspace the launcher fills with rowsum(dout * out). Without dq_accum, a dK/dV kernel
+// writes dk and dv, then a dQ kernel that recomputes the scores writes dq once
+// (deterministic). With dq_accum set (fp32, q's shape, contiguous: workspace the launcher
+// zeroes), dQ is summed there by atomics in the dK/dV kernel and then converted into dq: no
+// recomputation, but the order of the adds, so dq's last bits, vary from run to run, and on
+// an H200 (2026-11-28, d = 128, 8K) it was the slower of the two by 1.07-1.10x.
 struct AttentionBwdParams : AttentionParams {
   const void* dout = nullptr;
   int64_t dout_stride_b = 0, dout_stride_s = 0, dout_stride_h = 0;
@@ -64,6 +66,9 @@ struct AttentionBwdParams : AttentionParams {
   // scores in registers) or 128 (8 warps sharing P and dS through shared memory, where the
   // device gives a block 162 KB). Other calls take 64. See BwdKeyTraits in attention.cuh.
   int key_block = 64;
+  // Without dq_accum: query rows per warp of the dQ kernel, 16 (64-row programs, 64-key
+  // tiles) or 32 (128-row programs, 32-key tiles). See BwdQueryTraits in attention.cuh.
+  int dq_warp_rows = 16;
 };
 
 // Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,

@@ -88,8 +88,7 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "attention_bwd_dq_warp_rows32": with_env("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32",
                                                  attention_grads(attended)),
         "attention_bwd_atomic_dq": with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", attention_grads(attended)),
-        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", with_env(
-            "INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended))),
+        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended)),
         "attention_bwd_triton": attention_grads(attended_compared),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
                                                                     backend=backend),

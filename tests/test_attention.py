@@ -511,16 +511,16 @@ def test_dq_warp_layouts_agree(head_dim, kwargs, device, monkeypatch):
 
 
 def backward_key_blocks_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv,
-                              dtype=torch.bfloat16, **kwargs):
-    """The CUDA backward's two dK/dV layouts with atomic dQ at head_dim 128
-    (INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK: 64 keys with each warp's scores in registers, or 128
-    keys with P and dS shared) both meet the reference rule. They round P at different points
-    (the shared layout rounds it to bf16 before dS = P (dP - delta), as eager autograd does),
-    so they agree within a few roundings (2^-6 of each gradient's largest magnitude), not
-    bitwise."""
+                              dtype=torch.bfloat16, atomic_dq=False, **kwargs):
+    """The CUDA backward's two dK/dV layouts at head_dim 128 (INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK:
+    64 keys with each warp's scores in registers, or 128 keys with P and dS shared), with the
+    dQ kernel or with atomic dQ, both meet the reference rule. They round P at different
+    points (the shared layout rounds it to bf16 before dS = P (dP - delta), as eager autograd
+    does), so they agree within a few roundings (2^-6 of each gradient's largest magnitude),
+    not bitwise; with the dQ kernel, dq comes from that kernel either way, bitwise equal."""
     q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, 128, dtype, device)
     grad = torch.randn_like(q)
-    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")  # the 128-key layout comes with it
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", str(int(atomic_dq)))
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "64")
     _, registers = _check(q, k, v, "cuda", grad, **kwargs)
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")
@@ -529,11 +529,14 @@ def backward_key_blocks_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, he
         scale = theirs.double().abs().max().item()
         error = (ours.double() - theirs.double()).abs().max().item()
         assert error <= 2 ** -6 * scale, f"{name}: the layouts differ by {error:.3g} (largest magnitude {scale:.3g})"
+    assert atomic_dq or torch.equal(shared[0], registers[0])
+    assert not torch.equal(shared[1], registers[1]), "dS rounds P differently in the two layouts: some dk bits differ"
 
 
 @pytest.mark.gpu
-def test_backward_key_blocks_agree(device, monkeypatch):
-    backward_key_blocks_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, causal=True)
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["dq_kernel", "atomic_dq"])
+def test_backward_key_blocks_agree(device, monkeypatch, atomic_dq):
+    backward_key_blocks_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, causal=True, atomic_dq=atomic_dq)
 
 
 def forward_warp_layouts_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,

@@ -243,16 +243,19 @@ def test_emulated_atomic_dq_changes_only_dq(cuda_backend, head_dim, monkeypatch)
 @pytest.mark.parametrize("case,dtype", [("gqa3_causal", torch.bfloat16), ("sq_lt_sk_causal", torch.bfloat16),
                                         ("window_both", torch.bfloat16), ("long_keys_causal", torch.bfloat16),
                                         ("long_keys_causal", torch.float16)], ids=str)
-def test_emulated_backward_key_blocks_agree(cuda_backend, case, dtype, monkeypatch):
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["dq_kernel", "atomic_dq"])
+def test_emulated_backward_key_blocks_agree(cuda_backend, case, dtype, atomic_dq, monkeypatch):
     # long_keys_causal: 2 tiles of 128 keys x 3 tiles of 64 rows, so the Q / dO ring refills
     batch, sq, sk, hq, hkv, kwargs = CASES[case]
-    attention_tests.backward_key_blocks_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, dtype=dtype, **kwargs)
+    attention_tests.backward_key_blocks_agree(CPU, monkeypatch, batch, sq, sk, hq, hkv, dtype=dtype,
+                                              atomic_dq=atomic_dq, **kwargs)
 
 
-def test_emulated_shared_scores_backward_packed_varlen(cuda_backend, monkeypatch):
+@pytest.mark.parametrize("atomic_dq", ["0", "1"], ids=["dq_kernel", "atomic_dq"])
+def test_emulated_shared_scores_backward_packed_varlen(cuda_backend, atomic_dq, monkeypatch):
     # The 128-key dK/dV layout over packed sequences: lengths (q, k) (3, 5), (0, 2), (1, 1),
     # (16, 22), then 2 padding query rows and 1 padding key, which get zero gradients.
-    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1")
+    monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", atomic_dq)
     monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128")
     cu_q = torch.tensor([0, 3, 3, 4, 20], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 7, 8, 30], dtype=torch.int32)

@@ -276,13 +276,13 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention(q, k, v, causal=causal, backend=b)
     if backward and "cuda" in impls:
-        # The CUDA backward's other dQ paths: the dQ kernel's 32-row warp layout, and dQ added
-        # by fp32 atomics inside the dK/dV kernel (with, at head_dim 128, 128-key dK/dV
-        # programs whose warps share the scores).
+        # The CUDA backward's other layouts: the dQ kernel with 32 rows per warp, dQ added by
+        # fp32 atomics inside the dK/dV kernel, and at head_dim 128 dK/dV programs of 128 keys
+        # whose warps share the scores.
         impls["cuda_dq_warp_rows32"] = with_env("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32", impls["cuda"])
         impls["cuda_atomic_dq"] = with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", impls["cuda"])
         if head_dim == 128:
-            impls["cuda_key_block128"] = with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", impls["cuda_atomic_dq"])
+            impls["cuda_key_block128"] = with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", impls["cuda"])
     if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (8 warps of 16 rows)
         impls["cuda_warp_rows16"] = with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16", impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES

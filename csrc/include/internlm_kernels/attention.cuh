@@ -119,10 +119,10 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 255 registers, no spills on sm_90a; on sm_80 4-8 B without a window, 16-24 B with one. In
-// the SASS (sm_90a, bf16) a warp executes about 1060 instructions for a mask-free row tile
-// of 320 mma, against 650 for 160 in the layout above. Selected with atomic dQ at d = 128
-// only.
+// 255 registers, no spills on sm_90a; with atomic dQ on sm_80, 8 B without a window and
+// 16 B with one (none without the atomic dQ). In the SASS (sm_90a, bf16) a warp executes
+// about 1060 instructions for a mask-free row tile of 320 mma with the atomic dQ, against
+// 650 for 160 in the layout above. Selected at d = 128 only.
 template <typename T, int kHeadDim>
 using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 
@@ -1455,6 +1455,19 @@ cudaError_t launch_query_tiles(const AttentionBwdParams& p, cudaStream_t stream)
                 Tr::kThreads, kShared, stream, p);
 }
 
+// The dK/dV kernel in the layout p.key_block asks for: 128 keys with shared scores at d = 128
+// where a block may take their 162 KB (not on sm_86 / sm_89), else 64 keys.
+template <typename T, int kHeadDim, bool kHasWindow, bool kAtomicDq>
+cudaError_t launch_key_layout(const AttentionBwdParams& p, cudaStream_t stream) {
+  if (p.key_block != 64 && p.key_block != 128) return cudaErrorInvalidValue;  // the glue checks it first
+  if constexpr (kHeadDim == 128) {
+    using SharedTr = BwdKeySharedTraits<T, kHeadDim>;
+    if (p.key_block == 128 && shared_memory_per_block_optin() >= key_tile_shared_bytes<SharedTr, kAtomicDq>())
+      return launch_key_tiles<SharedTr, kHasWindow, kAtomicDq>(p, stream);
+  }
+  return launch_key_tiles<BwdKeyTraits<T, kHeadDim>, kHasWindow, kAtomicDq>(p, stream);
+}
+
 // Shared memory of a forward or decode program: its query rows, and two stages of K and V.
 template <class Tr>
 constexpr int forward_shared_bytes() {
@@ -1539,26 +1552,17 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t 
   cudaError_t error = launch(attention_bwd_delta_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
                              128, 0, stream, p);
   if (error != cudaSuccess) return error;
-  using KeyTr = BwdKeyTraits<T, kHeadDim>;
-  if (p.dq_accum != nullptr) {
+  const bool atomic_dq = p.dq_accum != nullptr;
+  if (atomic_dq) {
     error = zero_async(p.dq_accum, static_cast<size_t>(delta_rows) * kHeadDim * sizeof(float), stream);
     if (error != cudaSuccess) return error;
-    if (p.key_block != 64 && p.key_block != 128) return cudaErrorInvalidValue;  // the glue checks it first
-    using SharedTr = BwdKeySharedTraits<T, kHeadDim>;
-    // 128-key programs at d = 128 where a block may take their 162 KB (not on sm_86 / sm_89).
-    const bool shared_scores = kHeadDim == 128 && p.key_block == 128 &&
-                               shared_memory_per_block_optin() >= key_tile_shared_bytes<SharedTr, true>();
-    if constexpr (kHeadDim == 128)
-      error = shared_scores ? launch_key_tiles<SharedTr, kHasWindow, true>(p, stream)
-                            : launch_key_tiles<KeyTr, kHasWindow, true>(p, stream);
-    else
-      error = launch_key_tiles<KeyTr, kHasWindow, true>(p, stream);
-    if (error != cudaSuccess) return error;
+  }
+  error = atomic_dq ? launch_key_layout<T, kHeadDim, kHasWindow, true>(p, stream)
+                    : launch_key_layout<T, kHeadDim, kHasWindow, false>(p, stream);
+  if (error != cudaSuccess) return error;
+  if (atomic_dq)
     return launch(attention_bwd_dq_convert_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
                   128, 0, stream, p);
-  }
-  error = launch_key_tiles<KeyTr, kHasWindow, false>(p, stream);
-  if (error != cudaSuccess) return error;
   if (p.dq_warp_rows == 16) return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 16>, kHasWindow>(p, stream);
   if (p.dq_warp_rows != 32) return cudaErrorInvalidValue;  // the glue checks it first
   return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);

@@ -62,9 +62,9 @@ struct AttentionBwdParams : AttentionParams {
   float* delta = nullptr;
   float* dq_accum = nullptr;
   int64_t dq_accum_stride_b = 0, dq_accum_stride_s = 0, dq_accum_stride_h = 0;
-  // Keys per dK/dV program with atomic dQ at head_dim 128: 64 (4 warps, each with its keys'
-  // scores in registers) or 128 (8 warps sharing P and dS through shared memory, where the
-  // device gives a block 162 KB). Other calls take 64. See BwdKeyTraits in attention.cuh.
+  // Keys per dK/dV program at head_dim 128: 64 (4 warps, each with its keys' scores in
+  // registers) or 128 (8 warps sharing P and dS through shared memory, where the device
+  // gives a block 162 KB). Other calls take 64. See BwdKeyTraits in attention.cuh.
   int key_block = 64;
   // Without dq_accum: query rows per warp of the dQ kernel, 16 (64-row programs, 64-key
   // tiles) or 32 (128-row programs, 32-key tiles). See BwdQueryTraits in attention.cuh.

@@ -201,7 +201,7 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   p.dq_warp_rows = env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", {16, 32});  // BwdQueryTraits
   // dQ by fp32 atomics in the dK/dV kernel only on request, and never when deterministic: the
   // separate dQ kernel is the default (AttentionBwdParams in attention.h says why).
-  const bool atomic_dq = !deterministic && env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", {0, 1}) == 1;
+  const bool atomic_dq = env_choice(op, "INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", {0, 1}) == 1 && !deterministic;
   at::Tensor dq_accum;  // fp32 target of the atomic dQ
   if (atomic_dq) {
     dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));

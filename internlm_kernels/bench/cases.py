@@ -46,6 +46,14 @@ class Case:
     backward_kernels: Dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
 
 
+# Benchmark providers of the CUDA attention backward's selectable layouts: (switch, value).
+CUDA_BACKWARD_VARIANTS = {
+    "cuda_dq_warp_rows32": ("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32"),  # dQ kernel, 32 rows per warp
+    "cuda_atomic_dq": ("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1"),  # dQ by fp32 atomics in the dK/dV kernel
+    "cuda_key_block128": ("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128"),  # d = 128: 128-key dK/dV, scores shared
+}
+
+
 def kernel_backends(device: torch.device, op: str) -> List[str]:
     """Our kernel backends that can run ``op`` on ``device`` here."""
     usable = []
@@ -275,14 +283,6 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
     for backend in kernel_backends(device, "flash_attention"):
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention(q, k, v, causal=causal, backend=b)
-    if backward and "cuda" in impls:
-        # The CUDA backward's other layouts: the dQ kernel with 32 rows per warp, dQ added by
-        # fp32 atomics inside the dK/dV kernel, and at head_dim 128 dK/dV programs of 128 keys
-        # whose warps share the scores.
-        impls["cuda_dq_warp_rows32"] = with_env("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32", impls["cuda"])
-        impls["cuda_atomic_dq"] = with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", impls["cuda"])
-        if head_dim == 128:
-            impls["cuda_key_block128"] = with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", impls["cuda"])
     if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (8 warps of 16 rows)
         impls["cuda_warp_rows16"] = with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16", impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
@@ -308,6 +308,13 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         t.requires_grad_(True)
     grad = torch.randn_like(q)
     runners = {name: _backward_runner(fn, (q, k, v), (grad,)) for name, fn in impls.items()}
+    if "cuda" in impls:
+        # The CUDA backward's other layouts. The glue reads their switches when the backward
+        # launches, so each wraps a backward runner; around the forward alone (as until
+        # 2026-11-28) the row timed the default backward under another name.
+        for name, (switch, value) in CUDA_BACKWARD_VARIANTS.items():
+            if name != "cuda_key_block128" or head_dim == 128:
+                runners[name] = with_env(switch, value, _backward_runner(impls["cuda"], (q, k, v), (grad,)))
     error = (lambda grads: None)
     if small_enough:
         exact = [t.detach().float().requires_grad_(True) for t in (q, k, v)]

@@ -1,5 +1,5 @@
-// Fused attention on tensor cores (FlashAttention-2 style): forward, backward (dK/dV with dQ
-// by atomics, or dK/dV and dQ kernels), split-KV decoding with its combine kernel, and the
+// Fused attention on tensor cores (FlashAttention-2 style): forward, backward (dK/dV and dQ
+// kernels, or dK/dV with dQ by atomics), split-KV decoding with its combine kernel, and the
 // KV-cache append.
 //
 // Work split. Query rows are "packed" as in the Triton kernels: row r of a sequence is query
@@ -9,11 +9,11 @@
 // group 8). Programs: forward per tile of packed rows; dK/dV per tile of keys (summed over
 // the group's rows, so dK and dV never need atomics; it takes them as tiles of one query
 // head's consecutive positions, which load as simply as K and V); decode per (split of the
-// cache, row tile). dQ comes two ways. By default, as in FlashAttention-2, the dK/dV
-// program also multiplies its dS by K and adds the result into an fp32 dQ with atomics (5
-// products per tile pair; the order of the adds varies, so the last bits of dQ do too).
-// Deterministic: a dQ program per tile of packed rows recomputes S and dP (8 products per
-// tile pair) and writes dQ once.
+// cache, row tile). dQ comes two ways. By default a dQ program per tile of packed rows
+// recomputes S and dP and writes dQ once (7 products per tile pair over the two kernels;
+// deterministic; on an H200 the faster of the two). On request, as in FlashAttention-2, the
+// dK/dV program also multiplies its dS by K and adds the result into an fp32 dQ with atomics
+// (5 products per tile pair; the order of the adds varies, so the last bits of dQ do too).
 //
 // Inside a program, each warp owns 16-row slabs of the output tile and runs mma.sync
 // m16n8k16 with fp32 accumulators (mma.cuh: fragment layouts); the dK/dV program's other
@@ -134,12 +134,12 @@ using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 //    (d = 128) where the first reads 112. The keys per tile are halved so that S and dP (a
 //    warp's rows x the tile's keys) stay at 64 registers beside the 128 of its fp32 dQ rows
 //    at d = 128, and so that Q, dO and two stages of K and V (96 KB at d = 128) leave room
-//    for two blocks per SM; a warp still does 192 mma between two barriers.
+//    for two blocks per SM on sm_90; a warp still does 192 mma between two barriers.
 // Shared memory, with the rows' info: 97 / 98 KB at d = 128, 49 / 50 KB at d = 64. ptxas
 // (CUDA 13.0, bf16 and fp16, no spills), 16 / 32 rows per warp: sm_90a 200-213 / 249-255
 // registers at d = 128 and 152-166 / 188-204 at d = 64; sm_80 195-209 / 252-255 and
-// 149-163 / 183-190. So two blocks per SM at d = 128 either way; at d = 64, three of the
-// first and two of the second. The kernel asks for at least one block per SM in its launch
+// 149-163 / 183-190. So on sm_90 two blocks per SM at d = 128 either way (one on sm_80, whose
+// SMs have 164 KB of shared memory); at d = 64, three of the first and two of the second. The kernel asks for at least one block per SM in its launch
 // bounds: without it, ptxas held the d = 64 kernels to 128 or 168 registers and spilled
 // 8-36 B to fit more.
 template <typename T, int kHeadDim, int kWarpRows = 16>
@@ -1459,7 +1459,6 @@ cudaError_t launch_query_tiles(const AttentionBwdParams& p, cudaStream_t stream)
 // where a block may take their 162 KB (not on sm_86 / sm_89), else 64 keys.
 template <typename T, int kHeadDim, bool kHasWindow, bool kAtomicDq>
 cudaError_t launch_key_layout(const AttentionBwdParams& p, cudaStream_t stream) {
-  if (p.key_block != 64 && p.key_block != 128) return cudaErrorInvalidValue;  // the glue checks it first
   if constexpr (kHeadDim == 128) {
     using SharedTr = BwdKeySharedTraits<T, kHeadDim>;
     if (p.key_block == 128 && shared_memory_per_block_optin() >= key_tile_shared_bytes<SharedTr, kAtomicDq>())
@@ -1547,6 +1546,9 @@ template <typename T, int kHeadDim, bool kHasWindow>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream) {
   using namespace attention_detail;
   if (params.group < 1) return cudaErrorInvalidValue;
+  // Layout choices checked before any launch (the glue checks them first).
+  if ((params.key_block != 64 && params.key_block != 128) || (params.dq_warp_rows != 16 && params.dq_warp_rows != 32))
+    return cudaErrorInvalidValue;
   const AttentionBwdParams p = with_group_divisor(params);
   const int64_t delta_rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
   cudaError_t error = launch(attention_bwd_delta_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
@@ -1563,9 +1565,8 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t 
   if (atomic_dq)
     return launch(attention_bwd_dq_convert_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),
                   128, 0, stream, p);
-  if (p.dq_warp_rows == 16) return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 16>, kHasWindow>(p, stream);
-  if (p.dq_warp_rows != 32) return cudaErrorInvalidValue;  // the glue checks it first
-  return launch_query_tiles<BwdQueryTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);
+  return p.dq_warp_rows == 16 ? launch_query_tiles<BwdQueryTraits<T, kHeadDim, 16>, kHasWindow>(p, stream)
+                              : launch_query_tiles<BwdQueryTraits<T, kHeadDim, 32>, kHasWindow>(p, stream);
 }
 
 }  // namespace internlm_kernels

@@ -33,6 +33,20 @@ def test_table_lists_our_rows_with_ratios(tmp_path, monkeypatch):
     assert "| eager |" not in table  # baselines appear as ratios, not rows
 
 
+def test_mislabelled_rows_are_left_out_and_named(tmp_path, monkeypatch):
+    path = _results(tmp_path / "gpu-20261201.json", "GPU", "2026-12-01", 2850.0)
+    document = json.load(open(path))
+    wrong = dict(document["results"][0], provider="cuda", speedup_vs={"eager": 9.0})
+    document["results"][0]["speedup_vs"]["cuda"] = 0.9
+    document["results"].append(wrong)
+    open(path, "w").write(json.dumps(document))
+    monkeypatch.setattr(report, "MISLABELLED", {("gpu-20261201.json", "rms_norm_fwd", "cuda"): "it ran triton"})
+    table = report.results_table([path])
+    assert "| cuda |" not in table and "cuda 0.90x" not in table
+    assert "| rms_norm_fwd | M=16384,N=4096 | triton |" in table
+    assert "Left out: the rms_norm_fwd rows of cuda: it ran triton." in table
+
+
 def test_table_without_results_says_how_to_get_them():
     assert "No GPU results are committed yet" in report.results_table([])
 

@@ -77,9 +77,10 @@ def bench_summary(out: str) -> list:
         speedups = " ".join(f"{k}={v:.2f}" for k, v in sorted(row.get("speedup_vs", {}).items()))
         frac = row.get("frac_of_ceiling")
         graph = row.get("ms_graph")
+        error = row.get("max_err")  # None: the row had no reference check (not: exact)
         lines.append(f"  {row['op']:<24}{row['provider']:<20}{row['ms']:>9.4f}"
                      f"{'-' if graph is None else f'{graph:.4f}':>9}{(rate or 0):>9.0f}"
-                     f"{(frac or 0):>6.2f}{row.get('max_err') or 0:>10.2e}  {speedups}")
+                     f"{(frac or 0):>6.2f}{'-' if error is None else f'{error:.2e}':>10}  {speedups}")
     return lines
 
 

@@ -47,9 +47,12 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
     weight_wide = torch.randn(2 * hidden, device=device, dtype=dtype)
     residual = torch.randn_like(x)
     weight = torch.randn(hidden, device=device, dtype=dtype)
+    # The weight takes gradients, as in training and in the benchmark: without them the
+    # backward skips its dweight partials (other kernels, other shared memory).
+    weight_grad = weight.clone().requires_grad_(True)
     x_grad = x.clone().requires_grad_(True)
-    normed = ik.rms_norm(x_grad, weight, backend=backend)
-    normed_compared = ik.rms_norm(x_grad, weight, backend=compared)
+    normed = ik.rms_norm(x_grad, weight_grad, backend=backend)
+    normed_compared = ik.rms_norm(x_grad, weight_grad, backend=compared)
     grad_normed = torch.randn_like(normed)
 
     q_rot = torch.randn(batch, seqlen, 32, 128, device=device, dtype=dtype)
@@ -74,10 +77,11 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "rms_norm_fwd": lambda: ik.rms_norm(x, weight, backend=backend),
         "rms_norm_fwd_n8192": lambda: ik.rms_norm(x_wide, weight_wide, backend=backend),
         "rms_norm_fwd_n8192_triton": lambda: ik.rms_norm(x_wide, weight_wide, backend=compared),
-        "rms_norm_bwd": lambda: torch.autograd.grad(normed, x_grad, grad_normed, retain_graph=True),
-        "rms_norm_bwd_triton": lambda: torch.autograd.grad(normed_compared, x_grad, grad_normed, retain_graph=True),
+        "rms_norm_bwd": lambda: torch.autograd.grad(normed, (x_grad, weight_grad), grad_normed, retain_graph=True),
+        "rms_norm_bwd_triton": lambda: torch.autograd.grad(normed_compared, (x_grad, weight_grad), grad_normed,
+                                                           retain_graph=True),
         "rms_norm_bwd_triton_no_tma": with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0", lambda: torch.autograd.grad(
-            normed_compared, x_grad, grad_normed, retain_graph=True)),
+            normed_compared, (x_grad, weight_grad), grad_normed, retain_graph=True)),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "rotary_fwd_triton": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=compared),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,9 @@ def test_bench_runs_every_op_and_labels_cpu_timings(tmp_path):
     for op in ops:
         providers = {row["provider"] for row in rows if row["op"] == op}
         extra = {"sdpa_math"} if op.startswith("attention") else set() if op.startswith("model") else cuda
-        assert {"eager", "triton"} | extra <= providers, (op, providers)
+        # The model's kernels row is "auto" (its KV-cache decode is CUDA's under auto on a GPU).
+        ours = "auto" if op.startswith("model") else "triton"
+        assert {"eager", ours} | extra <= providers, (op, providers)
     for row in rows:
         assert row["ms"] > 0
         if row["op"].startswith("model"):
@@ -42,6 +45,51 @@ def test_bench_runs_every_op_and_labels_cpu_timings(tmp_path):
             assert 0 <= row["max_err"] < 0.5, row
     if not torch.cuda.is_available():
         assert "NOT kernel speed" in result.stdout
+
+
+def test_compiled_references_stay_compiled_past_dynamo_recompile_limit(monkeypatch):
+    """Every case compiles the same reference function, one shape each; dynamo's default limit
+    of 8 recompiles would run the later cases eagerly under the torch_compile name."""
+    from internlm_kernels import reference
+    from internlm_kernels.bench import cases
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit", "fail_on_recompile_limit_hit"):
+        if hasattr(config, name):
+            monkeypatch.setattr(config, name, getattr(config, name))  # restored after the test
+    torch._dynamo.reset()
+    try:
+        compiled = [cases._compiled(reference.rms_norm, backend="eager") for _ in range(12)]
+        assert config.fail_on_recompile_limit_hit
+        for width, fn in enumerate(compiled, 1):  # 12 shapes: past the default limit
+            x, weight = torch.randn(3, 8 * width), torch.randn(8 * width)
+            torch.testing.assert_close(fn(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_max_error_keeps_nan_and_checks_every_output():
+    from internlm_kernels.bench.cases import max_error
+
+    expected = (torch.zeros(3), torch.zeros(2))
+    assert max_error((torch.tensor([0.1, 0.0, 0.0]), torch.tensor([0.0, 0.25])), expected) == 0.25
+    assert math.isnan(max_error((torch.tensor([0.1, 0.0, 0.0]), torch.tensor([float("nan"), 0.0])), expected))
+    with pytest.raises(ValueError, match="1 outputs against 2 expected"):
+        max_error(torch.zeros(3), expected)
+
+
+def test_graph_replays_only_rows_that_outgrow_the_l2(monkeypatch):
+    from internlm_kernels.bench import harness
+
+    class Properties:
+        L2_cache_size = 50 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    gpu = torch.device("cuda", 0)
+    assert harness.outgrows_l2(None, gpu)  # attention rows, counted in FLOPs
+    assert harness.outgrows_l2(134 * 2**20, gpu)  # decode, B = 1, 32K cache
+    assert not harness.outgrows_l2(16 * 2**20, gpu)  # decode, B = 1, 4K cache: replays from L2
 
 
 def test_backward_rows_run_their_forward_inside_the_providers_guard():

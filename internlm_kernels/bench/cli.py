@@ -19,7 +19,7 @@ import torch
 
 from internlm_kernels.bench import cases as bench_cases
 from internlm_kernels.bench.harness import (
-    Row, environment, fill_ceiling_fractions, fill_speedups, format_table, measure_ceilings, time_call,
+    Row, environment, fill_ceiling_fractions, fill_speedups, format_table, measure_ceilings, outgrows_l2, time_call,
     time_graph_replay, write_results,
 )
 
@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()
+                    allocated_before = torch.cuda.memory_allocated()
                 error = case.error(fn())
                 timing = time_call(fn, device, quick=args.quick)
             except Exception as exc:  # one failing provider must not hide the others' numbers
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
             # Backward rows replay their backward kernels alone (case.backward_kernels).
             graphed = case.backward_kernels.get(provider) if case.op.endswith("_bwd") else fn
             if on_gpu and graphed is not None and provider not in HOST_SYNCING_PROVIDERS and \
-                    not case.op.startswith("model_") and timing.median_ms < GRAPH_TIMING_BELOW_MS:
+                    not case.op.startswith("model_") and timing.median_ms < GRAPH_TIMING_BELOW_MS and \
+                    outgrows_l2(case.bytes_moved, device):
                 row.ms_graph = time_graph_replay(graphed, quick=args.quick)
             if case.bytes_moved is not None:
                 row.gbps = case.bytes_moved / timing.median_ms / 1e6
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             if case.tokens is not None:
                 row.tokens_per_s = case.tokens / timing.median_ms * 1e3
                 if on_gpu:
-                    row.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+                    row.peak_memory_gib = (torch.cuda.max_memory_allocated() - allocated_before) / 2**30
             rows.append(row)
         del case
         if on_gpu:

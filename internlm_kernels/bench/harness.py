@@ -32,12 +32,24 @@ class Timing:
     p80_ms: float
 
 
+# do_bench repeats a call for ``rep`` ms by its own estimate, so a call longer than rep got a
+# single sample (the quick runs' attention backward rows of 2026-11-28: p20 = p80 = median).
+MIN_SAMPLES = (5, 10)  # quick, full
+MAX_REP_MS = 3000.0
+
+
 def time_call(fn: Callable[[], object], device: torch.device, *, quick: bool = False) -> Timing:
     """Median time of ``fn()`` and its 20/80% quantiles, in ms."""
     if device.type == "cuda":
         import triton.testing
 
         rep, warmup = (25, 10) if quick else (100, 25)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        rep = min(max(rep, MIN_SAMPLES[0 if quick else 1] * start.elapsed_time(end)), MAX_REP_MS)
         median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
         return Timing(median, p20, p80)
     fn()  # warm-up (compiles Triton/inductor code on first call)
@@ -54,7 +66,8 @@ def time_call(fn: Callable[[], object], device: torch.device, *, quick: bool = F
 
 def time_graph_replay(fn: Callable[[], object], *, quick: bool = False) -> Optional[float]:
     """Median ms of ``fn()`` replayed from a CUDA graph: the GPU time without the host's launch
-    cost (and without an L2 flush, which the benchmark's inputs outgrow anyway). Next to
+    cost (and without an L2 flush: the caller graph-times only rows whose traffic outgrows
+    the L2, ``outgrows_l2``). Next to
     ``time_call``'s time it shows which rows are bound by the host: small kernels whose
     Python dispatch and launches take longer than the GPU work. None when ``fn`` cannot be
     captured (a host synchronisation inside it)."""
@@ -66,6 +79,16 @@ def time_graph_replay(fn: Callable[[], object], *, quick: bool = False) -> Optio
         print(f"    no CUDA graph timing: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
         torch.cuda.synchronize()
         return None
+
+
+def outgrows_l2(bytes_moved: Optional[int], device: torch.device) -> bool:
+    """Whether a row's traffic is at least twice the device's L2, so that replays without an
+    L2 flush read it from memory again (a streaming pass evicts its own start). Rows counted
+    in FLOPs (bytes_moved None) are bound by compute."""
+    if bytes_moved is None:
+        return True
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    return bytes_moved >= 2 * l2_bytes
 
 
 def measure_ceilings(device: torch.device, *, quick: bool = False) -> Dict[str, Optional[float]]:
@@ -129,6 +152,8 @@ class Row:
     max_err: Optional[float] = None
     speedup_vs: Dict[str, float] = dataclasses.field(default_factory=dict)
     tokens_per_s: Optional[float] = None  # end-to-end rows
+    # End-to-end rows: the most memory the call held at once beyond what was allocated before
+    # its first call (the other providers' models included there), so this provider's own.
     peak_memory_gib: Optional[float] = None
 
     def to_json(self) -> Dict[str, object]:

@@ -47,17 +47,18 @@ def test_bench_runs_every_op_and_labels_cpu_timings(tmp_path):
         assert "NOT kernel speed" in result.stdout
 
 
-def test_compiled_references_stay_compiled_past_dynamo_recompile_limit(monkeypatch):
+def test_compiled_references_stay_compiled_past_dynamo_recompile_limit():
     """Every case compiles the same reference function, one shape each; dynamo's default limit
     of 8 recompiles would run the later cases eagerly under the torch_compile name."""
     from internlm_kernels import reference
     from internlm_kernels.bench import cases
 
     config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit", "fail_on_recompile_limit_hit"):
-        if hasattr(config, name):
-            monkeypatch.setattr(config, name, getattr(config, name))  # restored after the test
+    # Restored by hand: monkeypatch's undo deletes such settings from torch's config module.
+    names = [cases._dynamo_setting("recompile_limit", "cache_size_limit"),
+             cases._dynamo_setting("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+             "fail_on_recompile_limit_hit"]
+    saved = {name: getattr(config, name) for name in names if name is not None and hasattr(config, name)}
     torch._dynamo.reset()
     try:
         compiled = [cases._compiled(reference.rms_norm, backend="eager") for _ in range(12)]
@@ -66,6 +67,8 @@ def test_compiled_references_stay_compiled_past_dynamo_recompile_limit(monkeypat
             x, weight = torch.randn(3, 8 * width), torch.randn(8 * width)
             torch.testing.assert_close(fn(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
     finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
         torch._dynamo.reset()
 
 

@@ -129,6 +129,12 @@ def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], ob
     return call
 
 
+def _dynamo_setting(name: str, older_name: str) -> Optional[str]:
+    """The name a dynamo setting has in this torch (the older one is an alias in newer torch)."""
+    config = torch._dynamo.config
+    return name if hasattr(config, name) else older_name if hasattr(config, older_name) else None
+
+
 def _compiled(fn: Callable, backend: str = "inductor") -> Callable:
     """torch.compile of a reference function, one specialisation per shape. Every case compiles
     the same few functions, and dynamo keeps the compiled entries on the function's code, so
@@ -136,9 +142,9 @@ def _compiled(fn: Callable, backend: str = "inductor") -> Callable:
     under the torch_compile name. So the limit is raised for the benchmark, and hitting it
     anyway is an error (the row fails) rather than an eager row."""
     config = torch._dynamo.config
-    for name, least in (("recompile_limit", 256), ("cache_size_limit", 256),
-                        ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
-        if hasattr(config, name):
+    for name, least in ((_dynamo_setting("recompile_limit", "cache_size_limit"), 256),
+                        (_dynamo_setting("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4096)):
+        if name is not None:
             setattr(config, name, max(getattr(config, name), least))
     if hasattr(config, "fail_on_recompile_limit_hit"):
         config.fail_on_recompile_limit_hit = True

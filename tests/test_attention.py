@@ -16,13 +16,10 @@ import torch
 import internlm_kernels as ik
 from internlm_kernels import reference
 from internlm_kernels.ops.attention import CUDA_HEAD_DIMS, _rows_aligned
-from internlm_kernels.triton._host import max_shared_per_block
+from internlm_kernels.bench.cases import takes_key_block128
 from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
 
 ATTENTION_BACKENDS = KERNEL_BACKENDS
-# Shared memory of the CUDA backward's 128-key dK/dV layout at d = 128 (key_tile_shared_bytes
-# of BwdKeySharedTraits in attention.cuh): K, V, two stages of Q and dO, P, dS and row info.
-SHARED_SCORES_BWD_BYTES = (2 * 128 + 4 * 64 + 2 * 64) * 128 * 2 + 2 * 64 * 16
 LOW_DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -526,7 +523,7 @@ def backward_key_blocks_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, he
     points (the shared layout rounds it to bf16 before dS = P (dP - delta), as eager autograd
     does), so they agree within a few roundings (2^-6 of each gradient's largest magnitude),
     not bitwise; with the dQ kernel, dq comes from that kernel either way, bitwise equal."""
-    if device.type == "cuda" and max_shared_per_block(device.index or 0) < SHARED_SCORES_BWD_BYTES:
+    if not takes_key_block128(device):
         pytest.skip("this GPU gives a block too little shared memory for the 128-key layout (sm_86 / sm_89): "
                     "the launcher runs the 64-key one for both")
     q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, 128, dtype, device)

@@ -59,7 +59,8 @@ CUDA_BACKWARD_VARIANTS = {
 KEY_BLOCK128_SHARED_BYTES = 165888
 
 
-def _takes_key_block128(device: torch.device) -> bool:
+def takes_key_block128(device: torch.device) -> bool:
+    """Whether the CUDA backward's 128-key dK/dV layout launches on ``device`` (else 64 keys)."""
     if device.type != "cuda":
         return True  # the CUDA emulation gives a block an sm_90's 227 KB
     from internlm_kernels.triton._host import max_shared_per_block
@@ -92,7 +93,7 @@ def max_error(result, expected: Sequence[Tensor]) -> float:
         raise ValueError(f"{len(results)} outputs against {len(expected)} expected")
     errors = [(r.float() - e.float()).abs().nan_to_num(nan=float("inf"), posinf=float("inf")).max()
               if r.numel() else torch.zeros(()) for r, e in zip(results, expected)]
-    worst = float(max(float(err) for err in errors))
+    worst = max(float(err) for err in errors)
     return float("nan") if worst == float("inf") else worst
 
 
@@ -353,7 +354,7 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         # launches, so each wraps a backward runner; around the forward alone (as until
         # 2026-11-28) the row timed the default backward under another name.
         for name, (switch, value) in CUDA_BACKWARD_VARIANTS.items():
-            if name != "cuda_key_block128" or (head_dim == 128 and _takes_key_block128(device)):
+            if name != "cuda_key_block128" or (head_dim == 128 and takes_key_block128(device)):
                 runners[name] = with_env(switch, value, _backward_runner(impls["cuda"], (q, k, v), (grad,)))
     error = (lambda grads: None)
     if small_enough:

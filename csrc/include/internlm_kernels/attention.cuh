@@ -139,9 +139,9 @@ using BwdKeySharedTraits = TileTraits<T, kHeadDim, 128, 64, 8, 1, true>;
 // (CUDA 13.0, bf16 and fp16, no spills), 16 / 32 rows per warp: sm_90a 200-213 / 249-255
 // registers at d = 128 and 152-166 / 188-204 at d = 64; sm_80 195-209 / 252-255 and
 // 149-163 / 183-190. So on sm_90 two blocks per SM at d = 128 either way (one on sm_80, whose
-// SMs have 164 KB of shared memory); at d = 64, three of the first and two of the second. The kernel asks for at least one block per SM in its launch
-// bounds: without it, ptxas held the d = 64 kernels to 128 or 168 registers and spilled
-// 8-36 B to fit more.
+// SMs have 164 KB of shared memory); at d = 64, three of the first and two of the second.
+// The kernel asks for at least one block per SM in its launch bounds: without it, ptxas held
+// the d = 64 kernels to 128 or 168 registers and spilled 8-36 B to fit more.
 template <typename T, int kHeadDim, int kWarpRows = 16>
 using BwdQueryTraits = TileTraits<T, kHeadDim, 4 * kWarpRows, (kWarpRows == 16 ? 64 : 32), 4, 1>;
 

@@ -10,6 +10,10 @@ other head dims check the refusal and the "auto" fallback instead.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -565,6 +569,33 @@ def forward_warp_layouts_agree(device, monkeypatch, batch, seqlen_q, seqlen_k, h
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_warp_layouts_agree(head_dim, device, monkeypatch):
     forward_warp_layouts_agree(device, monkeypatch, 2, 1000, 1000, 16, 4, head_dim, causal=True)
+
+
+def test_triton_tiles_are_tuned_per_length_bucket():
+    """The Triton attention autotuners key on the length bucket. Triton drops key names that
+    are not kernel arguments without a word, so this reads the compiled module's autotuners
+    (built in a process without the interpreter; no GPU needed to build them)."""
+    code = """
+from internlm_kernels.triton import attention as a
+for tuner in (a._fwd, a._dkdv, a._dq):
+    assert type(tuner).__name__ == "Autotuner", type(tuner)
+    assert list(tuner.keys) == a.TUNING_KEY and "length_bucket" in a.TUNING_KEY, tuner.keys
+    missing = [name for name in a.TUNING_KEY if name not in tuner.arg_names]
+    assert not missing, missing
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr[-3000:]
+
+
+def test_length_bucket():
+    from internlm_kernels.triton.attention import MIN_LENGTH_BUCKET, length_bucket
+    assert length_bucket(5000, 8000) == length_bucket(8192, 8192) == 8192  # one tuning for a range of lengths
+    assert length_bucket(8193, 1) == length_bucket(1, 8193) == 16384  # the longer side decides
+    assert length_bucket(1, 1) == MIN_LENGTH_BUCKET and MIN_LENGTH_BUCKET % 16 == 0
+    assert all(length_bucket(n, n) >= n and length_bucket(n, n) & (length_bucket(n, n) - 1) == 0
+               for n in (1, 127, 128, 129, 1000, 65537))
 
 
 @pytest.mark.gpu

@@ -87,9 +87,26 @@ def _config(shape) -> "triton.Config":
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-def _autotuned(kernel, name: str, key):
-    """Autotune ``kernel`` over ``_shapes(..., name)`` keyed on head dim, group size and mask
-    kind (Triton's cache key adds the GPU). Under the interpreter the launcher passes the
+# What a tuned tile shape is remembered for. Beside head dim, group size and mask kind, the
+# length (``length_bucket``): a first call on short sequences (a warm-up, a short prompt)
+# would otherwise fix the tiles of every later call, whose best shape differs once the grid
+# has a few programs per SM instead of many waves. Triton's key takes argument values as they
+# are, so the launchers pass the bucket as an argument the kernels do not read; a power of
+# two keeps a varlen run, whose packed length changes every step, to a few tunings.
+TUNING_KEY = ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT", "length_bucket"]
+MIN_LENGTH_BUCKET = 128
+
+
+def length_bucket(seqlen_q: int, seqlen_k: int) -> int:
+    """The tuning key's length: the longer of the two (the packed length when varlen), up to
+    the next power of two, at least MIN_LENGTH_BUCKET (a multiple of 16, so Triton
+    specialises every bucket alike and a new bucket does not recompile a tuned shape)."""
+    return max(MIN_LENGTH_BUCKET, next_power_of_2(max(seqlen_q, seqlen_k)))
+
+
+def _autotuned(kernel, name: str):
+    """Autotune ``kernel`` over ``_shapes(..., name)`` keyed on TUNING_KEY (Triton's cache
+    key adds the GPU and the tensors' dtypes). Under the interpreter the launcher passes the
     single shape itself."""
     if INTERPRETER:
         return kernel
@@ -102,7 +119,7 @@ def _autotuned(kernel, name: str, key):
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in shapes]
         return kept or configs[:1]
 
-    return triton.autotune(configs=[_config(shape) for shape in every_shape], key=key,
+    return triton.autotune(configs=[_config(shape) for shape in every_shape], key=TUNING_KEY,
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -313,7 +330,7 @@ def _attn_fwd_kernel(
     O, stride_ob, stride_os, stride_oh,
     LSE, stride_lb, stride_lh, stride_ls,
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
-    seqlen_q, seqlen_k, qk_scale, window_left, window_right,
+    seqlen_q, seqlen_k, qk_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -382,7 +399,7 @@ def _attn_bwd_dkdv_kernel(
     DV, stride_dvb, stride_dvs, stride_dvh,
     LSE, DELTA, stride_lb, stride_lh, stride_ls,
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
-    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -490,7 +507,7 @@ def _attn_bwd_dq_kernel(
     DQ, stride_dqb, stride_dqs, stride_dqh,
     LSE, DELTA, stride_lb, stride_lh, stride_ls,
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
-    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -695,9 +712,9 @@ def _attn_decode_combine_kernel(
 # launchers
 # --------------------------------------------------------------------------------------
 
-_fwd = _autotuned(_attn_fwd_kernel, "fwd", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
-_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
-_dq = _autotuned(_attn_bwd_dq_kernel, "dq", ["HEAD_DIM", "GROUP", "IS_VARLEN", "HAS_LEFT", "HAS_RIGHT"])
+_fwd = _autotuned(_attn_fwd_kernel, "fwd")
+_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv")
+_dq = _autotuned(_attn_bwd_dq_kernel, "dq")
 
 
 def _mask_args(causal: bool, window_size):
@@ -735,7 +752,8 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
     _fwd[_grid(seqlen_q * group, sequences, varlen, batch, heads_kv, "BLOCK_M")](
         q, *_strides(q), k, *_strides(k), v, *_strides(v), out, *_strides(out), lse, *_strides(lse),
         cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, **window,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        length_bucket=length_bucket(seqlen_q, seqlen_k), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         **_interpreter_blocks(block_d, "fwd"),
     )
 
@@ -762,8 +780,8 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
         out, *_strides(out), dout, *_strides(dout), delta, *_strides(lse),
         seqlen_q, heads_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
     )
-    common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left,
-                  HAS_RIGHT=has_right)
+    common = dict(length_bucket=length_bucket(seqlen_q, seqlen_k), GROUP=group, HEAD_DIM=head_dim,
+                  BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
     tensors = (q, *_strides(q), k, *_strides(k), v, *_strides(v), dout, *_strides(dout))
     scalars = (cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, softmax_scale)
     _dkdv[_grid(seqlen_k, sequences, varlen, batch, heads_kv, "BLOCK_N")](

@@ -141,3 +141,35 @@ def test_backward_kernels_alone_give_the_backward_gradients(op):
     assert len(alone) == len(through_autograd)
     for ours, expected in zip(alone, through_autograd):
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_oracle_by_row_chunks_equals_whole_gradients(causal):
+    """The benchmark's backward oracle takes query rows a chunk at a time (a 16K sequence's
+    scores never whole); its sum over chunks must be the whole problem's gradients, the
+    causal chunks' bottom-right alignment included."""
+    from internlm_kernels import reference
+    from internlm_kernels.bench.cases import _attention_grads_by_row_chunks
+
+    q, k, v = (torch.randn(2, 13, heads, 8, dtype=torch.float64) for heads in (4, 2, 2))
+    grad = torch.randn(2, 13, 4, 8, dtype=torch.float64)
+    whole = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    expected = torch.autograd.grad(reference.attention(*whole, causal=causal), whole, grad)
+    chunked = _attention_grads_by_row_chunks(q, k, v, grad, causal, rows=5)
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_attention_rows_error_reads_the_last_batch_row(backward):
+    """The attention rows' max error covers the last batch row (a nonzero batch offset) and,
+    for the backward, a KV head's gradients: corrupting them there shows in the error."""
+    from internlm_kernels.bench import cases
+
+    case = cases.attention_case(torch.device("cpu"), torch.bfloat16, 3, 24, 4, 2, 16, True, ["triton"],
+                                backward=backward)
+    result = case.providers["triton"]()
+    assert case.error(result) < 0.1
+    outputs = [t.detach().clone() for t in cases._as_tuple(result)]
+    outputs[-1][-1, -1, -1, 0] += 4.0  # out (forward) or dv (backward): last batch row, last head
+    assert case.error(tuple(outputs) if backward else outputs[0]) >= 3

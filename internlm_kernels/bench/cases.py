@@ -338,13 +338,16 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
 
     shape = {"B": batch, "S": seqlen, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim, "causal": int(causal)}
     flops = reference.attention_flops(batch, heads_q, seqlen, seqlen, head_dim, causal, backward=backward)
-    # Oracle on the last query rows only (bottom-right alignment keeps their positions), so
-    # 16K-token cases need no S x S fp32 matrix.
-    tail = min(seqlen, 128)
+    # The oracles read the first and last batch rows: the last one sits at a nonzero batch
+    # offset, where a wrong stride would show.
+    ends = _end_rows(batch, device)
     if not backward:
-        expected = reference.attention(q[:1, -tail:].float(), k[:1].float(), v[:1].float(), causal=causal)
+        # The last query rows only (bottom-right alignment keeps their positions), so
+        # 16K-token cases need no S x S fp32 matrix.
+        tail = min(seqlen, 128)
+        expected = reference.attention(q[ends, -tail:].float(), k[ends].float(), v[ends].float(), causal=causal)
         return Case("attention_fwd", dtype, shape, None, flops, impls,
-                    lambda out: max_error(out[:1, -tail:], (expected,)))
+                    lambda out: max_error(out[ends, -tail:], (expected,)))
     for t in (q, k, v):
         t.requires_grad_(True)
     grad = torch.randn_like(q)
@@ -356,12 +359,52 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         for name, (switch, value) in CUDA_BACKWARD_VARIANTS.items():
             if name != "cuda_key_block128" or (head_dim == 128 and takes_key_block128(device)):
                 runners[name] = with_env(switch, value, _backward_runner(impls["cuda"], (q, k, v), (grad,)))
-    error = (lambda grads: None)
-    if small_enough:
-        exact = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
-        expected = torch.autograd.grad(reference.attention(*exact, causal=causal), exact, grad.float())
-        error = _against(expected)
-    return Case("attention_bwd", dtype, shape, None, flops, runners, error)
+    return Case("attention_bwd", dtype, shape, None, flops, runners,
+                _backward_oracle(q, k, v, grad, causal, ends))
+
+
+def _end_rows(batch: int, device) -> Tensor:
+    """Indices of the first and the last batch row (one row when there is one)."""
+    return torch.tensor(sorted({0, batch - 1}), device=device)
+
+
+def _backward_oracle(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, causal: bool,
+                     ends: Tensor) -> Callable[[object], float]:
+    """Max error of (dq, dk, dv) on a slice that determines its own gradients: the batch rows
+    ``ends`` and the last KV head with its group of query heads (heads do not mix, and every
+    query of the group feeds that head's dk and dv)."""
+    heads_q = q.shape[2]
+    query_heads = slice(heads_q - heads_q // k.shape[2], heads_q)
+    key_head = slice(k.shape[2] - 1, None)
+
+    def sliced(grads):
+        dq, dk, dv = _as_tuple(grads)
+        return dq[ends][:, :, query_heads], dk[ends][:, :, key_head], dv[ends][:, :, key_head]
+
+    expected = _attention_grads_by_row_chunks(*(t.detach()[ends][:, :, heads].float() for t, heads in
+                                                ((q, query_heads), (k, key_head), (v, key_head))),
+                                              grad[ends][:, :, query_heads].float(), causal)
+    return lambda grads: max_error(sliced(grads), expected)
+
+
+def _attention_grads_by_row_chunks(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, causal: bool,
+                                   rows: int = 2048) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of reference.attention (Sq == Sk), a chunk of query rows at a time, so the
+    S x S scores of a 16K sequence are never whole. Query rows are independent: each chunk's
+    rows give their own dq, and dk / dv are the sum of the chunks' parts. A causal chunk
+    ending at row b takes keys [0, b), which puts its rows at their own positions under the
+    bottom-right alignment (and the later keys are masked for them anyway)."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for first in range(0, q.shape[1], rows):
+        last = min(first + rows, q.shape[1])
+        keys = last if causal else k.shape[1]
+        chunk = [q[:, first:last], k[:, :keys], v[:, :keys]]
+        chunk = [t.clone().requires_grad_(True) for t in chunk]
+        parts = torch.autograd.grad(reference.attention(*chunk, causal=causal), chunk, grad[:, first:last])
+        dq[:, first:last] = parts[0]
+        dk[:, :keys] += parts[1]
+        dv[:, :keys] += parts[2]
+    return dq, dk, dv
 
 
 def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_kv: int, head_dim: int,
@@ -382,11 +425,12 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
     for name in SDPA_BACKENDS:
         if name in providers and _sdpa_serves(name, device, heads_q, heads_kv):
             impls[name] = _sdpa(name, q, k_cache, v_cache, causal=False)  # one query sees every key
-    expected = reference.attention(q[:1].float(), k_cache[:1].float(), v_cache[:1].float(), causal=True)
+    ends = _end_rows(batch, device)
+    expected = reference.attention(q[ends].float(), k_cache[ends].float(), v_cache[ends].float(), causal=True)
     bytes_moved = 2 * k_cache.numel() * k_cache.element_size()
     shape = {"B": batch, "L": cache_len, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim}
     return Case("attention_decode", dtype, shape, bytes_moved, None, impls,
-                lambda out: max_error(out[:1], (expected,)))
+                lambda out: max_error(out[ends], (expected,)))
 
 
 # --------------------------------------------------------------------------------------

@@ -287,6 +287,31 @@ def test_kvcache_decode_without_new_entries_and_with_window(backend, device):
         assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"decode window {window}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_kvcache_decode_past_the_grid_limit(backend, device):
+    """2048 sequences x 32 KV heads (an MHA model's decode batch): 65536 (batch row, KV head)
+    pairs, one past the grid's y / z limit (tests/test_grid_limits.py records the grids)."""
+    dtype = torch.bfloat16
+    k_cache, v_cache = _cache(2048, 32, 32, 64, dtype, device)
+    lengths = torch.randint(1, 32, (2048,), device=device, dtype=torch.int32)
+    q = torch.randn(2048, 1, 32, 64, device=device, dtype=dtype)
+    out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, backend=backend)
+    expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lengths)
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "65536 (batch, head) pairs")
+
+
+@pytest.mark.gpu
+def test_attention_batch_past_the_grid_limit(device):
+    """65540 sequences: the CUDA kernels keep the batch on the grid's y axis and refuse it by
+    name; "auto" gives it to Triton, whose launchers run it in slices."""
+    q, k, v = _qkv(65540, 3, 3, 2, 1, 64, torch.bfloat16, device)
+    with pytest.raises(RuntimeError, match="at most 65535 batch rows"):
+        ik.flash_attention(q, k, v, causal=True, backend="cuda")
+    _check(q, k, v, "auto", causal=True)
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
     d = _dim(backend, 32)

@@ -158,6 +158,23 @@ def test_more_than_2_pow_31_elements(backend, device):
 
 
 @pytest.mark.gpu
+def test_batch_past_the_grid_limit(device):
+    """65540 sequences of one token (a decode step's shape): "cuda" refuses them by name,
+    "auto" gives them to Triton, which launches them in slices of the grid's 65535 rows."""
+    batch, head_dim = 65540, 64
+    q = torch.randn(batch, 1, 4, head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, 1, 2, head_dim, device=device, dtype=torch.bfloat16)
+    positions = torch.randint(0, 512, (batch, 1), device=device)
+    cos, sin = ik.rotary_cos_sin(512, head_dim, base=1e6, device=device)
+    with pytest.raises(RuntimeError, match="at most 65535 sequences"):
+        ik.apply_rotary(q, k, cos, sin, position_ids=positions, backend="cuda")
+    q_out, k_out = ik.apply_rotary(q, k, cos, sin, position_ids=positions)
+    expected_q, expected_k = reference.apply_rotary(q, k, cos, sin, position_ids=positions)
+    assert_close_dtype(q_out, expected_q, torch.bfloat16, "q past the grid limit")
+    assert_close_dtype(k_out, expected_k, torch.bfloat16, "k past the grid limit")
+
+
+@pytest.mark.gpu
 def test_cuda_and_triton_agree(device):
     q, k = _qk(4, 300, 32, 8, 128, torch.bfloat16, device)
     cos, sin = ik.rotary_cos_sin(300, 128, base=1e6, device=device)

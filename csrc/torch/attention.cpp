@@ -22,7 +22,6 @@ namespace {
 
 // Windows wider than any sequence are unbounded; the cap keeps position arithmetic in range.
 constexpr int64_t kWindowCap = int64_t(1) << 30;
-constexpr int64_t kMaxGridYZ = 65535;
 
 // A (B, S, H, D) operand: on q's device, q's dtype, head_dim D, and rows the kernels can
 // move as 16-byte chunks (aligned base, strides of a multiple of 8 elements).
@@ -263,10 +262,11 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, q);
   TORCH_CHECK(new_tokens >= 0 && new_tokens <= k_cache.size(1), op, ": new_tokens ", new_tokens,
               " must be in [0, capacity ", k_cache.size(1), "]");
-  TORCH_CHECK(q.size(0) * k_cache.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,
-              " (batch row, KV head) pairs per launch, got ", q.size(0) * k_cache.size(2));
-  TORCH_CHECK((q.size(1) * p.group + kDecodeBlockM - 1) / kDecodeBlockM <= kMaxGridYZ, op, ": at most ",
-              kMaxGridYZ * kDecodeBlockM, " query rows (positions x group) per decode call, got ", q.size(1) * p.group,
+  // The decode grid's x axis: a program per (row tile, batch row, KV head).
+  const int64_t row_tiles = (q.size(1) * p.group + kDecodeBlockM - 1) / kDecodeBlockM;
+  const int64_t decode_programs = row_tiles * q.size(0) * k_cache.size(2);
+  TORCH_CHECK(decode_programs <= kMaxGridX, op, ": at most ", kMaxGridX, " programs (", kDecodeBlockM,
+              "-row tiles of positions x group, x batch rows x KV heads) per decode call, got ", decode_programs,
               " (use flash_attention for long prefills)");
   if (q.numel() == 0) return;
   const LaunchScope scope(q);

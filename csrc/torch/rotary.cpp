@@ -31,7 +31,7 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
               " does not match q ", q.sizes());
   TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes(), op, ": outputs must match the inputs' shapes");
   check_rotary_tables(op, "cos", cos, "sin", sin, q);
-  TORCH_CHECK(q.size(0) <= 65535, op, ": at most 65535 batch rows per launch, got ", q.size(0));
+  TORCH_CHECK(q.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows per launch, got ", q.size(0));
   TORCH_CHECK(q.size(1) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 tokens, got ", q.size(1));
   TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535, op, ": too many heads or features: ", q.sizes(),
               " ", k.sizes());

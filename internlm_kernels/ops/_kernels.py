@@ -13,6 +13,10 @@ from types import ModuleType
 
 from internlm_kernels import backends
 
+# The CUDA kernels put the batch on their grid's y axis, which stops at 65535 programs; the
+# Triton launchers slice larger batches, so "auto" gives those calls to Triton.
+CUDA_MAX_BATCH_ROWS = 65535
+
 
 def kernels(backend: str, op: str) -> ModuleType:
     """Launcher module for ``op`` ("rms_norm", "rotary", ...) on a kernel ``backend``."""

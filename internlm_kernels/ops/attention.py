@@ -28,7 +28,7 @@ from internlm_kernels._checks import (
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
-from internlm_kernels.ops._kernels import kernels
+from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, kernels
 from internlm_kernels.ops.rotary import check_rotary_tables
 
 Tensor = torch.Tensor
@@ -91,6 +91,9 @@ def _kernel_limits(op: str, q: Tensor, *operands: Optional[Tensor]):
                         "(python setup.py build_ext --inplace)")
             if head_dim not in CUDA_HEAD_DIMS:
                 return f"the cuda kernels have head_dim {CUDA_HEAD_DIMS}, got {head_dim} (triton serves it)"
+            if q.dim() == 4 and q.shape[0] > CUDA_MAX_BATCH_ROWS:
+                return (f"the cuda kernels take at most {CUDA_MAX_BATCH_ROWS} batch rows, got {q.shape[0]} "
+                        f"(triton serves more)")
             if not all(_rows_aligned(t) for t in (q, *operands)):
                 return ("the cuda kernels need 16-byte aligned inputs with strides that are multiples of 8 "
                         "elements (triton serves any strides)")

@@ -24,7 +24,7 @@ from internlm_kernels._checks import (
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
-from internlm_kernels.ops._kernels import kernels
+from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, kernels
 
 Tensor = torch.Tensor
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -240,8 +240,9 @@ def apply_rotary(
             return None
         if cos.dtype != torch.float32:
             return f"the cuda kernel takes float32 cos/sin tables, got {cos.dtype}"
-        if cu_seqlens is None and q.shape[0] > 65535:
-            return f"the cuda kernel takes at most 65535 sequences per batch, got {q.shape[0]}"
+        if cu_seqlens is None and q.shape[0] > CUDA_MAX_BATCH_ROWS:
+            return (f"the cuda kernel takes at most {CUDA_MAX_BATCH_ROWS} sequences per batch, got {q.shape[0]} "
+                    f"(triton serves more)")
         return None
 
     chosen = choose_backend(backend, q.device, "apply_rotary", cuda_limits)

@@ -12,6 +12,16 @@ import functools
 import torch
 
 
+# The grid's y and z axes stop at 65535 programs (x at 2^31 - 1). Launchers that put the
+# batch on y launch a larger batch in slices of at most this many rows.
+MAX_GRID_YZ = 65535
+
+
+def batch_slices(batch: int):
+    """Slices of at most MAX_GRID_YZ rows that cover range(batch), in order."""
+    return [slice(start, min(start + MAX_GRID_YZ, batch)) for start in range(0, batch, MAX_GRID_YZ)]
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import cdiv, next_power_of_2, num_sms
+from internlm_kernels.triton._host import MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2, num_sms
 from internlm_kernels.triton.rotary import _rotated_member
 
 # Globals read inside kernels must be constexpr (the interpreter does not enforce it, the
@@ -323,6 +323,15 @@ def _packed_rows(tile, q_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h):
+    """Each packed row's offset from the tile's first position of the group's first head, in
+    int64: a tile spans the group's heads, so with a head-major layout ((B, H, S, D)
+    transposed, stride_h = S * D) (GROUP - 1) * stride_h passes 2^31 from S = 2.4M at 8 heads
+    a group (0.5M at 32), where int32 offsets wrap."""
+    return (rows_pos - pos_first) * stride_s + rows_sub.to(tl.int64) * stride_h
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, stride_qb, stride_qs, stride_qh,
     K, stride_kb, stride_ks, stride_kh,
@@ -342,8 +351,8 @@ def _attn_fwd_kernel(
     dims_ok = dims < HEAD_DIM
     shift = k_len - q_len
 
-    # Scalar int64 bases; int32 offsets inside the tile.
-    q_rows = (rows_pos - pos_first)[:, None] * stride_qs + rows_sub[:, None] * stride_qh + dims[None, :]
+    # Scalar int64 bases; per-row int64 offsets; int32 columns.
+    q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)[:, None] + dims[None, :]
     Q_BASE = Q + batch * stride_qb + (q_start + pos_first) * stride_qs + kv_head * GROUP * stride_qh
     q = tl.load(Q_BASE + q_rows, mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
     K_BASE = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
@@ -356,7 +365,7 @@ def _attn_fwd_kernel(
                         window_left, window_right, qk_scale, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N)
 
     lse = lse2 * LN2
-    o_rows = (rows_pos - pos_first)[:, None] * stride_os + rows_sub[:, None] * stride_oh + dims[None, :]
+    o_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_os, stride_oh)[:, None] + dims[None, :]
     O_BASE = O + batch * stride_ob + (q_start + pos_first) * stride_os + kv_head * GROUP * stride_oh
     tl.store(O_BASE + o_rows, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
     tl.store(LSE + batch * stride_lb + (kv_head * GROUP + rows_sub) * stride_lh + (q_start + rows_pos) * stride_ls,
@@ -437,11 +446,12 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows_pos, rows_sub, pos_first, _, row_ok = _packed_rows(start_m // BLOCK_M, q_len, GROUP, BLOCK_M)
         q_mask = row_ok[:, None] & dims_ok[None, :]
-        rel = (rows_pos - pos_first)[:, None]
-        q = tl.load(Q_BASE + tl.cast(pos_first, tl.int64) * stride_qs + rel * stride_qs + rows_sub[:, None] * stride_qh
-                    + dims[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO_BASE + tl.cast(pos_first, tl.int64) * stride_dos + rel * stride_dos
-                     + rows_sub[:, None] * stride_doh + dims[None, :], mask=q_mask, other=0.0)
+        q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)
+        do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh)
+        q = tl.load(Q_BASE + tl.cast(pos_first, tl.int64) * stride_qs + q_rows[:, None] + dims[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO_BASE + tl.cast(pos_first, tl.int64) * stride_dos + do_rows[:, None] + dims[None, :],
+                     mask=q_mask, other=0.0)
         stats = batch * stride_lb + (kv_head * GROUP + rows_sub) * stride_lh + (q_start + rows_pos) * stride_ls
         lse = tl.load(LSE + stats, mask=row_ok, other=0.0) * LOG2E
         lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows that see no key: p is masked to 0 below
@@ -519,12 +529,13 @@ def _attn_bwd_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dims_ok[None, :]
-    rel = (rows_pos - pos_first)[:, None]
     first = q_start + pos_first
+    q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)
+    do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh)
     q = tl.load(Q + batch * stride_qb + first * stride_qs + kv_head * GROUP * stride_qh
-                + rel * stride_qs + rows_sub[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+                + q_rows[:, None] + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + batch * stride_dob + first * stride_dos + kv_head * GROUP * stride_doh
-                 + rel * stride_dos + rows_sub[:, None] * stride_doh + dims[None, :], mask=q_mask, other=0.0)
+                 + do_rows[:, None] + dims[None, :], mask=q_mask, other=0.0)
     stats = batch * stride_lb + (kv_head * GROUP + rows_sub) * stride_lh + (q_start + rows_pos) * stride_ls
     lse = tl.load(LSE + stats, mask=row_ok, other=0.0) * LOG2E
     lse = tl.where(lse == float("-inf"), 0.0, lse)
@@ -549,9 +560,9 @@ def _attn_bwd_dq_kernel(
     dq = _attn_bwd_dq_inner(dq, *args, full_lo, full_hi, *tail, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D,
                             BLOCK_N)
     dq = dq * sm_scale
+    dq_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dqs, stride_dqh)
     tl.store(DQ + batch * stride_dqb + first * stride_dqs + kv_head * GROUP * stride_dqh
-             + rel * stride_dqs + rows_sub[:, None] * stride_dqh + dims[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_mask)
+             + dq_rows[:, None] + dims[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -631,11 +642,14 @@ def _attn_decode_split_kernel(
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     """One tile of packed query rows against one split of one sequence's cache (flash-decoding).
-    Writes the split's normalised output and its log2-sum-exp to the fp32 workspace."""
-    split = tl.program_id(0)
-    tile = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64) // heads_kv
-    kv_head = tl.program_id(2).to(tl.int64) % heads_kv
+    Writes the split's normalised output and its log2-sum-exp to the fp32 workspace. Grid:
+    (tiles x B x Hkv, splits), tiles fastest (see attention_decode)."""
+    tiles = rows_padded // BLOCK_M
+    tile = tl.program_id(0) % tiles
+    batch_head = tl.program_id(0).to(tl.int64) // tiles
+    split = tl.program_id(1)
+    batch = batch_head // heads_kv
+    kv_head = batch_head % heads_kv
     k_len = tl.load(CACHE_SEQLENS + batch) + new_tokens  # valid keys after the append (int32)
     q_len = tl.zeros([], dtype=tl.int32) + seqlen_q
     shift = k_len - q_len
@@ -645,7 +659,7 @@ def _attn_decode_split_kernel(
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < HEAD_DIM
     q_ptrs = (Q + batch * stride_qb + tl.cast(pos_first, tl.int64) * stride_qs + kv_head * GROUP * stride_qh
-              + (rows_pos - pos_first)[:, None] * stride_qs + rows_sub[:, None] * stride_qh + dims[None, :])
+              + _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)[:, None] + dims[None, :])
     q_mask = row_ok[:, None] & dims_ok[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     if ROTARY:  # q rotates as it loads, at position cache_seqlens[b] + s, rounded as the rotary op rounds
@@ -674,13 +688,15 @@ def _attn_decode_split_kernel(
 def _attn_decode_combine_kernel(
     PART_O, PART_LSE,
     O, stride_ob, stride_os, stride_oh,
-    CACHE_SEQLENS, heads_kv, new_tokens, capacity, splits, rows_padded,
+    CACHE_SEQLENS, heads_kv, new_tokens, capacity, splits, rows, rows_padded,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    """Merge the splits of one packed query row: softmax-weighted by each split's sum-exp."""
-    row = tl.program_id(0).to(tl.int64)
-    batch = tl.program_id(1).to(tl.int64) // heads_kv
-    kv_head = tl.program_id(1).to(tl.int64) % heads_kv
+    """Merge the splits of one packed query row: softmax-weighted by each split's sum-exp.
+    Grid: (rows x B x Hkv,), rows fastest."""
+    row = tl.program_id(0).to(tl.int64) % rows
+    batch_head = tl.program_id(0).to(tl.int64) // rows
+    batch = batch_head // heads_kv
+    kv_head = batch_head % heads_kv
     dims = tl.arange(0, BLOCK_D)
     base = (batch * heads_kv + kv_head) * splits * rows_padded + row
     m = tl.full([], float("-inf"), dtype=tl.float32)
@@ -741,6 +757,11 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
     """q/out (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) views (packed: B = 1 and cu_seqlens given);
     lse (B, Hq, Sq) fp32 view. Writes out and lse."""
     batch, seqlen_q, heads_q, head_dim = q.shape
+    if cu_seqlens_q is None and batch > MAX_GRID_YZ:  # the grid's batch axis: a launch per slice
+        for rows in batch_slices(batch):
+            attention_fwd(q[rows], k[rows], v[rows], out[rows], lse[rows], None, None, softmax_scale, causal,
+                          window_size)
+        return
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     varlen = cu_seqlens_q is not None
@@ -764,6 +785,11 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
     left as the caller initialised them). Always deterministic (dK/dV and dQ kernels, no
     atomics); ``deterministic`` is accepted for the CUDA launcher's signature."""
     batch, seqlen_q, heads_q, head_dim = q.shape
+    if cu_seqlens_q is None and batch > MAX_GRID_YZ:  # the grid's batch axis: a launch per slice
+        for rows in batch_slices(batch):
+            attention_bwd(dout[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], dq[rows], dk[rows], dv[rows],
+                          None, None, softmax_scale, causal, window_size, deterministic)
+        return
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     group = heads_q // heads_kv
     varlen = cu_seqlens_q is not None
@@ -807,6 +833,11 @@ def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin
     batch, new_tokens, heads, head_dim = k.shape
     if k.numel() == 0:
         return
+    if batch > MAX_GRID_YZ:  # the grid's batch axis: a launch per slice
+        for rows in batch_slices(batch):
+            kvcache_append(k[rows], v[rows], k_cache[rows], v_cache[rows], cache_seqlens[rows], rotary_cos,
+                           rotary_sin, rotary_interleaved)
+        return
     _kvcache_append_kernel[(new_tokens, batch, 2 * heads)](
         k, *_strides(k), v, *_strides(v), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache),
         cache_seqlens, k_cache.shape[1], heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
@@ -839,15 +870,18 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     part_o = torch.empty((batch, heads_kv, splits, rows_padded, block_d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((batch, heads_kv, splits, rows_padded), device=q.device, dtype=torch.float32)
     window, has_left, has_right = _mask_args(causal, window_size)
-    _attn_decode_split_kernel[(splits, tiles, batch * heads_kv)](
+    # Batch and heads ride on the grid's first axis with the tiles (up to 2^31 - 1 programs;
+    # the others stop at 65535, which B x Hkv passes from a batch of 2048 at 32 KV heads).
+    _attn_decode_split_kernel[(tiles * batch * heads_kv, splits)](
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
         cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
         softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
-    _attn_decode_combine_kernel[(rows, batch * heads_kv)](
-        part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows_padded,
+    _attn_decode_combine_kernel[(rows * batch * heads_kv,)](
+        part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows,
+        rows_padded,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, next_power_of_2(splits)),
     )
 

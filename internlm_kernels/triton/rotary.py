@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import cdiv, next_power_of_2
+from internlm_kernels.triton._host import MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2
 
 # Elements (heads x rotary pairs) one program rotates: enough 16-byte vectors per thread
 # to hide latency without splitting a token's heads over too many programs.
@@ -156,6 +156,13 @@ def rotary(q, k, q_out, k_out, cos, sin, position_ids, seqlen_offsets, seqlen_of
     int32 for packed inputs (then q is (1, T, H, D)) or None.
     """
     batch, seqlen, heads_q, head_dim = q.shape
+    if cu_seqlens is None and batch > MAX_GRID_YZ:  # the grid's batch axis: a launch per slice
+        for rows in batch_slices(batch):
+            rotary(q[rows], k[rows], q_out[rows], k_out[rows], cos, sin,
+                   None if position_ids is None else position_ids[rows],
+                   None if seqlen_offsets is None else seqlen_offsets[rows], seqlen_offset, None,
+                   interleaved, conjugate, inplace)
+        return
     heads_k = k.shape[2]
     rotary_dim = 2 * cos.shape[1]
     block_h, block_r, block_rest, num_warps = rotary_block_config(heads_q, heads_k, rotary_dim, head_dim)

@@ -589,11 +589,13 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
   ProgramTile pt;
   int shift = 0, split = 0;
-  if constexpr (kDecode) {
-    split = blockIdx.x;
-    pt.tile = blockIdx.y;
-    pt.batch = blockIdx.z / p.heads_kv;
-    pt.kv_head = blockIdx.z % p.heads_kv;
+  if constexpr (kDecode) {  // grid (tiles x B x Hkv, splits), tiles fastest: launch_attention_decode
+    const unsigned tiles = static_cast<unsigned>(p.rows_padded / Tr::kBlockM);
+    const unsigned batch_head = blockIdx.x / tiles;
+    pt.tile = static_cast<int>(blockIdx.x - batch_head * tiles);
+    split = blockIdx.y;
+    pt.batch = batch_head / p.heads_kv;
+    pt.kv_head = batch_head % p.heads_kv;
     pt.q_start = pt.k_start = 0;
     pt.q_len = p.seqlen_q;
     const int64_t valid_keys = int64_t(p.cache_seqlens[pt.batch]) + p.new_tokens;
@@ -787,14 +789,18 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 }
 
 // Merge the splits of one packed query row (one warp per row): softmax-weighted by each
-// split's sum-exp. Sequences whose new entries overflowed the cache get NaN.
+// split's sum-exp. Sequences whose new entries overflowed the cache get NaN. Grid: (blocks of
+// 4 rows x B x Hkv), row blocks fastest.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const AttentionDecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;
   const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * 4 + threadIdx.x / 32;
-  if (row >= p.seqlen_q * p.group) return;
-  const int64_t batch = blockIdx.y / p.heads_kv, kv_head = blockIdx.y % p.heads_kv;
+  const int rows = p.seqlen_q * p.group;
+  const unsigned row_blocks = static_cast<unsigned>((rows + 3) / 4);
+  const unsigned batch_head = blockIdx.x / row_blocks;
+  const int row = static_cast<int>(blockIdx.x - batch_head * row_blocks) * 4 + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int64_t batch = batch_head / p.heads_kv, kv_head = batch_head % p.heads_kv;
   const int64_t first_slot = (batch * p.heads_kv + kv_head) * p.splits * int64_t(p.rows_padded) + row;
   float best = -INFINITY, total = 0.f, acc[kPerLane] = {};
   for (int split = 0; split < p.splits; ++split) {
@@ -1499,13 +1505,21 @@ cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStr
   const AttentionDecodeParams p = with_group_divisor(params);
   using Tr = DecodeTraits<T, kHeadDim>;
   const int64_t rows = int64_t(p.seqlen_q) * p.group;
-  const dim3 grid(p.splits, static_cast<unsigned>(ceil_div(rows, Tr::kBlockM)), p.batch * p.heads_kv);
+  // Batch and KV heads ride on the grid's x axis with the row tiles: y and z stop at 65535,
+  // which B x Hkv passes from a batch of 2048 at 32 KV heads; x at 2^31 - 1.
+  const int64_t batch_heads = int64_t(p.batch) * p.heads_kv;
+  const int64_t split_programs = (p.rows_padded / Tr::kBlockM) * batch_heads;
+  const int64_t combine_blocks = ceil_div(rows, 4) * batch_heads;
+  if (p.rows_padded != ceil_div(rows, Tr::kBlockM) * Tr::kBlockM || split_programs > kMaxGridX ||
+      combine_blocks > kMaxGridX || p.splits > kMaxGridYZ)
+    return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(split_programs), static_cast<unsigned>(p.splits));
   // The mask is a run-time choice here: decode steps are bandwidth-bound, the mask test is free.
   cudaError_t error =
       launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, forward_shared_bytes<Tr>(), stream, p);
   if (error != cudaSuccess) return error;
-  const dim3 combine_grid(static_cast<unsigned>(ceil_div(rows, 4)), p.batch * p.heads_kv);
-  return launch(attention_decode_combine_kernel<T, kHeadDim>, combine_grid, 128, 0, stream, p);
+  return launch(attention_decode_combine_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(combine_blocks)), 128, 0,
+                stream, p);
 }
 
 template <typename T, int kHeadDim>

@@ -8,6 +8,9 @@
 
 namespace internlm_kernels {
 
+// The grid's limits on every GPU since sm_30: a launch past them is refused.
+constexpr int64_t kMaxGridX = 2147483647, kMaxGridYZ = 65535;
+
 // 16-byte vector access is valid when the base pointer and every row stride keep 16-byte
 // alignment (the column offset of a chunk is a multiple of the vector width by construction).
 inline bool vectorizable(const void* ptr, int64_t element_size, int64_t stride_a, int64_t stride_b = 0) {

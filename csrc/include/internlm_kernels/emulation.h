@@ -44,6 +44,8 @@
 #include <thread>
 #include <vector>
 
+#include "internlm_kernels/common.h"
+
 namespace internlm_kernels {
 namespace emulation {
 
@@ -350,6 +352,12 @@ template <class... KernelArgs, class... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, const Args&... args) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % kWarpSize != 0) fail("blocks of whole warps only");
+  if (grid.x > kMaxGridX || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) {  // refused, as by the driver
+    std::lock_guard<std::mutex> lock(last_fault_mutex);
+    last_fault = "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
+                 ") past the limits (2^31 - 1, 65535, 65535)";
+    return cudaErrorInvalidConfiguration;
+  }
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {

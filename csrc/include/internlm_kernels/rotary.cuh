@@ -378,7 +378,7 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   vec.k = halves_ok && (p.heads_k == 0 || (tensor_ok(p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h) &&
                                            tensor_ok(p.k_out, p.k_out_stride_b, p.k_out_stride_s, p.k_out_stride_h)));
   vec.tables = vectorizable(p.cos, sizeof(float), p.cos_stride) && vectorizable(p.sin, sizeof(float), p.sin_stride);
-  if (p.batch > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
+  if (p.batch > kMaxGridYZ) return cudaErrorInvalidConfiguration;  // grid.y limit; the glue checks it first
   constexpr int kVec = Vec<T>::kSize;
   const int items = rotary_items<T>(p).count;
   const dim3 block(threads_for(items));

@@ -625,6 +625,41 @@ def test_length_bucket():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_head_major_query_past_2_pow_31_within_a_group(backend, device):
+    """q head-major ((B, H, S, D) transposed: stride_h = S * D) with 32 query heads on one KV
+    head: a tile's rows span the group's heads, (group - 1) * stride_h = 2.3e9 elements. A
+    64-key window keeps the work small; the last positions of the last head are checked,
+    forward and backward, against the reference on the keys they see."""
+    heads, dim, window, tail = 32, 128, 64, 16
+    seqlen = 589_824  # 31 * seqlen * dim > 2^31
+    free, _ = torch.cuda.mem_get_info()
+    needed = 4 * heads * seqlen * dim * 2 + (1 << 30)  # q, out, out's gradient, dq
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    q = torch.randn(1, heads, seqlen, dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, seqlen, 1, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    out = ik.flash_attention(q, k, v, causal=True, window_size=(window, 0), backend=backend)
+    grad = torch.randn(1, tail, dim, device=device, dtype=torch.bfloat16)
+    dq, dk, dv = torch.autograd.grad(out[:, -tail:, -1], (q, k, v), grad)
+    # The last `tail` positions see the last tail + window keys: the same problem in small.
+    keys = tail + window
+    small = [t.detach()[:, -rows:, heads_slice].clone().requires_grad_(True)
+             for t, rows, heads_slice in ((q, tail, slice(-1, None)), (k, keys, slice(None)), (v, keys, slice(None)))]
+    expected = reference.attention(*small, causal=True, window_size=(window, 0))
+    expected_grads = torch.autograd.grad(expected, small, grad[:, :, None])
+    exact = [t.detach().double().requires_grad_(True) for t in small]
+    exact_out = reference.attention(*exact, causal=True, window_size=(window, 0))
+    exact_grads = torch.autograd.grad(exact_out, exact, grad[:, :, None].double())
+    assert_within_eager_error([out[:, -tail:, -1:]], [expected], [exact_out], torch.bfloat16, 2.0, "out")
+    assert_within_eager_error([dq[:, -tail:, -1:], dk[:, -keys:], dv[:, -keys:]], expected_grads, exact_grads,
+                              torch.bfloat16, 3.0, "dq, dk, dv")
+    for untouched in (dq[:, :-tail], dk[:, :-keys]):  # no other row has a gradient (aminmax: no full-size temporary)
+        assert [float(x) for x in untouched.aminmax()] == [0.0, 0.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_realistic_shapes_against_sdpa(backend, head_dim, device):
     q, k, v = _qkv(2, 1024, 1024, 32, 8, head_dim, torch.bfloat16, device)

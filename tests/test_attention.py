@@ -168,6 +168,33 @@ def test_attention_packed_varlen(backend, causal, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("wrong", ["past_the_end", "below_zero"])
+def test_attention_packed_offsets_out_of_range_are_clamped(backend, wrong, device):
+    """cu_seqlens values go unchecked on the host (reading them would sync the stream): the
+    kernels clamp each sequence into [0, T] instead, so an offset past the tensors' end or
+    below zero never moves a load or a store outside them. Here the clamped sequences are
+    valid ones, which the reference computes."""
+    wrong_q, wrong_k = {"past_the_end": ([0, 3, 16], [0, 4, 4000]), "below_zero": ([-5, 3, 8], [-1, 4, 10])}[wrong]
+    clamped_q, clamped_k = [0, 3, 8], [0, 4, 10]
+    q, k, v = _qkv(None, 8, 10, 4, 2, _dim(backend, 32), torch.bfloat16, device, packed=True)
+    offsets = [torch.tensor(values, device=device, dtype=torch.int32)
+               for values in (wrong_q, wrong_k, clamped_q, clamped_k)]
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = ik.flash_attention(*inputs, causal=True, cu_seqlens_q=offsets[0], cu_seqlens_k=offsets[1], backend=backend)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, inputs, grad)
+    valid = dict(causal=True, cu_seqlens_q=offsets[2], cu_seqlens_k=offsets[3])
+    eager_inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    eager = reference.attention(*eager_inputs, **valid)
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    exact = reference.attention(*exact_inputs, **valid)
+    assert_within_eager_error([out], [eager], [exact], torch.bfloat16, 2.0, f"out, offsets {wrong}")
+    assert_within_eager_error(ours, torch.autograd.grad(eager, eager_inputs, grad),
+                              torch.autograd.grad(exact, exact_inputs, grad.double()), torch.bfloat16, 3.0,
+                              f"dq, dk, dv, offsets {wrong}")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 def test_attention_varlen_equals_per_sequence_dense(backend, device, monkeypatch):
     # Bitwise equality needs the same tiles for both calls; the autotuner keys them apart.
     monkeypatch.setenv("INTERNLM_KERNELS_AUTOTUNE", "0")

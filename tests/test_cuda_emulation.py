@@ -169,6 +169,11 @@ def test_emulated_attention_packed_varlen(cuda_backend, causal, monkeypatch):
     attention_tests.test_attention_varlen_equals_per_sequence_dense("cuda", CPU, monkeypatch)
 
 
+@pytest.mark.parametrize("wrong", ["past_the_end", "below_zero"])
+def test_emulated_attention_packed_offsets_out_of_range_are_clamped(cuda_backend, wrong):
+    attention_tests.test_attention_packed_offsets_out_of_range_are_clamped("cuda", wrong, CPU)
+
+
 @pytest.mark.parametrize("case", ["causal", "window", "varlen"])
 def test_emulated_cuda_triton_reference_three_way(cuda_backend, case):
     """Both backends' own kernel code on the CPU: the CUDA kernels under this emulation, the

@@ -283,7 +283,9 @@ def flash_attention(
     q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides with a contiguous last dim; or
     packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with cu_seqlens_q / cu_seqlens_k (B+1,) int32
     (zero-length sequences allowed; lengths are read on the device, so ``max_seqlen_*`` are
-    optional host ints, accepted for flash-attention compatibility). GQA/MQA when Hq % Hkv
+    optional host ints, accepted for flash-attention compatibility; the values are not
+    checked on the host, which would sync: the kernels clamp each sequence into [0, T], so a
+    wrong offset gives wrong rows, never an access outside the tensors). GQA/MQA when Hq % Hkv
     == 0: query head i uses KV head i // (Hq / Hkv), with no copy of K/V. ``causal`` aligns
     to the bottom-right corner when Sq != Sk; ``window_size=(left, right)`` limits each query
     to keys in [i + Sk - Sq - left, i + Sk - Sq + right] (-1: unbounded). Default scale

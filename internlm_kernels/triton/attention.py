@@ -137,18 +137,29 @@ def _interpreter_blocks(head_dim_padded: int, kernel: str) -> dict:
 
 
 @triton.jit
-def _locate_tile(CU_SEQLENS, num_sequences, tile, ROWS_PER_POSITION: tl.constexpr, BLOCK: tl.constexpr,
+def _clamped_span(begin, end, total):
+    """Tokens [begin, end) of a packed sequence, clamped into [0, total] with end >= begin. The
+    cu_seqlens values are the caller's and go unchecked on the host (reading them there would
+    sync the stream and stop CUDA graphs replaying with new lengths): clamped, a wrong one
+    cannot move a load or a store outside the tensors. Valid ones pass unchanged."""
+    begin = tl.minimum(tl.maximum(begin, 0), total)
+    return begin, tl.minimum(tl.maximum(end, begin), total)
+
+
+@triton.jit
+def _locate_tile(CU_SEQLENS, num_sequences, total, tile, ROWS_PER_POSITION: tl.constexpr, BLOCK: tl.constexpr,
                  BLOCK_SEQS: tl.constexpr):
-    """(sequence, tile within it) of a flattened tile index; sequence == num_sequences when the
-    index lies past the last tile (the program then has nothing to do)."""
+    """(sequence, tile within it) of a flattened tile index into a packed batch of ``total``
+    tokens; sequence == num_sequences when the index lies past the last tile (the program
+    then has nothing to do)."""
     sequence = tile * 0
     tiles_before = tile * 0
     running = tile * 0
     for start in range(0, num_sequences, BLOCK_SEQS):
         idx = start + tl.arange(0, BLOCK_SEQS)
         ok = idx < num_sequences
-        begin = tl.load(CU_SEQLENS + idx, mask=ok, other=0)
-        end = tl.load(CU_SEQLENS + idx + 1, mask=ok, other=0)
+        begin, end = _clamped_span(tl.load(CU_SEQLENS + idx, mask=ok, other=0),
+                                   tl.load(CU_SEQLENS + idx + 1, mask=ok, other=0), total)
         tiles = tl.where(ok, ((end - begin) * ROWS_PER_POSITION + BLOCK - 1) // BLOCK, 0)
         ends = running + tl.cumsum(tiles, axis=0)
         done = ok & (ends <= tile)
@@ -167,10 +178,10 @@ def _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence, IS_VAR
     if IS_VARLEN:
         valid = sequence < num_sequences
         s = tl.maximum(tl.minimum(sequence, num_sequences - 1), 0)
-        q_begin = tl.load(CU_SEQLENS_Q + s)
-        k_begin = tl.load(CU_SEQLENS_K + s)
-        q_len = tl.where(valid, tl.load(CU_SEQLENS_Q + s + 1, mask=valid, other=0) - q_begin, 0)
-        k_len = tl.where(valid, tl.load(CU_SEQLENS_K + s + 1, mask=valid, other=0) - k_begin, 0)
+        q_begin, q_end = _clamped_span(tl.load(CU_SEQLENS_Q + s), tl.load(CU_SEQLENS_Q + s + 1), seqlen_q)
+        k_begin, k_end = _clamped_span(tl.load(CU_SEQLENS_K + s), tl.load(CU_SEQLENS_K + s + 1), seqlen_k)
+        q_len = tl.where(valid, q_end - q_begin, 0)
+        k_len = tl.where(valid, k_end - k_begin, 0)
         q_start = q_begin.to(tl.int64)
         k_start = k_begin.to(tl.int64)
     else:
@@ -193,9 +204,9 @@ def _program_tile(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, seqlen_q, seqlen_k,
     sequence = tl.program_id(1)
     if IS_VARLEN:
         if TILE_KEYS:
-            sequence, tile = _locate_tile(CU_SEQLENS_K, num_sequences, tile, ROWS_PER_POSITION, BLOCK, 128)
+            sequence, tile = _locate_tile(CU_SEQLENS_K, num_sequences, seqlen_k, tile, ROWS_PER_POSITION, BLOCK, 128)
         else:
-            sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, tile, ROWS_PER_POSITION, BLOCK, 128)
+            sequence, tile = _locate_tile(CU_SEQLENS_Q, num_sequences, seqlen_q, tile, ROWS_PER_POSITION, BLOCK, 128)
     q_start, q_len, k_start, k_len = _sequence_bounds(CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences, sequence,
                                                       IS_VARLEN, seqlen_q, seqlen_k)
     return tile, batch, kv_head, q_start, q_len, k_start, k_len

@@ -149,10 +149,24 @@ using BwdQueryTraits = TileTraits<T, kHeadDim, 4 * kWarpRows, (kWarpRows == 16 ?
 // Where a program works: sequence bounds, visible keys
 // ---------------------------------------------------------------------------------------
 
-// (sequence, tile within it) of the flattened tile index ``tile`` of a packed batch whose
-// sequence s has cdiv(len_s * rows_per_position, block) tiles; sequence == num_sequences
-// past the last tile. Every lane of the calling warp gets the same answer.
-__device__ __forceinline__ void locate_tile(const int32_t* cu_seqlens, int num_sequences, int tile,
+// Tokens [begin, end) of packed sequence s, clamped into [0, total] with end >= begin. The
+// cu_seqlens values are the caller's and go unchecked on the host (reading them there would
+// sync the stream and stop CUDA graphs replaying with new lengths): clamped, a wrong one
+// cannot move a load or a store outside the tensors. Valid ones pass unchanged.
+struct PackedSpan {
+  int begin, end;
+};
+
+__device__ __forceinline__ PackedSpan packed_span(const int32_t* cu_seqlens, int s, int total) {
+  const int begin = min(max(cu_seqlens[s], 0), total);
+  return {begin, min(max(cu_seqlens[s + 1], begin), total)};
+}
+
+// (sequence, tile within it) of the flattened tile index ``tile`` of a packed batch of
+// ``total`` tokens whose sequence s has cdiv(len_s * rows_per_position, block) tiles;
+// sequence == num_sequences past the last tile. Every lane of the calling warp gets the same
+// answer.
+__device__ __forceinline__ void locate_tile(const int32_t* cu_seqlens, int num_sequences, int total, int tile,
                                             int rows_per_position, int block, int& sequence, int& local_tile) {
   const int lane = threadIdx.x % 32;
   int before = 0;  // tiles of the sequences already scanned
@@ -160,7 +174,8 @@ __device__ __forceinline__ void locate_tile(const int32_t* cu_seqlens, int num_s
     const int s = base + lane;
     int tiles = 0;
     if (s < num_sequences) {
-      const int64_t rows = int64_t(cu_seqlens[s + 1] - cu_seqlens[s]) * rows_per_position;
+      const PackedSpan span = packed_span(cu_seqlens, s, total);
+      const int64_t rows = int64_t(span.end - span.begin) * rows_per_position;
       tiles = static_cast<int>((rows + block - 1) / block);
     }
     int inclusive = tiles;
@@ -206,16 +221,16 @@ __device__ __forceinline__ ProgramTile program_tile(const AttentionParams& p, bo
   t.k_len = p.seqlen_k;
   if (p.cu_seqlens_q != nullptr) {
     int sequence = 0;
-    locate_tile(tile_keys ? p.cu_seqlens_k : p.cu_seqlens_q, p.num_sequences, blockIdx.x, tile_keys ? 1 : p.group,
-                block, sequence, t.tile);
+    locate_tile(tile_keys ? p.cu_seqlens_k : p.cu_seqlens_q, p.num_sequences, tile_keys ? p.seqlen_k : p.seqlen_q,
+                blockIdx.x, tile_keys ? 1 : p.group, block, sequence, t.tile);
     if (sequence >= p.num_sequences) {
       t.q_len = t.k_len = 0;
       return t;
     }
-    t.q_start = p.cu_seqlens_q[sequence];
-    t.k_start = p.cu_seqlens_k[sequence];
-    t.q_len = p.cu_seqlens_q[sequence + 1] - p.cu_seqlens_q[sequence];
-    t.k_len = p.cu_seqlens_k[sequence + 1] - p.cu_seqlens_k[sequence];
+    const PackedSpan q = packed_span(p.cu_seqlens_q, sequence, p.seqlen_q);
+    const PackedSpan k = packed_span(p.cu_seqlens_k, sequence, p.seqlen_k);
+    t.q_start = q.begin, t.q_len = q.end - q.begin;
+    t.k_start = k.begin, t.k_len = k.end - k.begin;
   }
   return t;
 }

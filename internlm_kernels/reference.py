@@ -317,7 +317,9 @@ def attention_with_kvcache(
     k / v (B, Snew, Hkv, D) new entries written at ``cache_seqlens[b]`` (None: the cache
     is full, S_max valid entries). With rotary_cos/sin, q and the new k are rotated at
     positions ``cache_seqlens[b] + i`` before use. Each batch row attends over its
-    ``cache_seqlens[b] + Snew`` valid entries, causal aligned bottom-right.
+    ``cache_seqlens[b] + Snew`` valid entries, causal aligned bottom-right. A row whose
+    length is negative, or whose new entries would not fit, gets NaN outputs; of its new
+    entries only those that land in [0, S_max) are written (as the kernels do).
     """
     batch = q.shape[0]
     if cache_seqlens is None:
@@ -340,8 +342,13 @@ def attention_with_kvcache(
                 k_b, _ = apply_rotary(k_b, None, rotary_cos, rotary_sin, seqlen_offsets=length,
                                       interleaved=rotary_interleaved)
             total = length + k.shape[1]
-            k_cache[b, length:total] = k_b[0]
-            v_cache[b, length:total] = v[b]
+            first, last = max(length, 0), min(total, k_cache.shape[1])  # the slots inside the cache
+            if first < last:
+                k_cache[b, first:last] = k_b[0, first - length:last - length]
+                v_cache[b, first:last] = v[b, first - length:last - length]
+        if length < 0 or total > k_cache.shape[1]:
+            out[b] = float("nan")
+            continue
         o, _ = _attention_dense(q_b, k_cache[b:b + 1, :total], v_cache[b:b + 1, :total], causal, scale, window_size)
         out[b] = o[0]
     return out

@@ -339,7 +339,7 @@ def test_attention_batch_past_the_grid_limit(device):
     _check(q, k, v, "auto", causal=True)
 
 
-@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
     d = _dim(backend, 32)
     k_cache, v_cache = _cache(2, 16, 1, d, torch.float16, device)
@@ -355,6 +355,24 @@ def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
 # --------------------------------------------------------------------------------------
 # registration, compile, backend choice
 # --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
+def test_kvcache_negative_length_is_nan_not_a_wild_write(backend, device):
+    """cache_seqlens is read on the device, unchecked: a negative length is reported as NaN,
+    like an overflow, and only the new entries that land inside the cache are written."""
+    d = _dim(backend, 32)
+    k_cache, v_cache = _cache(2, 16, 1, d, torch.float16, device)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    lengths = torch.tensor([3, -2], device=device, dtype=torch.int32)
+    new_k, new_v = (torch.randn(2, 3, 1, d, device=device, dtype=torch.float16) for _ in range(2))
+    out = ik.flash_attention_with_kvcache(torch.randn(2, 1, 2, d, device=device, dtype=torch.float16), k_cache,
+                                          v_cache, k=new_k, v=new_v, cache_seqlens=lengths, backend=backend)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+    # the second sequence's entries go to slots -2, -1 (skipped) and 0
+    assert torch.equal(k_cache[1, 0], new_k[1, 2]) and torch.equal(v_cache[1, 0], new_v[1, 2])
+    assert torch.equal(k_cache[1, 1:], before_k[1, 1:]) and torch.equal(v_cache[1, 1:], before_v[1, 1:])
+    assert torch.equal(k_cache[0, 3:6], new_k[0]) and torch.equal(k_cache[0, 6:], before_k[0, 6:])
 
 
 def test_fp32_goes_to_the_reference_under_auto_and_raises_for_triton(device):

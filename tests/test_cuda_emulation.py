@@ -326,6 +326,7 @@ def test_emulated_kvcache_rotary_past_the_table_is_nan(cuda_backend):
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
     attention_tests.test_kvcache_decode_without_new_entries_and_with_window("cuda", CPU)
     attention_tests.test_kvcache_overflow_is_nan_not_a_wild_write("cuda", CPU)
+    attention_tests.test_kvcache_negative_length_is_nan_not_a_wild_write("cuda", CPU)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

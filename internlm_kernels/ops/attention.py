@@ -343,10 +343,11 @@ def flash_attention_with_kvcache(
     rotary_dim / 2), as ``rotary_cos_sin``), q and the new k are rotated at positions
     ``cache_seqlens[b] + i`` inside the kernels (the append rotates k on its way into the
     cache, the attention rotates q as it loads it: no extra launch or tensor). Each sequence
-    then attends over its cache_seqlens[b] + Snew entries, causal aligned bottom-right. The KV dimension is split across programs
-    (flash-decoding), sized from S_max, so a batch of one fills the GPU and CUDA graphs
-    replay with new lengths. A sequence whose new entries would not fit gets NaN outputs
-    (its cache is left unwritten past the capacity).
+    then attends over its cache_seqlens[b] + Snew entries, causal aligned bottom-right. The
+    KV dimension is split across programs (flash-decoding), sized from S_max, so a batch of
+    one fills the GPU and CUDA graphs replay with new lengths. The lengths are read on the
+    device: a sequence whose new entries would not fit, or whose length is negative, gets
+    NaN outputs (of its new entries only those landing in [0, S_max) are written).
     """
     op = "flash_attention_with_kvcache"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -727,8 +727,8 @@ def _attn_decode_combine_kernel(
         total = total * alpha + tl.sum(weight, axis=0)
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)
-    overflow = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + new_tokens > capacity
-    out = tl.where(overflow, float("nan"), out)
+    length = tl.load(CACHE_SEQLENS + batch).to(tl.int64)
+    out = tl.where((length < 0) | (length + new_tokens > capacity), float("nan"), out)  # a length out of range
     position = row // GROUP
     head = kv_head * GROUP + row % GROUP
     tl.store(O + batch * stride_ob + position * stride_os + head * stride_oh + dims, out.to(O.dtype.element_ty),

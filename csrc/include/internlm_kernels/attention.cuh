@@ -804,7 +804,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 }
 
 // Merge the splits of one packed query row (one warp per row): softmax-weighted by each
-// split's sum-exp. Sequences whose new entries overflowed the cache get NaN. Grid: (blocks of
+// split's sum-exp. Sequences whose new entries overflowed the cache, or whose length is
+// negative, get NaN. Grid: (blocks of
 // 4 rows x B x Hkv), row blocks fastest.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const AttentionDecodeParams p) {
@@ -829,7 +830,8 @@ __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const Att
     total = total * alpha + weight;
     best = new_best;
   }
-  const bool overflow = int64_t(p.cache_seqlens[batch]) + p.new_tokens > p.capacity;
+  const int64_t length = p.cache_seqlens[batch];
+  const bool overflow = length < 0 || length + p.new_tokens > p.capacity;
   const float inv = total != 0.f ? 1.f / total : 0.f;
   const int pos = fast_divide(row, p.group_divisor), head = static_cast<int>(kv_head) * p.group + row - pos * p.group;
   T* out = static_cast<T*>(p.out) + batch * p.out_stride_b + int64_t(pos) * p.out_stride_s + int64_t(head) * p.out_stride_h;

@@ -512,3 +512,5 @@ def test_emulated_rotary_strided_inplace_and_out_of_table(cuda_backend):
     rotary_tests.test_rotary_inplace("cuda", CPU)
     rotary_tests.test_positions_outside_table_give_nan("cuda", CPU)
     rotary_tests.test_zero_size("cuda", CPU)
+    for inplace in (False, True):
+        rotary_tests.test_zero_width_tables_rotate_nothing("cuda", inplace, CPU)

@@ -133,6 +133,18 @@ def test_positions_outside_table_give_nan(backend, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_zero_width_tables_rotate_nothing(backend, inplace, device):
+    """rotary_dim 0 (tables of shape (L, 0)): every feature passes through."""
+    q = torch.randn(2, 5, 4, 16, device=device, dtype=torch.bfloat16)
+    k = torch.randn(2, 5, 2, 16, device=device, dtype=torch.bfloat16)
+    cos, sin = ik.rotary_cos_sin(8, 16, device=device)
+    q_in, k_in = q.clone(), k.clone()
+    q_out, k_out = ik.apply_rotary(q_in, k_in, cos[:, :0], sin[:, :0], inplace=inplace, backend=backend)
+    assert torch.equal(q_out, q) and torch.equal(k_out, k)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_zero_size(backend, device):
     q = torch.randn(2, 0, 4, 16, device=device)
     cos, sin = ik.rotary_cos_sin(4, 16, device=device)

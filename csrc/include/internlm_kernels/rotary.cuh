@@ -382,7 +382,9 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   constexpr int kVec = Vec<T>::kSize;
   const int items = rotary_items<T>(p).count;
   const dim3 block(threads_for(items));
-  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned((items + block.x - 1) / block.x));
+  // At least one item block: its threads also copy the features past rotary_dim, all of them
+  // with zero-width tables (an empty grid would not launch).
+  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned(items > 0 ? (items + block.x - 1) / block.x : 1));
   const bool aligned = vec.q && vec.k && vec.tables && p.rotary_half % kVec == 0;
   if (p.interleaved) {
     return aligned ? launch_kernel(rotary_kernel<T, true, true>, grid, block, 0, stream, p, vec)

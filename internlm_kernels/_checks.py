@@ -72,6 +72,37 @@ def check_cu_seqlens(op: str, name: str, cu_seqlens: Tensor, reference_name: str
     check_same_device(op, reference_name, reference, **{name: cu_seqlens})
 
 
+def check_writable(op: str, name: str, t: Tensor) -> None:
+    """A tensor written in place: no two of its elements may share memory (as in an expanded
+    tensor), or the kernels' writes to them race. Skipped while torch.compile traces (Dynamo
+    cannot run the query), as torch's own in-place ops are checked when they run."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._debug_has_internal_overlap(t) == 1:  # 1: overlaps for sure (2: too hard to tell)
+        raise ValueError(f"{op}: {name} is written in place but some of its elements share memory (strides "
+                         f"{tuple(t.stride())} for shape {tuple(t.shape)}, an expanded tensor?); pass one with "
+                         f"memory of its own, e.g. {name}.contiguous()")
+
+
+def check_disjoint(op: str, name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    """Two tensors of one call, ``t`` written in place, must not share memory: the kernels
+    read ``other`` while they write ``t``. Decided as torch's own overlap check decides it:
+    views of one storage that start at the same element, or contiguous ones whose ranges
+    intersect, overlap; strided views of one storage (q and k of a fused QKV tensor) are
+    left alone, their elements interleave without meeting. Skipped while tracing."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or other.numel() == 0:
+        return
+    if t.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
+        return
+    start, other_start = t.data_ptr(), other.data_ptr()
+    overlap = start == other_start or (
+        t.is_contiguous() and other.is_contiguous() and start < other_start + other.numel() * other.element_size()
+        and other_start < start + t.numel() * t.element_size())
+    if overlap:
+        raise ValueError(f"{op}: {name} is written in place and shares memory with {other_name}; pass tensors "
+                         f"that do not overlap")
+
+
 def as_rows(t: Tensor) -> Tensor:
     """View ``t`` (..., N) as (outer, inner, N) without copying when its leading dims allow.
 

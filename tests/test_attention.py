@@ -357,6 +357,23 @@ def test_kvcache_overflow_is_nan_not_a_wild_write(backend, device):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("case", ["k_cache_is_v_cache", "cache_expanded", "new_k_inside_the_cache"])
+def test_kvcache_refuses_caches_that_share_memory(case, device):
+    """The append writes both caches while it reads the new k and v."""
+    k_cache, v_cache = _cache(2, 8, 1, 32, torch.float16, device)
+    new = torch.randn(2, 1, 1, 32, device=device, dtype=torch.float16)
+    new_k = new
+    if case == "k_cache_is_v_cache":
+        v_cache = k_cache
+    elif case == "cache_expanded":
+        k_cache = k_cache[:1].expand(2, 8, 1, 32)
+    else:
+        new_k = k_cache[:, :1]
+    q = torch.randn(2, 1, 2, 32, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="share"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=new_k, v=new, cache_seqlens=3)
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 def test_kvcache_negative_length_is_nan_not_a_wild_write(backend, device):
     """cache_seqlens is read on the device, unchecked: a negative length is reported as NaN,

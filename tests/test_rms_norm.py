@@ -493,6 +493,35 @@ def test_fused_add_rms_norm_inplace_bad_input(device):
                                                        requires_grad=True))
 
 
+@pytest.mark.parametrize("case", ["x_expanded", "residual_expanded", "x_is_residual", "rows_overlap",
+                                  "weight_inside_x"])
+def test_fused_add_rms_norm_inplace_refuses_shared_memory(case, device):
+    """The in-place op writes x and residual: memory two of their elements share, or that
+    one shares with the other (or with the weight), would make the writes race."""
+    n = 64
+    buffer = torch.randn(6, n, device=device, dtype=torch.bfloat16)
+    x, residual, weight = buffer[:2].clone(), buffer[2:4].clone(), torch.ones(n, device=device, dtype=torch.bfloat16)
+    if case == "x_expanded":
+        x = buffer[0].expand(2, n)
+    elif case == "residual_expanded":
+        residual = buffer[0].expand(2, n)
+    elif case == "x_is_residual":
+        residual = x
+    elif case == "rows_overlap":
+        x, residual = buffer[:2], buffer[1:3]
+    else:
+        x, weight = buffer[:2], buffer[1]
+    with pytest.raises(ValueError, match="share"):
+        ik.fused_add_rms_norm_(x, residual, weight)
+    # rows of one buffer that do not meet are fine
+    x, residual = buffer[:2], buffer[2:4]
+    expected_out, expected_sum = reference.fused_add_rms_norm(x.clone(), residual.clone(),
+                                                              torch.ones(n, device=device, dtype=torch.bfloat16))
+    ik.fused_add_rms_norm_(x, residual, torch.ones(n, device=device, dtype=torch.bfloat16))
+    assert_close_dtype(x, expected_out, torch.bfloat16, "x of one buffer")
+    assert_close_dtype(residual, expected_sum, torch.bfloat16, "residual of one buffer")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fused_add_rms_norm_inplace_opcheck(backend, device):
     x = torch.randn(5, 48, device=device)

@@ -132,6 +132,28 @@ def test_positions_outside_table_give_nan(backend, device):
     assert torch.isnan(q_out[0, 2:]).all()
 
 
+@pytest.mark.parametrize("case", ["q_expanded", "k_is_q", "q_and_k_overlap", "table_inside_q"])
+def test_rotary_inplace_refuses_shared_memory(case, device):
+    """In place, q and k are written: memory two of their elements share, or that they share
+    with each other or with the tables, would make the writes race. (q and k as strided views
+    of one fused QKV tensor do not meet: test_rotary_inplace.)"""
+    buffer = torch.randn(2, 4, 6, 16, device=device)
+    q, k = buffer[:, :, :2].clone(), buffer[:, :, 2:4].clone()
+    cos, sin = ik.rotary_cos_sin(8, 16, device=device)
+    if case == "q_expanded":
+        q = buffer[:, :1, :2].expand(2, 4, 2, 16)
+    elif case == "k_is_q":
+        k = q
+    elif case == "q_and_k_overlap":
+        flat = torch.randn(3 * 4 * 2 * 16, device=device)
+        q, k = flat[:2 * 4 * 2 * 16].view(2, 4, 2, 16), flat[4 * 2 * 16:].view(2, 4, 2, 16)
+    else:
+        table = torch.randn(2 * 4 * 2 * 16, device=device)
+        q, cos = table.view(2, 4, 2, 16), table[:8 * 8].view(8, 8)
+    with pytest.raises(ValueError, match="share"):
+        ik.apply_rotary(q, k, cos, sin, inplace=True)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_zero_width_tables_rotate_nothing(backend, inplace, device):

@@ -19,8 +19,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_dtype, check_last_dim_contiguous, check_same_device, check_same_dtype,
-    check_tensor,
+    check_cu_seqlens, check_dim, check_disjoint, check_dtype, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_tensor, check_writable,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -203,6 +203,15 @@ def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens,
     if inplace and torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         raise RuntimeError(f"{op}: inplace=True is for inference; q/k require grad, so use inplace=False "
                            f"(or run under torch.no_grad())")
+    if inplace:
+        check_writable(op, "q", q)
+        if k is not None:
+            check_writable(op, "k", k)
+            check_disjoint(op, "q", q, "k", k)
+        for name, table in (("cos", cos), ("sin", sin)):
+            check_disjoint(op, "q", q, name, table)
+            if k is not None:
+                check_disjoint(op, "k", k, name, table)
 
 
 def apply_rotary(

@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import internlm_kernels as ik
+from internlm_kernels import reference
 from tests.helpers import KERNEL_BACKENDS
 
 rms_ops = importlib.import_module("internlm_kernels.ops.rms_norm")  # the module, not the function
@@ -99,3 +100,48 @@ def test_launchers_host_arithmetic_matches_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 7, 16, 64, 128):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current device: each launcher makes its first tensor's device
+    current when it is another GPU (a machine with one GPU cannot show the failure itself)."""
+    import contextlib
+
+    from internlm_kernels.triton import _host, attention, rms_norm, rotary
+
+    made_current = []
+
+    @contextlib.contextmanager
+    def device(which):
+        made_current.append(torch.device(which))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+
+    class OnDevice:
+        def __init__(self, name):
+            self.device = torch.device(name)
+
+    calls = []
+    launcher = _host.on_the_tensors_device(lambda first, *args, **kwargs: calls.append(len(made_current)) or "done")
+    assert launcher(OnDevice("cuda:1"), 2, flag=True) == "done"
+    assert made_current == [torch.device("cuda:1")] and calls == [1]  # ran inside the switch
+    for same in ("cuda:0", "cuda", "cpu"):
+        launcher(OnDevice(same))
+    assert made_current == [torch.device("cuda:1")], "no switch to the current device, or for CPU tensors"
+    # every Triton launcher the ops call is wrapped
+    for module, name in ((attention, "attention_fwd"), (attention, "attention_bwd"), (attention, "kvcache_append"),
+                         (attention, "attention_decode"), (rms_norm, "rms_norm_fwd"), (rms_norm, "rms_norm_bwd"),
+                         (rotary, "rotary")):
+        assert getattr(getattr(module, name), "__wrapped__", None) is not None, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_on_the_second_gpu(device):
+    x = torch.randn(64, 256, device="cuda:1", dtype=torch.bfloat16)
+    weight = torch.randn(256, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        out = ik.rms_norm(x, weight, backend="triton")
+    torch.testing.assert_close(out, reference.rms_norm(x, weight), rtol=1e-2, atol=1e-2)

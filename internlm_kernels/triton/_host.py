@@ -22,6 +22,21 @@ def batch_slices(batch: int):
     return [slice(start, min(start + MAX_GRID_YZ, batch)) for start in range(0, batch, MAX_GRID_YZ)]
 
 
+def on_the_tensors_device(launcher):
+    """Triton launches on the current CUDA device, with its stream, whatever device the
+    tensors are on: a launcher so wrapped makes its first argument's device current for the
+    call when it is another (as the CUDA glue does). Otherwise a call on cuda:1 from a thread
+    whose current device is cuda:0 ran its kernel on cuda:0 with cuda:1's pointers."""
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        device = first.device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return launch
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2, num_sms
+from internlm_kernels.triton._host import (
+    MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2, num_sms, on_the_tensors_device,
+)
 from internlm_kernels.triton.rotary import _rotated_member
 
 # Globals read inside kernels must be constexpr (the interpreter does not enforce it, the
@@ -763,6 +765,7 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+@on_the_tensors_device
 def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, causal: bool,
                   window_size) -> None:
     """q/out (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) views (packed: B = 1 and cu_seqlens given);
@@ -790,6 +793,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
     )
 
 
+@on_the_tensors_device
 def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, softmax_scale: float,
                   causal: bool, window_size, deterministic: bool = True) -> None:
     """Gradients of attention_fwd. Same layouts; dq/dk/dv are written (packed padding rows are
@@ -838,6 +842,7 @@ def _rotary_args(cos, sin, interleaved: bool):
                 rotary_half=cos.shape[1], ROTARY=True, INTERLEAVED=bool(interleaved))
 
 
+@on_the_tensors_device
 def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
     """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the tables are
     given), v_cache likewise from v; k, v (B, Snew, H, D), caches (B, S_max, H, D). One launch."""
@@ -856,6 +861,7 @@ def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin
     )
 
 
+@on_the_tensors_device
 def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
                      window_size, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
     """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D) holding

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import capability_major, cdiv, max_shared_per_block, next_power_of_2, num_sms
+from internlm_kernels.triton._host import (
+    capability_major, cdiv, max_shared_per_block, next_power_of_2, num_sms, on_the_tensors_device,
+)
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -396,6 +398,7 @@ def _row_descriptor(view_and_strides, block_m: int, block_n: int):
     return TensorDescriptor(view, list(view.shape), strides, [1, block_m, block_n])
 
 
+@on_the_tensors_device
 def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> None:
     """Launch the forward. x, residual, out, residual_out: (outer, inner, N) views (out and
     residual_out may be x and residual: in place); rstd (M,) fp32. residual and
@@ -421,6 +424,7 @@ def rms_norm_fwd(x, residual, weight, out, residual_out, rstd, eps: float) -> No
     )
 
 
+@on_the_tensors_device
 def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dweight: bool):
     """Launch the backward. dy, x, dresidual_out: (outer, inner, N) views (dresidual_out may be
     None); dx, dresidual: (M, N) contiguous outputs (dresidual None for the plain op).

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from internlm_kernels.triton._host import MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2
+from internlm_kernels.triton._host import MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2, on_the_tensors_device
 
 # Elements (heads x rotary pairs) one program rotates: enough 16-byte vectors per thread
 # to hide latency without splitting a token's heads over too many programs.
@@ -146,6 +146,7 @@ def _rotary_kernel(
         tl.store(o_base + rest[None, :], tl.load(x_base + rest[None, :], mask=rest_mask), mask=rest_mask)
 
 
+@on_the_tensors_device
 def rotary(q, k, q_out, k_out, cos, sin, position_ids, seqlen_offsets, seqlen_offset: int, cu_seqlens,
            interleaved: bool, conjugate: bool, inplace: bool) -> None:
     """Launch the rotary kernel.

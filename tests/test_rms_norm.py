@@ -233,14 +233,14 @@ def test_triton_backward_tma_eligibility(layout, expected, monkeypatch):
         rows = torch.randn(1, 4, width, dtype=dtype)
     inputs = (rows, rows, rows) if layout.startswith("fused") else (rows, rows)
     block_m, block_n, _, _ = triton_rms_norm.rms_norm_block_config(width, backward=True)
-    plan = triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n)
+    plan = triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n, 4)
     assert (plan and plan[0]) == expected
     if plan is not None and layout.startswith("batch_slices"):
         assert plan[1][0][0] is rows and plan[2] == 5  # both strides kept
     elif plan is not None:
         assert plan[1][0][0].shape == (1, rows.shape[0] * rows.shape[1], width)
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "0")
-    assert triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n) is None
+    assert triton_rms_norm._tma_bwd_plan(inputs, block_m, block_n, 4) is None
 
 
 @pytest.mark.parametrize("fused, expected", [(False, 2), (True, None)], ids=["plain", "fused"])
@@ -252,15 +252,28 @@ def test_triton_backward_tma_fits_the_devices_shared_memory(fused, expected, mon
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
     monkeypatch.setattr(triton_rms_norm, "_prefetch_budget", lambda device: 101376 - 4096)
     rows = torch.randn(1, 4, 16384, dtype=torch.bfloat16)
-    plan = triton_rms_norm._tma_bwd_plan((rows,) * (3 if fused else 2), 1, 16384)
+    plan = triton_rms_norm._tma_bwd_plan((rows,) * (3 if fused else 2), 1, 16384, 4)
     assert (plan and plan[0]) == expected
+
+
+def test_triton_backward_tma_keeps_row_indices_in_int32(monkeypatch):
+    """The TMA kernel's row indices are int32 and reach M + programs (+ BLOCK_M): near 2^31
+    rows the pointer kernel (int64 rows) serves. The limit is lowered to 2^12 here, where
+    rows fit in memory."""
+    from internlm_kernels.triton import rms_norm as triton_rms_norm
+    monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "1")
+    monkeypatch.setattr(triton_rms_norm, "TMA_BWD_ROW_LIMIT", 2**12)
+    block_m, block_n, _, _ = triton_rms_norm.rms_norm_block_config(64, backward=True)
+    rows = torch.randn(1, 2**12 - 600, 64, dtype=torch.bfloat16)
+    assert triton_rms_norm._tma_bwd_plan((rows, rows), block_m, block_n, 4) is not None
+    assert triton_rms_norm._tma_bwd_plan((rows, rows), block_m, block_n, 600 - block_m) is None
 
 
 def test_triton_backward_tma_switch_rejects_other_values(monkeypatch):
     from internlm_kernels.triton import rms_norm as triton_rms_norm
     monkeypatch.setenv(triton_rms_norm.TMA_BWD_ENV, "yes")
     with pytest.raises(ValueError, match="INTERNLM_KERNELS_TRITON_NORM_BWD_TMA must be 0 or 1, got 'yes'"):
-        triton_rms_norm._tma_bwd_plan((torch.randn(1, 2, 4096),), 1, 4096)
+        triton_rms_norm._tma_bwd_plan((torch.randn(1, 2, 4096),), 1, 4096, 4)
 
 
 @pytest.mark.gpu

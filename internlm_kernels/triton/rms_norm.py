@@ -277,8 +277,11 @@ def _rms_norm_bwd_tma_kernel(
     # fit per SM, so an SM had one or two steps' rows in flight and waited for each.
     normed_dtype = DX.dtype.element_ty
     pid = tl.program_id(0)
+    # Row indices are int32 here. rows_per_program = cdiv(M, programs), so row_begin stays
+    # below M + programs, which the launcher keeps below 2^31 (with BLOCK_M); row_begin +
+    # rows_per_program could pass 2^31 for the last program, M - row_begin cannot.
     row_begin = pid * rows_per_program
-    row_end = tl.minimum(row_begin + rows_per_program, M)
+    row_end = row_begin + tl.minimum(rows_per_program, M - row_begin)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -323,7 +326,10 @@ def _num_bwd_programs(device: torch.device, row_blocks: int) -> int:
     return max(1, min(row_blocks, 4))  # interpreter: fewer, larger programs are faster
 
 
-def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
+TMA_BWD_ROW_LIMIT = 2**31  # the TMA backward's row indices are int32
+
+
+def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int, programs: int):
     """How the backward's TMA kernel would read these (outer, inner, N) inputs: (pipeline
     depth, (view, descriptor strides) per input, rows per outer slice), or None for the pointer
     kernel. On request (TMA_BWD_ENV) or on sm_90+, when a descriptor can address every input
@@ -341,8 +347,8 @@ def _tma_bwd_plan(inputs: Sequence[torch.Tensor], block_m: int, block_n: int):
     step_bytes = [block_m * block_n * t.element_size() for t in inputs]  # one shared-memory buffer each
     if max(step_bytes) > TMA_BWD_MAX_ROW_BYTES:
         return None
-    if inputs[0].shape[0] * inputs[0].shape[1] + block_m >= 2**31:
-        return None  # the kernel's row indices, and descriptor coordinates, are int32
+    if inputs[0].shape[0] * inputs[0].shape[1] + block_m + programs >= TMA_BWD_ROW_LIMIT:
+        return None  # the kernel's row indices (up to M + programs), and descriptor coordinates, are int32
     if min(block_n * t.element_size() for t in inputs) < 16:
         return None  # a TMA box's rows are whole 16-byte units
     budget = _prefetch_budget(device)  # two steps ahead within it, else one
@@ -438,7 +444,8 @@ def rms_norm_bwd(dy, x, dresidual_out, weight, rstd, dx, dresidual, compute_dwei
     dw_partial = allocate((programs, n_cols) if compute_dweight else (1,), device=x.device, dtype=torch.float32)
     has_dro = dresidual_out is not None
     dro = dresidual_out if has_dro else dy
-    plan = _tma_bwd_plan((dy, x, dresidual_out) if has_dro else (dy, x), block_m, block_n) if single_pass else None
+    plan = _tma_bwd_plan((dy, x, dresidual_out) if has_dro else (dy, x), block_m, block_n, programs) \
+        if single_pass else None
     if plan is not None:
         stages, views, rows_inner = plan
         dy_desc, x_desc = (_row_descriptor(t, block_m, block_n) for t in views[:2])

@@ -86,6 +86,9 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
               op, ": sequences too long for 32-bit row indices: q ", q.sizes(), ", k ", k.sizes());
   TORCH_CHECK(q.size(0) <= kMaxGridYZ && k.size(2) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ,
               " batch rows and KV heads per launch, got ", q.size(0), " and ", k.size(2));
+  // The backward's one-warp-per-row kernels: 4 (batch row, position, query head) rows a block on x.
+  TORCH_CHECK(q.size(0) * q.size(1) * q.size(2) <= 4 * kMaxGridX, op, ": at most ", 4 * kMaxGridX,
+              " query rows (B x Sq x Hq) per call, got q ", q.sizes());
 
   AttentionParams p;
   bind_rows(q, p.q, p.q_stride_b, p.q_stride_s, p.q_stride_h);
@@ -231,8 +234,10 @@ void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
               " do not match the cache ", k_cache.sizes());
   TORCH_CHECK(k.size(1) <= k_cache.size(1), op, ": ", k.size(1), " new entries exceed the capacity ", k_cache.size(1));
   check_cache_seqlens(op, cache_seqlens, k_cache);
-  TORCH_CHECK(k_cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && k_cache.size(3) % 8 == 0, op,
-              ": unsupported cache shape ", k_cache.sizes());
+  TORCH_CHECK(k_cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && k_cache.size(3) % 8 == 0 &&
+                  k_cache.size(2) * k_cache.size(3) < std::numeric_limits<int32_t>::max() / 2,
+              op, ": unsupported cache shape ", k_cache.sizes(), " (capacity and heads x head_dim below 2^30, ",
+              "head_dim a multiple of 8)");
   KvcacheAppendParams p;
   bind_rows(k, p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h);
   bind_rows(v, p.v, p.v_stride_b, p.v_stride_s, p.v_stride_h);

@@ -33,8 +33,9 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
   check_rotary_tables(op, "cos", cos, "sin", sin, q);
   TORCH_CHECK(q.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows per launch, got ", q.size(0));
   TORCH_CHECK(q.size(1) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 tokens, got ", q.size(1));
-  TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535, op, ": too many heads or features: ", q.sizes(),
-              " ", k.sizes());
+  TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535 &&
+                  (q.size(2) + k.size(2)) * q.size(3) < std::numeric_limits<int32_t>::max(),
+              op, ": too many heads or features (per token below 2^31): ", q.sizes(), " ", k.sizes());
   // In place means the outputs are the inputs; out of place they must not share memory.
   const bool same_q = q_out.data_ptr() == q.data_ptr() && q_out.strides() == q.strides();
   const bool same_k = k.size(2) == 0 || (k_out.data_ptr() == k.data_ptr() && k_out.strides() == k.strides());

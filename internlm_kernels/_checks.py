@@ -7,13 +7,14 @@ and strides, so they also run on fake tensors while ``torch.compile`` traces.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # not FakeTensor, FunctionalTensor, DTensor, ...
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -72,35 +73,41 @@ def check_cu_seqlens(op: str, name: str, cu_seqlens: Tensor, reference_name: str
     check_same_device(op, reference_name, reference, **{name: cu_seqlens})
 
 
-def check_writable(op: str, name: str, t: Tensor) -> None:
-    """A tensor written in place: no two of its elements may share memory (as in an expanded
-    tensor), or the kernels' writes to them race. Skipped while torch.compile traces (Dynamo
-    cannot run the query), as torch's own in-place ops are checked when they run."""
+def _meet(a: Tensor, b: Tensor) -> bool:
+    """Whether two non-empty tensors share an element, decided as torch's own overlap check
+    decides it: views that start at the same address, or contiguous ones whose byte ranges
+    intersect, meet; other strided views of one buffer (q and k of a fused QKV tensor) are
+    taken not to, their elements interleave. (Separate allocations never share addresses, so
+    the storages need no comparison.)"""
+    start, other = a.data_ptr(), b.data_ptr()
+    return start == other or (a.is_contiguous() and b.is_contiguous() and start < other + b.numel() * b.element_size()
+                              and other < start + a.numel() * a.element_size())
+
+
+def check_in_place(op: str, written: Dict[str, Tensor], read: Dict[str, Optional[Tensor]]) -> None:
+    """Tensors an op writes in place: none may have two elements on one memory location (an
+    expanded tensor), and none may share memory with another written one or with ``read``
+    (inputs the kernels read while they write), or the kernels' accesses race. Real tensors
+    only: skipped while torch.compile traces (Dynamo cannot run these queries) and for fake
+    and meta tensors (no memory to compare), as torch checks its own in-place ops when they
+    run. About 2 us a call."""
     if torch.compiler.is_compiling():
         return
-    if torch._debug_has_internal_overlap(t) == 1:  # 1: overlaps for sure (2: too hard to tell)
-        raise ValueError(f"{op}: {name} is written in place but some of its elements share memory (strides "
-                         f"{tuple(t.stride())} for shape {tuple(t.shape)}, an expanded tensor?); pass one with "
-                         f"memory of its own, e.g. {name}.contiguous()")
-
-
-def check_disjoint(op: str, name: str, t: Tensor, other_name: str, other: Tensor) -> None:
-    """Two tensors of one call, ``t`` written in place, must not share memory: the kernels
-    read ``other`` while they write ``t``. Decided as torch's own overlap check decides it:
-    views of one storage that start at the same element, or contiguous ones whose ranges
-    intersect, overlap; strided views of one storage (q and k of a fused QKV tensor) are
-    left alone, their elements interleave without meeting. Skipped while tracing."""
-    if torch.compiler.is_compiling() or t.numel() == 0 or other.numel() == 0:
+    tensors = [(name, t, name in written) for name, t in (*written.items(), *read.items())
+               if t is not None and t.numel()]
+    if any(type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta for _, t, _ in tensors):
         return
-    if t.untyped_storage().data_ptr() != other.untyped_storage().data_ptr():
-        return
-    start, other_start = t.data_ptr(), other.data_ptr()
-    overlap = start == other_start or (
-        t.is_contiguous() and other.is_contiguous() and start < other_start + other.numel() * other.element_size()
-        and other_start < start + t.numel() * t.element_size())
-    if overlap:
-        raise ValueError(f"{op}: {name} is written in place and shares memory with {other_name}; pass tensors "
-                         f"that do not overlap")
+    for name, t in written.items():
+        if torch._debug_has_internal_overlap(t) == 1:  # 1: overlaps for sure (2: too hard to tell)
+            raise ValueError(f"{op}: {name} is written in place but some of its elements share memory (strides "
+                             f"{tuple(t.stride())} for shape {tuple(t.shape)}, an expanded tensor?); pass one "
+                             f"with memory of its own, e.g. {name}.contiguous()")
+    for i, (name, t, is_written) in enumerate(tensors):
+        for other_name, other, other_written in tensors[i + 1:]:
+            if (is_written or other_written) and _meet(t, other):
+                target, source = (name, other_name) if is_written else (other_name, name)
+                raise ValueError(f"{op}: {target} is written in place and shares memory with {source}; pass "
+                                 f"tensors that do not overlap")
 
 
 def as_rows(t: Tensor) -> Tensor:

@@ -16,11 +16,14 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import internlm_kernels as ik
 from internlm_kernels import reference
 from internlm_kernels.ops.attention import CUDA_HEAD_DIMS, _rows_aligned
 from internlm_kernels.bench.cases import takes_key_block128
+from internlm_kernels.triton import attention as triton_attention
 from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
 
 ATTENTION_BACKENDS = KERNEL_BACKENDS
@@ -674,6 +677,31 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr[-3000:]
+
+
+@triton.jit
+def _row_offsets_kernel(OUT, tile, q_len, stride_s, stride_h, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The Triton attention kernels' per-row offsets of one query tile, stored."""
+    rows_pos, rows_sub, pos_first, _, _ = triton_attention._packed_rows(tile, q_len, GROUP, BLOCK_M)
+    offsets = triton_attention._packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h)
+    tl.store(OUT + tl.arange(0, BLOCK_M), offsets)
+
+
+def test_triton_packed_row_offsets_are_int64():
+    """The per-row offsets inside a tile, (position - first) * stride_s + (head within the
+    group) * stride_h, pass 2^31 with int32 strides (a head-major q of 2.4M positions, a
+    sequence-major one of B * H * D = 17M). The interpreter wraps int32 as the GPU does, so
+    the kernels' own helper is checked here without tensors of that size."""
+    group, block_m, tile = 4, 64, 3
+    stride_s, stride_h = 2**28 + 8, 2**30 - 64  # each term alone passes 2^31 in some row
+    out = torch.zeros(block_m, dtype=torch.int64, device="cpu")
+    if torch.cuda.is_available():
+        out = out.cuda()
+    _row_offsets_kernel[(1,)](out, tile, 10**6, stride_s, stride_h, GROUP=group, BLOCK_M=block_m)
+    rows = tile * block_m + torch.arange(block_m)
+    expected = (rows // group - tile * block_m // group) * stride_s + (rows % group) * stride_h
+    assert int(expected.max()) > 2**31
+    assert torch.equal(out.cpu(), expected)
 
 
 def test_length_bucket():

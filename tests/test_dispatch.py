@@ -145,3 +145,21 @@ def test_triton_on_the_second_gpu(device):
     with torch.cuda.device(0):
         out = ik.rms_norm(x, weight, backend="triton")
     torch.testing.assert_close(out, reference.rms_norm(x, weight), rtol=1e-2, atol=1e-2)
+
+
+def test_in_place_checks_pass_fake_and_meta_tensors():
+    """The in-place ops' shared-memory checks compare addresses: fake and meta tensors have
+    none (every data pointer is 0), so they are left to the real call, not refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def in_place_calls(device):
+        x, residual, weight = torch.randn(4, 64, device=device), torch.randn(4, 64, device=device), \
+            torch.randn(64, device=device)
+        ik.fused_add_rms_norm_(x, residual, weight, backend="torch")
+        q, k = torch.randn(1, 4, 2, 16, device=device), torch.randn(1, 4, 2, 16, device=device)
+        cos, sin = torch.randn(8, 8, device=device), torch.randn(8, 8, device=device)
+        ik.apply_rotary(q, k, cos, sin, inplace=True, backend="torch")
+
+    with FakeTensorMode():
+        in_place_calls("cpu")
+    in_place_calls("meta")

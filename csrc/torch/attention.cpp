@@ -268,10 +268,10 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   TORCH_CHECK(new_tokens >= 0 && new_tokens <= k_cache.size(1), op, ": new_tokens ", new_tokens,
               " must be in [0, capacity ", k_cache.size(1), "]");
   // The decode grid's x axis: a program per (row tile, batch row, KV head).
-  const int64_t row_tiles = (q.size(1) * p.group + kDecodeBlockM - 1) / kDecodeBlockM;
-  const int64_t decode_programs = row_tiles * q.size(0) * k_cache.size(2);
-  TORCH_CHECK(decode_programs <= kMaxGridX, op, ": at most ", kMaxGridX, " programs (", kDecodeBlockM,
-              "-row tiles of positions x group, x batch rows x KV heads) per decode call, got ", decode_programs,
+  // The combine kernel's blocks of 4 rows outnumber the split kernel's 16-row tiles.
+  const int64_t combine_blocks = (q.size(1) * p.group + 3) / 4 * q.size(0) * k_cache.size(2);
+  TORCH_CHECK(combine_blocks <= kMaxGridX, op, ": at most ", kMaxGridX, " blocks of 4 query rows (positions x group, ",
+              "x batch rows x KV heads) per decode call, got ", combine_blocks,
               " (use flash_attention for long prefills)");
   if (q.numel() == 0) return;
   const LaunchScope scope(q);

@@ -23,8 +23,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_disjoint, check_dtype, check_last_dim_contiguous, check_same_device,
-    check_same_dtype, check_tensor, check_writable,
+    check_cu_seqlens, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -398,13 +398,8 @@ def flash_attention_with_kvcache(
     if rotary_cos is not None:
         check_rotary_tables(op, rotary_cos, rotary_sin, q.shape[-1], names=("rotary_cos", "rotary_sin"))
     window = _check_window(op, window_size)
-    if k is not None:  # the caches are written: by the append's programs, which read k and v
-        check_writable(op, "k_cache", k_cache)
-        check_writable(op, "v_cache", v_cache)
-        check_disjoint(op, "k_cache", k_cache, "v_cache", v_cache)
-        for cache_name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            check_disjoint(op, cache_name, cache, "k", k)
-            check_disjoint(op, cache_name, cache, "v", v)
+    if k is not None:  # the append writes the caches while it reads k and v
+        check_in_place(op, {"k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v})
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
         raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
                            f"(run under torch.no_grad() or use flash_attention)")

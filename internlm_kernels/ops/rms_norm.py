@@ -22,8 +22,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    as_rows, as_rows_view, check_dim, check_disjoint, check_dtype, check_last_dim_contiguous, check_same_device,
-    check_shape, check_tensor, check_writable,
+    as_rows, as_rows_view, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
+    check_shape, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -293,11 +293,7 @@ def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float 
     if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
         raise RuntimeError(f"{op}: the in-place op is for inference; inputs require grad, so use "
                            f"fused_add_rms_norm (or run under torch.no_grad())")
-    check_writable(op, "x", x)
-    check_writable(op, "residual", residual)
-    check_disjoint(op, "x", x, "residual", residual)
-    check_disjoint(op, "x", x, "weight", weight)
-    check_disjoint(op, "residual", residual, "weight", weight)
+    check_in_place(op, {"x": x, "residual": residual}, {"weight": weight})
     chosen = choose_backend(backend, x.device, op, _cuda_limits(x, weight, residual))
     if chosen == "torch":
         out, residual_out = reference.fused_add_rms_norm(x, residual, weight, eps)

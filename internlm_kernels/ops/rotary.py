@@ -19,8 +19,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_disjoint, check_dtype, check_last_dim_contiguous, check_same_device,
-    check_same_dtype, check_tensor, check_writable,
+    check_cu_seqlens, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
+    check_same_dtype, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -204,14 +204,7 @@ def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens,
         raise RuntimeError(f"{op}: inplace=True is for inference; q/k require grad, so use inplace=False "
                            f"(or run under torch.no_grad())")
     if inplace:
-        check_writable(op, "q", q)
-        if k is not None:
-            check_writable(op, "k", k)
-            check_disjoint(op, "q", q, "k", k)
-        for name, table in (("cos", cos), ("sin", sin)):
-            check_disjoint(op, "q", q, name, table)
-            if k is not None:
-                check_disjoint(op, "k", k, name, table)
+        check_in_place(op, {"q": q} if k is None else {"q": q, "k": k}, {"cos": cos, "sin": sin})
 
 
 def apply_rotary(

@@ -338,10 +338,11 @@ def _packed_rows(tile, q_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h):
     """Each packed row's offset from the tile's first position of the group's first head, in
-    int64: a tile spans the group's heads, so with a head-major layout ((B, H, S, D)
-    transposed, stride_h = S * D) (GROUP - 1) * stride_h passes 2^31 from S = 2.4M at 8 heads
-    a group (0.5M at 32), where int32 offsets wrap."""
-    return (rows_pos - pos_first) * stride_s + rows_sub.to(tl.int64) * stride_h
+    int64: a tile spans the group's heads and up to BLOCK_M / GROUP positions, so with a
+    head-major layout ((B, H, S, D) transposed, stride_h = S * D) (GROUP - 1) * stride_h
+    passes 2^31 from S = 2.4M at 8 heads a group (0.5M at 32), and with a sequence-major one
+    ((S, B, H, D) transposed) 127 * stride_s from B * H * D = 17M, where int32 offsets wrap."""
+    return (rows_pos - pos_first).to(tl.int64) * stride_s + rows_sub.to(tl.int64) * stride_h
 
 
 @triton.jit

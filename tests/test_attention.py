@@ -159,6 +159,15 @@ def test_attention_strided_inputs(backend, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_attention_backward_of_a_strided_gradient(backend, device):
+    """The backward reads dout by its own strides: a head-major gradient, as a (B, H, S, D)
+    layer hands back through a transpose."""
+    q, k, v = _qkv(2, 37, 37, 4, 2, _dim(backend, 64), torch.bfloat16, device)
+    grad = torch.randn(2, 4, 37, q.shape[-1], device=device, dtype=torch.bfloat16).transpose(1, 2)
+    _check(q, k, v, backend, grad=grad, causal=True)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_packed_varlen(backend, causal, device):
     # sequences of (q, k) lengths (3, 5), (0, 2) empty queries, (1, 1), (16, 22); then 2 padding rows
@@ -229,6 +238,47 @@ def test_attention_module(backend, device):
 def _cache(batch, capacity, heads_kv, head_dim, dtype, device):
     return (torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype),
             torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype))
+
+
+KVCACHE_MASKS = {
+    "causal": {"causal": True},
+    "full": {"causal": False},
+    "causal_window": {"causal": True, "window_size": (4, -1)},
+    "window_both": {"causal": False, "window_size": (4, 1)},
+}
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("mask", sorted(KVCACHE_MASKS))
+@pytest.mark.parametrize("layout", ["separate", "fused"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["one_long_sequence", "three"])
+def test_kvcache_masks_layouts_and_splits(backend, mask, layout, batch, device):
+    """Append 3 entries and attend, against the reference: every mask, q / k / v as slices of
+    one fused qkv tensor and the caches as halves of one KV buffer ("fused") or separate
+    tensors, and one long sequence whose keys the decode kernel splits over several programs."""
+    dtype, d, heads_q, heads_kv, new_tokens = torch.bfloat16, _dim(backend, 32), 4, 2, 3
+    capacity = 300 if batch == 1 else 48
+    lengths = torch.tensor([290] if batch == 1 else [0, 9, 44], device=device, dtype=torch.int32)
+    if layout == "fused":
+        qkv = torch.randn(batch, new_tokens, heads_q + 2 * heads_kv, d, device=device, dtype=dtype)
+        q, k_new, v_new = qkv[:, :, :heads_q], qkv[:, :, heads_q:heads_q + heads_kv], qkv[:, :, heads_q + heads_kv:]
+        kv = torch.randn(batch, capacity, 2, heads_kv, d, device=device, dtype=dtype)
+        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    else:
+        q = torch.randn(batch, new_tokens, heads_q, d, device=device, dtype=dtype)
+        k_new, v_new = (torch.randn(batch, new_tokens, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+        k_cache, v_cache = _cache(batch, capacity, heads_kv, d, dtype, device)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    kwargs = KVCACHE_MASKS[mask]
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=lengths,
+                                              backend=backend, **kwargs)
+        expected = reference.attention_with_kvcache(q, ref_k, ref_v, k=k_new, v=v_new, cache_seqlens=lengths,
+                                                    **kwargs)
+        exact = reference.attention_with_kvcache(q.double(), ref_k.double(), ref_v.double(), k=k_new.double(),
+                                                 v=v_new.double(), cache_seqlens=lengths, **kwargs)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v), "the appended entries, bit for bit"
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"kvcache {mask} {layout}")
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

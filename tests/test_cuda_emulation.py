@@ -134,6 +134,8 @@ CASES = {
     "window_both": (2, 20, 20, 2, 1, {"window_size": (3, 2)}),
     "window_left_causal": (1, 72, 72, 1, 1, {"causal": True, "window_size": (5, -1)}),
     "scale": (1, 16, 16, 2, 2, {"causal": True, "softmax_scale": 0.3}),
+    "mqa": (1, 17, 23, 4, 1, {}),  # no mask, Sq != Sk, 4 query heads on one KV head
+    "window_right_only": (1, 18, 26, 2, 2, {"window_size": (-1, 4)}),  # not causal, Sq < Sk
     # 4 key tiles and 3 row tiles: the two-stage rings refill a stage, which the race check watches
     "long_keys_causal": (1, 70, 200, 2, 1, {"causal": True}),
 }
@@ -161,6 +163,7 @@ def test_emulated_negative_softmax_scale(cuda_backend):
 
 def test_emulated_attention_strided_inputs(cuda_backend):
     attention_tests.test_attention_strided_inputs("cuda", CPU)
+    attention_tests.test_attention_backward_of_a_strided_gradient("cuda", CPU)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -321,6 +324,11 @@ def test_emulated_kvcache_rotary_inside_the_kernels(cuda_backend, interleaved, p
 
 def test_emulated_kvcache_rotary_past_the_table_is_nan(cuda_backend):
     attention_tests.test_kvcache_rotary_past_the_table_is_nan("cuda", CPU)
+
+
+@pytest.mark.parametrize("mask", sorted(attention_tests.KVCACHE_MASKS))
+def test_emulated_kvcache_masks_layouts_and_splits(cuda_backend, mask):
+    attention_tests.test_kvcache_masks_layouts_and_splits("cuda", mask, "fused", 1, CPU)
 
 
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):

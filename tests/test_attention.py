@@ -81,6 +81,7 @@ CASES = {
     "window_both": (2, 20, 20, 4, 2, 16, {"window_size": (3, 2)}),
     "window_left_causal": (1, 24, 24, 2, 1, 64, {"causal": True, "window_size": (5, -1)}),
     "window_right_only": (1, 18, 26, 2, 2, 32, {"window_size": (-1, 4)}),
+    "window_sq_gt_sk": (1, 30, 20, 4, 2, 32, {"window_size": (3, 2)}),  # the first rows see few or no keys
     "scale": (1, 16, 16, 2, 2, 32, {"causal": True, "softmax_scale": 0.3}),
 }
 
@@ -168,13 +169,15 @@ def test_attention_backward_of_a_strided_gradient(backend, device):
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_packed_varlen(backend, causal, device):
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (True, (4, -1)), (False, (3, 2))],
+                         ids=["full", "causal", "causal_window", "window_both"])
+def test_attention_packed_varlen(backend, causal, window, device):
     # sequences of (q, k) lengths (3, 5), (0, 2) empty queries, (1, 1), (16, 22); then 2 padding rows
     cu_q = torch.tensor([0, 3, 3, 4, 20], device=device, dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 7, 8, 30], device=device, dtype=torch.int32)
     q, k, v = _qkv(None, 22, 31, 6, 2, _dim(backend, 32), torch.bfloat16, device, packed=True)
-    out, (dq, dk, dv) = _check(q, k, v, backend, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out, (dq, dk, dv) = _check(q, k, v, backend, causal=causal, window_size=window, cu_seqlens_q=cu_q,
+                               cu_seqlens_k=cu_k)
     assert torch.equal(out[20:], torch.zeros_like(out[20:])), "padding query rows are zero"
     assert torch.equal(dq[20:], torch.zeros_like(dq[20:])) and torch.equal(dk[30:], torch.zeros_like(dk[30:]))
 
@@ -334,6 +337,12 @@ def test_kvcache_rotary_fused_equals_rotary_then_attention(backend, interleaved,
             values = torch.cat((v_cache[b:b + 1, :length], v_new[b:b + 1]), dim=1)
             step = ik.flash_attention(q_rot[b:b + 1], keys, values, causal=True, backend=backend)
             torch.testing.assert_close(fused[b:b + 1], step, rtol=2e-3, atol=2e-3)
+        # and the reference, which rotates the same way outside any kernel
+        tables = dict(cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+        expected = reference.attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=k_new, v=v_new, **tables)
+        exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), k=k_new.double(),
+                                                 v=v_new.double(), **tables)
+    assert_within_eager_error([fused], [expected], [exact], dtype, 2.0, "fused rotary against the reference")
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

@@ -168,7 +168,8 @@ def test_emulated_attention_strided_inputs(cuda_backend):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_emulated_attention_packed_varlen(cuda_backend, causal, monkeypatch):
-    attention_tests.test_attention_packed_varlen("cuda", causal, CPU)
+    attention_tests.test_attention_packed_varlen("cuda", causal, (-1, -1), CPU)
+    attention_tests.test_attention_packed_varlen("cuda", causal, (4, -1) if causal else (3, 2), CPU)
     attention_tests.test_attention_varlen_equals_per_sequence_dense("cuda", CPU, monkeypatch)
 
 
@@ -464,6 +465,14 @@ def test_emulated_rms_norm_backward_several_rows_per_block(cuda_backend, fused, 
 
 def test_emulated_fused_add_rms_norm_fp32_residual_stream_and_strides(cuda_backend):
     rms_tests.test_fused_add_rms_norm_fp32_residual_stream_and_strides("cuda", CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_fused_add_rms_norm_mixed_dtypes(cuda_backend, dtype):
+    for residual_in_fp32 in (False, True):
+        rms_tests.test_fused_add_rms_norm_fp32_weight_promotes_like_hf("cuda", dtype, residual_in_fp32, CPU)
+    for width in (123, 4096):  # the register and the shared-memory-staged paths
+        rms_tests.test_fused_add_rms_norm_inplace_fp32_residual_stream("cuda", dtype, width, CPU)
 
 
 def test_emulated_rms_norm_gradient_through_residual_output_only(cuda_backend):

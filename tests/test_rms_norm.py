@@ -116,6 +116,15 @@ def test_fused_add_rms_norm_matches_reference(backend, dtype, shape, residual_in
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["res_dtype", "res_fp32"])
+def test_fused_add_rms_norm_fp32_weight_promotes_like_hf(backend, dtype, residual_in_fp32, device):
+    x, weight = _inputs((7, 96), dtype, device, weight_dtype=torch.float32)
+    residual = torch.randn(7, 96, device=device, dtype=dtype)
+    _check_fused(x, residual, weight, backend, residual_in_fp32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_fused_add_rms_norm_fp32_residual_stream_and_strides(backend, device):
     # bf16 activations added into an fp32 residual stream; both inputs strided.
     x = torch.randn(4, 9, 200, device=device, dtype=torch.bfloat16)[:, ::3, :96]
@@ -499,6 +508,19 @@ def test_fused_add_rms_norm_inplace(backend, dtype, layout, device):
     if layout == "strided_rows":  # columns outside the slice are untouched
         assert torch.equal(x._base[..., :10], untouched[..., :10])
         assert torch.equal(x._base[..., 170:], untouched[..., 170:])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [123, 4096, 20000])
+def test_fused_add_rms_norm_inplace_fp32_residual_stream(backend, dtype, width, device):
+    """16-bit activations added in place into an fp32 residual stream (the sum stays fp32)."""
+    x, weight = _inputs((5, width), dtype, device)
+    residual = torch.randn(5, width, device=device, dtype=torch.float32)
+    expected_out, expected_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-5)
+    ik.fused_add_rms_norm_(x, residual, weight, 1e-5, backend=backend)
+    assert_close_dtype(x, expected_out, dtype, "x <- out")
+    assert_close_dtype(residual, expected_residual, torch.float32, "fp32 residual <- sum")
 
 
 def test_fused_add_rms_norm_inplace_bad_input(device):

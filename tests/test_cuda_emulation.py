@@ -515,8 +515,10 @@ def test_emulated_rotary_more_chunks_than_threads(cuda_backend, interleaved):
 
 
 @pytest.mark.parametrize("positions", ["per_batch", "shared", "offsets_tensor"])
-def test_emulated_rotary_positions(cuda_backend, positions):
-    rotary_tests.test_rotary_positions("cuda", positions, CPU)
+@pytest.mark.parametrize("layout", ["half_full_d32", "interleaved_partial_d80"])
+def test_emulated_rotary_positions(cuda_backend, positions, layout):
+    for dtype in DTYPES:
+        rotary_tests.test_rotary_positions("cuda", positions, dtype, layout, CPU)
 
 
 def test_emulated_rotary_packed_varlen(cuda_backend):

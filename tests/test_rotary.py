@@ -56,16 +56,22 @@ def test_rotary_matches_reference(backend, dtype, interleaved, rotary_dim, devic
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("positions", ["per_batch", "shared", "offsets_tensor"])
-def test_rotary_positions(backend, positions, device):
-    q, k = _qk(3, 5, 4, 1, 32, torch.float32, device)
-    cos, sin = ik.rotary_cos_sin(40, 32, device=device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["half_full_d32", "interleaved_partial_d80"])
+def test_rotary_positions(backend, positions, dtype, layout, device):
+    """Positions from position_ids or per-sequence offsets; also at head_dim 80 (not a power of
+    two: the rotated and passed-through features end mid-vector) with interleaved partial
+    rotary (rotary_dim 48)."""
+    head_dim, rotary_dim, interleaved = (32, 32, False) if layout == "half_full_d32" else (80, 48, True)
+    q, k = _qk(3, 5, 4, 1, head_dim, dtype, device)
+    cos, sin = ik.rotary_cos_sin(40, rotary_dim, device=device)
     if positions == "per_batch":
         kwargs = {"position_ids": torch.randint(0, 40, (3, 5), device=device)}
     elif positions == "shared":
         kwargs = {"position_ids": torch.randperm(40, device=device)[:5].to(torch.int32)}
     else:
         kwargs = {"seqlen_offsets": torch.tensor([0, 17, 35], device=device, dtype=torch.int32)}
-    _check(q, k, cos, sin, backend, **kwargs)
+    _check(q, k, cos, sin, backend, interleaved=interleaved, **kwargs)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -575,6 +575,44 @@ def test_attention_bad_input(case, device):
     assert message in str(info.value), f"{message!r} not in {info.value!r}"
 
 
+@pytest.mark.parametrize("case, error, words", [
+    ("cache_batch", ValueError, "k_cache has batch 1 but q has 2"),
+    ("v_cache_shape", ValueError, "k_cache \\(2, 8, 2, 16\\) and v_cache \\(2, 4, 2, 16\\) must have the same shape"),
+    ("new_heads", ValueError, "k \\(2, 3, 1, 16\\) must be \\(B, Snew, Hkv, D\\)"),
+    ("new_batch", ValueError, "k \\(1, 3, 2, 16\\) must be \\(B, Snew, Hkv, D\\)"),
+    ("new_v_length", ValueError, "v \\(2, 2, 2, 16\\) must be"),
+    ("lengths_shape", ValueError, "cache_seqlens must be an int or have shape \\(B,\\) = \\(2,\\), got \\(3,\\)"),
+    ("cache_dtype", TypeError, "k_cache has dtype torch.bfloat16 but q has torch.float16"),
+    ("new_dtype", TypeError, "k has dtype torch.bfloat16 but q has torch.float16"),
+    ("negative_length", ValueError, "cache_seqlens must be >= 0, got -1"),
+])
+def test_kvcache_bad_shapes_and_dtypes(case, error, words, device):
+    k_cache, v_cache = _cache(2, 8, 2, 16, torch.float16, device)
+    q = torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16)
+    new = torch.randn(2, 3, 2, 16, device=device, dtype=torch.float16)
+    kwargs = dict(k=None, v=None, cache_seqlens=1)
+    if case == "cache_batch":
+        k_cache, v_cache = k_cache[:1], v_cache[:1]
+    elif case == "v_cache_shape":
+        v_cache = v_cache[:, :4]
+    elif case == "new_heads":
+        kwargs.update(k=new[:, :, :1], v=new[:, :, :1])
+    elif case == "new_batch":
+        kwargs.update(k=new[:1], v=new[:1])
+    elif case == "new_v_length":
+        kwargs.update(k=new, v=new[:, :2])
+    elif case == "lengths_shape":
+        kwargs.update(cache_seqlens=torch.tensor([1, 2, 3], device=device, dtype=torch.int32))
+    elif case == "cache_dtype":
+        k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    elif case == "new_dtype":
+        kwargs.update(k=new.bfloat16(), v=new.bfloat16())
+    else:
+        kwargs.update(cache_seqlens=-1)
+    with pytest.raises(error, match=words):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, **kwargs)
+
+
 def test_kvcache_bad_input(device):
     k_cache, v_cache = _cache(2, 8, 2, 16, torch.float16, device)
     q = torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16)

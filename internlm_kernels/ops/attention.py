@@ -48,13 +48,16 @@ def _check_window(op: str, window_size) -> Tuple[int, int]:
     return int(window_size[0]), int(window_size[1])
 
 
-def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor, names=("k", "v")) -> None:
+    k_name, v_name = names
     if k.shape[-2] != v.shape[-2] or k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+        raise ValueError(f"{op}: {k_name} {tuple(k.shape)} and {v_name} {tuple(v.shape)} must have the same shape")
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{op}: head_dim must match: q has {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+        raise ValueError(f"{op}: head_dim must match: q has {q.shape[-1]}, {k_name} {k.shape[-1]}, "
+                         f"{v_name} {v.shape[-1]}")
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
-        raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of k/v heads ({k.shape[-2]})")
+        raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of {k_name}/{v_name} heads "
+                         f"({k.shape[-2]})")
 
 
 CUDA_HEAD_DIMS = (64, 128)
@@ -362,7 +365,7 @@ def flash_attention_with_kvcache(
     check_same_device(op, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                       cache_seqlens=cache_seqlens if isinstance(cache_seqlens, Tensor) else None,
                       rotary_cos=rotary_cos, rotary_sin=rotary_sin)
-    _check_heads(op, q, k_cache, v_cache)
+    _check_heads(op, q, k_cache, v_cache, ("k_cache", "v_cache"))
     batch, capacity = q.shape[0], k_cache.shape[1]
     if k_cache.shape[0] != batch:
         raise ValueError(f"{op}: k_cache has batch {k_cache.shape[0]} but q has {batch}")
@@ -382,7 +385,9 @@ def flash_attention_with_kvcache(
     if cache_seqlens is None:
         cache_seqlens = capacity - new_tokens
     if isinstance(cache_seqlens, int):
-        if cache_seqlens < 0 or cache_seqlens + new_tokens > capacity:
+        if cache_seqlens < 0:
+            raise ValueError(f"{op}: cache_seqlens must be >= 0, got {cache_seqlens}")
+        if cache_seqlens + new_tokens > capacity:
             raise ValueError(f"{op}: cache_seqlens {cache_seqlens} + {new_tokens} new tokens exceeds the cache "
                              f"capacity {capacity}")
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)

@@ -475,8 +475,12 @@ def test_emulated_fused_add_rms_norm_mixed_dtypes(cuda_backend, dtype):
         rms_tests.test_fused_add_rms_norm_inplace_fp32_residual_stream("cuda", dtype, width, CPU)
 
 
-def test_emulated_rms_norm_gradient_through_residual_output_only(cuda_backend):
-    rms_tests.test_gradient_through_residual_output_only("cuda", CPU)
+def test_emulated_rms_norm_backward_branches_without_some_gradients(cuda_backend):
+    for dtype in (torch.float32, torch.bfloat16):
+        for residual_in_fp32 in (False, True):
+            rms_tests.test_gradient_through_the_normed_output_only("cuda", dtype, (5, 64), residual_in_fp32, CPU)
+        for shape in ((3, 40), (5, 8200)):
+            rms_tests.test_frozen_weight_gets_no_gradient("cuda", dtype, shape, CPU)
 
 
 @pytest.mark.parametrize("hidden", [4096, 20000])  # register path, looped path

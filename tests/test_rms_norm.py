@@ -134,22 +134,37 @@ def test_fused_add_rms_norm_fp32_residual_stream_and_strides(backend, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_gradient_through_residual_output_only(backend, device):
-    # The last block's residual_out may be unused: only d(out) flows back (dresidual_out None).
-    x, weight = _inputs((5, 64), torch.float32, device)
-    residual = torch.randn(5, 64, device=device)
-    x.requires_grad_(True)
-    out, _ = ik.fused_add_rms_norm(x, residual, weight, backend=backend)
-    (dx,) = torch.autograd.grad(out.sum(), x)
-    x_ref = x.detach().requires_grad_(True)
-    out_ref, _ = reference.fused_add_rms_norm(x_ref, residual, weight)
-    (dx_ref,) = torch.autograd.grad(out_ref.sum(), x_ref)
-    assert_close_dtype(dx, dx_ref, torch.float32, "dx")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 64), (2, 20000)], ids=str)
+@pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["res_dtype", "res_fp32"])
+def test_gradient_through_the_normed_output_only(backend, dtype, shape, residual_in_fp32, device):
+    """The last block's residual_out may be unused: only d(out) flows back (the kernels'
+    branch without dresidual_out), to x, residual and weight, by the eager rule."""
+    x, weight = _inputs(shape, dtype, device)
+    residual = torch.randn(shape, device=device, dtype=dtype)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+
+    def normed(fn, **kwargs):
+        return lambda a, r, w: fn(a, r, w, 1e-6, residual_in_fp32=residual_in_fp32, **kwargs)[0]
+    _, ours = _grads(normed(ik.fused_add_rms_norm, backend=backend), (x, residual, weight), (dy,))
+    _, eager = _grads(normed(reference.fused_add_rms_norm), (x, residual, weight), (dy,))
+    _, exact = _grads(normed(reference.fused_add_rms_norm), (x.double(), residual.double(), weight.double()),
+                      (dy.double(),))
+    assert_within_eager_error(ours, eager, exact, dtype, 3.0, "grads through out only")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_frozen_weight_gets_no_gradient(backend, device):
-    x, weight = _inputs((3, 40), torch.float32, device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 40), (5, 8200), (2, 20000)], ids=str)
+def test_frozen_weight_gets_no_gradient(backend, dtype, shape, device):
+    """The backward without dweight is its own branch of the kernels: dx by the eager rule
+    (register, staged and looped rows), and no weight.grad."""
+    x, weight = _inputs(shape, dtype, device)
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    _, ours = _grads(lambda a: ik.rms_norm(a, weight, backend=backend), (x,), (dy,))
+    _, eager = _grads(lambda a: reference.rms_norm(a, weight), (x,), (dy,))
+    _, exact = _grads(lambda a: reference.rms_norm(a, weight.double()), (x.double(),), (dy.double(),))
+    assert_within_eager_error(ours, eager, exact, dtype, 3.0, "dx with a frozen weight")
     x.requires_grad_(True)
     ik.rms_norm(x, weight, backend=backend).sum().backward()
     assert weight.grad is None and x.grad is not None

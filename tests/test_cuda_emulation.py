@@ -537,3 +537,19 @@ def test_emulated_rotary_strided_inplace_and_out_of_table(cuda_backend):
     rotary_tests.test_zero_size("cuda", CPU)
     for inplace in (False, True):
         rotary_tests.test_zero_width_tables_rotate_nothing("cuda", inplace, CPU)
+
+
+def test_emulated_modules_and_opchecks(cuda_backend):
+    """The nn modules on the CUDA kernels, and torch.library's opcheck of their custom ops
+    (fake implementations, autograd registration, schema) with the CUDA backend."""
+    rms_tests.test_rmsnorm_module("cuda", CPU)
+    rotary_tests.test_rotary_module("cuda", CPU)
+    attention_tests.test_attention_module("cuda", CPU)
+    rms_tests.test_opcheck("cuda", CPU)
+    rms_tests.test_fused_add_rms_norm_inplace_opcheck("cuda", CPU)
+    rotary_tests.test_opcheck("cuda", CPU)
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 256])
+def test_emulated_attention_head_dims_without_a_cuda_kernel(cuda_backend, head_dim):
+    attention_tests.test_attention_head_dims("cuda", head_dim, CPU)

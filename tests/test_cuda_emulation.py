@@ -410,7 +410,8 @@ def test_emulated_rms_norm_matches_reference(cuda_backend, dtype, shape):
 
 @pytest.mark.parametrize("layout", ["row_slice", "transposed_3d", "permuted_4d", "batched_rows"])
 def test_emulated_rms_norm_non_contiguous_rows(cuda_backend, layout):
-    rms_tests.test_rms_norm_non_contiguous_rows("cuda", layout, CPU)
+    for dtype in DTYPES:
+        rms_tests.test_rms_norm_non_contiguous_rows("cuda", dtype, layout, CPU)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

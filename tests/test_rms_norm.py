@@ -35,12 +35,13 @@ def _grads(fn, inputs, grad_outputs):
     return outputs, torch.autograd.grad(outputs, inputs, grad_outputs)
 
 
-def _check_rms_norm(x, weight, backend, eps=1e-6):
-    """Forward against the same-dtype reference; backward by the 3x-eager rule."""
+def _check_rms_norm(x, weight, backend, eps=1e-6, dy=None):
+    """Forward against the same-dtype reference; backward (of ``dy``, fresh when None) by the
+    3x-eager rule."""
     dtype = x.dtype
     out = ik.rms_norm(x, weight, eps, backend=backend)
     assert_close_dtype(out, reference.rms_norm(x, weight, eps), dtype, "rms_norm out")
-    dy = torch.randn_like(out)
+    dy = torch.randn_like(out) if dy is None else dy
     (_,), ours = _grads(lambda a, b: ik.rms_norm(a, b, eps, backend=backend), (x, weight), (dy,))
     (_,), eager = _grads(lambda a, b: reference.rms_norm(a, b, eps), (x, weight), (dy,))
     (_,), exact = _grads(lambda a, b: reference.rms_norm(a, b, eps), (x.double(), weight.double()),
@@ -67,9 +68,9 @@ def test_rms_norm_mixed_weight_dtype_promotes_like_hf(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["row_slice", "transposed_3d", "permuted_4d", "batched_rows"])
-def test_rms_norm_non_contiguous_rows(backend, layout, device):
-    dtype = torch.bfloat16
+def test_rms_norm_non_contiguous_rows(backend, dtype, layout, device):
     if layout == "row_slice":  # rows of a wider buffer: row stride 300, hidden 257
         x = torch.randn(11, 300, device=device, dtype=dtype)[:, 5:262]
     elif layout == "transposed_3d":  # (S, B, N) seen as (B, S, N)
@@ -80,7 +81,9 @@ def test_rms_norm_non_contiguous_rows(backend, layout, device):
         x = torch.randn(2, 10, 128, device=device, dtype=dtype)[:, ::2]
     assert not x.is_contiguous()
     weight = (1 + 0.5 * torch.randn(x.shape[-1], device=device)).to(dtype)
-    _check_rms_norm(x, weight, backend)
+    # the gradient with row strides of its own: rows of a wider buffer
+    dy = torch.randn(*x.shape[:-1], x.shape[-1] + 24, device=device, dtype=x.dtype)[..., 8:-16]
+    _check_rms_norm(x, weight, backend, dy=dy)
 
 
 def _check_fused(x, residual, weight, backend, residual_in_fp32, eps=1e-6):
@@ -107,7 +110,7 @@ def _check_fused(x, residual, weight, backend, residual_in_fp32, eps=1e-6):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (19, 123), (2, 5120), (2, 20000)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (19, 123), (3, 1000), (2, 5120), (5, 8200), (2, 20000)], ids=str)
 @pytest.mark.parametrize("residual_in_fp32", [False, True], ids=["res_dtype", "res_fp32"])
 def test_fused_add_rms_norm_matches_reference(backend, dtype, shape, residual_in_fp32, device):
     x, weight = _inputs(shape, dtype, device)

@@ -554,3 +554,26 @@ def test_emulated_modules_and_opchecks(cuda_backend):
 @pytest.mark.parametrize("head_dim", [32, 80, 256])
 def test_emulated_attention_head_dims_without_a_cuda_kernel(cuda_backend, head_dim):
     attention_tests.test_attention_head_dims("cuda", head_dim, CPU)
+
+
+def test_emulated_cuda_refusals_say_why(cuda_backend):
+    """Calls the CUDA kernels do not take, asked of backend="cuda", raise before any launch
+    and name the reason ("auto" gives them to Triton)."""
+    bf16 = torch.bfloat16
+    x = torch.randn(4, 64, dtype=bf16)
+    with pytest.raises(RuntimeError, match="take weight in x's dtype .* or float32, got torch.float16"):
+        ik.rms_norm(x, torch.ones(64, dtype=torch.float16), backend="cuda")
+    q, k = torch.randn(1, 4, 2, 64, dtype=bf16), torch.randn(1, 4, 1, 64, dtype=bf16)
+    cos, sin = ik.rotary_cos_sin(8, 64)
+    with pytest.raises(RuntimeError, match="float32 cos/sin tables, got torch.bfloat16"):
+        ik.apply_rotary(q, k, cos.to(bf16), sin.to(bf16), backend="cuda")
+    cache = torch.randn(1, 8, 1, 64, dtype=bf16)
+    with pytest.raises(RuntimeError, match="float32 rotary tables, got torch.bfloat16"):
+        ik.flash_attention_with_kvcache(q[:, :1], cache, cache.clone(), cache_seqlens=2, rotary_cos=cos.to(bf16),
+                                        rotary_sin=sin.to(bf16), backend="cuda")
+    unaligned = torch.randn(4 * 2 * 64 + 1, dtype=bf16)[1:].view(1, 4, 2, 64)
+    with pytest.raises(RuntimeError, match="16-byte aligned inputs"):
+        ik.flash_attention(unaligned, k, k, backend="cuda")
+    with pytest.raises(RuntimeError, match="float16 or bfloat16, got torch.float32"):
+        ik.flash_attention(q.float(), k.float(), k.float(), backend="cuda")
+

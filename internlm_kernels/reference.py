@@ -310,6 +310,7 @@ def attention_with_kvcache(
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
+    block_table: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of new queries over a preallocated KV cache, appending new keys first.
 
@@ -320,16 +321,30 @@ def attention_with_kvcache(
     ``cache_seqlens[b] + Snew`` valid entries, causal aligned bottom-right. A row whose
     length is negative, or whose new entries would not fit, gets NaN outputs; of its new
     entries only those that land in [0, S_max) are written (as the kernels do).
+
+    Paged caches (``block_table`` (B, max_blocks) int32): k_cache / v_cache are pages
+    (num_pages, page_size, Hkv, D), and position p of sequence b lives in row p % page_size
+    of page block_table[b, p // page_size]; S_max is max_blocks * page_size.
     """
     batch = q.shape[0]
+    page_size = k_cache.shape[1]
+    capacity = page_size if block_table is None else block_table.shape[1] * page_size
     if cache_seqlens is None:
-        lengths = [k_cache.shape[1] - (k.shape[1] if k is not None else 0)] * batch
+        lengths = [capacity - (k.shape[1] if k is not None else 0)] * batch
     elif isinstance(cache_seqlens, int):
         lengths = [cache_seqlens] * batch
     else:
         lengths = cache_seqlens.tolist()
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = q.new_empty(q.shape[:-1] + v_cache.shape[-1:])
+
+    def cache_rows(b: int, first: int, last: int):
+        """(cache index, row index) of sequence b's positions [first, last)."""
+        positions = torch.arange(first, last, device=k_cache.device)
+        if block_table is None:
+            return b, positions
+        return block_table[b].long()[positions // page_size], positions % page_size
+
     for b, length in enumerate(lengths):
         q_b = q[b:b + 1]
         if rotary_cos is not None:
@@ -342,14 +357,16 @@ def attention_with_kvcache(
                 k_b, _ = apply_rotary(k_b, None, rotary_cos, rotary_sin, seqlen_offsets=length,
                                       interleaved=rotary_interleaved)
             total = length + k.shape[1]
-            first, last = max(length, 0), min(total, k_cache.shape[1])  # the slots inside the cache
+            first, last = max(length, 0), min(total, capacity)  # the slots inside the cache
             if first < last:
-                k_cache[b, first:last] = k_b[0, first - length:last - length]
-                v_cache[b, first:last] = v[b, first - length:last - length]
-        if length < 0 or total > k_cache.shape[1]:
+                rows = cache_rows(b, first, last)
+                k_cache[rows] = k_b[0, first - length:last - length]
+                v_cache[rows] = v[b, first - length:last - length]
+        if length < 0 or total > capacity:
             out[b] = float("nan")
             continue
-        o, _ = _attention_dense(q_b, k_cache[b:b + 1, :total], v_cache[b:b + 1, :total], causal, scale, window_size)
+        rows = cache_rows(b, 0, total)
+        o, _ = _attention_dense(q_b, k_cache[rows][None], v_cache[rows][None], causal, scale, window_size)
         out[b] = o[0]
     return out
 

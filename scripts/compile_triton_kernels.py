@@ -122,7 +122,7 @@ def cases(quick: bool = False):
         for head_dim in (64, 128, 256):
             for causal, varlen in ((True, False), (False, True)):
                 flags = {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "IS_VARLEN": varlen,
-                         "HAS_LEFT": not causal, "HAS_RIGHT": causal}
+                         "HAS_LEFT": not causal, "HAS_RIGHT": causal, "WIDE_ROWS": False}
                 shapes_fwd = attention._shapes(head_dim, "fwd")
                 shapes_bwd = {"dkdv": attention._shapes(head_dim, "dkdv"), "dq": attention._shapes(head_dim, "dq")}
                 if quick:
@@ -142,17 +142,19 @@ def cases(quick: bool = False):
             yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
                    {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
                    {"DELTA": "*fp32"}, f"*{dtype}", 4, 1, {})
-            tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32"}
+            tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32", "BLOCK_TABLE": "*i32"}
             block_n, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
-            for rotary_in_kernel in (False, True):
-                rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False}
-                yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel}",
+            # contiguous caches with and without rotary; pages of 16 positions (vLLM's default)
+            for rotary_in_kernel, page_size in ((False, 0), (True, 0), (False, 16)):
+                rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False, "PAGE_SIZE": page_size}
+                split_flags = {"WIDE_ROWS": False}
+                yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel} pages={page_size}",
                        attention._kvcache_append_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope},
                        tables, f"*{dtype}", 4, 1, DECODE_SIZES)
-                yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel}",
+                yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel} pages={page_size}",
                        attention._attn_decode_split_kernel,
                        {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
-                        "BLOCK_M": 16, "BLOCK_N": block_n, **rope},
+                        "BLOCK_M": 16, "BLOCK_N": block_n, **rope, **split_flags},
                        {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1, DECODE_SIZES)
             yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
                    {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},

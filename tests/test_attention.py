@@ -284,6 +284,87 @@ def test_kvcache_masks_layouts_and_splits(backend, mask, layout, batch, device):
     assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"kvcache {mask} {layout}")
 
 
+def _paged(k_cache, v_cache, page_size, spare_pages=3, generator=None):
+    """The same caches as a shuffled pool of pages and a block table: (k_pages, v_pages,
+    block_table); ``spare_pages`` pages belong to no sequence."""
+    batch, capacity, heads, dim = k_cache.shape
+    blocks = capacity // page_size
+    order = torch.randperm(batch * blocks + spare_pages, generator=generator)
+    table = order[:batch * blocks].view(batch, blocks).to(device=k_cache.device, dtype=torch.int32)
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.randn(batch * blocks + spare_pages, page_size, heads, dim, device=cache.device, dtype=cache.dtype)
+        pool[table.long()] = cache.view(batch, blocks, page_size, heads, dim)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
+def _unpaged(pool, table):
+    return pool[table.long()].flatten(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])  # the cuda backend refuses pages: test_kvcache_paged_bad_input
+@pytest.mark.parametrize("page_size", [5, 16, 64])
+@pytest.mark.parametrize("case", ["append_rotary", "window", "decode_only"])
+def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
+    """Paged caches (a shuffled pool of pages and a block table) give the contiguous caches'
+    output, and the appended entries land in the right rows of the right pages; spare pages
+    stay as they were. Page sizes below, at and past a key tile; appends across pages."""
+    dtype, d, batch, capacity = torch.bfloat16, _dim(backend, 32), 3, 320
+    k_cache, v_cache = _cache(batch, capacity, 2, d, dtype, device)
+    k_pages, v_pages, table = _paged(k_cache, v_cache, page_size)
+    spare = [i for i in range(k_pages.shape[0]) if i not in set(table.flatten().tolist())]
+    spare_before = k_pages[spare].clone()
+    lengths = torch.tensor([0, 63, 311], device=device, dtype=torch.int32)  # 311 + 3 new: near the end
+    new_tokens = 0 if case == "decode_only" else 3
+    q = torch.randn(batch, max(new_tokens, 1), 4, d, device=device, dtype=dtype)
+    new = {} if case == "decode_only" else {
+        "k": torch.randn(batch, new_tokens, 2, d, device=device, dtype=dtype),
+        "v": torch.randn(batch, new_tokens, 2, d, device=device, dtype=dtype)}
+    kwargs = dict(cache_seqlens=lengths, **new)
+    if case == "append_rotary":
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = ik.rotary_cos_sin(capacity, d, device=device)
+    elif case == "window":
+        kwargs["window_size"] = (40, -1)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, block_table=table, backend=backend, **kwargs)
+        expected = reference.attention_with_kvcache(q, k_cache, v_cache, **kwargs)
+        doubled = {name: t.double() if name in ("k", "v") else t for name, t in kwargs.items()}
+        exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), **doubled)
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"paged {case}, pages of {page_size}")
+    tolerance = 1e-2 if case == "append_rotary" else 0  # rotated in the input dtype inside the kernels
+    torch.testing.assert_close(_unpaged(k_pages, table), k_cache, rtol=0, atol=tolerance)
+    assert torch.equal(_unpaged(v_pages, table), v_cache)
+    assert torch.equal(k_pages[spare], spare_before), "pages of no sequence are not written"
+
+
+@pytest.mark.parametrize("case, error, words", [
+    ("table_dtype", TypeError, "block_table has dtype torch.int64"),
+    ("table_rows", ValueError, "block_table must be \\(B, max_blocks\\) = \\(2, >= 1\\), got \\(3, 4\\)"),
+    ("table_1d", ValueError, "block_table must be \\(B, max_blocks\\)"),
+    ("cache_3d", ValueError, "k_cache must be \\(num_pages, page_size, H, D\\) with a block_table"),
+    ("past_capacity", ValueError, "cache_seqlens 15 \\+ 2 new tokens exceeds the cache capacity 16"),
+])
+def test_kvcache_paged_bad_input(case, error, words, device):
+    k_pages, v_pages = _cache(8, 4, 2, 16, torch.float16, device)  # 8 pages of 4 positions
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], device=device, dtype=torch.int32)  # capacity 16
+    q = torch.randn(2, 2, 4, 16, device=device, dtype=torch.float16)
+    new = torch.randn(2, 2, 2, 16, device=device, dtype=torch.float16)
+    kwargs = dict(k=new, v=new.clone(), cache_seqlens=3)
+    if case == "table_dtype":
+        table = table.long()
+    elif case == "table_rows":
+        table = torch.zeros(3, 4, device=device, dtype=torch.int32)
+    elif case == "table_1d":
+        table = table.flatten()
+    elif case == "cache_3d":
+        k_pages, v_pages = k_pages[0], v_pages[0]
+    else:
+        kwargs["cache_seqlens"] = 15
+    with pytest.raises(error, match=words):
+        ik.flash_attention_with_kvcache(q, k_pages, v_pages, block_table=table, **kwargs)
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("new_tokens", [1, 3])
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
@@ -479,7 +560,13 @@ def test_opcheck(backend, device):
     cos, sin = ik.rotary_cos_sin(12, d, device=device)
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
-                           lengths, cos, sin, False, 0.25, True, -1, -1, backend))
+                           lengths, cos, sin, False, 0.25, True, -1, -1, None, backend))
+    # paged: pages of 4 positions, each sequence's in its block-table row (Triton's)
+    pages = _cache(6, 4, 2, d, torch.float16, device)
+    table = torch.tensor([[5, 0, 3], [1, 4, 2]], device=device, dtype=torch.int32)
+    torch.library.opcheck(ops.flash_attn_kvcache.default,
+                          (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *pages, new, new,
+                           lengths, cos, sin, False, 0.25, True, -1, -1, table, "triton"))
 
 
 def test_cuda_alignment_check_traces_without_graph_breaks():
@@ -780,7 +867,7 @@ print("ok")
 def _row_offsets_kernel(OUT, tile, q_len, stride_s, stride_h, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """The Triton attention kernels' per-row offsets of one query tile, stored."""
     rows_pos, rows_sub, pos_first, _, _ = triton_attention._packed_rows(tile, q_len, GROUP, BLOCK_M)
-    offsets = triton_attention._packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h)
+    offsets = triton_attention._packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h, True)
     tl.store(OUT + tl.arange(0, BLOCK_M), offsets)
 
 
@@ -799,6 +886,17 @@ def test_triton_packed_row_offsets_are_int64():
     expected = (rows // group - tile * block_m // group) * stride_s + (rows % group) * stride_h
     assert int(expected.max()) > 2**31
     assert torch.equal(out.cpu(), expected)
+    # and the launchers ask for int64 offsets exactly when a tile's can pass 2^31
+    class view:  # the strides of a (B, S, H, 128) view, without its memory
+        def __init__(self, stride_s, stride_h):
+            self.shape, self._strides = (1, 2, group, 128), (0, stride_s, stride_h, 1)
+
+        def stride(self, dim):
+            return self._strides[dim]
+    assert triton_attention._wide_rows(group, view(stride_s, stride_h))
+    assert triton_attention._wide_rows(group, view(4 * 128, 128), view(2**24, 128))  # any of the tensors
+    assert not triton_attention._wide_rows(group, view(4 * 128, 128), view(2**20, 128))
+    assert triton_attention._wide_rows(32, view(128, 2**27))  # head-major, a group of 32
 
 
 def test_length_bucket():

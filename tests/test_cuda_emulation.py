@@ -576,4 +576,8 @@ def test_emulated_cuda_refusals_say_why(cuda_backend):
         ik.flash_attention(unaligned, k, k, backend="cuda")
     with pytest.raises(RuntimeError, match="float16 or bfloat16, got torch.float32"):
         ik.flash_attention(q.float(), k.float(), k.float(), backend="cuda")
+    pages, table = torch.randn(4, 4, 1, 64, dtype=bf16), torch.tensor([[2, 0]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="contiguous caches, not pages with a block_table \\(triton serves those\\)"):
+        ik.flash_attention_with_kvcache(q[:, :1], pages, pages.clone(), cache_seqlens=2, block_table=table,
+                                        backend="cuda")
 

@@ -98,9 +98,9 @@ def test_decode_batch_times_heads_past_the_grid_limit(monkeypatch, queries):
     attention.attention_decode(q, k_cache, v_cache, torch.empty_like(q), lengths, 0, 0.25, True, (-1, -1),
                                None, None, False)
     recorder.check_limits()
-    (_, (programs, splits, _), split_args), (_, (rows, _, _), combine_args) = recorder.launches
-    tiles = -(-queries // split_args["BLOCK_M"])  # a query head per KV head (group of 1)
-    assert programs == tiles * batch * heads and rows == queries * batch * heads
+    (_, (pairs, tiles, splits), split_args), (_, (rows, _, _), combine_args) = recorder.launches
+    assert tiles == -(-queries // split_args["BLOCK_M"])  # a query head per KV head (group of 1)
+    assert pairs == batch * heads and rows == queries * batch * heads
     assert split_args["splits"] == combine_args["splits"] == splits  # the kernels' split count is the grid's
     assert split_args["rows_padded"] == tiles * split_args["BLOCK_M"] and combine_args["rows"] == queries
 

@@ -8,7 +8,7 @@ Registered ops (namespace ``internlm_kernels``):
                  window_left, window_right, deterministic, backend) -> (dq, dk, dv)
   flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, rotary_cos, rotary_sin,
                      rotary_interleaved, softmax_scale, causal, window_left, window_right,
-                     backend) -> out                                             inference
+                     block_table, backend) -> out                                inference
 
 The API mirrors flash-attention's ``flash_attn_func`` / ``flash_attn_varlen_func`` /
 ``flash_attn_with_kvcache`` so model code can switch. The "torch" backend is the eager
@@ -238,25 +238,27 @@ _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_contex
 def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
                         cache_seqlens: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
                         rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,
-                        window_right: int, backend: str) -> Tensor:
+                        window_right: int, block_table: Optional[Tensor], backend: str) -> Tensor:
     # Two launches plus the split combine: the append writes k (rotated) and v, the decode
-    # rotates q as it loads it.
+    # rotates q as it loads it. Paged caches are Triton's alone (the CUDA launchers do not take
+    # a block table; kvcache_limits keeps them from it).
     launch = kernels(backend, "attention")
     rotary = (rotary_cos, rotary_sin, rotary_interleaved)
+    paged = {} if block_table is None else {"block_table": block_table}
     new_tokens = 0
     if k is not None:
-        launch.kvcache_append(k, v, k_cache, v_cache, cache_seqlens, *rotary)
+        launch.kvcache_append(k, v, k_cache, v_cache, cache_seqlens, *rotary, **paged)
         new_tokens = k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() > 0:
         launch.attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens, softmax_scale, causal,
-                                (window_left, window_right), *rotary)
+                                (window_left, window_right), *rotary, **paged)
     return out
 
 
 @_flash_attn_kvcache.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
-      window_left, window_right, backend):
+      window_left, window_right, block_table, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -336,6 +338,7 @@ def flash_attention_with_kvcache(
     rotary_cos: Optional[Tensor] = None,
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
+    block_table: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Decoding / chunked prefill over a preallocated KV cache (inference).
@@ -351,12 +354,21 @@ def flash_attention_with_kvcache(
     one fills the GPU and CUDA graphs replay with new lengths. The lengths are read on the
     device: a sequence whose new entries would not fit, or whose length is negative, gets
     NaN outputs (of its new entries only those landing in [0, S_max) are written).
+
+    Paged caches (vLLM / lmdeploy style): with ``block_table`` (B, max_blocks) int32, k_cache
+    and v_cache are pools of pages (num_pages, page_size, Hkv, D), and position p of sequence
+    b lives in row p % page_size of page block_table[b, p // page_size]; S_max is max_blocks *
+    page_size. Any page size; entries of a row past its sequence's pages are never read, and
+    page numbers are clamped into the pool on the device. Served by Triton (the CUDA kernels
+    take contiguous caches, and "auto" gives paged calls to Triton).
     """
     op = "flash_attention_with_kvcache"
+    paged = block_table is not None
+    cache_layout = "(num_pages, page_size, H, D) with a block_table" if paged else "(B, S, H, D)"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(op, name, t)
         check_dtype(op, name, t)
-        check_dim(op, name, t, (4,), "(B, S, H, D)")
+        check_dim(op, name, t, (4,), "(B, S, H, D)" if name == "q" else cache_layout)
         check_last_dim_contiguous(op, name, t)
     check_same_dtype(op, "k_cache", k_cache, "q", q)
     check_same_dtype(op, "v_cache", v_cache, "q", q)
@@ -364,10 +376,22 @@ def flash_attention_with_kvcache(
         raise ValueError(f"{op}: pass k and v together (new cache entries) or neither")
     check_same_device(op, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                       cache_seqlens=cache_seqlens if isinstance(cache_seqlens, Tensor) else None,
-                      rotary_cos=rotary_cos, rotary_sin=rotary_sin)
+                      rotary_cos=rotary_cos, rotary_sin=rotary_sin, block_table=block_table)
     _check_heads(op, q, k_cache, v_cache, ("k_cache", "v_cache"))
     batch, capacity = q.shape[0], k_cache.shape[1]
-    if k_cache.shape[0] != batch:
+    if paged:
+        check_tensor(op, "block_table", block_table)
+        check_dtype(op, "block_table", block_table, (torch.int32,))
+        check_dim(op, "block_table", block_table, (2,), "(B, max_blocks)")
+        if block_table.shape[0] != batch or block_table.shape[1] == 0:
+            raise ValueError(f"{op}: block_table must be (B, max_blocks) = ({batch}, >= 1), "
+                             f"got {tuple(block_table.shape)}")
+        if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+            raise ValueError(f"{op}: k_cache must hold pages (num_pages >= 1, page_size >= 1), "
+                             f"got {tuple(k_cache.shape)}")
+        block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    elif k_cache.shape[0] != batch:
         raise ValueError(f"{op}: k_cache has batch {k_cache.shape[0]} but q has {batch}")
     new_tokens = 0
     if k is not None:
@@ -414,12 +438,16 @@ def flash_attention_with_kvcache(
     def kvcache_limits(candidate: str) -> Optional[str]:
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
+        if candidate == "cuda" and paged:
+            return "the cuda kernels take contiguous caches, not pages with a block_table (triton serves those)"
         return operand_limits(candidate)
 
     chosen = choose_backend(backend, q.device, op, kvcache_limits)
     if chosen == "torch":
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
-            window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved)
+            window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+            block_table=block_table)
     return _flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
-                               bool(rotary_interleaved), scale, bool(causal), window[0], window[1], chosen)
+                               bool(rotary_interleaved), scale, bool(causal), window[0], window[1], block_table,
+                               chosen)

@@ -296,26 +296,77 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, star
 
 
 @triton.jit
+def _attn_paged_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, start, end,
+                      rows_pos, k_len, shift, window_left, window_right, qk_scale,
+                      PAGES, num_pages, stride_kp, stride_vp,
+                      MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """_attn_fwd_inner over a paged cache: key j lives in row j % PAGE_SIZE of page
+    PAGES[j // PAGE_SIZE] (page stride stride_kp / stride_vp). Each key's address is
+    gathered (a block pointer cannot cross pages); page numbers are device values, clamped
+    into [0, num_pages) so a wrong one cannot move a load outside the cache."""
+    dims = tl.arange(0, BLOCK_D)
+    dims_ok = dims < HEAD_DIM
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        page = tl.load(PAGES + cols // PAGE_SIZE, mask=col_ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        in_page = (cols % PAGE_SIZE).to(tl.int64)
+        k = tl.load(K_BASE + (page * stride_kp + in_page * stride_ks)[None, :] + dims[:, None],
+                    mask=col_ok[None, :] & dims_ok[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale
+        if MASK:
+            qk = tl.where(_visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                          qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V_BASE + (page * stride_vp + in_page * stride_vs)[:, None] + dims[None, :],
+                    mask=col_ok[:, None] & dims_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
-            window_left, window_right, qk_scale, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+            window_left, window_right, qk_scale, PAGES, num_pages, stride_kp, stride_vp,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Attention of a query tile over key blocks [lo, hi): masked edges, unmasked middle
     [full_lo, full_hi). Returns the normalised output (fp32) and the log2-sum-exp per row
-    (-inf, with a zero output, for rows that see no key)."""
+    (-inf, with a zero output, for rows that see no key). PAGE_SIZE > 0: the keys are paged
+    (_attn_paged_inner; PAGES is the sequence's row of the block table); 0: K_BASE / V_BASE
+    rows at stride_ks / stride_vs (the page arguments unused)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     args = (K_BASE, V_BASE, stride_ks, stride_vs)
-    even_d: tl.constexpr = BLOCK_D == HEAD_DIM
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift, window_left,
-                                    window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift, window_left,
-                                    window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift, window_left,
-                                    window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
-                                    BLOCK_N)
+    if PAGE_SIZE > 0:
+        pages = (PAGES, num_pages, stride_kp, stride_vp)
+        acc, l_i, m_i = _attn_paged_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift, window_left,
+                                          window_right, qk_scale, *pages, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM,
+                                          BLOCK_D, BLOCK_N, PAGE_SIZE)
+        acc, l_i, m_i = _attn_paged_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
+                                          window_left, window_right, qk_scale, *pages, False, HAS_LEFT, HAS_RIGHT,
+                                          HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE)
+        acc, l_i, m_i = _attn_paged_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift, window_left,
+                                          window_right, qk_scale, *pages, True, HAS_LEFT, HAS_RIGHT, HEAD_DIM,
+                                          BLOCK_D, BLOCK_N, PAGE_SIZE)
+    else:
+        even_d: tl.constexpr = BLOCK_D == HEAD_DIM
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, lo, full_lo, rows_pos, k_len, shift, window_left,
+                                        window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
+                                        BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_lo, full_hi, rows_pos, k_len, shift,
+                                        window_left, window_right, qk_scale, False, HAS_LEFT, HAS_RIGHT, even_d,
+                                        HEAD_DIM, BLOCK_D, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, *args, full_hi, hi, rows_pos, k_len, shift, window_left,
+                                        window_right, qk_scale, True, HAS_LEFT, HAS_RIGHT, even_d, HEAD_DIM, BLOCK_D,
+                                        BLOCK_N)
     # Rows that see no key (l_i exactly 0): zeros and lse -inf. NaN scores keep a NaN l_i, so a
     # NaN input gives NaN out and lse.
     seen = l_i != 0.0
@@ -336,13 +387,17 @@ def _packed_rows(tile, q_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h):
+def _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h, WIDE_ROWS: tl.constexpr):
     """Each packed row's offset from the tile's first position of the group's first head, in
     int64: a tile spans the group's heads and up to BLOCK_M / GROUP positions, so with a
     head-major layout ((B, H, S, D) transposed, stride_h = S * D) (GROUP - 1) * stride_h
     passes 2^31 from S = 2.4M at 8 heads a group (0.5M at 32), and with a sequence-major one
-    ((S, B, H, D) transposed) 127 * stride_s from B * H * D = 17M, where int32 offsets wrap."""
-    return (rows_pos - pos_first).to(tl.int64) * stride_s + rows_sub.to(tl.int64) * stride_h
+    ((S, B, H, D) transposed) 127 * stride_s from B * H * D = 17M, where int32 offsets wrap.
+    int64 only where the launcher finds they can (WIDE_ROWS, _wide_rows): in int64 the
+    d = 128 varlen forward spilled 64 B instead of 24 on sm_90."""
+    if WIDE_ROWS:
+        return (rows_pos - pos_first).to(tl.int64) * stride_s + rows_sub.to(tl.int64) * stride_h
+    return (rows_pos - pos_first) * stride_s + rows_sub * stride_h
 
 
 @triton.jit
@@ -355,7 +410,7 @@ def _attn_fwd_kernel(
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
     seqlen_q, seqlen_k, qk_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WIDE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
@@ -366,7 +421,8 @@ def _attn_fwd_kernel(
     shift = k_len - q_len
 
     # Scalar int64 bases; per-row int64 offsets; int32 columns.
-    q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)[:, None] + dims[None, :]
+    q_rows = (_packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh, WIDE_ROWS)[:, None]
+              + dims[None, :])
     Q_BASE = Q + batch * stride_qb + (q_start + pos_first) * stride_qs + kv_head * GROUP * stride_qh
     q = tl.load(Q_BASE + q_rows, mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
     K_BASE = K + batch * stride_kb + k_start * stride_ks + kv_head * stride_kh
@@ -376,10 +432,12 @@ def _attn_fwd_kernel(
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
     hi = tl.where(q_len > 0, hi, 0)
     out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
-                        window_left, window_right, qk_scale, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N)
+                        window_left, window_right, qk_scale, K, 0, 0, 0, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M,
+                        BLOCK_D, BLOCK_N, 0)
 
     lse = lse2 * LN2
-    o_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_os, stride_oh)[:, None] + dims[None, :]
+    o_rows = (_packed_row_offsets(rows_pos, rows_sub, pos_first, stride_os, stride_oh, WIDE_ROWS)[:, None]
+              + dims[None, :])
     O_BASE = O + batch * stride_ob + (q_start + pos_first) * stride_os + kv_head * GROUP * stride_oh
     tl.store(O_BASE + o_rows, out.to(O.dtype.element_ty), mask=row_ok[:, None] & dims_ok[None, :])
     tl.store(LSE + batch * stride_lb + (kv_head * GROUP + rows_sub) * stride_lh + (q_start + rows_pos) * stride_ls,
@@ -424,7 +482,7 @@ def _attn_bwd_dkdv_kernel(
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
     seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WIDE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
@@ -460,8 +518,8 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(row_lo, row_hi, BLOCK_M):
         rows_pos, rows_sub, pos_first, _, row_ok = _packed_rows(start_m // BLOCK_M, q_len, GROUP, BLOCK_M)
         q_mask = row_ok[:, None] & dims_ok[None, :]
-        q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)
-        do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh)
+        q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh, WIDE_ROWS)
+        do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh, WIDE_ROWS)
         q = tl.load(Q_BASE + tl.cast(pos_first, tl.int64) * stride_qs + q_rows[:, None] + dims[None, :],
                     mask=q_mask, other=0.0)
         do = tl.load(DO_BASE + tl.cast(pos_first, tl.int64) * stride_dos + do_rows[:, None] + dims[None, :],
@@ -533,7 +591,7 @@ def _attn_bwd_dq_kernel(
     CU_SEQLENS_Q, CU_SEQLENS_K, num_sequences,
     seqlen_q, seqlen_k, qk_scale, sm_scale, window_left, window_right, length_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, WIDE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile, batch, kv_head, q_start, q_len, k_start, k_len = _program_tile(
@@ -544,8 +602,8 @@ def _attn_bwd_dq_kernel(
     dims_ok = dims < HEAD_DIM
     q_mask = row_ok[:, None] & dims_ok[None, :]
     first = q_start + pos_first
-    q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)
-    do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh)
+    q_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh, WIDE_ROWS)
+    do_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dos, stride_doh, WIDE_ROWS)
     q = tl.load(Q + batch * stride_qb + first * stride_qs + kv_head * GROUP * stride_qh
                 + q_rows[:, None] + dims[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + batch * stride_dob + first * stride_dos + kv_head * GROUP * stride_doh
@@ -574,7 +632,7 @@ def _attn_bwd_dq_kernel(
     dq = _attn_bwd_dq_inner(dq, *args, full_lo, full_hi, *tail, False, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_D,
                             BLOCK_N)
     dq = dq * sm_scale
-    dq_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dqs, stride_dqh)
+    dq_rows = _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_dqs, stride_dqh, WIDE_ROWS)
     tl.store(DQ + batch * stride_dqb + first * stride_dqs + kv_head * GROUP * stride_dqh
              + dq_rows[:, None] + dims[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -616,17 +674,28 @@ def _kvcache_append_kernel(
     V_CACHE, stride_vcb, stride_vcs, stride_vch,
     CACHE_SEQLENS, capacity, heads,
     COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
+    BLOCK_TABLE, stride_table, num_pages,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
 ):
     """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when ROTARY) and
     v_cache[...] = v[b, i]: programs over the k heads, then the v heads. Slots past the
-    capacity are skipped (the attention then reports the overflow as NaN)."""
+    capacity are skipped (the attention then reports the overflow as NaN). PAGE_SIZE > 0:
+    slot s of sequence b is row s % PAGE_SIZE of page BLOCK_TABLE[b, s // PAGE_SIZE] (page
+    numbers clamped into [0, num_pages), as the attention reads them)."""
     i = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     which = tl.program_id(2)
     slot = tl.load(CACHE_SEQLENS + batch).to(tl.int64) + i
     dims = tl.arange(0, BLOCK_D)
-    mask = (dims < HEAD_DIM) & (slot < capacity) & (slot >= 0)
+    in_cache = (slot < capacity) & (slot >= 0)
+    mask = (dims < HEAD_DIM) & in_cache
+    row = slot  # the cache row: (batch, slot), or (page, slot within it)
+    cache_batch = batch
+    if PAGE_SIZE > 0:
+        page = tl.load(BLOCK_TABLE + batch * stride_table + slot // PAGE_SIZE, mask=in_cache, other=0)
+        cache_batch = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        row = slot % PAGE_SIZE
     if which < heads:
         head = which.to(tl.int64)
         source = K + batch * stride_kb + i * stride_ks + head * stride_kh + dims
@@ -634,12 +703,13 @@ def _kvcache_append_kernel(
         if ROTARY:
             k_values = _rotated(source, k_values, dims, mask, slot, COS, SIN, stride_cos, stride_sin, table_len,
                                 rotary_half, INTERLEAVED)
-        target = K_CACHE + batch * stride_kcb + slot * stride_kcs + head * stride_kch + dims
+        target = K_CACHE + cache_batch * stride_kcb + row * stride_kcs + head * stride_kch + dims
         tl.store(target, k_values.to(K_CACHE.dtype.element_ty), mask=mask)
     else:
         head = (which - heads).to(tl.int64)
         v_values = tl.load(V + batch * stride_vb + i * stride_vs + head * stride_vh + dims, mask=mask)
-        tl.store(V_CACHE + batch * stride_vcb + slot * stride_vcs + head * stride_vch + dims, v_values, mask=mask)
+        tl.store(V_CACHE + cache_batch * stride_vcb + row * stride_vcs + head * stride_vch + dims, v_values,
+                 mask=mask)
 
 
 @triton.jit
@@ -651,17 +721,17 @@ def _attn_decode_split_kernel(
     CACHE_SEQLENS, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
     qk_scale, window_left, window_right,
     COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
+    BLOCK_TABLE, stride_table, num_pages,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, PAGE_SIZE: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """One tile of packed query rows against one split of one sequence's cache (flash-decoding).
     Writes the split's normalised output and its log2-sum-exp to the fp32 workspace. Grid:
-    (tiles x B x Hkv, splits), tiles fastest (see attention_decode)."""
-    tiles = rows_padded // BLOCK_M
-    tile = tl.program_id(0) % tiles
-    batch_head = tl.program_id(0).to(tl.int64) // tiles
-    split = tl.program_id(1)
+    (B x Hkv, row tiles, splits) (see attention_decode)."""
+    batch_head = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    split = tl.program_id(2)
     batch = batch_head // heads_kv
     kv_head = batch_head % heads_kv
     k_len = tl.load(CACHE_SEQLENS + batch) + new_tokens  # valid keys after the append (int32)
@@ -673,15 +743,21 @@ def _attn_decode_split_kernel(
     dims = tl.arange(0, BLOCK_D)
     dims_ok = dims < HEAD_DIM
     q_ptrs = (Q + batch * stride_qb + tl.cast(pos_first, tl.int64) * stride_qs + kv_head * GROUP * stride_qh
-              + _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh)[:, None] + dims[None, :])
+              + _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh, WIDE_ROWS)[:, None]
+              + dims[None, :])
     q_mask = row_ok[:, None] & dims_ok[None, :]
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     if ROTARY:  # q rotates as it loads, at position cache_seqlens[b] + s, rounded as the rotary op rounds
         positions = (tl.load(CACHE_SEQLENS + batch) + rows_pos)[:, None]
         q = _rotated(q_ptrs, q.to(tl.float32), dims[None, :], q_mask, positions, COS, SIN, stride_cos, stride_sin,
                      table_len, rotary_half, INTERLEAVED).to(Q.dtype.element_ty)
-    K_BASE = K + batch * stride_kb + kv_head * stride_kh
-    V_BASE = V + batch * stride_vb + kv_head * stride_vh
+    if PAGE_SIZE > 0:  # pages: (num_pages, PAGE_SIZE, Hkv, D), this sequence's in its block-table row
+        K_BASE = K + kv_head * stride_kh
+        V_BASE = V + kv_head * stride_vh
+    else:
+        K_BASE = K + batch * stride_kb + kv_head * stride_kh
+        V_BASE = V + batch * stride_vb + kv_head * stride_vh
+    PAGES = BLOCK_TABLE + batch * stride_table
 
     lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
@@ -692,7 +768,8 @@ def _attn_decode_split_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
-                        window_left, window_right, qk_scale, HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N)
+                        window_left, window_right, qk_scale, PAGES, num_pages, stride_kb, stride_vb,
+                        HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE)
     slot = ((batch * heads_kv + kv_head) * splits + split) * rows_padded + rows.to(tl.int64)
     tl.store(PART_O + slot[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
     tl.store(PART_LSE + slot, lse2, mask=row_ok)
@@ -707,8 +784,8 @@ def _attn_decode_combine_kernel(
 ):
     """Merge the splits of one packed query row: softmax-weighted by each split's sum-exp.
     Grid: (rows x B x Hkv,), rows fastest."""
-    row = tl.program_id(0).to(tl.int64) % rows
-    batch_head = tl.program_id(0).to(tl.int64) // rows
+    row = (tl.program_id(0) % rows).to(tl.int64)  # 32-bit division: the grid's x is below 2^31
+    batch_head = (tl.program_id(0) // rows).to(tl.int64)
     batch = batch_head // heads_kv
     kv_head = batch_head % heads_kv
     dims = tl.arange(0, BLOCK_D)
@@ -762,6 +839,13 @@ def _grid(rows: int, sequences: int, varlen: bool, batch: int, heads_kv: int, bl
     return lambda meta: (cdiv(rows, meta[block_key]), batch, heads_kv)
 
 
+def _wide_rows(group: int, *tensors) -> bool:
+    """Whether a query tile's row offsets (up to 128 positions of one group's heads, in
+    (B, S, H, D) views) can pass 2^31 elements in one of ``tensors``: then the kernels take
+    them in int64 (WIDE_ROWS)."""
+    return any(129 * t.stride(1) + (group - 1) * t.stride(2) + t.shape[-1] >= 2**31 for t in tensors)
+
+
 def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -789,7 +873,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale: 
         q, *_strides(q), k, *_strides(k), v, *_strides(v), out, *_strides(out), lse, *_strides(lse),
         cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, **window,
         length_bucket=length_bucket(seqlen_q, seqlen_k), GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+        IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right, WIDE_ROWS=_wide_rows(group, q, out),
         **_interpreter_blocks(block_d, "fwd"),
     )
 
@@ -823,7 +907,8 @@ def attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_
         seqlen_q, heads_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s,
     )
     common = dict(length_bucket=length_bucket(seqlen_q, seqlen_k), GROUP=group, HEAD_DIM=head_dim,
-                  BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right)
+                  BLOCK_D=block_d, IS_VARLEN=varlen, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                  WIDE_ROWS=_wide_rows(group, q, dout, dq))
     tensors = (q, *_strides(q), k, *_strides(k), v, *_strides(v), dout, *_strides(dout))
     scalars = (cu_q, cu_k, sequences, seqlen_q, seqlen_k, softmax_scale * LOG2E.value, softmax_scale)
     _dkdv[_grid(seqlen_k, sequences, varlen, batch, heads_kv, "BLOCK_N")](
@@ -843,33 +928,49 @@ def _rotary_args(cos, sin, interleaved: bool):
                 rotary_half=cos.shape[1], ROTARY=True, INTERLEAVED=bool(interleaved))
 
 
+def _paged_args(k_cache, block_table):
+    """(capacity, kernel arguments) of a cache: contiguous (B, S_max, H, D), or pages
+    (num_pages, page_size, H, D) with a block table (B, max_blocks) (Triton only)."""
+    if block_table is None:
+        return k_cache.shape[1], dict(BLOCK_TABLE=k_cache, stride_table=0, num_pages=0, PAGE_SIZE=0)
+    page_size = k_cache.shape[1]
+    return block_table.shape[1] * page_size, dict(BLOCK_TABLE=block_table, stride_table=block_table.stride(0),
+                                                  num_pages=k_cache.shape[0], PAGE_SIZE=page_size)
+
+
 @on_the_tensors_device
-def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
+def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved: bool,
+                   block_table=None) -> None:
     """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the tables are
-    given), v_cache likewise from v; k, v (B, Snew, H, D), caches (B, S_max, H, D). One launch."""
+    given), v_cache likewise from v; k, v (B, Snew, H, D), caches (B, S_max, H, D), or pages
+    (num_pages, page_size, H, D) with ``block_table`` (B, max_blocks) int32. One launch."""
     batch, new_tokens, heads, head_dim = k.shape
     if k.numel() == 0:
         return
     if batch > MAX_GRID_YZ:  # the grid's batch axis: a launch per slice
         for rows in batch_slices(batch):
-            kvcache_append(k[rows], v[rows], k_cache[rows], v_cache[rows], cache_seqlens[rows], rotary_cos,
-                           rotary_sin, rotary_interleaved)
+            caches = (k_cache, v_cache) if block_table is not None else (k_cache[rows], v_cache[rows])
+            kvcache_append(k[rows], v[rows], *caches, cache_seqlens[rows], rotary_cos, rotary_sin, rotary_interleaved,
+                           block_table=None if block_table is None else block_table[rows])
         return
+    capacity, paged = _paged_args(k_cache, block_table)
     _kvcache_append_kernel[(new_tokens, batch, 2 * heads)](
         k, *_strides(k), v, *_strides(v), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache),
-        cache_seqlens, k_cache.shape[1], heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
+        cache_seqlens, capacity, heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
     )
 
 
 @on_the_tensors_device
 def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
-                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool) -> None:
-    """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D) holding
-    cache_seqlens[b] + new_tokens valid entries; writes out (B, Sq, Hq, D). With the rotary
-    tables, q rotates as it loads (position cache_seqlens[b] + s)."""
+                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table=None) -> None:
+    """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D), or pages with
+    ``block_table`` (as kvcache_append), holding cache_seqlens[b] + new_tokens valid entries;
+    writes out (B, Sq, Hq, D). With the rotary tables, q rotates as it loads (position
+    cache_seqlens[b] + s)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    capacity, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    heads_kv = k_cache.shape[2]
+    capacity, paged = _paged_args(k_cache, block_table)
     group = heads_q // heads_kv
     rows = seqlen_q * group
     block_m = max(16, min(64, next_power_of_2(rows)))
@@ -888,14 +989,19 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     part_o = torch.empty((batch, heads_kv, splits, rows_padded, block_d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((batch, heads_kv, splits, rows_padded), device=q.device, dtype=torch.float32)
     window, has_left, has_right = _mask_args(causal, window_size)
-    # Batch and heads ride on the grid's first axis with the tiles (up to 2^31 - 1 programs;
-    # the others stop at 65535, which B x Hkv passes from a batch of 2048 at 32 KV heads).
-    _attn_decode_split_kernel[(tiles * batch * heads_kv, splits)](
+    # Batch and KV heads ride on the grid's x axis (up to 2^31 - 1 programs; y and z stop at
+    # 65535, which B x Hkv passes from a batch of 2048 at 32 KV heads). The row tiles stay on
+    # y: flattened into x as well, the kernel's division by their count made ptxas put 16 B
+    # of the d = 128 kernel on the stack (sm_90).
+    if tiles > MAX_GRID_YZ:
+        raise ValueError(f"attention_decode: at most {MAX_GRID_YZ * block_m} query rows (positions x group) per "
+                         f"call, got {rows} (use flash_attention for long prefills)")
+    _attn_decode_split_kernel[(batch * heads_kv, tiles, splits)](
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
         cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
-        softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved),
+        softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     _attn_decode_combine_kernel[(rows * batch * heads_kv,)](
         part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows,

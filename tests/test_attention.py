@@ -22,7 +22,7 @@ import triton.language as tl
 import internlm_kernels as ik
 from internlm_kernels import reference
 from internlm_kernels.ops.attention import CUDA_HEAD_DIMS, _rows_aligned
-from internlm_kernels.bench.cases import takes_key_block128
+from internlm_kernels.bench.cases import as_pages, takes_key_block128
 from internlm_kernels.triton import attention as triton_attention
 from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
 
@@ -284,21 +284,6 @@ def test_kvcache_masks_layouts_and_splits(backend, mask, layout, batch, device):
     assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"kvcache {mask} {layout}")
 
 
-def _paged(k_cache, v_cache, page_size, spare_pages=3, generator=None):
-    """The same caches as a shuffled pool of pages and a block table: (k_pages, v_pages,
-    block_table); ``spare_pages`` pages belong to no sequence."""
-    batch, capacity, heads, dim = k_cache.shape
-    blocks = capacity // page_size
-    order = torch.randperm(batch * blocks + spare_pages, generator=generator)
-    table = order[:batch * blocks].view(batch, blocks).to(device=k_cache.device, dtype=torch.int32)
-    pools = []
-    for cache in (k_cache, v_cache):
-        pool = torch.randn(batch * blocks + spare_pages, page_size, heads, dim, device=cache.device, dtype=cache.dtype)
-        pool[table.long()] = cache.view(batch, blocks, page_size, heads, dim)
-        pools.append(pool)
-    return pools[0], pools[1], table
-
-
 def _unpaged(pool, table):
     return pool[table.long()].flatten(1, 2)
 
@@ -312,7 +297,7 @@ def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
     stay as they were. Page sizes below, at and past a key tile; appends across pages."""
     dtype, d, batch, capacity = torch.bfloat16, _dim(backend, 32), 3, 320
     k_cache, v_cache = _cache(batch, capacity, 2, d, dtype, device)
-    k_pages, v_pages, table = _paged(k_cache, v_cache, page_size)
+    k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=3)
     spare = [i for i in range(k_pages.shape[0]) if i not in set(table.flatten().tolist())]
     spare_before = k_pages[spare].clone()
     lengths = torch.tensor([0, 63, 311], device=device, dtype=torch.int32)  # 311 + 3 new: near the end

@@ -407,6 +407,27 @@ def _attention_grads_by_row_chunks(q: Tensor, k: Tensor, v: Tensor, grad: Tensor
     return dq, dk, dv
 
 
+PAGE_SIZE = 64  # positions per page of the paged decode rows
+
+
+def as_pages(k_cache: Tensor, v_cache: Tensor, page_size: int, gen: Optional[torch.Generator] = None,
+             spare_pages: int = 0):
+    """The caches (B, S, H, D) as a shuffled pool of pages and a block table (the layout of
+    vLLM and lmdeploy): (k_pages, v_pages, block_table); ``spare_pages`` more pages of random
+    values belong to no sequence."""
+    batch, capacity, heads, dim = k_cache.shape
+    blocks = -(-capacity // page_size)
+    pages = batch * blocks + spare_pages
+    table = torch.randperm(pages, generator=gen, device=k_cache.device)[:batch * blocks].view(batch, blocks).int()
+    pools = []
+    for cache in (k_cache, v_cache):
+        pool = torch.randn(pages, page_size, heads, dim, generator=gen, device=cache.device).to(cache.dtype)
+        padded = torch.nn.functional.pad(cache, (0, 0, 0, 0, 0, blocks * page_size - capacity))
+        pool[table.long()] = padded.view(batch, blocks, page_size, heads, dim)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
 def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_kv: int, head_dim: int,
                 providers: Sequence[str]) -> Case:
     """One new query token per sequence over a full KV cache: memory-bound, GB/s of KV read."""
@@ -420,6 +441,10 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention_with_kvcache(q, k_cache, v_cache,
                                                                                cache_seqlens=lengths, backend=b)
+    if "triton" in impls:  # the same caches as shuffled pages of PAGE_SIZE positions (vLLM's layout)
+        k_pages, v_pages, table = as_pages(k_cache, v_cache, PAGE_SIZE, gen)
+        impls["triton_paged"] = lambda: ik.flash_attention_with_kvcache(
+            q, k_pages, v_pages, cache_seqlens=lengths, block_table=table, backend="triton")
     if "eager" in providers:
         impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
     for name in SDPA_BACKENDS:

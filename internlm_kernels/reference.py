@@ -324,7 +324,8 @@ def attention_with_kvcache(
 
     Paged caches (``block_table`` (B, max_blocks) int32): k_cache / v_cache are pages
     (num_pages, page_size, Hkv, D), and position p of sequence b lives in row p % page_size
-    of page block_table[b, p // page_size]; S_max is max_blocks * page_size.
+    of page block_table[b, p // page_size] (clamped into [0, num_pages)); S_max is
+    max_blocks * page_size.
     """
     batch = q.shape[0]
     page_size = k_cache.shape[1]
@@ -343,7 +344,9 @@ def attention_with_kvcache(
         positions = torch.arange(first, last, device=k_cache.device)
         if block_table is None:
             return b, positions
-        return block_table[b].long()[positions // page_size], positions % page_size
+        # page numbers clamped into the pool, as the kernels clamp them
+        pages = block_table[b].long()[positions // page_size].clamp(0, k_cache.shape[0] - 1)
+        return pages, positions % page_size
 
     for b, length in enumerate(lengths):
         q_b = q[b:b + 1]

@@ -299,7 +299,7 @@ def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
     k_cache, v_cache = _cache(batch, capacity, 2, d, dtype, device)
     k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=3)
     spare = [i for i in range(k_pages.shape[0]) if i not in set(table.flatten().tolist())]
-    spare_before = k_pages[spare].clone()
+    spare_before = k_pages[spare].clone(), v_pages[spare].clone()
     lengths = torch.tensor([0, 63, 311], device=device, dtype=torch.int32)  # 311 + 3 new: near the end
     new_tokens = 0 if case == "decode_only" else 3
     q = torch.randn(batch, max(new_tokens, 1), 4, d, device=device, dtype=dtype)
@@ -320,7 +320,61 @@ def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
     tolerance = 1e-2 if case == "append_rotary" else 0  # rotated in the input dtype inside the kernels
     torch.testing.assert_close(_unpaged(k_pages, table), k_cache, rtol=0, atol=tolerance)
     assert torch.equal(_unpaged(v_pages, table), v_cache)
-    assert torch.equal(k_pages[spare], spare_before), "pages of no sequence are not written"
+    assert torch.equal(k_pages[spare], spare_before[0]) and torch.equal(v_pages[spare], spare_before[1]), \
+        "pages of no sequence are not written"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("page_size", [1, 7])
+@pytest.mark.parametrize("window", [(-1, -1), (30, -1)], ids=["causal", "causal_window"])
+def test_kvcache_paged_one_sequence_over_many_splits(backend, page_size, window, device):
+    """One sequence on one KV head: the decode splits its keys over several programs (each
+    split's bounds cut across pages), also with pages of one position."""
+    dtype, d = torch.bfloat16, _dim(backend, 40)
+    k_cache, v_cache = _cache(1, 280, 1, d, dtype, device)
+    k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=2)
+    q = torch.randn(1, 2, 3, d, device=device, dtype=dtype)
+    new_k, new_v = (torch.randn(1, 2, 1, d, device=device, dtype=dtype) for _ in range(2))
+    kwargs = dict(k=new_k, v=new_v, cache_seqlens=torch.tensor([251], device=device, dtype=torch.int32),
+                  window_size=window)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, block_table=table, backend=backend, **kwargs)
+        expected = reference.attention_with_kvcache(q, k_cache, v_cache, **kwargs)
+        exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(),
+                                                 **{**kwargs, "k": new_k.double(), "v": new_v.double()})
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"pages of {page_size}")
+    assert torch.equal(_unpaged(k_pages, table)[:, :280], k_cache)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_kvcache_paged_lengths_out_of_range_are_nan(backend, device):
+    """A length below zero or past the pages' capacity: NaN out, and only the new entries that
+    land inside the sequence's pages are written (as with contiguous caches)."""
+    d = _dim(backend, 32)
+    k_cache, v_cache = _cache(3, 12, 1, d, torch.float16, device)
+    k_pages, v_pages, table = as_pages(k_cache, v_cache, 4, spare_pages=1)
+    lengths = torch.tensor([-2, 11, 5], device=device, dtype=torch.int32)
+    new = torch.randn(3, 3, 1, d, device=device, dtype=torch.float16)
+    q = torch.randn(3, 1, 2, d, device=device, dtype=torch.float16)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, k=new, v=new, cache_seqlens=lengths,
+                                              block_table=table, backend=backend)
+        expected = reference.attention_with_kvcache(q, k_cache, v_cache, k=new, v=new, cache_seqlens=lengths)
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2]).all()
+    torch.testing.assert_close(out[2], expected[2], rtol=2e-3, atol=2e-3)
+    assert torch.equal(_unpaged(k_pages, table), k_cache) and torch.equal(_unpaged(v_pages, table), v_cache)
+
+
+def test_kvcache_triton_decode_row_limit_is_named(device):
+    """The Triton decode grid holds its 64-row tiles on y (at most 65535): past that "triton"
+    refuses the call by name, before the append writes anything."""
+    rows = 65535 * 64 + 1
+    q = torch.zeros(1, rows, 1, 8, device=device, dtype=torch.bfloat16)
+    cache = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.bfloat16)
+    new = torch.ones(1, 1, 1, 8, device=device, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=f"the triton decode takes at most {65535 * 64} query rows"):
+        ik.flash_attention_with_kvcache(q, cache, cache.clone(), k=new, v=new, cache_seqlens=0, backend="triton")
+    assert not cache.any(), "refused before the append"
 
 
 @pytest.mark.parametrize("case, error, words", [

@@ -61,6 +61,8 @@ def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor, names=("k", "v")) -> 
 
 
 CUDA_HEAD_DIMS = (64, 128)
+# The Triton decode grid's y axis (65535 programs) holds its row tiles of 64 query rows.
+TRITON_DECODE_MAX_ROWS = 65535 * 64
 
 
 def _rows_aligned(t: Optional[Tensor]) -> bool:
@@ -374,13 +376,14 @@ def flash_attention_with_kvcache(
     check_same_dtype(op, "v_cache", v_cache, "q", q)
     if (k is None) != (v is None):
         raise ValueError(f"{op}: pass k and v together (new cache entries) or neither")
+    if paged:
+        check_tensor(op, "block_table", block_table)
     check_same_device(op, "q", q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
                       cache_seqlens=cache_seqlens if isinstance(cache_seqlens, Tensor) else None,
                       rotary_cos=rotary_cos, rotary_sin=rotary_sin, block_table=block_table)
     _check_heads(op, q, k_cache, v_cache, ("k_cache", "v_cache"))
     batch, capacity = q.shape[0], k_cache.shape[1]
     if paged:
-        check_tensor(op, "block_table", block_table)
         check_dtype(op, "block_table", block_table, (torch.int32,))
         check_dim(op, "block_table", block_table, (2,), "(B, max_blocks)")
         if block_table.shape[0] != batch or block_table.shape[1] == 0:
@@ -435,7 +438,12 @@ def flash_attention_with_kvcache(
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     operand_limits = _kernel_limits(op, q, k_cache, v_cache, k, v)
 
+    rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
+
     def kvcache_limits(candidate: str) -> Optional[str]:
+        if candidate == "triton" and rows > TRITON_DECODE_MAX_ROWS:
+            return (f"the triton decode takes at most {TRITON_DECODE_MAX_ROWS} query rows (positions x group), "
+                    f"got {rows}")
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
         if candidate == "cuda" and paged:

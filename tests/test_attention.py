@@ -288,7 +288,7 @@ def _unpaged(pool, table):
     return pool[table.long()].flatten(1, 2)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])  # the cuda backend refuses pages: test_kvcache_paged_bad_input
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 @pytest.mark.parametrize("page_size", [5, 16, 64])
 @pytest.mark.parametrize("case", ["append_rotary", "window", "decode_only"])
 def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
@@ -324,7 +324,7 @@ def test_kvcache_paged_equals_contiguous(backend, page_size, case, device):
         "pages of no sequence are not written"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 @pytest.mark.parametrize("page_size", [1, 7])
 @pytest.mark.parametrize("window", [(-1, -1), (30, -1)], ids=["causal", "causal_window"])
 def test_kvcache_paged_one_sequence_over_many_splits(backend, page_size, window, device):
@@ -346,7 +346,7 @@ def test_kvcache_paged_one_sequence_over_many_splits(backend, page_size, window,
     assert torch.equal(_unpaged(k_pages, table)[:, :280], k_cache)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 def test_kvcache_paged_lengths_out_of_range_are_nan(backend, device):
     """A length below zero or past the pages' capacity: NaN out, and only the new entries that
     land inside the sequence's pages are written (as with contiguous caches)."""

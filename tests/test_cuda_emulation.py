@@ -332,6 +332,16 @@ def test_emulated_kvcache_masks_layouts_and_splits(cuda_backend, mask):
     attention_tests.test_kvcache_masks_layouts_and_splits("cuda", mask, "fused", 1, CPU)
 
 
+@pytest.mark.parametrize("page_size", [5, 16, 64])
+def test_emulated_kvcache_paged(cuda_backend, page_size):
+    for case in ("append_rotary", "window", "decode_only"):
+        attention_tests.test_kvcache_paged_equals_contiguous("cuda", page_size, case, CPU)
+    if page_size == 5:
+        attention_tests.test_kvcache_paged_lengths_out_of_range_are_nan("cuda", CPU)
+        for pages, window in ((1, (-1, -1)), (7, (30, -1))):
+            attention_tests.test_kvcache_paged_one_sequence_over_many_splits("cuda", pages, window, CPU)
+
+
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
     attention_tests.test_kvcache_decode_without_new_entries_and_with_window("cuda", CPU)
     attention_tests.test_kvcache_overflow_is_nan_not_a_wild_write("cuda", CPU)
@@ -576,8 +586,4 @@ def test_emulated_cuda_refusals_say_why(cuda_backend):
         ik.flash_attention(unaligned, k, k, backend="cuda")
     with pytest.raises(RuntimeError, match="float16 or bfloat16, got torch.float32"):
         ik.flash_attention(q.float(), k.float(), k.float(), backend="cuda")
-    pages, table = torch.randn(4, 4, 1, 64, dtype=bf16), torch.tensor([[2, 0]], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="contiguous caches, not pages with a block_table \\(triton serves those\\)"):
-        ik.flash_attention_with_kvcache(q[:, :1], pages, pages.clone(), cache_seqlens=2, block_table=table,
-                                        backend="cuda")
 

@@ -67,7 +67,7 @@ const int32_t* cu_seqlens_pointer(const char* op, const char* name, const std::o
 AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out, const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
-                            std::tuple<int64_t, int64_t> window_size) {
+                            std::tuple<int64_t, int64_t> window_size, bool keys_in_pages = false) {
   check_kernel_device(op, "q", q);
   check_dtype_in(op, "q", q, {at::kHalf, at::kBFloat16});
   TORCH_CHECK(attention_head_dim_supported(q.size(-1)), op, ": the cuda kernels have head_dim 64 and 128, got ",
@@ -77,7 +77,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
     check_operand(op, name, t, q);
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " must have the same shape");
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out ", out.sizes(), " must have q's shape ", q.sizes());
-  TORCH_CHECK(k.size(0) == q.size(0), op, ": q has batch ", q.size(0), " but k has ", k.size(0));
+  TORCH_CHECK(keys_in_pages || k.size(0) == q.size(0), op, ": q has batch ", q.size(0), " but k has ", k.size(0));
   TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, op, ": q heads (", q.size(2),
               ") must be a multiple of k/v heads (", k.size(2), ")");
   const int64_t group = q.size(2) / k.size(2);
@@ -121,6 +121,7 @@ AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tenso
 }
 
 // cache_seqlens: contiguous int32 (B,) on the tensors' device.
+// ``like``: a (B, ...) tensor of the call (q, or the new entries k).
 void check_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, const at::Tensor& like) {
   check_cuda(op, "cache_seqlens", cache_seqlens, like);
   check_dtype_in(op, "cache_seqlens", cache_seqlens, {at::kInt});
@@ -128,6 +129,31 @@ void check_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, const 
               ": cache_seqlens must be contiguous (B,) = (", like.size(0), ",), got ", cache_seqlens.sizes(),
               " with strides ", cache_seqlens.strides());
   TORCH_CHECK(like.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows, got ", like.size(0));
+}
+
+// The block table of a paged cache (none: contiguous caches (B, S_max, Hkv, D), whose batch
+// must be ``batch``): int32 (B, max_blocks) with a contiguous last dim, on the caches' device;
+// the caches are then pools of pages (num_pages, page_size, Hkv, D). Returns the cache's
+// capacity per sequence (max_blocks * page_size, or S_max).
+int64_t bind_paged_cache(const char* op, const std::optional<at::Tensor>& block_table, const at::Tensor& k_cache,
+                         int64_t batch, PagedCache& paged) {
+  if (!block_table.has_value()) {
+    TORCH_CHECK(k_cache.size(0) == batch, op, ": k_cache has batch ", k_cache.size(0), " but the call has ", batch);
+    return k_cache.size(1);
+  }
+  const at::Tensor& table = *block_table;
+  check_cuda(op, "block_table", table, k_cache);
+  check_dtype_in(op, "block_table", table, {at::kInt});
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1 && table.stride(1) == 1, op,
+              ": block_table must be (B, max_blocks) = (", batch, ", >= 1) with a contiguous last dim, got ",
+              table.sizes(), " with strides ", table.strides());
+  TORCH_CHECK(k_cache.size(0) >= 1 && k_cache.size(1) >= 1 && k_cache.size(0) <= std::numeric_limits<int32_t>::max(),
+              op, ": the pages must be (num_pages >= 1, page_size >= 1, Hkv, D), got ", k_cache.sizes());
+  paged.block_table = table.data_ptr<int32_t>();
+  paged.table_stride = table.stride(0);
+  paged.num_pages = static_cast<int>(k_cache.size(0));
+  paged.page_size = FastDivisor(static_cast<uint32_t>(k_cache.size(1)));
+  return table.size(1) * k_cache.size(1);
 }
 
 // The rotary tables of the KV-cache calls (both or neither): fp32 (table_len, rotary_dim / 2)
@@ -221,7 +247,8 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
 void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& rotary_cos,
-                    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+                    const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                    const std::optional<at::Tensor>& block_table) {
   constexpr const char* op = "kvcache_append (cuda)";
   check_kernel_device(op, "k_cache", k_cache);
   check_dtype_in(op, "k_cache", k_cache, {at::kHalf, at::kBFloat16});
@@ -230,23 +257,25 @@ void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
     check_operand(op, name, t, k_cache);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v.sizes() == k.sizes(), op, ": k_cache ", k_cache.sizes(),
               " / v_cache ", v_cache.sizes(), " and k ", k.sizes(), " / v ", v.sizes(), " must match in pairs");
-  TORCH_CHECK(k.size(0) == k_cache.size(0) && k.size(2) == k_cache.size(2), op, ": new entries ", k.sizes(),
-              " do not match the cache ", k_cache.sizes());
-  TORCH_CHECK(k.size(1) <= k_cache.size(1), op, ": ", k.size(1), " new entries exceed the capacity ", k_cache.size(1));
-  check_cache_seqlens(op, cache_seqlens, k_cache);
+  TORCH_CHECK(k.size(2) == k_cache.size(2), op, ": new entries ", k.sizes(), " do not match the cache ",
+              k_cache.sizes());
+  KvcacheAppendParams p;
+  const int64_t capacity = bind_paged_cache(op, block_table, k_cache, k.size(0), p.paged);
+  TORCH_CHECK(k.size(1) <= capacity, op, ": ", k.size(1), " new entries exceed the capacity ", capacity);
+  check_cache_seqlens(op, cache_seqlens, k);
   TORCH_CHECK(k_cache.size(1) < std::numeric_limits<int32_t>::max() / 2 && k_cache.size(3) % 8 == 0 &&
                   k_cache.size(2) * k_cache.size(3) < std::numeric_limits<int32_t>::max() / 2,
               op, ": unsupported cache shape ", k_cache.sizes(), " (capacity and heads x head_dim below 2^30, ",
               "head_dim a multiple of 8)");
-  KvcacheAppendParams p;
+  TORCH_CHECK(capacity < std::numeric_limits<int32_t>::max() / 2, op, ": capacity ", capacity, " past 2^30");
   bind_rows(k, p.k, p.k_stride_b, p.k_stride_s, p.k_stride_h);
   bind_rows(v, p.v, p.v_stride_b, p.v_stride_s, p.v_stride_h);
   bind_rows(k_cache, p.k_cache, p.k_cache_stride_b, p.k_cache_stride_s, p.k_cache_stride_h);
   bind_rows(v_cache, p.v_cache, p.v_cache_stride_b, p.v_cache_stride_s, p.v_cache_stride_h);
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  p.batch = static_cast<int>(k_cache.size(0)), p.new_tokens = static_cast<int>(k.size(1));
+  p.batch = static_cast<int>(k.size(0)), p.new_tokens = static_cast<int>(k.size(1));
   p.heads = static_cast<int>(k_cache.size(2)), p.head_dim = static_cast<int>(k_cache.size(3));
-  p.capacity = static_cast<int>(k_cache.size(1));
+  p.capacity = static_cast<int>(capacity);
   p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, k_cache);
   if (k.numel() == 0) return;
   const LaunchScope scope(k_cache);
@@ -258,15 +287,18 @@ void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
                       const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
                       std::tuple<int64_t, int64_t> window_size, const std::optional<at::Tensor>& rotary_cos,
-                      const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved) {
+                      const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
+                      const std::optional<at::Tensor>& block_table) {
   constexpr const char* op = "attention_decode (cuda)";
   AttentionDecodeParams p;
-  static_cast<AttentionParams&>(p) =
-      make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt, softmax_scale, causal, window_size);
+  static_cast<AttentionParams&>(p) = make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt,
+                                                 softmax_scale, causal, window_size, block_table.has_value());
   check_cache_seqlens(op, cache_seqlens, q);
   p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, q);
-  TORCH_CHECK(new_tokens >= 0 && new_tokens <= k_cache.size(1), op, ": new_tokens ", new_tokens,
-              " must be in [0, capacity ", k_cache.size(1), "]");
+  const int64_t capacity = bind_paged_cache(op, block_table, k_cache, q.size(0), p.paged);
+  TORCH_CHECK(capacity < std::numeric_limits<int32_t>::max() / 2, op, ": capacity ", capacity, " past 2^30");
+  TORCH_CHECK(new_tokens >= 0 && new_tokens <= capacity, op, ": new_tokens ", new_tokens, " must be in [0, capacity ",
+              capacity, "]");
   // The decode grid's x axis: a program per (row tile, batch row, KV head).
   // The combine kernel's blocks of 4 rows outnumber the split kernel's 16-row tiles.
   const int64_t combine_blocks = (q.size(1) * p.group + 3) / 4 * q.size(0) * k_cache.size(2);
@@ -278,11 +310,11 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const cudaStream_t stream = scope.stream();
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.new_tokens = static_cast<int>(new_tokens);
-  p.capacity = static_cast<int>(k_cache.size(1));
+  p.capacity = static_cast<int>(capacity);
   const int programs_per_sm = IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
     return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] { return attention_decode_programs_per_sm<T, kHeadDim>(); });
   });
-  const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, k_cache.size(1),
+  const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, capacity,
                                             int64_t(multiprocessor_count()) * programs_per_sm);
   p.splits = splits.splits, p.keys_per_split = splits.keys_per_split, p.rows_padded = splits.rows_padded;
   const auto workspace = q.options().dtype(at::kFloat);

@@ -441,10 +441,12 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention_with_kvcache(q, k_cache, v_cache,
                                                                                cache_seqlens=lengths, backend=b)
-    if "triton" in impls:  # the same caches as shuffled pages of PAGE_SIZE positions (vLLM's layout)
+    paged_backends = [backend for backend in ("cuda", "triton") if backend in impls]
+    if paged_backends:  # the same caches as shuffled pages of PAGE_SIZE positions (vLLM's layout)
         k_pages, v_pages, table = as_pages(k_cache, v_cache, PAGE_SIZE, gen)
-        impls["triton_paged"] = lambda: ik.flash_attention_with_kvcache(
-            q, k_pages, v_pages, cache_seqlens=lengths, block_table=table, backend="triton")
+        for backend in paged_backends:
+            impls[f"{backend}_paged"] = lambda b=backend: ik.flash_attention_with_kvcache(
+                q, k_pages, v_pages, cache_seqlens=lengths, block_table=table, backend=b)
     if "eager" in providers:
         impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
     for name in SDPA_BACKENDS:

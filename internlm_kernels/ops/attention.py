@@ -242,8 +242,7 @@ def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional
                         rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,
                         window_right: int, block_table: Optional[Tensor], backend: str) -> Tensor:
     # Two launches plus the split combine: the append writes k (rotated) and v, the decode
-    # rotates q as it loads it. Paged caches are Triton's alone (the CUDA launchers do not take
-    # a block table; kvcache_limits keeps them from it).
+    # rotates q as it loads it. Paged caches pass their block table to both.
     launch = kernels(backend, "attention")
     rotary = (rotary_cos, rotary_sin, rotary_interleaved)
     paged = {} if block_table is None else {"block_table": block_table}
@@ -361,8 +360,7 @@ def flash_attention_with_kvcache(
     and v_cache are pools of pages (num_pages, page_size, Hkv, D), and position p of sequence
     b lives in row p % page_size of page block_table[b, p // page_size]; S_max is max_blocks *
     page_size. Any page size; entries of a row past its sequence's pages are never read, and
-    page numbers are clamped into the pool on the device. Served by Triton (the CUDA kernels
-    take contiguous caches, and "auto" gives paged calls to Triton).
+    page numbers are clamped into the pool on the device.
     """
     op = "flash_attention_with_kvcache"
     paged = block_table is not None
@@ -446,8 +444,6 @@ def flash_attention_with_kvcache(
                     f"got {rows}")
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
-        if candidate == "cuda" and paged:
-            return "the cuda kernels take contiguous caches, not pages with a block_table (triton serves those)"
         return operand_limits(candidate)
 
     chosen = choose_backend(backend, q.device, op, kvcache_limits)

@@ -356,6 +356,40 @@ __device__ __forceinline__ void load_head_rows(uint32_t tile, const void* fallba
                                                stride * int64_t(sizeof(T)), len - first);
 }
 
+// The page and the row within it of position ``key`` of a paged cache's sequence whose
+// block-table row is ``pages`` (key below the sequence's capacity).
+__device__ __forceinline__ int64_t paged_row_offset(const PagedCache& paged, const int32_t* pages, int key,
+                                                    int64_t page_stride, int64_t row_stride) {
+  const int block = fast_divide(key, paged.page_size);
+  const int page = min(max(pages[block], 0), paged.num_pages - 1);
+  return int64_t(page) * page_stride + int64_t(key - block * static_cast<int>(paged.page_size.divisor)) * row_stride;
+}
+
+// load_head_rows over a paged cache: keys [first, first + Tile::kRows) of one head whose
+// pages start at ``base`` (the pool with the head's offset), each key's row looked up through
+// its page; keys from ``len`` on zero-filled.
+template <typename T, class Tile, int kThreads>
+__device__ __forceinline__ void load_paged_rows(uint32_t tile, const void* fallback, const void* base,
+                                                int64_t page_stride, int64_t row_stride, const PagedCache& paged,
+                                                const int32_t* pages, int first, int len) {
+  constexpr int kRowsPerPass = kThreads / Tile::kChunks;
+  static_assert(kThreads % Tile::kChunks == 0 && Tile::kRows % kRowsPerPass == 0, "whole rows per pass");
+  const int thread = static_cast<int>(threadIdx.x);
+  const int first_row = thread / Tile::kChunks, chunk = thread % Tile::kChunks;
+  const uint32_t destination = tile + Tile::offset(first_row, chunk);
+#pragma unroll
+  for (int j = 0; j < Tile::kRows / kRowsPerPass; ++j) {
+    const int key = first + first_row + j * kRowsPerPass;
+    const bool valid = key < len;
+    const void* source = fallback;
+    if (valid)
+      source = reinterpret_cast<const char*>(static_cast<const T*>(base) +
+                                             paged_row_offset(paged, pages, key, page_stride, row_stride)) +
+               chunk * 16;
+    mma::cp_async_16(destination + j * kRowsPerPass * Tile::kRowBytes, source, valid);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Warp-level products (each warp computes its own slab)
 // ---------------------------------------------------------------------------------------
@@ -665,11 +699,24 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   // online_softmax's mask-free path folds the scale into the exponent, which needs a scale
   // of at least 0: with any other, every tile takes the masked path.
   if (!(p.scale_log2 >= 0.f)) range.full_hi = range.full_lo;
-  const void* k_base = tensor_base<T>(p.k, pt.batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
-  const void* v_base = tensor_base<T>(p.v, pt.batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
+  // A paged cache (decode only) holds no batch dimension: its pages come from the table.
+  const bool paged = kDecode && p.paged.block_table != nullptr;
+  const int64_t kv_batch = paged ? 0 : pt.batch;
+  const void* k_base = tensor_base<T>(p.k, kv_batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
+  const void* v_base = tensor_base<T>(p.v, kv_batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
   const int k_len = pt.k_len;
   auto load_kv = [&](int n0, int stage) {
     const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    if constexpr (kDecode) {
+      if (paged) {
+        const int32_t* pages = p.paged.block_table + pt.batch * p.paged.table_stride;
+        load_paged_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_b, p.k_stride_s, p.paged, pages,
+                                                     n0, k_len);
+        load_paged_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_b,
+                                                     p.v_stride_s, p.paged, pages, n0, k_len);
+        return;
+      }
+    }
     load_head_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
     load_head_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, k_len);
   };
@@ -1406,6 +1453,14 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppend
   const int64_t i = blockIdx.x, batch = blockIdx.y;
   const int64_t slot = int64_t(p.cache_seqlens[batch]) + i;
   if (slot < 0 || slot >= p.capacity) return;
+  // The slot's row: (batch, slot) of contiguous caches, or (page, row within it) of pages.
+  int64_t k_row = batch * p.k_cache_stride_b + slot * p.k_cache_stride_s;
+  int64_t v_row = batch * p.v_cache_stride_b + slot * p.v_cache_stride_s;
+  if (p.paged.block_table != nullptr) {
+    const int32_t* pages = p.paged.block_table + batch * p.paged.table_stride;
+    k_row = paged_row_offset(p.paged, pages, static_cast<int>(slot), p.k_cache_stride_b, p.k_cache_stride_s);
+    v_row = paged_row_offset(p.paged, pages, static_cast<int>(slot), p.v_cache_stride_b, p.v_cache_stride_s);
+  }
   const int chunks = p.head_dim / kPerChunk, per_tensor = p.heads * chunks;
   const bool rotate_k = p.rotary.cos != nullptr;
   for (int c = threadIdx.x; c < 2 * per_tensor; c += blockDim.x) {
@@ -1414,10 +1469,8 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppend
     const int col = (c % chunks) * kPerChunk;
     const T* source = is_k ? static_cast<const T*>(p.k) + batch * p.k_stride_b + i * p.k_stride_s + head * p.k_stride_h
                            : static_cast<const T*>(p.v) + batch * p.v_stride_b + i * p.v_stride_s + head * p.v_stride_h;
-    T* target = is_k ? static_cast<T*>(p.k_cache) + batch * p.k_cache_stride_b + slot * p.k_cache_stride_s +
-                           head * p.k_cache_stride_h
-                     : static_cast<T*>(p.v_cache) + batch * p.v_cache_stride_b + slot * p.v_cache_stride_s +
-                           head * p.v_cache_stride_h;
+    T* target = is_k ? static_cast<T*>(p.k_cache) + k_row + head * p.k_cache_stride_h
+                     : static_cast<T*>(p.v_cache) + v_row + head * p.v_cache_stride_h;
     *reinterpret_cast<uint4*>(target + col) = is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary)
                                                                : *reinterpret_cast<const uint4*>(source + col);
   }

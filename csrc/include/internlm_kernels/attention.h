@@ -71,14 +71,27 @@ struct AttentionBwdParams : AttentionParams {
   int dq_warp_rows = 16;
 };
 
+// A paged KV cache (the layout of vLLM and lmdeploy): the caches are pools of pages
+// (num_pages, page_size, Hkv, D), and position j of sequence b is row j % page_size of page
+// block_table[b * table_stride + j / page_size], clamped into [0, num_pages) (device values:
+// a wrong one must not move an access outside the pool). block_table null: contiguous caches
+// (B, S_max, Hkv, D).
+struct PagedCache {
+  const int32_t* block_table = nullptr;
+  int64_t table_stride = 0;
+  int num_pages = 0;
+  FastDivisor page_size;
+};
+
 // Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,
-// D); sequence b holds cache_seqlens[b] + new_tokens valid entries (the new ones already
-// appended). Each (split, tile, batch, kv head) program writes a normalised fp32 partial
+// D), or pools of pages (``paged``); sequence b holds cache_seqlens[b] + new_tokens valid
+// entries (the new ones already appended). Each (split, tile, batch, kv head) program writes a normalised fp32 partial
 // output and its log2-sum-exp to the workspace; a combine kernel merges the splits.
 struct AttentionDecodeParams : AttentionParams {
   const int32_t* cache_seqlens = nullptr;  // (B,)
   int new_tokens = 0, capacity = 0;
   RotaryTables rotary;  // q row at position s rotates at cache_seqlens[b] + s (as it loads)
+  PagedCache paged;
   int splits = 1, keys_per_split = 0, rows_padded = 0;
   float* partial_out = nullptr;  // (B, Hkv, splits, rows_padded, D)
   float* partial_lse = nullptr;  // (B, Hkv, splits, rows_padded)
@@ -146,6 +159,7 @@ struct KvcacheAppendParams {
   const int32_t* cache_seqlens = nullptr;
   int batch = 0, new_tokens = 0, heads = 0, head_dim = 0, capacity = 0;
   RotaryTables rotary;
+  PagedCache paged;  // the caches' batch strides are then their page strides
 };
 
 template <typename T>

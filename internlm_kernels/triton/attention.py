@@ -930,7 +930,7 @@ def _rotary_args(cos, sin, interleaved: bool):
 
 def _paged_args(k_cache, block_table):
     """(capacity, kernel arguments) of a cache: contiguous (B, S_max, H, D), or pages
-    (num_pages, page_size, H, D) with a block table (B, max_blocks) (Triton only)."""
+    (num_pages, page_size, H, D) with a block table (B, max_blocks)."""
     if block_table is None:
         return k_cache.shape[1], dict(BLOCK_TABLE=k_cache, stride_table=0, num_pages=0, PAGE_SIZE=0)
     page_size = k_cache.shape[1]

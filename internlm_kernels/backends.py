@@ -145,6 +145,13 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"the triton backend cannot run on {device} tensors"
 
 
+def leaves_choice_to_auto(requested: str) -> bool:
+    """Whether a call's ``backend`` leaves the choice to "auto" (no INTERNLM_KERNELS_BACKEND
+    naming a backend either): ops can keep a path out of auto's choice without refusing it
+    to an explicit request."""
+    return requested == "auto" and (os.environ.get(ENV_VAR, "auto") or "auto") == "auto"
+
+
 def choose_backend(
     requested: str,
     device: torch.device,

@@ -586,4 +586,41 @@ def test_emulated_cuda_refusals_say_why(cuda_backend):
         ik.flash_attention(unaligned, k, k, backend="cuda")
     with pytest.raises(RuntimeError, match="float16 or bfloat16, got torch.float32"):
         ik.flash_attention(q.float(), k.float(), k.float(), backend="cuda")
+    # the glue's own checks of a block table (the ops layer checks first when called through it)
+    from internlm_kernels import backends
+    pages, lengths = torch.randn(4, 4, 1, 64, dtype=bf16), torch.tensor([2], dtype=torch.int32)
+    one_query, out = q[:, :1], torch.empty_like(q[:, :1])
+    decode = (one_query, pages, pages.clone(), out, lengths, 0, 0.125, True, (-1, -1), None, None, False)
+    for table, words in ((torch.tensor([[2, 0]]), "block_table of dtype Long"),
+                         (torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), "block_table must be \\(B, max_blocks\\)"),
+                         (torch.tensor([[2, 0, 1, 3]], dtype=torch.int32)[:, ::2], "contiguous last dim")):
+        with pytest.raises(RuntimeError, match=words):
+            backends.extension.attention_decode(*decode, block_table=table)
+    column = torch.tensor([[3], [1]], dtype=torch.int32).T.contiguous().T[:1]  # (1, 1): any last stride
+    backends.extension.attention_decode(*decode, block_table=column)
+    torch.testing.assert_close(out, reference.attention_with_kvcache(one_query, pages, pages, cache_seqlens=lengths,
+                                                                     block_table=column), rtol=2e-2, atol=2e-2)
+
+
+def test_emulated_auto_keeps_paged_caches_on_triton_until_a_gpu_has_run_them(cuda_backend, monkeypatch):
+    """"auto" gives KV-cache calls to the CUDA kernels, but paged ones to Triton: the CUDA
+    paged path has run only here. backend="cuda" (or INTERNLM_KERNELS_BACKEND=cuda) runs it."""
+    from internlm_kernels.ops import attention as attention_ops
+    chosen = []
+    launchers = attention_ops.kernels
+
+    def recording(backend, op):
+        chosen.append(backend)
+        return launchers(backend, op)
+
+    monkeypatch.setattr(attention_ops, "kernels", recording)
+    q = torch.randn(1, 1, 2, 64, dtype=torch.bfloat16)
+    cache = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
+    pages, table = torch.randn(3, 4, 1, 64, dtype=torch.bfloat16), torch.tensor([[2, 0]], dtype=torch.int32)
+    ik.flash_attention_with_kvcache(q, cache, cache.clone(), cache_seqlens=5)
+    ik.flash_attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=5, block_table=table)
+    ik.flash_attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=5, block_table=table, backend="cuda")
+    monkeypatch.setenv("INTERNLM_KERNELS_BACKEND", "cuda")
+    ik.flash_attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=5, block_table=table)
+    assert chosen == ["cuda", "triton", "cuda", "cuda"]
 

@@ -144,7 +144,9 @@ int64_t bind_paged_cache(const char* op, const std::optional<at::Tensor>& block_
   const at::Tensor& table = *block_table;
   check_cuda(op, "block_table", table, k_cache);
   check_dtype_in(op, "block_table", table, {at::kInt});
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1 && table.stride(1) == 1, op,
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1 &&
+                  (table.size(1) == 1 || table.stride(1) == 1),
+              op,
               ": block_table must be (B, max_blocks) = (", batch, ", >= 1) with a contiguous last dim, got ",
               table.sizes(), " with strides ", table.strides());
   TORCH_CHECK(k_cache.size(0) >= 1 && k_cache.size(1) >= 1 && k_cache.size(0) <= std::numeric_limits<int32_t>::max(),

@@ -26,7 +26,7 @@ from internlm_kernels._checks import (
     check_cu_seqlens, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_tensor,
 )
-from internlm_kernels.backends import choose_backend
+from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
 from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, kernels
 from internlm_kernels.ops.rotary import check_rotary_tables
@@ -444,6 +444,10 @@ def flash_attention_with_kvcache(
                     f"got {rows}")
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
+        if candidate == "cuda" and paged and leaves_choice_to_auto(backend):
+            # "auto" moves a CUDA path ahead once it has passed the tests on a GPU; the paged one
+            # has run only under the emulation (backend="cuda" asks for it).
+            return "the cuda kernels' paged caches have not yet run on a GPU (auto takes triton)"
         return operand_limits(candidate)
 
     chosen = choose_backend(backend, q.device, op, kvcache_limits)

@@ -374,6 +374,7 @@ __device__ __forceinline__ void load_paged_rows(uint32_t tile, const void* fallb
                                                 const int32_t* pages, int first, int len) {
   constexpr int kRowsPerPass = kThreads / Tile::kChunks;
   static_assert(kThreads % Tile::kChunks == 0 && Tile::kRows % kRowsPerPass == 0, "whole rows per pass");
+  static_assert(kRowsPerPass % 8 == 0, "passes move by whole swizzle periods");
   const int thread = static_cast<int>(threadIdx.x);
   const int first_row = thread / Tile::kChunks, chunk = thread % Tile::kChunks;
   const uint32_t destination = tile + Tile::offset(first_row, chunk);

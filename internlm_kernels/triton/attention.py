@@ -388,8 +388,8 @@ def _packed_rows(tile, q_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _packed_row_offsets(rows_pos, rows_sub, pos_first, stride_s, stride_h, WIDE_ROWS: tl.constexpr):
-    """Each packed row's offset from the tile's first position of the group's first head, in
-    int64: a tile spans the group's heads and up to BLOCK_M / GROUP positions, so with a
+    """Each packed row's offset from the tile's first position of the group's first head. A
+    tile spans the group's heads and up to BLOCK_M / GROUP positions, so with a
     head-major layout ((B, H, S, D) transposed, stride_h = S * D) (GROUP - 1) * stride_h
     passes 2^31 from S = 2.4M at 8 heads a group (0.5M at 32), and with a sequence-major one
     ((S, B, H, D) transposed) 127 * stride_s from B * H * D = 17M, where int32 offsets wrap.
@@ -420,7 +420,7 @@ def _attn_fwd_kernel(
     dims_ok = dims < HEAD_DIM
     shift = k_len - q_len
 
-    # Scalar int64 bases; per-row int64 offsets; int32 columns.
+    # Scalar int64 bases; per-row offsets (int64 where they can pass 2^31: WIDE_ROWS); int32 columns.
     q_rows = (_packed_row_offsets(rows_pos, rows_sub, pos_first, stride_qs, stride_qh, WIDE_ROWS)[:, None]
               + dims[None, :])
     Q_BASE = Q + batch * stride_qb + (q_start + pos_first) * stride_qs + kv_head * GROUP * stride_qh
@@ -979,6 +979,9 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     # warps so they stay in registers.
     block_n, warps = (16, 4) if INTERPRETER else (64, 4) if block_d <= 64 else (64, 8) if block_d <= 128 else (32, 8)
     tiles = cdiv(rows, block_m)
+    if tiles > MAX_GRID_YZ:  # the row tiles ride on the grid's y axis (below)
+        raise ValueError(f"attention_decode: at most {MAX_GRID_YZ * block_m} query rows (positions x group) per "
+                         f"call, got {rows} (use flash_attention for long prefills)")
     # Enough programs to fill the GPU twice over, each split at least a few key blocks long.
     # Sized from the capacity (host-known), not the lengths (device), so CUDA graphs replay.
     sms = num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
@@ -993,9 +996,6 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     # 65535, which B x Hkv passes from a batch of 2048 at 32 KV heads). The row tiles stay on
     # y: flattened into x as well, the kernel's division by their count made ptxas put 16 B
     # of the d = 128 kernel on the stack (sm_90).
-    if tiles > MAX_GRID_YZ:
-        raise ValueError(f"attention_decode: at most {MAX_GRID_YZ * block_m} query rows (positions x group) per "
-                         f"call, got {rows} (use flash_attention for long prefills)")
     _attn_decode_split_kernel[(batch * heads_kv, tiles, splits)](
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
         cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,

@@ -89,8 +89,9 @@ struct TileTraits {
 //    shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
 //    memory reads per flop (FlashAttention-2's layout). 174-176 registers at d = 64 without
-//    a window, 228-229 with one; 255 at d = 128, with no spills except on sm_80 with a
-//    window: 72-80 B (6 reloads from L1 per 64-key tile, next to its 256 mma).
+//    a window, 228-229 with one; 255 at d = 128, with no spills except on sm_80: 72-80 B
+//    with a window (6 reloads from L1 per 64-key tile, next to its 256 mma), 24-40 B without
+//    one (since the clamp of packed spans, packed_span).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -107,8 +108,10 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16, no spills): sm_90a 249-251 registers at
-// d = 128 and 214-226 at d = 64; sm_80 249-255 and 212-224 (2 blocks per SM either way).
+// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16): sm_90a 249-251 registers at d = 128 and
+// 214-226 at d = 64; sm_80 249-255 and 212-224 (2 blocks per SM either way); no spills but one:
+// at d = 64 with a window on sm_90a, ptxas holds the kernel to 168 registers and spills 8 B
+// (since the clamp of packed spans, packed_span).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -367,7 +370,8 @@ __device__ __forceinline__ int64_t paged_row_offset(const PagedCache& paged, con
 
 // load_head_rows over a paged cache: keys [first, first + Tile::kRows) of one head whose
 // pages start at ``base`` (the pool with the head's offset), each key's row looked up through
-// its page; keys from ``len`` on zero-filled.
+// its page; keys from ``len`` on zero-filled. K and V each look their rows up: one loader for
+// both, sharing the lookup, took 8 B of spills on sm_80 at d = 128 (none on sm_90a).
 template <typename T, class Tile, int kThreads>
 __device__ __forceinline__ void load_paged_rows(uint32_t tile, const void* fallback, const void* base,
                                                 int64_t page_stride, int64_t row_stride, const PagedCache& paged,
@@ -853,8 +857,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
 
 // Merge the splits of one packed query row (one warp per row): softmax-weighted by each
 // split's sum-exp. Sequences whose new entries overflowed the cache, or whose length is
-// negative, get NaN. Grid: (blocks of
-// 4 rows x B x Hkv), row blocks fastest.
+// negative, get NaN. Grid: (blocks of 4 rows x B x Hkv), row blocks fastest.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(128) attention_decode_combine_kernel(const AttentionDecodeParams p) {
   constexpr int kPerLane = kHeadDim / 32;

@@ -85,8 +85,9 @@ struct PagedCache {
 
 // Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,
 // D), or pools of pages (``paged``); sequence b holds cache_seqlens[b] + new_tokens valid
-// entries (the new ones already appended). Each (split, tile, batch, kv head) program writes a normalised fp32 partial
-// output and its log2-sum-exp to the workspace; a combine kernel merges the splits.
+// entries (the new ones already appended). Each (split, tile, batch, kv head) program writes
+// a normalised fp32 partial output and its log2-sum-exp to the workspace; a combine kernel
+// merges the splits.
 struct AttentionDecodeParams : AttentionParams {
   const int32_t* cache_seqlens = nullptr;  // (B,)
   int new_tokens = 0, capacity = 0;

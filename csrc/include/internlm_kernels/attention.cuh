@@ -108,10 +108,10 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16): sm_90a 249-251 registers at d = 128 and
-// 214-226 at d = 64; sm_80 249-255 and 212-224 (2 blocks per SM either way); no spills but one:
-// at d = 64 with a window on sm_90a, ptxas holds the kernel to 168 registers and spills 8 B
-// (since the clamp of packed spans, packed_span).
+// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16): sm_90a 249-255 registers at d = 128 and
+// 220-243 at d = 64; sm_80 251-255 and 212-224 (2 blocks per SM either way); no spills. The
+// kernel asks for one block per SM in its launch bounds: left to itself, ptxas held the d = 64
+// kernel with a window to 168 registers on sm_90a (three blocks per SM) and spilled 8 B.
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -122,8 +122,8 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 255 registers, no spills on sm_90a; with atomic dQ on sm_80, 8 B without a window and
-// 16 B with one (none without the atomic dQ). In the SASS (sm_90a, bf16) a warp executes
+// 249-255 registers, no spills on sm_90a; with atomic dQ on sm_80, 4 B stored and 8 B
+// loaded without a window, 24 and 16 with one (none without the atomic dQ). In the SASS (sm_90a, bf16) a warp executes
 // about 1060 instructions for a mask-free row tile of 320 mma with the atomic dQ, against
 // 650 for 160 in the layout above. Selected at d = 128 only.
 template <typename T, int kHeadDim>
@@ -1088,7 +1088,7 @@ struct KeySlab {
 // dK and dV of one tile of keys: loops over the query rows of the group that see it. With
 // kAtomicDq, also adds each query tile's dS K into p.dq_accum.
 template <class Tr, bool kHasWindow, bool kAtomicDq>
-__global__ void __launch_bounds__(Tr::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using T = typename Tr::T;
   using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
   using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages

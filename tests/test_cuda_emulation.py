@@ -543,6 +543,8 @@ def test_emulated_rotary_packed_varlen(cuda_backend):
 
 def test_emulated_rotary_strided_inplace_and_out_of_table(cuda_backend):
     rotary_tests.test_rotary_strided_views("cuda", CPU)
+    for tables in ("row_strided", "bfloat16"):
+        rotary_tests.test_rotary_tables_in_other_dtypes_and_row_strides("cuda", tables, CPU)
     rotary_tests.test_rotary_inplace("cuda", CPU)
     rotary_tests.test_positions_outside_table_give_nan("cuda", CPU)
     rotary_tests.test_zero_size("cuda", CPU)

@@ -114,6 +114,26 @@ def test_rotary_strided_views(backend, device):
     assert q_out.stride() == q_hf.transpose(1, 2).stride(), "dense outputs keep the input's layout"
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("tables", ["bfloat16", "float16", "row_strided"])
+def test_rotary_tables_in_other_dtypes_and_row_strides(backend, tables, device):
+    """cos / sin as the caller may hold them: cast to the model's dtype (as HF's LLaMA does),
+    or columns of a wider buffer, with sin's row stride different from cos's."""
+    q, k = _qk(2, 7, 6, 2, 32, torch.bfloat16, device)
+    cos, sin = ik.rotary_cos_sin(12, 16, device=device)
+    if tables == "row_strided":
+        cos = torch.cat([cos, torch.randn_like(cos)], dim=1)[:, :8]  # row stride 16
+        sin = torch.stack([torch.randn_like(sin), sin, torch.randn_like(sin)], dim=1)[:, 1]  # row stride 24
+        assert cos.stride(0) != sin.stride(0) and cos.stride(0) != cos.shape[1]
+    else:
+        cos, sin = cos.to(getattr(torch, tables)), sin.to(getattr(torch, tables))
+    if backend == "cuda" and cos.dtype != torch.float32:
+        with pytest.raises(RuntimeError, match=f"takes float32 cos/sin tables, got {cos.dtype}"):
+            ik.apply_rotary(q, k, cos, sin, backend=backend, seqlen_offsets=2)
+        return
+    _check(q, k, cos, sin, backend, seqlen_offsets=2)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["torch"])
 def test_rotary_inplace(backend, device):
     qkv = torch.randn(2, 6, 8, 16, device=device, dtype=torch.bfloat16)

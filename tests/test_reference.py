@@ -153,6 +153,35 @@ def test_window_properties():
     assert mask.sum(1).tolist() == [2, 3, 4, 4, 4, 4, 3]
 
 
+@pytest.mark.parametrize("seqlens", [(5, 12), (12, 5), (7, 7)], ids=["sq<sk", "sq>sk", "sq=sk"])
+@pytest.mark.parametrize("causal, window", [(False, (2, 1)), (False, (0, 3)), (False, (-1, 2)), (False, (3, -1)),
+                                            (True, (2, -1)), (True, (4, 5))])
+def test_window_is_bottom_right_aligned(seqlens, causal, window):
+    """flash-attn's rule, element by element: query i sees keys [i + Sk - Sq - left,
+    i + Sk - Sq + right], a bound of -1 being unbounded and causal setting right to 0. The
+    kernels are tested against the reference, so the reference is tested against the rule."""
+    sq, sk = seqlens
+    left, right = window
+    right = 0 if causal else right
+    rule = torch.zeros(sq, sk, dtype=torch.bool)
+    for i in range(sq):
+        for j in range(sk):
+            diagonal = i + sk - sq
+            rule[i, j] = (left < 0 or j >= diagonal - left) and (right < 0 or j <= diagonal + right)
+    mask = reference.attention_mask(sq, sk, causal, window)
+    assert torch.equal(mask, rule), f"mask {mask.int().tolist()} != rule {rule.int().tolist()}"
+
+    q = torch.randn(1, sq, 2, 8, dtype=torch.float64)
+    k = torch.randn(1, sk, 2, 8, dtype=torch.float64)
+    v = torch.randn(1, sk, 2, 8, dtype=torch.float64)
+    out, lse = reference.attention(q, k, v, causal=causal, window_size=window, return_lse=True)
+    seeing = rule.any(1)
+    expected = _sdpa(q[:, seeing], k, v, attn_mask=rule[seeing])
+    torch.testing.assert_close(out[:, seeing], expected)
+    assert torch.equal(out[:, ~seeing], torch.zeros_like(out[:, ~seeing])), "rows that see no key are zero"
+    assert torch.isneginf(lse[:, :, ~seeing]).all() and torch.isfinite(lse[:, :, seeing]).all()
+
+
 def test_lse_normalises_the_softmax():
     q = torch.randn(2, 5, 4, 8, dtype=torch.float64)
     k = torch.randn(2, 6, 2, 8, dtype=torch.float64)

@@ -108,10 +108,10 @@ using DecodeTraits = TileTraits<T, kHeadDim, kDecodeBlockM, kDecodeBlockN, 1, 4>
 // tiles of query rows: at d = 128 the fp32 dK and dV slabs take 128 registers per thread, so
 // the row tiles are 32 rows there and 64 at d = 64. Shared memory K + V + 2 stages of Q and
 // dO + row info: 65 KB at d = 128, 50 KB at d = 64; the atomic-dQ variant adds its dS tile
-// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16): sm_90a 249-255 registers at d = 128 and
-// 220-243 at d = 64; sm_80 251-255 and 212-224 (2 blocks per SM either way); no spills. The
-// kernel asks for one block per SM in its launch bounds: left to itself, ptxas held the d = 64
-// kernel with a window to 168 registers on sm_90a (three blocks per SM) and spilled 8 B.
+// (4 KB / 8 KB). ptxas (CUDA 13.0, bf16 and fp16), no spills: sm_90a 249-251 registers at
+// d = 128 (2 blocks per SM) and 168 at d = 64 (3 blocks; 176-226 with the atomic dQ, 2);
+// sm_80 249-255 and 212-224 (2 blocks). The launch bounds ask for three blocks at d = 64 on
+// sm_90a (key_tile_min_blocks).
 template <typename T, int kHeadDim>
 using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 1>;
 
@@ -122,7 +122,7 @@ using BwdKeyTraits = TileTraits<T, kHeadDim, 64, (kHeadDim <= 64 ? 64 : 32), 4, 
 // above (each fragment feeds two mma), and per flop half the Q / dO loads and dQ atomics;
 // one block of 8 warps per SM. Shared memory at d = 128: K, V, 2 stages of Q and dO, P, dS
 // and row info, 162 KB (the launcher checks the device's opt-in limit). ptxas (CUDA 13.0):
-// 249-255 registers, no spills on sm_90a; with atomic dQ on sm_80, 4 B stored and 8 B
+// 246-255 registers, no spills on sm_90a; with atomic dQ on sm_80, 4 B stored and 8 B
 // loaded without a window, 24 and 16 with one (none without the atomic dQ). In the SASS (sm_90a, bf16) a warp executes
 // about 1060 instructions for a mask-free row tile of 320 mma with the atomic dQ, against
 // 650 for 160 in the layout above. Selected at d = 128 only.
@@ -1085,10 +1085,26 @@ struct KeySlab {
   __device__ __forceinline__ static int col0(int warp) { return kShared ? (Tr::kHeadDim / 2) * (warp / 4) : 0; }
 };
 
+// Blocks per SM the dK/dV kernel asks ptxas to fit (its launch bounds' minimum; 0 asks
+// for none, leaving ptxas its own choice). At d = 64 on sm_90a ptxas chose 168 registers,
+// three blocks per SM, and spilled 8 B in the kernel with a window compiled in; asked for
+// three blocks it fits them without spills. The atomic-dQ variant (176-226 registers, two
+// blocks) spilled 80 B when asked for three, and sm_80 (212-224, two blocks) spilled too:
+// both keep ptxas's choice, as does d = 128.
+template <class Tr, bool kAtomicDq>
+constexpr int key_tile_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return Tr::kHeadDim == 64 && !kAtomicDq ? 3 : 0;
+#else
+  return 0;
+#endif
+}
+
 // dK and dV of one tile of keys: loops over the query rows of the group that see it. With
 // kAtomicDq, also adds each query tile's dS K into p.dq_accum.
 template <class Tr, bool kHasWindow, bool kAtomicDq>
-__global__ void __launch_bounds__(Tr::kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Tr::kThreads, (key_tile_min_blocks<Tr, kAtomicDq>()))
+    attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using T = typename Tr::T;
   using KeyTile = typename Tr::RowTile;     // kBlockM keys: K, V, then the dK / dV staging
   using QueryTile = typename Tr::StreamTile;  // kBlockN query rows: Q and dO, two stages

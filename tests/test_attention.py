@@ -182,6 +182,21 @@ def test_attention_packed_varlen(backend, causal, window, device):
     assert torch.equal(dq[20:], torch.zeros_like(dq[20:])) and torch.equal(dk[30:], torch.zeros_like(dk[30:]))
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
+def test_attention_packed_batch_of_empty_query_sequences(backend, device):
+    """Every query sequence empty (a batch of padding rows): zero output, and a backward that
+    runs and gives zero gradients. The reference's output once hung off no input, so the
+    backward raised."""
+    q, k, v = _qkv(None, 3, 13, 4, 2, _dim(backend, 32), torch.bfloat16, device, packed=True)
+    cu_q = torch.tensor([0, 0, 0], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 13, 13], device=device, dtype=torch.int32)
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = ik.flash_attention(*inputs, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    for name, grad in zip("qkv", torch.autograd.grad(out, inputs, torch.randn_like(out))):
+        assert torch.equal(grad, torch.zeros_like(grad)), f"d{name}"
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("wrong", ["past_the_end", "below_zero"])
 def test_attention_packed_offsets_out_of_range_are_clamped(backend, wrong, device):

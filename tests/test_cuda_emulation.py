@@ -28,6 +28,7 @@ import torch
 import internlm_kernels as ik
 from internlm_kernels import reference
 from tests import test_attention as attention_tests
+from tests import test_random_configurations as random_tests
 from tests import test_rms_norm as rms_tests
 from tests import test_rotary as rotary_tests
 from tests.helpers import DTYPES, assert_within_eager_error
@@ -171,6 +172,10 @@ def test_emulated_attention_packed_varlen(cuda_backend, causal, monkeypatch):
     attention_tests.test_attention_packed_varlen("cuda", causal, (-1, -1), CPU)
     attention_tests.test_attention_packed_varlen("cuda", causal, (4, -1) if causal else (3, 2), CPU)
     attention_tests.test_attention_varlen_equals_per_sequence_dense("cuda", CPU, monkeypatch)
+
+
+def test_emulated_attention_packed_batch_of_empty_query_sequences(cuda_backend):
+    attention_tests.test_attention_packed_batch_of_empty_query_sequences("cuda", CPU)
 
 
 @pytest.mark.parametrize("wrong", ["past_the_end", "below_zero"])
@@ -550,6 +555,15 @@ def test_emulated_rotary_strided_inplace_and_out_of_table(cuda_backend):
     rotary_tests.test_zero_size("cuda", CPU)
     for inplace in (False, True):
         rotary_tests.test_zero_width_tables_rotate_nothing("cuda", inplace, CPU)
+
+
+# The seeded random configurations of tests/test_random_configurations.py, same draws.
+@pytest.mark.parametrize("seed", random_tests.SEEDS)
+def test_emulated_random_configurations(cuda_backend, seed):
+    random_tests.test_random_attention("cuda", seed, CPU)
+    random_tests.test_random_kvcache("cuda", seed, CPU)
+    random_tests.test_random_rms_norm("cuda", seed, CPU)
+    random_tests.test_random_rotary("cuda", seed, CPU)
 
 
 def test_emulated_modules_and_opchecks(cuda_backend):

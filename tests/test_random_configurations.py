@@ -62,9 +62,10 @@ def test_random_attention(backend, seed, device):
     dtype = rng.choice([torch.float16, torch.bfloat16])
     causal, window = rng.random() < 0.5, _window(rng)
     packed = rng.random() < 0.4
+    softmax_scale = rng.choice([None, None, round(rng.uniform(0.02, 0.5), 3)])
     config = dict(seed=seed, heads=(heads_q, heads_kv), head_dim=head_dim, dtype=dtype, causal=causal,
-                  window=window, packed=packed)
-    kwargs = dict(causal=causal, window_size=window)
+                  window=window, packed=packed, softmax_scale=softmax_scale)
+    kwargs = dict(causal=causal, window_size=window, softmax_scale=softmax_scale)
     if packed:
         sequences = rng.randint(1, 4)
         lengths_q = [rng.randint(0, 40) for _ in range(sequences)]
@@ -84,9 +85,10 @@ def test_random_attention(backend, seed, device):
     q, q_layout = _strided(shapes[0], dtype, device, rng, heads_axis)
     k, k_layout = _strided(shapes[1], dtype, device, rng, heads_axis)
     v, v_layout = _strided(shapes[1], dtype, device, rng, heads_axis)
-    config.update(layouts=(q_layout, k_layout, v_layout))
+    deterministic = rng.random() < 0.3
+    config.update(layouts=(q_layout, k_layout, v_layout), deterministic=deterministic)
     try:
-        check_attention(q, k, v, backend, **kwargs)
+        check_attention(q, k, v, backend, deterministic=deterministic, **kwargs)
     except AssertionError as error:
         raise AssertionError(f"{config}: {error}") from error
 
@@ -100,31 +102,48 @@ def test_random_kvcache(backend, seed, device):
     head_dim = _dim(backend, rng.choice([32, 64]))
     dtype = rng.choice([torch.float16, torch.bfloat16])
     batch, capacity = rng.randint(1, 4), rng.randint(8, 200)
-    new_tokens = rng.randint(0, 3)
-    queries = max(new_tokens, 1)
-    lengths = [rng.randint(0, capacity - new_tokens) for _ in range(batch)]
+    paged, page_size = rng.random() < 0.5, rng.choice([1, 5, 16, 64])
+    if paged:  # the pages hold the whole cache: S_max (what cache_seqlens=None fills) is the same
+        capacity = -(-capacity // page_size) * page_size
+    new_tokens, queries = rng.randint(0, 3), rng.randint(1, 4)
+    # cache_seqlens as a (B,) tensor, one int for every row, or None (the cache is full)
+    lengths_as = rng.choice(["tensor", "tensor", "int", "none"])
+    if lengths_as == "tensor":
+        lengths = [rng.randint(0, capacity - new_tokens) for _ in range(batch)]
+        cache_seqlens = torch.tensor(lengths, device=device, dtype=torch.int32)
+    elif lengths_as == "int":
+        lengths = [rng.randint(0, capacity - new_tokens)] * batch
+        cache_seqlens = lengths[0]
+    else:
+        lengths, cache_seqlens = [capacity - new_tokens] * batch, None
     causal, window = rng.random() < 0.7, _window(rng)
-    paged = rng.random() < 0.5
+    softmax_scale = rng.choice([None, None, round(rng.uniform(0.02, 0.5), 3)])
+    one_kv_buffer = not paged and rng.random() < 0.5  # k_cache, v_cache: halves of one (B, S, 2, H, D)
     rotary = new_tokens > 0 and rng.random() < 0.5
     config = dict(seed=seed, heads=(heads_q, heads_kv), head_dim=head_dim, dtype=dtype, batch=batch,
-                  capacity=capacity, new_tokens=new_tokens, lengths=lengths, causal=causal, window=window,
-                  paged=paged, rotary=rotary)
+                  capacity=capacity, new_tokens=new_tokens, queries=queries, lengths=lengths, lengths_as=lengths_as,
+                  causal=causal, window=window, softmax_scale=softmax_scale, paged=paged,
+                  one_kv_buffer=one_kv_buffer, rotary=rotary)
     q, _ = _strided((batch, queries, heads_q, head_dim), dtype, device, rng, 2)
-    k_cache = torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype)
-    v_cache = torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype)
-    kwargs = dict(cache_seqlens=torch.tensor(lengths, device=device, dtype=torch.int32), causal=causal,
-                  window_size=window)
+    if one_kv_buffer:
+        kv = torch.randn(batch, capacity, 2, heads_kv, head_dim, device=device, dtype=dtype)
+        k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]
+    else:
+        k_cache = torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype)
+        v_cache = torch.randn(batch, capacity, heads_kv, head_dim, device=device, dtype=dtype)
+    kwargs = dict(cache_seqlens=cache_seqlens, causal=causal, window_size=window, softmax_scale=softmax_scale)
     if new_tokens:
         kwargs["k"] = torch.randn(batch, new_tokens, heads_kv, head_dim, device=device, dtype=dtype)
         kwargs["v"] = torch.randn(batch, new_tokens, heads_kv, head_dim, device=device, dtype=dtype)
     if rotary:
         rotary_dim = rng.choice([head_dim, head_dim // 2])
-        kwargs["rotary_cos"], kwargs["rotary_sin"] = ik.rotary_cos_sin(capacity, rotary_dim, device=device)
+        # q rotates at positions cache_seqlens + i, i < queries, which may pass the cache's end
+        table = capacity + queries
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = ik.rotary_cos_sin(table, rotary_dim, device=device)
         kwargs["rotary_interleaved"] = rng.random() < 0.5
         config.update(rotary_dim=rotary_dim, interleaved=kwargs["rotary_interleaved"])
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     if paged:
-        page_size = rng.choice([1, 5, 16, 64])
         k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=2)
         caches, cache_kwargs = (k_pages, v_pages), dict(block_table=table)
         config.update(page_size=page_size)
@@ -152,41 +171,51 @@ def test_random_kvcache(backend, seed, device):
 def test_random_rms_norm(backend, seed, device):
     rng = random.Random(3000 + seed)
     dtype = rng.choice([torch.float32, torch.float16, torch.bfloat16])
-    weight_dtype = rng.choice([dtype, torch.float32])
+    mode = rng.choice(["plain", "fused", "fused_in_place"])
+    # the in-place op writes the output into x: the weight must not widen it
+    weight_dtype = dtype if mode == "fused_in_place" else rng.choice([dtype, torch.float32])
+    residual_dtype = rng.choice([dtype, torch.float32])
+    residual_in_fp32 = mode == "fused" and rng.random() < 0.5
     columns = rng.choice([8, 24, 96, 1000, 4096, 5000])
     leading = [rng.randint(1, 5) for _ in range(rng.randint(1, 3))]
-    fused = rng.random() < 0.5
-    residual_in_fp32 = fused and rng.random() < 0.5
-    config = dict(seed=seed, dtype=dtype, weight_dtype=weight_dtype, shape=(*leading, columns), fused=fused,
-                  residual_in_fp32=residual_in_fp32)
-    x, x_layout = _strided((*leading, columns), dtype, device, rng, 0)
-    weight = (1 + 0.1 * torch.randn(columns, device=device)).to(weight_dtype)
     eps = rng.choice([1e-6, 1e-5])
-    config.update(layout=x_layout, eps=eps)
-    inputs = [x.detach().requires_grad_(True), weight.detach().requires_grad_(True)]
-    eager_inputs = [t.detach().requires_grad_(True) for t in (x, weight)]
-    exact_inputs = [t.detach().double().requires_grad_(True) for t in (x, weight)]
+    shape = (*leading, columns)
+    x, x_layout = _strided(shape, dtype, device, rng, 0)
+    residual, residual_layout = _strided(shape, residual_dtype, device, rng, 0)
+    weight = (1 + 0.1 * torch.randn(columns, device=device)).to(weight_dtype)
+    config = dict(seed=seed, mode=mode, dtype=dtype, weight_dtype=weight_dtype, shape=shape, eps=eps,
+                  layouts=(x_layout, residual_layout))
+    if mode != "plain":
+        config.update(residual_dtype=residual_dtype, residual_in_fp32=residual_in_fp32)
     try:
-        if fused:
-            residual, _ = _strided((*leading, columns), dtype, device, rng, 0)
-            out, res_out = ik.fused_add_rms_norm(inputs[0], residual, inputs[1], eps,
-                                                 residual_in_fp32=residual_in_fp32, backend=backend)
-            eager, eager_res = reference.fused_add_rms_norm(eager_inputs[0], residual, eager_inputs[1], eps,
-                                                            residual_in_fp32=residual_in_fp32)
-            exact, _ = reference.fused_add_rms_norm(exact_inputs[0], residual.double(), exact_inputs[1], eps,
-                                                    residual_in_fp32=residual_in_fp32)
-            assert_close_dtype(res_out, eager_res, res_out.dtype, "residual_out")
+        if mode == "fused_in_place":
+            with torch.no_grad():
+                expected_out, expected_residual = reference.fused_add_rms_norm(x, residual, weight, eps)
+                ik.fused_add_rms_norm_(x, residual, weight, eps, backend=backend)
+            assert_close_dtype(x, expected_out, dtype, "x <- out")
+            assert_close_dtype(residual, expected_residual, residual_dtype, "residual <- sum")
+            return
+        tensors = (x, weight) if mode == "plain" else (x, residual, weight)
+        inputs = [t.detach().requires_grad_(True) for t in tensors]
+        eager_inputs = [t.detach().requires_grad_(True) for t in tensors]
+        exact_inputs = [t.detach().double().requires_grad_(True) for t in tensors]
+        if mode == "plain":
+            outs = [ik.rms_norm(*inputs, eps, backend=backend)]
+            eager = [reference.rms_norm(*eager_inputs, eps)]
+            exact = [reference.rms_norm(*exact_inputs, eps)]
         else:
-            out = ik.rms_norm(inputs[0], inputs[1], eps, backend=backend)
-            eager = reference.rms_norm(eager_inputs[0], eager_inputs[1], eps)
-            exact = reference.rms_norm(exact_inputs[0], exact_inputs[1], eps)
-        assert out.dtype == eager.dtype and out.shape == eager.shape
-        assert_within_eager_error([out], [eager], [exact], dtype, 2.0, "out")
-        grad = torch.randn_like(out)
-        ours = torch.autograd.grad(out, inputs, grad)
-        theirs = torch.autograd.grad(eager, eager_inputs, grad)
-        exact_grads = torch.autograd.grad(exact, exact_inputs, grad.double())
-        assert_within_eager_error(ours, theirs, exact_grads, dtype, 3.0, "dx, dweight")
+            fused = dict(residual_in_fp32=residual_in_fp32)
+            outs = list(ik.fused_add_rms_norm(*inputs, eps, backend=backend, **fused))
+            eager = list(reference.fused_add_rms_norm(*eager_inputs, eps, **fused))
+            exact = list(reference.fused_add_rms_norm(*exact_inputs, eps, **fused))
+            assert_close_dtype(outs[1], eager[1], eager[1].dtype, "residual_out")
+        assert [o.dtype for o in outs] == [e.dtype for e in eager] and outs[0].shape == eager[0].shape
+        assert_within_eager_error(outs[:1], eager[:1], exact[:1], dtype, 2.0, "out")
+        grads = [torch.randn_like(o) for o in outs]
+        ours = torch.autograd.grad(outs, inputs, grads)
+        theirs = torch.autograd.grad(eager, eager_inputs, grads)
+        exact_grads = torch.autograd.grad(exact, exact_inputs, [g.double() for g in grads])
+        assert_within_eager_error(ours, theirs, exact_grads, dtype, 3.0, "dx, (dresidual,) dweight")
     except AssertionError as error:
         raise AssertionError(f"{config}: {error}") from error
 
@@ -226,8 +255,17 @@ def test_random_rotary(backend, seed, device):
     heads_axis = len(shape_q) - 2
     q, q_layout = _strided(shape_q, dtype, device, rng, heads_axis)
     k = _strided(shape_k, dtype, device, rng, heads_axis)[0] if heads_k else None
-    config.update(layout=q_layout)
+    in_place = rng.random() < 0.3  # inference: q and k rotated where they are
+    config.update(layout=q_layout, in_place=in_place)
     try:
-        check_rotary(q, k, cos, sin, backend, **kwargs)
+        if in_place:
+            expected_q, expected_k = reference.apply_rotary(q, k, cos, sin, **kwargs)
+            q_out, k_out = ik.apply_rotary(q, k, cos, sin, inplace=True, backend=backend, **kwargs)
+            assert q_out is q and k_out is k
+            assert_close_dtype(q, expected_q, dtype, "q in place")
+            if k is not None:
+                assert_close_dtype(k, expected_k, dtype, "k in place")
+        else:
+            check_rotary(q, k, cos, sin, backend, **kwargs)
     except AssertionError as error:
         raise AssertionError(f"{config}: {error}") from error

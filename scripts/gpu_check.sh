@@ -110,14 +110,22 @@ if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
   # machine has 16 cores; the tests are short kernels and compiles): one after the other they
   # took 150 and 160 s on the H200 (2026-11-28), most of an `all` run's deadline, which then
   # cut the benchmark.
+  # The seeded random configurations (tests/test_random_configurations.py: each draw is a new
+  # set of Triton specialisations to compile) run beside them as a third process, on fewer
+  # seeds than on CPU unless INTERNLM_KERNELS_RANDOM_CASES says otherwise.
   export INTERNLM_KERNELS_AUTOTUNE=0
   pytest_args=(-q -rfEs -p no:cacheprovider --durations=15)
   $PY scripts/pytest_resilient.py tests "$OUT" "$(limit 180)" "${pytest_args[@]}" tests \
-    --deselect tests/test_triton_compile.py --ignore tests/test_attention.py --ignore tests/test_cuda_emulation.py &
+    --deselect tests/test_triton_compile.py --ignore tests/test_attention.py --ignore tests/test_cuda_emulation.py \
+    --ignore tests/test_random_configurations.py &
   tests_pid=$!
+  INTERNLM_KERNELS_RANDOM_CASES=${INTERNLM_KERNELS_RANDOM_CASES:-8} \
+    $PY scripts/pytest_resilient.py random "$OUT" "$(limit 180)" "${pytest_args[@]}" tests/test_random_configurations.py &
+  random_pid=$!
   $PY scripts/pytest_resilient.py attention "$OUT" "$(limit 180)" "${pytest_args[@]}" tests/test_attention.py
-  wait "$tests_pid"
-  cuda_fault=$($PY scripts/cuda_fault.py "$OUT/tests-status.json" "$OUT/attention-status.json")
+  wait "$tests_pid" "$random_pid"
+  cuda_fault=$($PY scripts/cuda_fault.py "$OUT/tests-status.json" "$OUT/attention-status.json" \
+    "$OUT/random-status.json")
   mkdir -p build && printf '%s' "$cuda_fault" > "$CUDA_FAULT_FILE"
   unset INTERNLM_KERNELS_AUTOTUNE
 fi

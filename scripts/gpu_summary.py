@@ -10,7 +10,7 @@ import re
 import sys
 
 # The test steps of gpu_check.sh, as named to scripts/pytest_resilient.py.
-TEST_STEPS = ("tests", "attention")
+TEST_STEPS = ("tests", "attention", "random")
 
 
 def exit_code_note(log_path: str, label: str) -> str:

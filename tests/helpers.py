@@ -24,13 +24,13 @@ def assert_close_dtype(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     tol = DTYPE_TOLERANCE[dtype]
-    scale = float(expected.float().abs().max()) if expected.numel() else 0.0
+    scale = float(expected.detach().float().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * max(scale, 1e-6),
                                msg=lambda m: f"{what}: {m}")
 
 
 def max_abs_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((actual.double() - exact.double()).abs().max()) if actual.numel() else 0.0
+    return float((actual.detach().double() - exact.detach().double()).abs().max()) if actual.numel() else 0.0
 
 
 def assert_within_eager_error(actual: Sequence[torch.Tensor], eager: Sequence[torch.Tensor],

@@ -30,8 +30,9 @@ SEEDS = range(int(os.environ.get("INTERNLM_KERNELS_RANDOM_CASES", "20")))
 
 def _strided(shape, dtype, device, rng: random.Random, heads_dim: int):
     """A random tensor of ``shape`` in one of the layouts callers hand over: contiguous, heads
-    before positions (a transpose of HF's (B, H, S, D)), or a slice of a wider buffer (of the
-    heads, as in a fused qkv projection, or of the last dimension)."""
+    before positions (a transpose of HF's (B, H, S, D)), or a slice of a wider buffer (along
+    ``heads_dim``, as q, k and v are slices of a fused qkv projection; a leading dimension for
+    RMSNorm's rows), or of the last dimension). Returns the tensor and the layout's name."""
     layout = rng.choice(["contiguous", "heads_first", "wider_heads", "wider_rows"])
     if layout == "heads_first" and heads_dim == len(shape) - 2 and len(shape) == 4:
         b, s, h, d = shape

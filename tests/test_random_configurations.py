@@ -11,6 +11,7 @@ sets how many seeds run (20 by default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -46,6 +47,15 @@ def _strided(shape, dtype, device, rng: random.Random, heads_dim: int):
         wide[-1] += 8  # rows stay 16-byte aligned for the CUDA kernels
         return torch.randn(wide, device=device, dtype=dtype)[..., :shape[-1]], layout
     return torch.randn(shape, device=device, dtype=dtype), "contiguous"
+
+
+@contextlib.contextmanager
+def _named(config: dict):
+    """A failure names the seed and the configuration it drew."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"{config}: {error}") from error
 
 
 def _window(rng: random.Random):
@@ -88,10 +98,8 @@ def test_random_attention(backend, seed, device):
     v, v_layout = _strided(shapes[1], dtype, device, rng, heads_axis)
     deterministic = rng.random() < 0.3
     config.update(layouts=(q_layout, k_layout, v_layout), deterministic=deterministic)
-    try:
+    with _named(config):
         check_attention(q, k, v, backend, deterministic=deterministic, **kwargs)
-    except AssertionError as error:
-        raise AssertionError(f"{config}: {error}") from error
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -158,13 +166,11 @@ def test_random_kvcache(backend, seed, device):
     if paged:
         k_cache = k_pages[table.long()].flatten(1, 2)[:, :capacity]
         v_cache = v_pages[table.long()].flatten(1, 2)[:, :capacity]
-    try:
+    with _named(config):
         assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "out")
         # k is rotated in the input dtype inside the kernels, in fp32 by the reference
         torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=1e-2 if rotary else 0)
         assert torch.equal(v_cache, expected_v), "appended v, bit for bit"
-    except AssertionError as error:
-        raise AssertionError(f"{config}: {error}") from error
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -188,7 +194,7 @@ def test_random_rms_norm(backend, seed, device):
                   layouts=(x_layout, residual_layout))
     if mode != "plain":
         config.update(residual_dtype=residual_dtype, residual_in_fp32=residual_in_fp32)
-    try:
+    with _named(config):
         if mode == "fused_in_place":
             with torch.no_grad():
                 expected_out, expected_residual = reference.fused_add_rms_norm(x, residual, weight, eps)
@@ -217,8 +223,6 @@ def test_random_rms_norm(backend, seed, device):
         theirs = torch.autograd.grad(eager, eager_inputs, grads)
         exact_grads = torch.autograd.grad(exact, exact_inputs, [g.double() for g in grads])
         assert_within_eager_error(ours, theirs, exact_grads, dtype, 3.0, "dx, (dresidual,) dweight")
-    except AssertionError as error:
-        raise AssertionError(f"{config}: {error}") from error
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -258,7 +262,7 @@ def test_random_rotary(backend, seed, device):
     k = _strided(shape_k, dtype, device, rng, heads_axis)[0] if heads_k else None
     in_place = rng.random() < 0.3  # inference: q and k rotated where they are
     config.update(layout=q_layout, in_place=in_place)
-    try:
+    with _named(config):
         if in_place:
             expected_q, expected_k = reference.apply_rotary(q, k, cos, sin, **kwargs)
             q_out, k_out = ik.apply_rotary(q, k, cos, sin, inplace=True, backend=backend, **kwargs)
@@ -268,5 +272,3 @@ def test_random_rotary(backend, seed, device):
                 assert_close_dtype(k, expected_k, dtype, "k in place")
         else:
             check_rotary(q, k, cos, sin, backend, **kwargs)
-    except AssertionError as error:
-        raise AssertionError(f"{config}: {error}") from error

@@ -74,13 +74,14 @@ def test_random_attention(backend, seed, device):
     causal, window = rng.random() < 0.5, _window(rng)
     packed = rng.random() < 0.4
     softmax_scale = rng.choice([None, None, round(rng.uniform(0.02, 0.5), 3)])
+    long = rng.random() < 0.15  # several row and key tiles per sequence on either backend
     config = dict(seed=seed, heads=(heads_q, heads_kv), head_dim=head_dim, dtype=dtype, causal=causal,
-                  window=window, packed=packed, softmax_scale=softmax_scale)
+                  window=window, packed=packed, softmax_scale=softmax_scale, long=long)
     kwargs = dict(causal=causal, window_size=window, softmax_scale=softmax_scale)
     if packed:
-        sequences = rng.randint(1, 4)
-        lengths_q = [rng.randint(0, 40) for _ in range(sequences)]
-        lengths_k = [rng.randint(0, 40) for _ in range(sequences)]
+        sequences, longest = rng.randint(1, 4), 150 if long else 40
+        lengths_q = [rng.randint(0, longest) for _ in range(sequences)]
+        lengths_k = [rng.randint(0, longest) for _ in range(sequences)]
         cu_q = torch.tensor([0] + lengths_q, device=device).cumsum(0).int()
         cu_k = torch.tensor([0] + lengths_k, device=device).cumsum(0).int()
         total_q, total_k = int(cu_q[-1]) + rng.randint(0, 3), int(cu_k[-1]) + rng.randint(0, 3)  # padding rows
@@ -89,7 +90,8 @@ def test_random_attention(backend, seed, device):
         config.update(lengths_q=lengths_q, lengths_k=lengths_k, totals=(total_q, total_k))
         heads_axis = 1
     else:
-        batch, seqlen_q, seqlen_k = rng.randint(1, 3), rng.randint(1, 70), rng.randint(1, 70)
+        longest = 260 if long else 70
+        batch, seqlen_q, seqlen_k = rng.randint(1, 3), rng.randint(1, longest), rng.randint(1, longest)
         shapes = (batch, seqlen_q, heads_q, head_dim), (batch, seqlen_k, heads_kv, head_dim)
         config.update(batch=batch, seqlens=(seqlen_q, seqlen_k))
         heads_axis = 2

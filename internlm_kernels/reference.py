@@ -284,11 +284,10 @@ def attention(
     if cu_seqlens_k is None:
         raise ValueError("packed attention needs both cu_seqlens_q and cu_seqlens_k")
     # Zeros that depend on q, k and v (with zero gradients): when every sequence is empty the
-    # output is still part of the graph, as the kernels' is. torch.where selects, so a NaN in
-    # an input never reaches the padding rows.
-    every_input = q.sum() + k.sum() + v.sum()
-    out = torch.where(torch.zeros((), dtype=torch.bool, device=q.device), every_input,
-                      q.new_zeros(q.shape[:-1] + v.shape[-1:]))
+    # output is still part of the graph, as the kernels' is. Sums of empty slices are exact
+    # zeros whatever the inputs hold, and cost nothing.
+    no_rows = q[:0].sum() + k[:0].sum() + v[:0].sum()
+    out = q.new_zeros(q.shape[:-1] + v.shape[-1:]) + no_rows
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device, dtype=_compute_dtype(q))
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(starts_q) - 1):

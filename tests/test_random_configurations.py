@@ -23,7 +23,7 @@ from internlm_kernels import reference
 from internlm_kernels.bench.cases import as_pages
 from tests.helpers import KERNEL_BACKENDS, assert_close_dtype, assert_within_eager_error
 from tests.test_attention import _check as check_attention
-from tests.test_attention import _dim
+from tests.test_attention import _dim, _unpaged
 from tests.test_rotary import _check as check_rotary
 
 SEEDS = range(int(os.environ.get("INTERNLM_KERNELS_RANDOM_CASES", "20")))
@@ -166,8 +166,7 @@ def test_random_kvcache(backend, seed, device):
         doubled = {name: t.double() if name in ("k", "v") else t for name, t in kwargs.items()}
         exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), **doubled)
     if paged:
-        k_cache = k_pages[table.long()].flatten(1, 2)[:, :capacity]
-        v_cache = v_pages[table.long()].flatten(1, 2)[:, :capacity]
+        k_cache, v_cache = _unpaged(k_pages, table), _unpaged(v_pages, table)
     with _named(config):
         assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "out")
         # k is rotated in the input dtype inside the kernels, in fp32 by the reference

@@ -43,7 +43,7 @@ UNIT_STRIDES = {"stride_ls"}  # innermost strides of contiguous buffers: 1 in ev
 ROTARY_SIZES = {"head_dim": 128, "rotary_half": 64, "table_len": 4096, "heads_q": 32, "heads_k": 8}
 ATTENTION_SIZES = {"seqlen_q": 8192, "seqlen_k": 8192, "length_bucket": 8192}
 DECODE_SIZES = {"seqlen_q": 1, "new_tokens": 1, "capacity": 4096, "heads_kv": 8, "heads": 8, "rows": 4,
-                "rows_padded": 16, "keys_per_split": 256, "table_len": 4096, "rotary_half": 64}
+                "rows_padded": 16, "table_len": 4096, "rotary_half": 64}
 
 
 def signature(kernel, constexprs: dict, pointers: dict, default_pointer: str) -> dict:

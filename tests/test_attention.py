@@ -1061,3 +1061,36 @@ def test_decode_long_cache_many_splits(backend, device):
     expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
     exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lengths)
     assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "long decode")
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (100, 0), (20, 0)])
+def test_decode_splits_share_the_keys_a_short_sequence_has(window, device):
+    """The split count comes from the cache's capacity (CUDA graphs replay with new lengths),
+    but each split takes an equal run of the key blocks its sequence has: a short sequence
+    in a long cache (a serving engine's cache sized for the longest request), or a sliding
+    window, is spread over every split rather than left to the first few. The Triton
+    partials show which splits saw keys; the combined output must match the reference."""
+    capacity, length, heads_kv, group, head_dim = 4096, 300, 1, 4, 64
+    k_cache, v_cache = _cache(1, capacity, heads_kv, head_dim, torch.float16, device)
+    q = torch.randn(1, 1, heads_kv * group, head_dim, device=device, dtype=torch.float16)
+    lengths = torch.tensor([length], device=device, dtype=torch.int32)
+    with torch.no_grad():
+        part_o, part_lse, block_n = triton_attention._decode_partials(
+            q, k_cache, v_cache, lengths, 0, head_dim**-0.5, True, window, None, None, False, None)
+    splits = part_lse.shape[2]
+    seen = length if window[0] < 0 else window[0] + 1
+    # The keys a query sees start on a block boundary at or below its first key.
+    first_block = (length - seen) // block_n
+    seen_blocks = -(-length // block_n) - first_block
+    assert splits > 1, "the case needs a split count above one"
+    per_split = -(-seen_blocks // splits)
+    busy = (part_lse[0, :, :, :group] > float("-inf")).all(dim=-1)  # (Hkv, splits): the split saw keys
+    assert busy.tolist() == [[s < -(-seen_blocks // per_split) for s in range(splits)]] * heads_kv, (
+        f"{splits} splits over {seen_blocks} key blocks of {block_n}: busy {busy.int().tolist()}")
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, window_size=window,
+                                              backend="triton")
+    expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, window_size=window)
+    exact = reference.attention_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=lengths,
+                                             window_size=window)
+    assert_within_eager_error([out], [expected], [exact], torch.float16, 2.0, "short sequence in a long cache")

@@ -318,7 +318,7 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
   const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, capacity,
                                             int64_t(multiprocessor_count()) * programs_per_sm);
-  p.splits = splits.splits, p.keys_per_split = splits.keys_per_split, p.rows_padded = splits.rows_padded;
+  p.splits = splits.splits, p.rows_padded = splits.rows_padded;
   const auto workspace = q.options().dtype(at::kFloat);
   const at::Tensor partial_out =
       at::empty({q.size(0), k_cache.size(2), splits.splits, splits.rows_padded, q.size(3)}, workspace);

@@ -429,13 +429,18 @@ def as_pages(k_cache: Tensor, v_cache: Tensor, page_size: int, gen: Optional[tor
 
 
 def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_kv: int, head_dim: int,
-                providers: Sequence[str]) -> Case:
-    """One new query token per sequence over a full KV cache: memory-bound, GB/s of KV read."""
+                providers: Sequence[str], length: Optional[int] = None) -> Case:
+    """One new query token per sequence over a KV cache of ``cache_len`` slots holding
+    ``length`` valid positions (default: full), as a serving engine sizes its cache for the
+    longest request: memory-bound, GB/s of valid KV read. The SDPA and eager baselines get
+    just the valid positions."""
+    length = cache_len if length is None else length
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(batch, 1, heads_q, head_dim, device=device, dtype=dtype, generator=gen)
     k_cache, v_cache = (torch.randn(batch, cache_len, heads_kv, head_dim, device=device, dtype=dtype,
                                     generator=gen) for _ in range(2))
-    lengths = torch.full((batch,), cache_len, device=device, dtype=torch.int32)
+    k_valid, v_valid = k_cache[:, :length], v_cache[:, :length]
+    lengths = torch.full((batch,), length, device=device, dtype=torch.int32)
     impls: Dict[str, Callable[[], object]] = {}
     for backend in kernel_backends(device, "flash_attention_with_kvcache"):
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
@@ -448,14 +453,16 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
             impls[f"{backend}_paged"] = lambda b=backend: ik.flash_attention_with_kvcache(
                 q, k_pages, v_pages, cache_seqlens=lengths, block_table=table, backend=b)
     if "eager" in providers:
-        impls["eager"] = lambda: reference.attention(q, k_cache, v_cache, causal=True)
+        impls["eager"] = lambda: reference.attention(q, k_valid, v_valid, causal=True)
     for name in SDPA_BACKENDS:
         if name in providers and _sdpa_serves(name, device, heads_q, heads_kv):
-            impls[name] = _sdpa(name, q, k_cache, v_cache, causal=False)  # one query sees every key
+            impls[name] = _sdpa(name, q, k_valid, v_valid, causal=False)  # one query sees every key
     ends = _end_rows(batch, device)
-    expected = reference.attention(q[ends].float(), k_cache[ends].float(), v_cache[ends].float(), causal=True)
-    bytes_moved = 2 * k_cache.numel() * k_cache.element_size()
+    expected = reference.attention(q[ends].float(), k_valid[ends].float(), v_valid[ends].float(), causal=True)
+    bytes_moved = 2 * k_valid.numel() * k_valid.element_size()
     shape = {"B": batch, "L": cache_len, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim}
+    if length != cache_len:
+        shape["valid"] = length
     return Case("attention_decode", dtype, shape, bytes_moved, None, impls,
                 lambda out: max_error(out[ends], (expected,)))
 
@@ -534,7 +541,8 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
     GPU: InternLM2-7B shapes: norms at M = 16384 tokens, hidden 4096 and 8192; rotary and
     attention with 32 q / 8 kv heads of 128, 16K tokens per batch (B * S = 16384), causal and
     not, head dims 64 and 128 (quick: causal and not at S = 8K, d 128); decode at B in
-    {1, 8, 64} x cache length in {4K, 32K}. CPU: tiny shapes."""
+    {1, 8, 64} x cache length in {4K, 32K}, and B = 1 with 2K valid positions of a 32K cache.
+    CPU: tiny shapes."""
     if small:
         norm_shapes = [(64, 512)]
     elif quick:
@@ -544,7 +552,7 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
     rotary_shapes = [(1, 16, 4, 2, 64)] if small else [(4, 4096, 32, 8, 128)]
     if small:
         attention_shapes = [(1, 32, 4, 2, 32, True)]
-        decode_shapes = [(2, 64, 4, 2, 32)]
+        decode_shapes = [(2, 64, 4, 2, 32), (1, 256, 4, 2, 32, 40)]
     else:
         seqlens = [8192] if quick else [1024, 4096, 8192, 16384]
         dims = [128] if quick else [64, 128]
@@ -553,6 +561,8 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
         decode_shapes = [(b, length, 32, 8, 128) for b in (1, 8, 64) for length in (4096, 32768)]
         if quick:
             decode_shapes = [(1, 32768, 32, 8, 128), (64, 4096, 32, 8, 128)]
+        # A serving cache sized for the longest request: 2K valid positions of a 32K cache.
+        decode_shapes.append((1, 32768, 32, 8, 128, 2048))
     if small:
         model_shapes = {"model_prefill": [("tiny-internlm2", None, 1, 16, 0)],
                         "model_decode": [("tiny-internlm2", None, 1, 8, 4)],
@@ -579,8 +589,9 @@ def build_cases(ops: Sequence[str], device: torch.device, dtype: torch.dtype, pr
                 factories.append(functools.partial(attention_case, device, dtype, *shape, providers,
                                                    backward=backward))
         elif op == "attention_decode":
-            for shape in decode_shapes:
-                factories.append(functools.partial(decode_case, device, dtype, *shape, providers))
+            for batch, cache_len, heads_q, heads_kv, head_dim, *length in decode_shapes:
+                factories.append(functools.partial(decode_case, device, dtype, batch, cache_len, heads_q, heads_kv,
+                                                   head_dim, providers, *length))
         elif op.startswith("model_"):
             # quick: no torch.compile of whole models (minutes of compilation per preset)
             model_providers = [p for p in providers if not (quick and p == "torch_compile")]

@@ -718,7 +718,7 @@ def _attn_decode_split_kernel(
     K, stride_kb, stride_ks, stride_kh,
     V, stride_vb, stride_vs, stride_vh,
     PART_O, PART_LSE,
-    CACHE_SEQLENS, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
+    CACHE_SEQLENS, heads_kv, seqlen_q, new_tokens, capacity, splits, rows_padded,
     qk_scale, window_left, window_right,
     COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
     BLOCK_TABLE, stride_table, num_pages,
@@ -761,10 +761,14 @@ def _attn_decode_split_kernel(
 
     lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    split_lo = split * keys_per_split  # keys_per_split is a multiple of BLOCK_N
-    split_hi = split_lo + keys_per_split
+    # This program's split of the keys the tile sees: their tiles dealt out in equal runs over
+    # the splits, so the splits share a short sequence in a long cache as evenly as a full one
+    # (a split past the last run is empty: its lse is -inf, which the combine skips).
+    seen_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N  # lo: whole tiles
+    tiles_per_split = (seen_tiles + splits - 1) // splits
+    split_lo = lo + split * tiles_per_split * BLOCK_N
     lo = tl.maximum(lo, split_lo)
-    hi = tl.maximum(tl.minimum(hi, split_hi), lo)
+    hi = tl.maximum(tl.minimum(hi, split_lo + tiles_per_split * BLOCK_N), lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
@@ -970,6 +974,26 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     cache_seqlens[b] + s)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
+    capacity = _paged_args(k_cache, block_table)[0]
+    group = heads_q // heads_kv
+    rows = seqlen_q * group
+    part_o, part_lse, _ = _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens, softmax_scale, causal,
+                                           window_size, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+    splits, rows_padded, block_d = part_o.shape[2:]
+    _attn_decode_combine_kernel[(rows * batch * heads_kv,)](
+        part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows,
+        rows_padded,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, next_power_of_2(splits)),
+    )
+
+
+def _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
+                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table):
+    """The split kernel of attention_decode: (partial outputs (B, Hkv, splits, rows_padded,
+    BLOCK_D), their log2-sum-exp (B, Hkv, splits, rows_padded), BLOCK_N), each split's
+    output normalised by its own sum (lse -inf where the split saw no key)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
     capacity, paged = _paged_args(k_cache, block_table)
     group = heads_q // heads_kv
     rows = seqlen_q * group
@@ -982,12 +1006,12 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     if tiles > MAX_GRID_YZ:  # the row tiles ride on the grid's y axis (below)
         raise ValueError(f"attention_decode: at most {MAX_GRID_YZ * block_m} query rows (positions x group) per "
                          f"call, got {rows} (use flash_attention for long prefills)")
-    # Enough programs to fill the GPU twice over, each split at least a few key blocks long.
-    # Sized from the capacity (host-known), not the lengths (device), so CUDA graphs replay.
+    # Enough programs to fill the GPU twice over, at most one split per 4 key blocks of the
+    # capacity. Counted from the capacity (host-known), not the lengths (device), so CUDA
+    # graphs replay; each program takes its share of the key blocks its sequence has.
     sms = num_sms(q.device.index or 0) if q.device.type == "cuda" else 2
     max_splits = max(1, cdiv(capacity, 4 * block_n))
     splits = max(1, min(max_splits, cdiv(2 * sms, batch * heads_kv * tiles), 128))
-    keys_per_split = cdiv(cdiv(capacity, splits), block_n) * block_n
     rows_padded = tiles * block_m
     part_o = torch.empty((batch, heads_kv, splits, rows_padded, block_d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((batch, heads_kv, splits, rows_padded), device=q.device, dtype=torch.float32)
@@ -998,15 +1022,11 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
     # of the d = 128 kernel on the stack (sm_90).
     _attn_decode_split_kernel[(batch * heads_kv, tiles, splits)](
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
-        cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, keys_per_split, splits, rows_padded,
+        cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, splits, rows_padded,
         softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
-    _attn_decode_combine_kernel[(rows * batch * heads_kv,)](
-        part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows,
-        rows_padded,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SPLITS=min(16, next_power_of_2(splits)),
-    )
+    return part_o, part_lse, block_n
 
 

@@ -694,10 +694,15 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const int pos_first = fast_divide(row0, p.group_divisor);
   const int pos_last = fast_divide(min(row0 + Tr::kBlockM, rows) - 1, p.group_divisor);
   KeyRange range = key_range<kHasWindow, Tr::kBlockN>(p, pos_first, pos_last, pt.k_len, shift);
-  if constexpr (kDecode) {  // this program's split of the cache (keys_per_split: whole tiles)
-    const int split_lo = split * p.keys_per_split, split_hi = split_lo + p.keys_per_split;
+  if constexpr (kDecode) {
+    // This program's split of the keys the tile sees: their tiles dealt out in equal runs
+    // over the splits, so the splits share a short sequence in a long cache as evenly as a
+    // full one (a split past the last run is empty: its lse is -inf, which the combine skips).
+    const int seen_tiles = max(range.hi - range.lo + Tr::kBlockN - 1, 0) / Tr::kBlockN;  // range.lo: whole tiles
+    const int tiles_per_split = (seen_tiles + p.splits - 1) / p.splits;
+    const int split_lo = range.lo + split * tiles_per_split * Tr::kBlockN;
     range.lo = max(range.lo, split_lo);
-    range.hi = max(min(range.hi, split_hi), range.lo);
+    range.hi = max(min(range.hi, split_lo + tiles_per_split * Tr::kBlockN), range.lo);
     range.full_lo = min(max(range.full_lo, range.lo), range.hi);
     range.full_hi = min(max(range.full_hi, range.full_lo), range.hi);
   }

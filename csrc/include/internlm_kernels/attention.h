@@ -93,7 +93,7 @@ struct AttentionDecodeParams : AttentionParams {
   int new_tokens = 0, capacity = 0;
   RotaryTables rotary;  // q row at position s rotates at cache_seqlens[b] + s (as it loads)
   PagedCache paged;
-  int splits = 1, keys_per_split = 0, rows_padded = 0;
+  int splits = 1, rows_padded = 0;
   float* partial_out = nullptr;  // (B, Hkv, splits, rows_padded, D)
   float* partial_lse = nullptr;  // (B, Hkv, splits, rows_padded)
 };
@@ -103,16 +103,18 @@ constexpr int kDecodeBlockM = 16;
 constexpr int kDecodeBlockN = 64;
 
 struct DecodeSplits {
-  int splits, keys_per_split, rows_padded;
+  int splits, rows_padded;
 };
 
-// How the decode kernel splits the cache: as many programs as the GPU runs at once
-// (resident_programs: SMs x attention_decode_programs_per_sm), so that all of them run in one
-// wave, each split at least 4 key tiles long, at most 128 splits. Sized from the capacity
-// (known on the host), never from the lengths (on the device), so CUDA graphs replay with new
-// lengths. (Sized for twice the SM count, a batch of one over a 32K cache ran 2 programs per
-// SM and read it at 0.61 of the copy bandwidth on an H200, from a CUDA graph; batches that
-// fill every program slot read theirs at 0.98.)
+// How many splits the decode kernel divides each sequence's keys into: as many programs as
+// the GPU runs at once (resident_programs: SMs x attention_decode_programs_per_sm), so that
+// all of them run in one wave, at most one split per 4 key tiles of the capacity, at most
+// 128. The count comes from the capacity (known on the host), never from the lengths (on the
+// device), so CUDA graphs replay with new lengths; each program then takes its share of the
+// key tiles its sequence actually has (decode_split_keys), so a short sequence in a long
+// cache is spread over every split too. (Sized for twice the SM count, a batch of one over a
+// 32K cache ran 2 programs per SM and read it at 0.61 of the copy bandwidth on an H200, from
+// a CUDA graph; batches that fill every program slot read theirs at 0.98.)
 inline DecodeSplits decode_splits(int64_t batch, int64_t heads_kv, int64_t rows, int64_t capacity,
                                   int64_t resident_programs) {
   const auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
@@ -122,8 +124,7 @@ inline DecodeSplits decode_splits(int64_t batch, int64_t heads_kv, int64_t rows,
   splits = splits < max_splits ? splits : max_splits;
   splits = splits < 128 ? splits : 128;
   splits = splits > 1 ? splits : 1;
-  const int64_t keys_per_split = cdiv(cdiv(capacity, splits), kDecodeBlockN) * kDecodeBlockN;
-  return {static_cast<int>(splits), static_cast<int>(keys_per_split), static_cast<int>(tiles * kDecodeBlockM)};
+  return {static_cast<int>(splits), static_cast<int>(tiles * kDecodeBlockM)};
 }
 
 // Head dims with a tensor-core kernel (others are served by Triton under "auto").

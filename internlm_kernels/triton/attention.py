@@ -766,9 +766,8 @@ def _attn_decode_split_kernel(
     # (a split past the last run is empty: its lse is -inf, which the combine skips).
     seen_tiles = (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N  # lo: whole tiles
     tiles_per_split = (seen_tiles + splits - 1) // splits
-    split_lo = lo + split * tiles_per_split * BLOCK_N
-    lo = tl.maximum(lo, split_lo)
-    hi = tl.maximum(tl.minimum(hi, split_lo + tiles_per_split * BLOCK_N), lo)
+    lo += split * tiles_per_split * BLOCK_N
+    hi = tl.maximum(tl.minimum(hi, lo + tiles_per_split * BLOCK_N), lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,

@@ -700,9 +700,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     // full one (a split past the last run is empty: its lse is -inf, which the combine skips).
     const int seen_tiles = max(range.hi - range.lo + Tr::kBlockN - 1, 0) / Tr::kBlockN;  // range.lo: whole tiles
     const int tiles_per_split = (seen_tiles + p.splits - 1) / p.splits;
-    const int split_lo = range.lo + split * tiles_per_split * Tr::kBlockN;
-    range.lo = max(range.lo, split_lo);
-    range.hi = max(min(range.hi, split_lo + tiles_per_split * Tr::kBlockN), range.lo);
+    range.lo += split * tiles_per_split * Tr::kBlockN;
+    range.hi = max(min(range.hi, range.lo + tiles_per_split * Tr::kBlockN), range.lo);
     range.full_lo = min(max(range.full_lo, range.lo), range.hi);
     range.full_hi = min(max(range.full_hi, range.full_lo), range.hi);
   }

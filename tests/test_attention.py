@@ -380,6 +380,30 @@ def test_kvcache_paged_lengths_out_of_range_are_nan(backend, device):
     assert torch.equal(_unpaged(k_pages, table), k_cache) and torch.equal(_unpaged(v_pages, table), v_cache)
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
+def test_kvcache_paged_table_entries_outside_the_pool_are_clamped(backend, device):
+    """Block-table entries below 0 or past the pool, inside a sequence's length, read the
+    first or last page (as the reference clamps them), and entries past its length are never
+    read: no access outside the pool, and the pool is left as it was."""
+    d, page_size = _dim(backend, 32), 8
+    k_cache, v_cache = _cache(2, 48, 2, d, torch.bfloat16, device)
+    k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=2)
+    num_pages = k_pages.shape[0]
+    lengths = torch.tensor([37, 20], device=device, dtype=torch.int32)
+    table[0, 1], table[0, 3], table[1, 0] = -1, num_pages + 7, -(2**31)
+    table[1, 3:] = 2**31 - 1  # past sequence 1's 20 positions (pages 0-2)
+    pools_before = k_pages.clone(), v_pages.clone()
+    q = torch.randn(2, 1, 4, d, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table,
+                                              backend=backend)
+        expected = reference.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
+        exact = reference.attention_with_kvcache(q.double(), k_pages.double(), v_pages.double(),
+                                                 cache_seqlens=lengths, block_table=table)
+    assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "clamped block table")
+    assert torch.equal(k_pages, pools_before[0]) and torch.equal(v_pages, pools_before[1])
+
+
 def test_kvcache_triton_decode_row_limit_is_named(device):
     """The Triton decode grid holds its 64-row tiles on y (at most 65535): past that "triton"
     refuses the call by name, before the append writes anything."""
@@ -726,6 +750,7 @@ def test_attention_bad_input(case, device):
     ("cache_dtype", TypeError, "k_cache has dtype torch.bfloat16 but q has torch.float16"),
     ("new_dtype", TypeError, "k has dtype torch.bfloat16 but q has torch.float16"),
     ("negative_length", ValueError, "cache_seqlens must be >= 0, got -1"),
+    ("empty_rotary_tables", ValueError, "rotary_cos and rotary_sin must hold at least one position"),
 ])
 def test_kvcache_bad_shapes_and_dtypes(case, error, words, device):
     k_cache, v_cache = _cache(2, 8, 2, 16, torch.float16, device)
@@ -748,6 +773,9 @@ def test_kvcache_bad_shapes_and_dtypes(case, error, words, device):
         k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
     elif case == "new_dtype":
         kwargs.update(k=new.bfloat16(), v=new.bfloat16())
+    elif case == "empty_rotary_tables":
+        cos, sin = ik.rotary_cos_sin(8, 16, device=device)
+        kwargs.update(rotary_cos=cos[:0], rotary_sin=sin[:0])
     else:
         kwargs.update(cache_seqlens=-1)
     with pytest.raises(error, match=words):

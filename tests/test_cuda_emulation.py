@@ -343,8 +343,21 @@ def test_emulated_kvcache_paged(cuda_backend, page_size):
         attention_tests.test_kvcache_paged_equals_contiguous("cuda", page_size, case, CPU)
     if page_size == 5:
         attention_tests.test_kvcache_paged_lengths_out_of_range_are_nan("cuda", CPU)
+        attention_tests.test_kvcache_paged_table_entries_outside_the_pool_are_clamped("cuda", CPU)
         for pages, window in ((1, (-1, -1)), (7, (30, -1))):
             attention_tests.test_kvcache_paged_one_sequence_over_many_splits("cuda", pages, window, CPU)
+
+
+def test_emulated_kvcache_refuses_a_decode_too_large_before_the_append(cuda_backend):
+    """2^30 query rows (positions x group) pass the append's checks but not the decode's: the
+    op refuses the call before the append writes the caches."""
+    q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16).expand(1, 2**27, 8, 64)  # a stride-0 view: no memory
+    k_cache, v_cache = (torch.randn(1, 64, 1, 64, dtype=torch.bfloat16) for _ in range(2))
+    k_new, v_new = (torch.randn(1, 2, 1, 64, dtype=torch.bfloat16) for _ in range(2))
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(RuntimeError, match="the cuda decode takes at most"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=5, backend="cuda")
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "the refused call wrote the caches"
 
 
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):
@@ -408,6 +421,15 @@ def test_emulated_glue_checks_run_before_any_launch(kernels, monkeypatch):
                                  torch.ones(4, 80), False)
     with pytest.raises(RuntimeError, match="pass rotary_cos and rotary_sin together"):
         kernels.attention_decode(q, k, k, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), cos, None, False)
+    with pytest.raises(RuntimeError, match=r"rotary_cos must hold at least one position, got shape \[0, 32\]"):
+        kernels.attention_decode(q, k, k, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), cos[:0], cos[:0],
+                                 False)
+    # The rotary grid's z axis holds a token's work items: 2^27 features per token at most.
+    wide = torch.randn(1, 1, 1, 40000).expand(1, 1, 4096, 40000)  # stride-0 heads: no memory
+    none = wide[:, :, :0]
+    with pytest.raises(RuntimeError, match=r"too many heads or features \(at most 2\^27 per token"):
+        kernels.rotary(wide, none, wide, none, torch.ones(4, 16), torch.ones(4, 16), None, None, 0, None, False,
+                       False, True)
     with pytest.raises(RuntimeError, match=r"cache_seqlens must be contiguous \(B,\) = \(1,\)"):
         kernels.kvcache_append(k, k, k, k, torch.zeros(2, dtype=torch.int32), None, None, False)
 

@@ -329,6 +329,7 @@ BAD_ROTARY_CASES = {
     "k_dtype": (TypeError, "k has dtype torch.float16"),
     "cos_sin_shapes": (ValueError, "sin (8, 4) must have cos's shape (8, 6)"),
     "rotary_dim_too_big": (ValueError, "rotary_dim = 2 * cos.shape[1] = 20 exceeds head_dim 16"),
+    "empty_tables": (ValueError, "cos and sin must hold at least one position, got shape (0, 6)"),
     "q_last_dim_strided": (ValueError, "q must have a contiguous last dimension"),
     "cu_seqlens_int64": (TypeError, "cu_seqlens must be int32"),
     "cu_seqlens_2d": (ValueError, "cu_seqlens must be 1-D"),
@@ -361,6 +362,8 @@ def test_rotary_bad_input(backend, case, device):
         sin = sin[:, :4]
     elif case == "rotary_dim_too_big":
         cos, sin = ik.rotary_cos_sin(8, 20, device=device)
+    elif case == "empty_tables":
+        cos, sin = cos[:0], sin[:0]
     elif case == "q_last_dim_strided":
         q = torch.randn(2, 5, 4, 32, device=device)[..., ::2]
     elif case == "cu_seqlens_int64":

@@ -16,6 +16,10 @@ from internlm_kernels import backends
 # The CUDA kernels put the batch on their grid's y axis, which stops at 65535 programs; the
 # Triton launchers slice larger batches, so "auto" gives those calls to Triton.
 CUDA_MAX_BATCH_ROWS = 65535
+# The CUDA decode's grid x axis (2^31 - 1 programs) holds the combine kernel's blocks of 4
+# query rows of every (batch row, KV head), and its row indices are 32-bit (below 2^30).
+CUDA_MAX_GRID_X = 2**31 - 1
+CUDA_MAX_QUERY_ROWS = 2**30 - 2  # below INT32_MAX / 2
 
 
 def kernels(backend: str, op: str) -> ModuleType:

@@ -147,6 +147,9 @@ def check_rotary_tables(op: str, cos: Tensor, sin: Tensor, head_dim: int, names=
         check_last_dim_contiguous(op, name, table)
     if sin.shape != cos.shape:
         raise ValueError(f"{op}: {names[1]} {tuple(sin.shape)} must have {names[0]}'s shape {tuple(cos.shape)}")
+    if cos.shape[0] == 0:
+        raise ValueError(f"{op}: {names[0]} and {names[1]} must hold at least one position, got shape "
+                         f"{tuple(cos.shape)}")
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > head_dim:
         raise ValueError(f"{op}: rotary_dim = 2 * {names[0]}.shape[1] = {rotary_dim} exceeds head_dim {head_dim}")

@@ -55,9 +55,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most ``kPending`` of this thread's committed groups are still in flight.
+// The memory clobber keeps the compiler from moving this thread's plain shared-memory reads
+// of the landed data above the wait (a volatile asm alone orders only other asm), where no
+// barrier follows it.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 #endif
 

@@ -384,7 +384,9 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   const dim3 block(threads_for(items));
   // At least one item block: its threads also copy the features past rotary_dim, all of them
   // with zero-width tables (an empty grid would not launch).
-  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned(items > 0 ? (items + block.x - 1) / block.x : 1));
+  const int item_blocks = items > 0 ? (items + block.x - 1) / block.x : 1;
+  if (item_blocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;  // grid.z limit; the glue checks it first
+  const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned(item_blocks));
   const bool aligned = vec.q && vec.k && vec.tables && p.rotary_half % kVec == 0;
   if (p.interleaved) {
     return aligned ? launch_kernel(rotary_kernel<T, true, true>, grid, block, 0, stream, p, vec)

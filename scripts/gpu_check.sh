@@ -16,7 +16,7 @@
 # left before the deadline, whichever is smaller, and a failing or cut step never stops the
 # later ones; the summary says which steps did not finish. When the benchmark was cut short,
 # `bash scripts/gpu_check.sh OUT bench` on the same machine runs just the build (a no-op by
-# then) and the benchmark.
+# then) and the rest of the benchmark (the cases measured before the cut are kept).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -141,7 +141,12 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
 
   stamp "benchmark"
   gpu_slug=$($PY -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
-  bench_json="$OUT/${gpu_slug}-$(date +%Y%m%d).json"
+  # Written under build/ (kept between calls on the same machine, where each call's OUT starts
+  # empty) and copied into OUT: the bench phase after a cut resumes it (--resume keeps the rows
+  # measured at the same commit, and their ceilings) instead of measuring them again.
+  bench_json="build/gpu_check_bench/${gpu_slug}-$(date +%Y%m%d).json"
+  resume=()
+  if [ "$PHASE" = bench ]; then resume=(--resume); else rm -f "$bench_json" "${bench_json%.json}.csv"; fi
   # Without the eager and SDPA-math baselines: minutes of a short run at these shapes (83 s
   # for one decode row), and measured once already (benchmarks/results/supplementary/).
   # A faulting kernel poisons the process's CUDA context, so when a CUDA kernel faulted in the
@@ -157,8 +162,9 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   providers=(--providers "$($PY -c "import sys; from internlm_kernels.bench.cli import DEFAULT_PROVIDERS as p
 print(','.join(x for x in p if x not in sys.argv[1].split()))" "$skip")")
   timeout "$(limit 400)" $PY -m internlm_kernels bench --quick "${providers[@]}" --json "$bench_json" \
-    >> "$OUT/bench.log" 2>&1
+    ${resume[@]+"${resume[@]}"} >> "$OUT/bench.log" 2>&1
   echo "bench exit code: $?" >> "$OUT/bench.log"
+  cp "$bench_json" "${bench_json%.json}.csv" "$OUT/" 2>/dev/null
 
 fi
 

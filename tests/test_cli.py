@@ -173,3 +173,53 @@ def test_attention_rows_error_reads_the_last_batch_row(backward):
     outputs = [t.detach().clone() for t in cases._as_tuple(result)]
     outputs[-1][-1, -1, -1, 0] += 4.0  # out (forward) or dv (backward): last batch row, last head
     assert case.error(tuple(outputs) if backward else outputs[0]) >= 3
+
+
+def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path, monkeypatch):
+    """--resume (gpu_check's bench phase after a cut) keeps the rows and ceilings already in
+    the results file when they come from this GPU, day and commit, and calls only the
+    providers not measured yet; a file from another commit is measured again in full."""
+    import argparse
+
+    from internlm_kernels.bench import cases, cli, harness, report
+
+    calls = []
+    ceilings_measured = []
+
+    def factory(shape):
+        def provider(name):
+            return lambda: calls.append((name, shape["N"])) or torch.ones(2)
+        return lambda: cases.Case("rms_norm_fwd", torch.bfloat16, dict(shape), 4, None,
+                                  {name: provider(name) for name in ("triton", "eager")}, lambda out: 0.0)
+
+    shapes = [{"M": 2, "N": 8}, {"M": 2, "N": 16}]
+    monkeypatch.setattr(cases, "build_cases", lambda *a, **k: [factory(s) for s in shapes])
+    monkeypatch.setattr(cli, "measure_ceilings",
+                        lambda *a, **k: ceilings_measured.append(1) or {"copy_gbps": 1.0, "gemm_bf16_tflops": 1.0})
+    monkeypatch.setattr(cli, "time_call", lambda fn, *a, **k: (fn(), harness.Timing(1.0, 0.9, 1.1))[1])
+    monkeypatch.setattr(report, "plot_results", lambda *a, **k: [])
+    path = tmp_path / "run.json"
+    args = argparse.Namespace(ops="rms_norm_fwd", providers="triton,eager", dtype="bfloat16", quick=True,
+                              json=str(path), resume=False)
+    cli.run(args)
+    first = json.loads(path.read_text())
+    assert len(first["results"]) == 4
+
+    # A run cut after the first case: the resumed run measures only the second case again.
+    first["results"] = [row for row in first["results"] if row["shape"]["N"] == 8]
+    first["ceilings"] = {"copy_gbps": 7.0, "gemm_bf16_tflops": 7.0}
+    path.write_text(json.dumps(first))
+    calls.clear(), ceilings_measured.clear()
+    cli.run(argparse.Namespace(**{**vars(args), "resume": True}))
+    resumed = json.loads(path.read_text())
+    assert {name for name, _ in calls} == {"triton", "eager"} and {n for _, n in calls} == {16}
+    assert not ceilings_measured and resumed["ceilings"]["copy_gbps"] == 7.0
+    assert sorted((row["provider"], row["shape"]["N"]) for row in resumed["results"]) == [
+        ("eager", 8), ("eager", 16), ("triton", 8), ("triton", 16)]
+
+    # Another commit's file: everything again.
+    resumed["versions"]["commit"] = "0000000"
+    path.write_text(json.dumps(resumed))
+    calls.clear(), ceilings_measured.clear()
+    cli.run(argparse.Namespace(**{**vars(args), "resume": True}))
+    assert {n for _, n in calls} == {8, 16} and ceilings_measured

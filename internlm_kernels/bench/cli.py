@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import sys
 import time
-from typing import List
 
 import torch
 
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (for scripts/gpu_check.sh)")
     parser.add_argument("--json", default=None, help="results path (default: benchmarks/results/<gpu>-<date>.json "
                                                       "on a GPU, benchmarks/results/local/ on a CPU)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows (and ceilings) already in the --json file when it comes from this GPU, "
+                             "day and commit (a run a time limit cut short), and measure only the rest")
 
 
 def _default_json_path(env, on_gpu: bool) -> str:
@@ -53,6 +56,27 @@ def _default_json_path(env, on_gpu: bool) -> str:
     day = datetime.date.today().strftime("%Y%m%d")
     folder = REPO_RESULTS if on_gpu else os.path.join(REPO_RESULTS, "local")
     return os.path.join(folder, f"{slug}-{day}.json")
+
+
+def _kept_results(path: str, env) -> tuple:
+    """(rows, ceilings) of an earlier run into ``path`` on this GPU, today, at this commit;
+    ([], None) when there is none or it comes from elsewhere."""
+    if not os.path.exists(path):
+        return [], None
+    with open(path) as f:
+        document = json.load(f)
+    here = (env["gpu"], env["date"], env["versions"]["commit"])
+    there = (document.get("gpu"), document.get("date"), document.get("versions", {}).get("commit"))
+    if there != here:
+        print(f"--resume: {path} holds a run of {there}, not of {here}: measuring everything", flush=True)
+        return [], None
+    rows = [Row(**{**row, "speedup_vs": {}}) for row in document.get("results", [])]
+    print(f"--resume: keeping {len(rows)} rows of {path} and the ceilings measured with them", flush=True)
+    return rows, document.get("ceilings")
+
+
+def _row_key(op: str, provider: str, dtype: str, shape) -> tuple:
+    return op, provider, dtype, tuple(sorted(shape.items()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,12 +100,14 @@ def run(args: argparse.Namespace) -> int:
     env = environment(device)
     print(f"device: {env['gpu']}; torch {torch.__version__}; triton {env['versions']['triton']}; "
           f"commit {env['versions']['commit']}", flush=True)
-    ceilings = measure_ceilings(device, quick=args.quick)
+    path = args.json or _default_json_path(env, on_gpu)
+    rows, ceilings = _kept_results(path, env) if getattr(args, "resume", False) else ([], None)
+    measured = {_row_key(row.op, row.provider, row.dtype, row.shape) for row in rows}
+    ceilings = ceilings or measure_ceilings(device, quick=args.quick)
     if on_gpu:
         print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 GEMM {ceilings['gemm_bf16_tflops']:.0f} TFLOP/s",
               flush=True)
 
-    rows: List[Row] = []
     started = time.monotonic()
     factories = bench_cases.build_cases(ops, device, dtype, providers, small=not on_gpu, quick=args.quick)
     for index, factory in enumerate(factories, 1):
@@ -92,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             continue
         for provider, fn in case.providers.items():
+            if _row_key(case.op, provider, str(dtype).replace("torch.", ""), case.shape) in measured:
+                continue
             # Seconds since the start: where a time-limited run spends its time (compiles, mostly).
             print(f"[case {index}/{len(factories)} +{time.monotonic() - started:.0f}s] {case.op} {provider} "
                   f"{case.shape}", file=sys.stderr, flush=True)
@@ -128,11 +156,9 @@ def run(args: argparse.Namespace) -> int:
         # Written after every case, so a run stopped by a time limit keeps what it measured.
         fill_ceiling_fractions(rows, ceilings)
         fill_speedups(rows)
-        write_results(args.json or _default_json_path(env, on_gpu), env, ceilings, rows)
+        write_results(path, env, ceilings, rows)
     fill_ceiling_fractions(rows, ceilings)
     fill_speedups(rows)
-
-    path = args.json or _default_json_path(env, on_gpu)
     write_results(path, env, ceilings, rows)
     print()
     print(format_table(rows))

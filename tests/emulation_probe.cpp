@@ -2,7 +2,8 @@
 // correct or missing one piece of synchronisation, for tests/test_cuda_emulation.py: the
 // emulation's race check (emulation.h) must pass the correct ones with the right data and
 // fail each broken one with a message that says why. Also the kernels' division by a
-// launch-time divisor (fast_divide, common.cuh), checked against integer division.
+// launch-time divisor (fast_divide, common.cuh), checked against integer division. And the
+// launch rules the emulation enforces (run_launch_probe).
 // Built with -DIK_CUDA_EMULATION only.
 #include <torch/extension.h>
 
@@ -152,6 +153,56 @@ std::string run_probe(const std::string& name) {
   return "";
 }
 
+// Launch rules the emulation enforces as the driver and the GPU do: a block's shared memory
+// (static arrays count against the 48 KB a block gets without the opt-in), its size, and the
+// alignment of 16-byte global accesses.
+struct LaunchProbeParams {
+  const uint16_t* global;  // 16-byte aligned
+  int offset;              // elements past ``global`` of the one 16-byte load
+  uint32_t* out;
+};
+
+// kVariant only makes each case its own kernel: an opt-in belongs to a kernel for good.
+template <int kVariant>
+__global__ void launch_probe_kernel(const LaunchProbeParams p) {
+  IK_SHARED_ARRAY(float, scratch, 128);  // 512 B of static shared memory
+  IK_DYNAMIC_SHARED(char, dynamic);
+  if (threadIdx.x < 128) store_shared(scratch + threadIdx.x, 1.f);
+  store_shared(reinterpret_cast<uint32_t*>(dynamic) + threadIdx.x, 1u);
+  if (threadIdx.x == 0) p.out[0] = load_global<uint4>(p.global + p.offset).x;
+}
+
+std::string run_launch_probe(const std::string& name) {
+  alignas(16) uint16_t global[16] = {};
+  uint32_t out[1] = {};
+  const auto params = [&](int offset) { return LaunchProbeParams{global, offset, out}; };
+  constexpr size_t k48K = 48 * 1024;
+  cudaError_t error = cudaSuccess;
+  if (name == "static_beside_48k_opted_in")  // launch_kernel opts in whatever the dynamic size
+    error = launch_kernel(launch_probe_kernel<0>, dim3(1), dim3(64), k48K, nullptr, params(0));
+  else if (name == "static_beside_48k_not_opted_in")
+    error = emulation::launch(launch_probe_kernel<1>, dim3(1), dim3(64), k48K, params(0));
+  else if (name == "static_beside_47k_not_opted_in")
+    error = emulation::launch(launch_probe_kernel<2>, dim3(1), dim3(64), k48K - 1024, params(0));
+  else if (name == "dynamic_past_the_opt_in_limit")
+    error = launch_kernel(launch_probe_kernel<3>, dim3(1), dim3(64), 228 * 1024, nullptr, params(0));
+  else if (name == "blocks_of_1056_threads")
+    error = launch_kernel(launch_probe_kernel<4>, dim3(1), dim3(1056), 4096 + 256, nullptr, params(0));
+  else if (name == "aligned_global_load")
+    error = launch_kernel(launch_probe_kernel<5>, dim3(1), dim3(64), 256, nullptr, params(8));
+  else if (name == "misaligned_global_load")
+    error = launch_kernel(launch_probe_kernel<6>, dim3(1), dim3(64), 256, nullptr, params(4));
+  else
+    TORCH_CHECK(false, "run_launch_probe: unknown case '", name, "'");
+  if (error == cudaSuccess) return "";
+  std::lock_guard<std::mutex> lock(emulation::last_fault_mutex);
+  const char* kind = error == cudaErrorInvalidValue           ? "invalid value"
+                     : error == cudaErrorInvalidConfiguration ? "invalid configuration"
+                     : error == cudaErrorLaunchFailure        ? "launch failure"
+                                                              : "other error";
+  return std::string(kind) + ": " + emulation::last_fault;
+}
+
 // The first numerator in [first, last] whose quotient by ``divisor`` fast_divide gets wrong,
 // or -1.
 int64_t fast_divide_mismatch(int64_t divisor, int64_t first, int64_t last) {
@@ -166,6 +217,8 @@ int64_t fast_divide_mismatch(int64_t divisor, int64_t first, int64_t last) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run_probe", &internlm_kernels::run_probe, "run one cp.async / ldmatrix pattern under the CUDA emulation");
+  m.def("run_launch_probe", &internlm_kernels::run_launch_probe,
+        "one launch against the emulation's launch rules (shared memory, block size, global alignment)");
   m.def("fast_divide_mismatch", &internlm_kernels::fast_divide_mismatch,
         "first n in [first, last] with fast_divide(n, divisor) != n / divisor, or -1");
 }

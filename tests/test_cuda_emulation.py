@@ -8,9 +8,14 @@ extension that takes CPU tensors and serves backend="cuda" (the ``cuda_backend``
 then runs the op test bodies of tests/test_attention.py, test_rms_norm.py and test_rotary.py
 through the public ops, at sizes the emulation runs quickly. The emulation also race-checks
 shared memory (cp.async copies land at their wait; ldmatrix, cp.async and the kernels'
-load_shared / store_shared accesses that no barrier or __syncwarp orders fail the launch);
-tests/emulation_probe.cpp checks that check on small patterns. What it cannot see: timing,
-and memory-model subtleties below barrier granularity; those need the GPU run.
+load_shared / store_shared accesses that no barrier or __syncwarp orders fail the launch),
+and launches follow the driver's rules: shared memory past the 48 KB of a block not opted in
+(static arrays included) or past an H100's opt-in limit, blocks of more than 1024 threads,
+and misaligned 16-byte global accesses (load_global / store_global) fail the launch, naming
+it. tests/emulation_probe.cpp checks those checks on small cases. What it cannot see:
+timing, registers (launch bounds, spills: tests/test_cuda_machine_code.py reads them from the
+built extension), and memory-model subtleties below barrier granularity; those need the GPU
+run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
 the first run builds into build/emulation (about 2 minutes on 2 cores).
@@ -102,6 +107,29 @@ def test_race_check_finds_missing_synchronisation(probe, pattern, message):
     fault = probe.run_probe(pattern)
     assert fault.startswith("shared-memory race in block (0, 0, 0): "), fault
     assert re.search(message, fault), fault
+
+
+@pytest.mark.parametrize("case, fault", [
+    ("static_beside_48k_opted_in", ""),
+    ("static_beside_47k_not_opted_in", ""),
+    # The RMSNorm backward's launch at N = 4096 on the H200 (2026-11-28): 48 KB of dynamic
+    # shared memory beside 512 B of static arrays, not opted in ("invalid argument" there).
+    ("static_beside_48k_not_opted_in", r"^launch failure: too much shared memory: 512 B of static __shared__ arrays "
+                                       r"beside 49152 B of dynamic shared memory pass the 49152 B a block gets "
+                                       r"without opting in"),
+    ("dynamic_past_the_opt_in_limit", r"^invalid value: an opt-in to 233472 B of dynamic shared memory, past the "
+                                      r"232448 B a block may have"),
+    ("blocks_of_1056_threads", r"^invalid configuration: blocks of 1056 threads \(at most 1024\)"),
+    ("aligned_global_load", ""),
+    ("misaligned_global_load", r"^launch failure: misaligned address: a 16-byte global load at an address 8 B past "
+                               r"a multiple of 16, by thread 0 of block \(0, 0, 0\)"),
+])
+def test_emulated_launches_follow_the_drivers_rules(probe, case, fault):
+    """What the GPU refuses or faults on, the emulation refuses too, naming it: shared memory
+    past what a block may have (static arrays count against the 48 KB of a block not opted
+    in), blocks of more than 1024 threads, misaligned 16-byte global accesses."""
+    result = probe.run_launch_probe(case)
+    assert re.search(fault, result) if fault else result == "", result
 
 
 @pytest.mark.parametrize("divisor", [*range(1, 66), 96, 127, 128, 129, 255, 1000, 65537, 2**30 - 1, 2**30, 2**31 - 1])

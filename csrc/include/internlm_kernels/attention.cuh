@@ -546,8 +546,7 @@ __device__ __forceinline__ void store_rows(const char* tile, int row0, int rows,
     const int r = i / Tile::kChunks, chunk = i % Tile::kChunks;
     char* target = static_cast<char*>(row_target(r));
     if (target != nullptr)
-      *reinterpret_cast<uint4*>(target + chunk * 16) =
-          load_shared(reinterpret_cast<const uint4*>(tile + Tile::offset(row0 + r, chunk)));
+      store_global(target + chunk * 16, load_shared(reinterpret_cast<const uint4*>(tile + Tile::offset(row0 + r, chunk))));
   }
 }
 
@@ -851,8 +850,8 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
       if (row0 + row < rows) {
         const int64_t slot = ((pt.batch * p.heads_kv + pt.kv_head) * p.splits + split) * int64_t(p.rows_padded) +
                              row0 + row;
-        *reinterpret_cast<float4*>(p.partial_out + slot * Tr::kHeadDim + col) =
-            make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv);
+        store_global(p.partial_out + slot * Tr::kHeadDim + col,
+                     make_float4(sum.x * inv, sum.y * inv, sum.z * inv, sum.w * inv));
         if (col == 0) p.partial_lse[slot] = total != 0.f ? base + log2f(total) : -INFINITY;
       }
     }
@@ -1495,8 +1494,8 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppend
                            : static_cast<const T*>(p.v) + batch * p.v_stride_b + i * p.v_stride_s + head * p.v_stride_h;
     T* target = is_k ? static_cast<T*>(p.k_cache) + k_row + head * p.k_cache_stride_h
                      : static_cast<T*>(p.v_cache) + v_row + head * p.v_cache_stride_h;
-    *reinterpret_cast<uint4*>(target + col) = is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary)
-                                                               : *reinterpret_cast<const uint4*>(source + col);
+    store_global(target + col, is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary)
+                                                : load_global<uint4>(source + col));
   }
 }
 

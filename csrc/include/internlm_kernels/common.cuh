@@ -75,6 +75,25 @@ __device__ __forceinline__ T load_shared(const T* address) {
   return *address;
 }
 
+// 16-byte (and 8-byte) global loads and stores. The GPU faults on a misaligned one (x86 does
+// not), so the kernels make them through these two and the CPU emulation checks the address
+// (emulation.h); on the GPU they are the plain access.
+template <typename V>
+__device__ __forceinline__ V load_global(const void* address) {
+#ifdef IK_CUDA_EMULATION
+  emulation::note_global_access(address, sizeof(V), "load");
+#endif
+  return *static_cast<const V*>(address);
+}
+
+template <typename V>
+__device__ __forceinline__ void store_global(void* address, const V& value) {
+#ifdef IK_CUDA_EMULATION
+  emulation::note_global_access(address, sizeof(V), "store");
+#endif
+  *static_cast<V*>(address) = value;
+}
+
 // A 16-byte shared load that stays after every memory access before it (a compiler memory
 // barrier): chunks read from shared memory one at a time, each after the previous chunk's
 // global store, hold one chunk's registers instead of all of them (the compiler would
@@ -157,10 +176,9 @@ __device__ __forceinline__ void load_floats(const T* ptr, int64_t col, int64_t n
   static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
   if (vector_ok && col + N <= n_cols) {
     constexpr int kPerVector = 16 / sizeof(T);
-    const uint4* src = reinterpret_cast<const uint4*>(ptr + col);
 #pragma unroll
     for (int v = 0; v < N / kPerVector; ++v) {
-      const uint4 raw = src[v];
+      const uint4 raw = load_global<uint4>(ptr + col + v * kPerVector);
       const T* elements = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int i = 0; i < kPerVector; ++i) out[v * kPerVector + i] = to_float(elements[i]);
@@ -177,14 +195,13 @@ __device__ __forceinline__ void store_floats(T* ptr, int64_t col, int64_t n_cols
   static_assert((N * sizeof(T)) % 16 == 0, "chunks are whole 16-byte vectors");
   if (vector_ok && col + N <= n_cols) {
     constexpr int kPerVector = 16 / sizeof(T);
-    uint4* dst = reinterpret_cast<uint4*>(ptr + col);
 #pragma unroll
     for (int v = 0; v < N / kPerVector; ++v) {
       uint4 raw;
       T* elements = reinterpret_cast<T*>(&raw);
 #pragma unroll
       for (int i = 0; i < kPerVector; ++i) elements[i] = from_float<T>(in[v * kPerVector + i]);
-      dst[v] = raw;
+      store_global(ptr + col + v * kPerVector, raw);
     }
   } else {
 #pragma unroll
@@ -226,7 +243,7 @@ struct ChunkAhead {
 
   __device__ __forceinline__ void load(const T* ptr, int64_t col, int64_t n_cols, bool vector_ok) {
     vector = vector_ok && col + kSize <= n_cols;
-    if (vector) bits = *reinterpret_cast<const uint4*>(ptr + col);
+    if (vector) bits = load_global<uint4>(ptr + col);
   }
 
   // The chunk as floats (ptr, col and n_cols as given to load).
@@ -276,7 +293,6 @@ __host__ __device__ __forceinline__ void* offset_ptr(void* base, int64_t element
 // on CPU threads. And a zero fill on the stream.
 // ---------------------------------------------------------------------------------------
 
-#ifndef IK_CUDA_EMULATION
 // Opts ``kernel`` in to ``bytes`` of dynamic shared memory on the current device. The 48 KB a
 // block gets without the opt-in counts the kernel's static __shared__ arrays too, so the
 // dynamic size alone cannot say when the opt-in is needed (48 KB of dynamic memory beside 512
@@ -289,27 +305,34 @@ inline cudaError_t opt_in_shared_memory(const void* kernel, size_t bytes) {
   static std::mutex mutex;
   static std::map<std::pair<int, const void*>, size_t> granted;  // (device, kernel) -> bytes
   int device = 0;
+#ifdef IK_CUDA_EMULATION  // one pretend device, whose launches check the opt-in (emulation.h)
+  cudaError_t error = cudaSuccess;
+#else
   cudaError_t error = cudaGetDevice(&device);
   if (error != cudaSuccess) return error;
+#endif
   const std::lock_guard<std::mutex> lock(mutex);
   size_t& current = granted[{device, kernel}];
   if (bytes <= current) return cudaSuccess;
+#ifdef IK_CUDA_EMULATION
+  error = emulation::set_max_dynamic_shared(kernel, bytes);
+#else
   error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+#endif
   if (error == cudaSuccess) current = bytes;
   return error;
 }
-#endif
 
 template <class... KernelArgs, class... Args>
 cudaError_t launch_kernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
                           const Args&... args) {
-#ifdef IK_CUDA_EMULATION
-  return emulation::launch(kernel, grid, block, shared, args...);
-#else
   if (shared > 0) {
     const cudaError_t error = opt_in_shared_memory(reinterpret_cast<const void*>(kernel), shared);
     if (error != cudaSuccess) return error;
   }
+#ifdef IK_CUDA_EMULATION
+  return emulation::launch(kernel, grid, block, shared, args...);
+#else
   kernel<<<grid, block, shared, stream>>>(args...);
   return cudaGetLastError();
 #endif

@@ -21,6 +21,13 @@
 // wait orders it for other threads. Checked: ldmatrix reads and cp.async writes, and plain
 // loads and stores made through load_shared / store_shared (common.cuh), which every kernel
 // uses for its shared memory.
+//
+// Launches follow the driver's rules, as on an H100: at most 1024 threads a block; a block's
+// static and dynamic shared memory together within 48 KB unless the kernel was opted in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize, through opt_in_shared_memory in common.cuh)
+// to at least its dynamic size, and within 227 KB with it. And 16-byte global accesses made
+// through load_global / store_global (common.cuh) must be 16-byte aligned, as the GPU
+// requires (a misaligned one faults there; x86 would not notice).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -71,6 +78,11 @@ struct WordShadow {
 
 // Static __shared__ arrays live after the dynamic allocation, in the same shadowed buffer.
 constexpr size_t kStaticSharedBytes = 48 * 1024;
+// Shared memory per block: without the opt-in (static + dynamic), and the most an opt-in can
+// grant (static + the granted dynamic size: an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin).
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kOptInSharedBytes = 227 * 1024;
+constexpr int kMaxThreadsPerBlock = 1024;
 
 struct Block {
   dim3 index, grid, dim;
@@ -87,6 +99,8 @@ struct Block {
   std::mutex static_mutex;  // static __shared__ arrays, by declaration site
   std::map<const void*, size_t> static_arrays;  // site -> offset
   size_t static_used = 0;
+  size_t static_limit = 0;  // bytes the static arrays may take beside the dynamic allocation
+  std::string static_limit_reason;
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -248,6 +262,21 @@ inline void note_plain_access(const void* ptr, size_t bytes, bool write) {
   note_access(static_cast<size_t>(p - current_block->shared), bytes, write ? Access::kWrite : Access::kRead);
 }
 
+// A global load or store of ``bytes`` (8 or 16) by load_global / store_global: the GPU
+// requires the address aligned to the access size ("misaligned address", a sticky fault).
+// Recorded as the block's fault, so the launch fails and names it; the access itself goes on.
+inline void note_global_access(const void* ptr, size_t bytes, const char* kind) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(ptr);
+  if (address % bytes == 0) return;
+  Block& b = *current_block;
+  std::lock_guard<std::mutex> lock(b.fault_mutex);
+  if (b.fault.empty())
+    b.fault = "misaligned address: a " + std::to_string(bytes) + "-byte global " + kind + " at an address " +
+              std::to_string(address % bytes) + " B past a multiple of " + std::to_string(bytes) + ", by thread " +
+              std::to_string(linear_thread()) + " of block (" + std::to_string(b.index.x) + ", " +
+              std::to_string(b.index.y) + ", " + std::to_string(b.index.z) + ")";
+}
+
 // ldmatrix.x4 (.trans): lane l gives the row address of row l % 8 of matrix l / 8.
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t address, bool transposed) {
   shared_bytes(address, 16, 16);
@@ -330,6 +359,28 @@ inline void cp_async_wait(int pending) {
   in_flight.swap(still);
 }
 
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel: what opt_in_shared_memory granted.
+inline std::mutex granted_mutex;
+inline std::map<const void*, size_t> granted_dynamic_shared;
+
+inline cudaError_t set_max_dynamic_shared(const void* kernel, size_t bytes) {
+  if (bytes > kOptInSharedBytes) {  // as the driver refuses it
+    std::lock_guard<std::mutex> lock(last_fault_mutex);
+    last_fault = "an opt-in to " + std::to_string(bytes) + " B of dynamic shared memory, past the " +
+                 std::to_string(kOptInSharedBytes) + " B a block may have";
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(granted_mutex);
+  granted_dynamic_shared[kernel] = bytes;
+  return cudaSuccess;
+}
+
+inline size_t granted_dynamic(const void* kernel) {
+  std::lock_guard<std::mutex> lock(granted_mutex);
+  const auto found = granted_dynamic_shared.find(kernel);
+  return found == granted_dynamic_shared.end() ? 0 : found->second;
+}
+
 // A block's __shared__ array declared at ``site`` (one per declaration; the first thread
 // to arrive places it in the static part of the block's shared memory, 0xFF-filled).
 template <typename T>
@@ -340,6 +391,13 @@ T* static_shared(const void* site, size_t count) {
   if (placed == b.static_arrays.end()) {
     const size_t bytes = (sizeof(T) * count + 15) / 16 * 16;
     if (b.static_used + bytes > kStaticSharedBytes) fail("static __shared__ arrays exceed 48 KB");
+    if (b.static_used + bytes > b.static_limit) {
+      std::lock_guard<std::mutex> fault_lock(b.fault_mutex);
+      if (b.fault.empty())
+        b.fault = "too much shared memory: " + std::to_string(b.static_used + bytes) + " B of static __shared__ " +
+                  "arrays beside " + std::to_string(b.shared_bytes) + " B of dynamic shared memory " +
+                  b.static_limit_reason;
+    }
     placed = b.static_arrays.emplace(site, b.static_offset + b.static_used).first;
     b.static_used += bytes;
   }
@@ -352,18 +410,38 @@ template <class... KernelArgs, class... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, const Args&... args) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % kWarpSize != 0) fail("blocks of whole warps only");
-  if (grid.x > kMaxGridX || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ) {  // refused, as by the driver
+  // Refused, as by the driver.
+  const auto refuse = [](cudaError_t error, const std::string& why) {
     std::lock_guard<std::mutex> lock(last_fault_mutex);
-    last_fault = "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
-                 ") past the limits (2^31 - 1, 65535, 65535)";
-    return cudaErrorInvalidConfiguration;
-  }
+    last_fault = why;
+    return error;
+  };
+  if (grid.x > kMaxGridX || grid.y > kMaxGridYZ || grid.z > kMaxGridYZ)
+    return refuse(cudaErrorInvalidConfiguration, "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+                                                     ", " + std::to_string(grid.z) +
+                                                     ") past the limits (2^31 - 1, 65535, 65535)");
+  if (threads > kMaxThreadsPerBlock)
+    return refuse(cudaErrorInvalidConfiguration,
+                  "blocks of " + std::to_string(threads) + " threads (at most " + std::to_string(kMaxThreadsPerBlock) + ")");
+  const size_t granted = granted_dynamic(reinterpret_cast<const void*>(kernel));
+  const size_t dynamic_limit = granted > 0 ? granted : kDefaultSharedBytes;
+  if (shared > dynamic_limit)
+    return refuse(cudaErrorInvalidValue,
+                  std::to_string(shared) + " B of dynamic shared memory past the kernel's " +
+                      std::to_string(dynamic_limit) + " B" + (granted > 0 ? " (its opt-in)" : " (not opted in)"));
+  const size_t static_limit = granted > 0 ? kOptInSharedBytes - granted : kDefaultSharedBytes - shared;
+  const std::string static_limit_reason =
+      granted > 0 ? "pass the " + std::to_string(kOptInSharedBytes) + " B an opted-in block may have (granted " +
+                        std::to_string(granted) + " B of dynamic)"
+                  : "pass the " + std::to_string(kDefaultSharedBytes) +
+                        " B a block gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize)";
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         Block b;
         b.index = dim3(x, y, z), b.grid = grid, b.dim = block;
         b.shared_bytes = shared;
+        b.static_limit = static_limit, b.static_limit_reason = static_limit_reason;
         b.static_offset = (shared + 15) / 16 * 16;
         b.total_bytes = b.static_offset + kStaticSharedBytes;
         std::vector<char> memory(b.total_bytes + 16, static_cast<char>(0xff));

@@ -148,19 +148,23 @@ __host__ __device__ constexpr int weight_chunk_bytes(bool weight_fp32) {
 // the compiler cannot move a chunk's load above the previous chunk's output store, which may
 // alias it (SASS), and holding them in registers from the start cost occupancy (40 -> 49-52
 // registers). cp.async copies them while the row's own loads are in flight, without
-// registers. Each thread reads back only its own slots (item-major, so a warp's 16-byte
-// reads are consecutive), which its own cp.async.wait_group makes visible: no barrier.
-// Staged for a 16-byte aligned weight and rows of whole chunks (fwd_stages_weight).
+// registers. Each thread reads back only its own slots, which its own cp.async.wait_group
+// makes visible: no barrier. The slots are 16-byte units laid out [item][half][thread], so a
+// warp's 16-byte copies and reads are consecutive (bank-conflict free), also for the two
+// halves of an fp32 weight's chunk under 16-bit rows. Staged for a 16-byte aligned weight and
+// rows of whole chunks (fwd_stages_weight).
 template <typename T>
 struct StagedWeight {
   static constexpr int kVec = Vec<T>::kSize;
-  char* slots;  // this thread's first slot; nullptr: not staged
-  int slot_stride;
+  char* slots;      // this thread's first 16-byte unit; nullptr: not staged
+  int half_stride;  // bytes from a chunk's first 16-byte half to its second (fp32 weight, 16-bit rows)
+  int slot_stride;  // bytes from one item's chunk to the next
 
   __device__ __forceinline__ StagedWeight(const RmsNormFwdParams& p, char* shared, bool staged) {
-    const int bytes = weight_chunk_bytes<T>(p.weight_fp32);
-    slots = staged ? shared + (threadIdx.y * blockDim.x + threadIdx.x) * bytes : nullptr;
-    slot_stride = blockDim.x * blockDim.y * bytes;
+    const int threads = blockDim.x * blockDim.y;
+    slots = staged ? shared + (threadIdx.y * blockDim.x + threadIdx.x) * 16 : nullptr;
+    half_stride = threads * 16;
+    slot_stride = threads * weight_chunk_bytes<T>(p.weight_fp32);
   }
 
   __device__ __forceinline__ void copy(const RmsNormFwdParams& p, int item, int64_t col) const {
@@ -169,7 +173,7 @@ struct StagedWeight {
     const char* src = static_cast<const char*>(p.weight) + col * (two_vectors ? 4 : int64_t(sizeof(T)));
     const uint32_t slot = mma::shared_address(slots + item * slot_stride);
     mma::cp_async_16(slot, src, true);
-    if (two_vectors) mma::cp_async_16(slot + 16, src + 16, true);
+    if (two_vectors) mma::cp_async_16(slot + half_stride, src + 16, true);
   }
 
   // The chunk as floats, after cp_async_wait (from the global weight when not staged).
@@ -187,7 +191,7 @@ struct StagedWeight {
     } else {
       float low[4], high[4];  // 8 fp32 weights: two 16-byte vectors
       unpack_floats<float>(load_shared_in_order(slot), low);
-      unpack_floats<float>(load_shared_in_order(slot + 1), high);
+      unpack_floats<float>(load_shared_in_order(slot + half_stride / 16), high);
 #pragma unroll
       for (int i = 0; i < 4; ++i) w[i] = low[i], w[i + 4] = high[i];
     }
@@ -470,12 +474,12 @@ __device__ __forceinline__ void store_chunk_t_or_f32(void* row, bool is_fp32, in
                                                      const float (&values)[Vec<T>::kSize]) {
   constexpr int kVec = Vec<T>::kSize;
   if (std::is_same<T, float>::value || !is_fp32) {
-    *reinterpret_cast<uint4*>(static_cast<T*>(row) + col) = pack_floats<T>(values);
+    store_global(static_cast<T*>(row) + col, pack_floats<T>(values));
   } else {
-    float4* dst = reinterpret_cast<float4*>(static_cast<float*>(row) + col);
+    float* dst = static_cast<float*>(row) + col;
 #pragma unroll
     for (int v = 0; v < kVec / 4; ++v)
-      dst[v] = make_float4(values[4 * v], values[4 * v + 1], values[4 * v + 2], values[4 * v + 3]);
+      store_global(dst + 4 * v, make_float4(values[4 * v], values[4 * v + 1], values[4 * v + 2], values[4 * v + 3]));
   }
 }
 
@@ -557,7 +561,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
     for (int item = 0; item < kItems; ++item) {
       const int col = int(threadIdx.x + item * blockDim.x) * kVec;
       if (row_ok && col < p.cols && has_dresidual_out)
-        dro_bits[item] = *reinterpret_cast<const uint4*>(static_cast<const T*>(r.dresidual_out) + col);
+        dro_bits[item] = load_global<uint4>(static_cast<const T*>(r.dresidual_out) + col);
     }
     // x, dy and the weight of one chunk, as floats
     auto chunk = [&](int col, float (&x)[kVec], float (&dy)[kVec], float (&w)[kVec]) {
@@ -565,7 +569,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
       unpack_floats<T>(load_shared(reinterpret_cast<const uint4*>(staging(buffer, 1) + col)), dy);
       // Copied out as a uint4 first: unpacked straight from the pointer, the compiler split
       // the 16-byte load into element loads.
-      const uint4 w_bits = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.weight) + col);
+      const uint4 w_bits = load_global<uint4>(static_cast<const T*>(p.weight) + col);
       unpack_floats<T>(w_bits, w);
     };
     float gx = 0.f;
@@ -609,7 +613,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
 #pragma unroll
           for (int i = 0; i < kVec; ++i) dx[i] += dro[i];
         }
-        *reinterpret_cast<uint4*>(static_cast<T*>(r.dx) + col) = pack_floats<T>(dx);
+        store_global(static_cast<T*>(r.dx) + col, pack_floats<T>(dx));
         if (kFused && r.dresidual != nullptr) store_chunk_t_or_f32<T>(r.dresidual, p.dresidual_fp32, col, dx);
       }
     }
@@ -623,7 +627,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, 2) rms_norm_bwd_aligned_ker
     if (col < p.cols)
 #pragma unroll
       for (int v = 0; v < kVec / 4; ++v)
-        *reinterpret_cast<float4*>(out + col + 4 * v) = load_shared(reinterpret_cast<const float4*>(dw_row + col) + v);
+        store_global(out + col + 4 * v, load_shared(reinterpret_cast<const float4*>(dw_row + col) + v));
   }
 }
 

@@ -95,8 +95,7 @@ struct RawChunks {
 template <typename T, bool kInterleaved>
 __device__ __forceinline__ RawChunks load_raw_chunks(const T* x, int pair, const RotaryParams& p) {
   const T* chunk = x + first_chunk_offset<T, kInterleaved>(pair);
-  return {*reinterpret_cast<const uint4*>(chunk),
-          *reinterpret_cast<const uint4*>(chunk + second_chunk_offset<T, kInterleaved>(p))};
+  return {load_global<uint4>(chunk), load_global<uint4>(chunk + second_chunk_offset<T, kInterleaved>(p))};
 }
 
 // The chunk's kVec pairs as floats: from raw bits loaded ahead (``whole``), or element-wise
@@ -260,8 +259,8 @@ __device__ __forceinline__ void rotate_item(const RotaryParams& p, const Vectori
       for (int h = 0; h < kHeadsPerThread; ++h) {
         if (h < heads && whole) {  // the chunks are loaded already
           T* dst = out + h * out_stride_h + first_chunk_offset<T, kInterleaved>(pair);
-          *reinterpret_cast<uint4*>(dst) = raw[h].first;
-          *reinterpret_cast<uint4*>(dst + second_chunk_offset<T, kInterleaved>(p)) = raw[h].second;
+          store_global(dst, raw[h].first);
+          store_global(dst + second_chunk_offset<T, kInterleaved>(p), raw[h].second);
         } else if (h < heads) {
           const T* src = x + h * x_stride_h;
           T* dst = out + h * out_stride_h;
@@ -332,7 +331,7 @@ __global__ void __maxnreg__(kMaxRegisters) rotary_kernel(const RotaryParams p, c
 template <typename T>
 __device__ __forceinline__ uint4 rotated_chunk(const T* row, int col, int64_t position, const RotaryTables& r) {
   constexpr int kPerChunk = 16 / sizeof(T);
-  uint4 chunk = *reinterpret_cast<const uint4*>(row + col);
+  uint4 chunk = load_global<uint4>(row + col);
   if (col >= 2 * r.rotary_half) return chunk;
   const bool in_table = position >= 0 && position < r.table_len;
   T* values = reinterpret_cast<T*>(&chunk);

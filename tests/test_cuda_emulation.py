@@ -501,6 +501,11 @@ def test_emulated_rms_norm_forward_weight_staging(cuda_backend, stage, dtypes, s
     rms_tests._check_fused(x, torch.randn_like(x), weight.to(x.dtype), "cuda", residual_in_fp32=False)
 
 
+@pytest.mark.parametrize("case", ["bf16_rows_fp32_weight_16384", "fp32_8192", "weight_off_alignment_4096"])
+def test_emulated_rms_norm_wide_rows_and_weight_layouts(cuda_backend, case):
+    rms_tests.test_rms_norm_wide_rows_and_weight_layouts("cuda", case, CPU)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "strided_rows", "wide_looped", "unmergeable"])
 def test_emulated_fused_add_rms_norm_inplace(cuda_backend, dtype, layout):

@@ -68,6 +68,24 @@ def test_rms_norm_mixed_weight_dtype_promotes_like_hf(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["bf16_rows_fp32_weight_16384", "fp32_8192", "weight_off_alignment_4096"])
+def test_rms_norm_wide_rows_and_weight_layouts(backend, case, device):
+    """The CUDA forward's extremes: an fp32 weight under bf16 rows of 16384 stages 64 KiB of
+    weight in shared memory (past the 48 KiB a block gets without opting in); fp32 rows of
+    8192 take the kernel sized for 4 chunks per thread; a weight one element off 16-byte
+    alignment is loaded directly instead of staged."""
+    if case == "bf16_rows_fp32_weight_16384":
+        x, weight = _inputs((3, 16384), torch.bfloat16, device, weight_dtype=torch.float32)
+    elif case == "fp32_8192":
+        x, weight = _inputs((5, 8192), torch.float32, device)
+    else:
+        x, _ = _inputs((6, 4096), torch.bfloat16, device)
+        weight = (1 + 0.5 * torch.randn(4097, device=device)).to(torch.bfloat16)[1:]
+        assert weight.data_ptr() % 16 != 0
+    _check_rms_norm(x, weight, backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["row_slice", "transposed_3d", "permuted_4d", "batched_rows"])
 def test_rms_norm_non_contiguous_rows(backend, dtype, layout, device):

@@ -47,9 +47,10 @@ def _check(q, k, cos, sin, backend, **kwargs):
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 @pytest.mark.parametrize("rotary_dim", [32, 16, 10], ids=["full", "partial", "partial_odd"])
 def test_rotary_matches_reference(backend, dtype, interleaved, rotary_dim, device):
-    # 6 q heads, 2 kv heads, d 32. Partial: the rotated half is whole 16-byte chunks in every
+    # 5 q heads, 3 k heads, d 32: odd counts leave the CUDA kernel's last pair of heads with
+    # one head, in q and in k. Partial: the rotated half is whole 16-byte chunks in every
     # dtype (the CUDA kernel's aligned instantiation); partial_odd: it is not.
-    q, k = _qk(2, 7, 6, 2, 32, dtype, device)
+    q, k = _qk(2, 7, 5, 3, 32, dtype, device)
     cos, sin = ik.rotary_cos_sin(12, rotary_dim, base=1e4, device=device)
     _check(q, k, cos, sin, backend, interleaved=interleaved, seqlen_offsets=3)
 

@@ -198,6 +198,7 @@ def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path,
                         lambda *a, **k: ceilings_measured.append(1) or {"copy_gbps": 1.0, "gemm_bf16_tflops": 1.0})
     monkeypatch.setattr(cli, "time_call", lambda fn, *a, **k: (fn(), harness.Timing(1.0, 0.9, 1.1))[1])
     monkeypatch.setattr(report, "plot_results", lambda *a, **k: [])
+    monkeypatch.setattr(harness, "_git_commit", lambda: "abc1234")
     path = tmp_path / "run.json"
     args = argparse.Namespace(ops="rms_norm_fwd", providers="triton,eager", dtype="bfloat16", quick=True,
                               json=str(path), resume=False)
@@ -217,9 +218,13 @@ def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path,
     assert sorted((row["provider"], row["shape"]["N"]) for row in resumed["results"]) == [
         ("eager", 8), ("eager", 16), ("triton", 8), ("triton", 16)]
 
-    # Another commit's file: everything again.
-    resumed["versions"]["commit"] = "0000000"
-    path.write_text(json.dumps(resumed))
-    calls.clear(), ceilings_measured.clear()
-    cli.run(argparse.Namespace(**{**vars(args), "resume": True}))
-    assert {n for _, n in calls} == {8, 16} and ceilings_measured
+    # Another commit's file, a file cut mid-write, or no commit to compare: everything again.
+    for case in ("other_commit", "truncated", "no_git"):
+        monkeypatch.setattr(harness, "_git_commit", lambda: "unknown" if case == "no_git" else "abc1234")
+        resumed["versions"]["commit"] = {"other_commit": "0000000", "no_git": "unknown"}.get(case, "abc1234")
+        text = json.dumps(resumed)
+        path.write_text(text[:len(text) // 2] if case == "truncated" else text)
+        calls.clear(), ceilings_measured.clear()
+        cli.run(argparse.Namespace(**{**vars(args), "resume": True}))
+        assert {n for _, n in calls} == {8, 16} and ceilings_measured, case
+        assert len(json.loads(path.read_text())["results"]) == 4, case

@@ -114,7 +114,7 @@ def test_race_check_finds_missing_synchronisation(probe, pattern, message):
     ("static_beside_47k_not_opted_in", ""),
     # The RMSNorm backward's launch at N = 4096 on the H200 (2026-11-28): 48 KB of dynamic
     # shared memory beside 512 B of static arrays, not opted in ("invalid argument" there).
-    ("static_beside_48k_not_opted_in", r"^launch failure: too much shared memory: 512 B of static __shared__ arrays "
+    ("static_beside_48k_not_opted_in", r"^invalid value: too much shared memory: 512 B of static __shared__ arrays "
                                        r"beside 49152 B of dynamic shared memory pass the 49152 B a block gets "
                                        r"without opting in"),
     ("dynamic_past_the_opt_in_limit", r"^invalid value: an opt-in to 233472 B of dynamic shared memory, past the "
@@ -376,6 +376,15 @@ def test_emulated_kvcache_paged(cuda_backend, page_size):
             attention_tests.test_kvcache_paged_one_sequence_over_many_splits("cuda", pages, window, CPU)
 
 
+def test_emulated_rotary_refuses_more_items_than_its_grid_holds_before_any_launch(cuda_backend):
+    """Past the rotary grid's z extent the op says so (and "auto" takes Triton) before the glue."""
+    q = torch.empty(1, 1, 65534, 8192)  # 2 GiB of address space, never touched: refused before any launch
+    tables = torch.ones(4, 4096)
+    with pytest.raises(RuntimeError, match="the cuda kernel takes at most 65535 blocks of heads x rotary pairs per "
+                                           "token, got 131068"):
+        ik.apply_rotary(q, None, tables, tables, inplace=True, backend="cuda")
+
+
 def test_emulated_kvcache_refuses_a_decode_too_large_before_the_append(cuda_backend):
     """2^30 query rows (positions x group) pass the append's checks but not the decode's: the
     op refuses the call before the append writes the caches."""
@@ -452,12 +461,13 @@ def test_emulated_glue_checks_run_before_any_launch(kernels, monkeypatch):
     with pytest.raises(RuntimeError, match=r"rotary_cos must hold at least one position, got shape \[0, 32\]"):
         kernels.attention_decode(q, k, k, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), cos[:0], cos[:0],
                                  False)
-    # The rotary grid's z axis holds a token's work items: 2^27 features per token at most.
-    wide = torch.randn(1, 1, 1, 40000).expand(1, 1, 4096, 40000)  # stride-0 heads: no memory
+    # The rotary grid's z axis holds a token's work items (2 heads x a 16-byte chunk of the
+    # rotary half), 256 a block: 65534 fp32 heads rotating 4096 pairs take 131068 blocks.
+    wide = torch.randn(1, 1, 1, 8192).expand(1, 1, 65534, 8192)  # stride-0 heads: no memory
     none = wide[:, :, :0]
-    with pytest.raises(RuntimeError, match=r"too many heads or features \(at most 2\^27 per token"):
-        kernels.rotary(wide, none, wide, none, torch.ones(4, 16), torch.ones(4, 16), None, None, 0, None, False,
-                       False, True)
+    tables = torch.ones(4, 4096)
+    with pytest.raises(RuntimeError, match=r"too many heads x rotary pairs per token for the grid: 131068 blocks"):
+        kernels.rotary(wide, none, wide, none, tables, tables, None, None, 0, None, False, False, True)
     with pytest.raises(RuntimeError, match=r"cache_seqlens must be contiguous \(B,\) = \(1,\)"):
         kernels.kvcache_append(k, k, k, k, torch.zeros(2, dtype=torch.int32), None, None, False)
 

@@ -74,7 +74,8 @@ inline void check_rotary_tables(const char* op, const char* cos_name, const at::
   }
   TORCH_CHECK(cos.sizes() == sin.sizes(), op, ": ", cos_name, " ", cos.sizes(), " and ", sin_name, " ", sin.sizes(),
               " differ");
-  // An empty table has no data pointer, which the kernels read as "no rotary".
+  // Without positions every position lies outside the table; and a table without a data
+  // pointer, as an empty one may be, the kernels read as "no rotary".
   TORCH_CHECK(cos.size(0) >= 1, op, ": ", cos_name, " must hold at least one position, got shape ", cos.sizes());
   TORCH_CHECK(2 * cos.size(1) <= like.size(-1), op, ": rotary_dim ", 2 * cos.size(1), " exceeds head_dim ",
               like.size(-1));

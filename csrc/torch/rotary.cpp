@@ -33,12 +33,13 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out, c
   check_rotary_tables(op, "cos", cos, "sin", sin, q);
   TORCH_CHECK(q.size(0) <= kMaxGridYZ, op, ": at most ", kMaxGridYZ, " batch rows per launch, got ", q.size(0));
   TORCH_CHECK(q.size(1) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 tokens, got ", q.size(1));
-  // A token's work items (two heads x 16 bytes of the rotary half) fill the grid's z axis in
-  // blocks of up to 256, and z stops at 65535 blocks: 2^27 features per token stay below it.
   TORCH_CHECK(q.size(2) + k.size(2) <= 65535 && q.size(3) <= 65535 &&
-                  (q.size(2) + k.size(2)) * q.size(3) <= (int64_t(1) << 27),
-              op, ": too many heads or features (at most 2^27 per token, q and k heads x head_dim): ", q.sizes(),
-              " ", k.sizes());
+                  (q.size(2) + k.size(2)) * q.size(3) < std::numeric_limits<int32_t>::max(),
+              op, ": too many heads or features (per token below 2^31): ", q.sizes(), " ", k.sizes());
+  const int64_t item_blocks = rotary_item_blocks(q.size(2), k.size(2), cos.size(1), q.element_size());
+  TORCH_CHECK(item_blocks <= kMaxGridYZ, op, ": too many heads x rotary pairs per token for the grid: ", item_blocks,
+              " blocks of ", kRotaryMaxThreads, " items (at most ", kMaxGridYZ, "), q ", q.sizes(), ", k ", k.sizes(),
+              ", rotary_dim ", 2 * cos.size(1));
   // In place means the outputs are the inputs; out of place they must not share memory.
   const bool same_q = q_out.data_ptr() == q.data_ptr() && q_out.strides() == q.strides();
   const bool same_k = k.size(2) == 0 || (k_out.data_ptr() == k.data_ptr() && k_out.strides() == k.strides());

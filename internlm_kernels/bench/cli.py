@@ -63,10 +63,17 @@ def _kept_results(path: str, env) -> tuple:
     ([], None) when there is none or it comes from elsewhere."""
     if not os.path.exists(path):
         return [], None
-    with open(path) as f:
-        document = json.load(f)
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except ValueError as exc:
+        print(f"--resume: {path} is not a results file ({exc}): measuring everything", flush=True)
+        return [], None
     here = (env["gpu"], env["date"], env["versions"]["commit"])
     there = (document.get("gpu"), document.get("date"), document.get("versions", {}).get("commit"))
+    if here[2] == "unknown":
+        print("--resume: no git commit to tell the code apart by: measuring everything", flush=True)
+        return [], None
     if there != here:
         print(f"--resume: {path} holds a run of {there}, not of {here}: measuring everything", flush=True)
         return [], None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -109,10 +110,19 @@ def measure_ceilings(device: torch.device, *, quick: bool = False) -> Dict[str, 
 
 
 def _git_commit() -> str:
+    """The short commit hash, with "+dirty.<hash of the diff>" when tracked files differ from
+    it (the numbers then belong to that diff, not to the commit); "unknown" without git."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10).stdout
+
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        if not commit:
+            return "unknown"
+        diff = git("diff", "HEAD")
+        return f"{commit}+dirty.{hashlib.sha1(diff.encode()).hexdigest()[:8]}" if diff else commit
     except Exception:
         return "unknown"
 
@@ -201,9 +211,12 @@ def write_results(path: str, env: Dict[str, object], ceilings: Dict[str, Optiona
     document = dict(env)
     document["ceilings"] = ceilings
     document["results"] = [row.to_json() for row in rows]
-    with open(path, "w") as f:
+    # Written beside and moved into place: a run killed by its time limit mid-write keeps the
+    # previous file whole (what --resume reads).
+    with open(path + ".partial", "w") as f:
         json.dump(document, f, indent=1)
         f.write("\n")
+    os.replace(path + ".partial", path)
     csv_path = os.path.splitext(path)[0] + ".csv"
     with open(csv_path, "w") as f:
         f.write("op,provider,dtype,shape,ms,ms_graph,gbps,tflops,frac_of_ceiling,max_err,tokens_per_s\n")

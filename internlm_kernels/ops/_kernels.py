@@ -20,6 +20,15 @@ CUDA_MAX_BATCH_ROWS = 65535
 # query rows of every (batch row, KV head), and its row indices are 32-bit (below 2^30).
 CUDA_MAX_GRID_X = 2**31 - 1
 CUDA_MAX_QUERY_ROWS = 2**30 - 2  # below INT32_MAX / 2
+CUDA_MAX_GRID_YZ = 65535
+
+
+def cuda_rotary_item_blocks(heads_q: int, heads_k: int, rotary_half: int, element_size: int) -> int:
+    """The CUDA rotary grid's z extent (rotary_item_blocks, csrc/include/internlm_kernels/rotary.h):
+    a token's work items, a 16-byte chunk of the rotary half of 2 heads each, 256 a block."""
+    per_chunk = 16 // element_size
+    items = (-(-heads_q // 2) - (-heads_k // 2)) * -(-rotary_half // per_chunk)
+    return -(-items // 256) if items > 0 else 1
 
 
 def kernels(backend: str, op: str) -> ModuleType:

@@ -24,7 +24,7 @@ from internlm_kernels._checks import (
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
-from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, kernels
+from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, CUDA_MAX_GRID_YZ, cuda_rotary_item_blocks, kernels
 
 Tensor = torch.Tensor
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -248,6 +248,11 @@ def apply_rotary(
         if cu_seqlens is None and q.shape[0] > CUDA_MAX_BATCH_ROWS:
             return (f"the cuda kernel takes at most {CUDA_MAX_BATCH_ROWS} sequences per batch, got {q.shape[0]} "
                     f"(triton serves more)")
+        heads_k = k.shape[-2] if k is not None else 0
+        blocks = cuda_rotary_item_blocks(q.shape[-2], heads_k, cos.shape[1], q.element_size())
+        if blocks > CUDA_MAX_GRID_YZ:
+            return (f"the cuda kernel takes at most {CUDA_MAX_GRID_YZ} blocks of heads x rotary pairs per token, "
+                    f"got {blocks} (triton serves more)")
         return None
 
     chosen = choose_backend(backend, q.device, "apply_rotary", cuda_limits)

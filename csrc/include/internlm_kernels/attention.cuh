@@ -1658,10 +1658,11 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t 
     return cudaErrorInvalidValue;
   const AttentionBwdParams p = with_group_divisor(params);
   const int64_t delta_rows = int64_t(p.batch) * p.seqlen_q * p.heads_q;
-  // dq_accum is zeroed as one block and added to by 8-byte vector atomics (sm_90): it must be
-  // contiguous (B, Sq, Hq, D) fp32 from an 8-byte aligned address (the glue allocates it so).
+  // dq_accum is zeroed as one block, added to by 8-byte vector atomics (sm_90) and read back in
+  // 16-byte loads: it must be contiguous (B, Sq, Hq, D) fp32 from a 16-byte aligned address
+  // (the glue allocates it so).
   if (p.dq_accum != nullptr &&
-      (reinterpret_cast<uintptr_t>(p.dq_accum) % 8 != 0 || p.dq_accum_stride_h != kHeadDim ||
+      (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0 || p.dq_accum_stride_h != kHeadDim ||
        p.dq_accum_stride_s != int64_t(p.heads_q) * kHeadDim || p.dq_accum_stride_b != int64_t(p.seqlen_q) * p.heads_q * kHeadDim))
     return cudaErrorInvalidValue;
   cudaError_t error = launch(attention_bwd_delta_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(ceil_div(delta_rows, 4))),

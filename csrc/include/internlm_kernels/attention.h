@@ -110,9 +110,9 @@ struct DecodeSplits {
 // the GPU runs at once (resident_programs: SMs x attention_decode_programs_per_sm), so that
 // all of them run in one wave, at most one split per 4 key tiles of the capacity, at most
 // 128. The count comes from the capacity (known on the host), never from the lengths (on the
-// device), so CUDA graphs replay with new lengths; each program then takes its share of the
-// key tiles its sequence actually has (decode_split_keys), so a short sequence in a long
-// cache is spread over every split too. (Sized for twice the SM count, a batch of one over a
+// device), so CUDA graphs replay with new lengths; each program then takes an equal run of
+// the key tiles its row tile sees (attention_fwd_kernel), so a short sequence in a long cache
+// spreads over as many splits as it has key tiles, not just the first few. (Sized for twice the SM count, a batch of one over a
 // 32K cache ran 2 programs per SM and read it at 0.61 of the copy bandwidth on an H200, from
 // a CUDA graph; batches that fill every program slot read theirs at 0.98.)
 inline DecodeSplits decode_splits(int64_t batch, int64_t heads_kv, int64_t rows, int64_t capacity,

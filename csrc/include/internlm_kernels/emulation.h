@@ -101,6 +101,7 @@ struct Block {
   size_t static_used = 0;
   size_t static_limit = 0;  // bytes the static arrays may take beside the dynamic allocation
   std::string static_limit_reason;
+  std::string refusal;  // why the driver would have refused this launch (static arrays past the limit)
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -391,10 +392,10 @@ T* static_shared(const void* site, size_t count) {
   if (placed == b.static_arrays.end()) {
     const size_t bytes = (sizeof(T) * count + 15) / 16 * 16;
     if (b.static_used + bytes > kStaticSharedBytes) fail("static __shared__ arrays exceed 48 KB");
-    if (b.static_used + bytes > b.static_limit) {
+    if (b.static_used + bytes > b.static_limit) {  // known once placed: the driver knows it at launch
       std::lock_guard<std::mutex> fault_lock(b.fault_mutex);
-      if (b.fault.empty())
-        b.fault = "too much shared memory: " + std::to_string(b.static_used + bytes) + " B of static __shared__ " +
+      if (b.refusal.empty())
+        b.refusal = "too much shared memory: " + std::to_string(b.static_used + bytes) + " B of static __shared__ " +
                   "arrays beside " + std::to_string(b.shared_bytes) + " B of dynamic shared memory " +
                   b.static_limit_reason;
     }
@@ -463,6 +464,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
             b.warps[t / kWarpSize]->barrier.arrive_and_drop();
           });
         for (auto& worker : workers) worker.join();
+        if (!b.refusal.empty()) return refuse(cudaErrorInvalidValue, b.refusal);  // "invalid argument", as on the GPU
         if (!b.fault.empty()) {
           std::lock_guard<std::mutex> lock(last_fault_mutex);
           last_fault = b.fault;

@@ -35,9 +35,9 @@ namespace rotary_detail {
 // let two or three such blocks reside, blocks far larger than a token's items usually need;
 // at 64, 6 blocks of 160 threads reside per SM, with no spills in any instantiation (sm_80,
 // sm_90a). A token with more than kMaxThreads items takes several blocks (grid z).
-constexpr int kMaxThreads = 256;
+constexpr int kMaxThreads = kRotaryMaxThreads;
 constexpr int kMaxRegisters = 64;
-constexpr int kHeadsPerThread = 2;
+constexpr int kHeadsPerThread = kRotaryHeadsPerThread;
 
 // Threads of a block for ``items`` work items: whole warps, at most kMaxThreads.
 inline int threads_for(int64_t items) {
@@ -383,7 +383,7 @@ cudaError_t launch_rotary(const RotaryParams& p, cudaStream_t stream) {
   const dim3 block(threads_for(items));
   // At least one item block: its threads also copy the features past rotary_dim, all of them
   // with zero-width tables (an empty grid would not launch).
-  const int item_blocks = items > 0 ? (items + block.x - 1) / block.x : 1;
+  const int64_t item_blocks = items > 0 ? (items + block.x - 1) / block.x : 1;  // rotary_item_blocks
   if (item_blocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;  // grid.z limit; the glue checks it first
   const dim3 grid(unsigned(p.seqlen), unsigned(p.batch), unsigned(item_blocks));
   const bool aligned = vec.q && vec.k && vec.tables && p.rotary_half % kVec == 0;

@@ -49,6 +49,20 @@ struct RotaryTables {
   bool interleaved = false;
 };
 
+// The kernel's work items: one 16-byte chunk of the rotary half of kRotaryHeadsPerThread q or
+// k heads of one token, in blocks of up to kRotaryMaxThreads; a token with more items takes
+// several blocks, on the grid's z axis (at most 65535).
+constexpr int kRotaryMaxThreads = 256;
+constexpr int kRotaryHeadsPerThread = 2;
+
+inline int64_t rotary_item_blocks(int64_t heads_q, int64_t heads_k, int64_t rotary_half, int64_t element_bytes) {
+  const int64_t per_chunk = 16 / element_bytes;
+  const int64_t head_groups = (heads_q + kRotaryHeadsPerThread - 1) / kRotaryHeadsPerThread +
+                              (heads_k + kRotaryHeadsPerThread - 1) / kRotaryHeadsPerThread;
+  const int64_t items = head_groups * ((rotary_half + per_chunk - 1) / per_chunk);
+  return items > 0 ? (items + kRotaryMaxThreads - 1) / kRotaryMaxThreads : 1;
+}
+
 template <typename T>
 cudaError_t launch_rotary(const RotaryParams& params, cudaStream_t stream);
 

@@ -12,8 +12,9 @@ load_shared / store_shared accesses that no barrier or __syncwarp orders fail th
 and launches follow the driver's rules: shared memory past the 48 KB of a block not opted in
 (static arrays included) or past an H100's opt-in limit, blocks of more than 1024 threads,
 and misaligned 16-byte global accesses (load_global / store_global) fail the launch, naming
-it. tests/emulation_probe.cpp checks those checks on small cases. What it cannot see:
-timing, registers (launch bounds, spills: tests/test_cuda_machine_code.py reads them from the
+it. tests/emulation_probe.cpp checks those checks on small cases. Each kernel's largest block
+is recorded and, last, checked against the __launch_bounds__ the GPU build compiled in. What
+it cannot see: timing, registers (spills: tests/test_cuda_machine_code.py reads them from the
 built extension), and memory-model subtleties below barrier granularity; those need the GPU
 run.
 
@@ -705,3 +706,45 @@ def test_emulated_auto_keeps_paged_caches_on_triton_until_a_gpu_has_run_them(cud
     ik.flash_attention_with_kvcache(q, pages, pages.clone(), cache_seqlens=5, block_table=table)
     assert chosen == ["cuda", "triton", "cuda", "cuda"]
 
+
+
+# Last in this module on purpose: in a full run it checks every launch the module's tests made.
+def test_emulated_launches_stay_within_each_kernels_compiled_thread_bound(cuda_backend, kernels, monkeypatch):
+    """__launch_bounds__ is compiled away under the emulation, so a launch with more threads
+    than a kernel's bound (refused on the GPU: "too many resources requested for launch")
+    would pass here. The emulation records each kernel's largest block; every launch this
+    process made (all of this module's, when it runs whole; at least the calls below, each
+    op's widest blocks) must fit the bound the GPU build compiled in (EIATTR_MAX_THREADS,
+    read from internlm_kernels._C). Kernels without a bound (rotary: __maxnreg__) are not
+    checked."""
+    import importlib.util
+
+    from tests.test_cuda_machine_code import compiled_thread_bounds
+
+    spec = importlib.util.find_spec("internlm_kernels._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("internlm_kernels._C is not built here (its compiled bounds are the reference)")
+    for shape, dtype in (((3, 8192), torch.bfloat16), ((2, 20000), torch.bfloat16), ((2, 16384), torch.float32)):
+        x, weight = rms_tests._inputs(shape, dtype, CPU)
+        rms_tests._check_rms_norm(x, weight, "cuda")
+        rms_tests._check_fused(x, torch.randn_like(x), weight, "cuda", residual_in_fp32=False)
+    for key_block in ("64", "128"):
+        monkeypatch.setenv("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", key_block)
+        q, k, v = (torch.randn(1, 40, heads, 128, dtype=torch.bfloat16, requires_grad=True) for heads in (2, 1, 1))
+        ik.flash_attention(q, k, v, causal=True, backend="cuda").sum().backward()
+    with torch.no_grad():
+        ik.flash_attention_with_kvcache(torch.randn(1, 1, 2, 64, dtype=torch.bfloat16),
+                                        torch.randn(1, 70, 1, 64, dtype=torch.bfloat16),
+                                        torch.randn(1, 70, 1, 64, dtype=torch.bfloat16), cache_seqlens=66,
+                                        backend="cuda")
+
+    bounds: dict[str, int] = {}
+    for (_, symbol), threads in compiled_thread_bounds(spec.origin).items():
+        bounds[symbol] = min(bounds.get(symbol, threads), threads)
+    launched = dict(kernels.emulated_launches())
+    unnamed_or_unbounded = sorted(s for s in launched if s not in bounds and "rotary_kernel" not in s)
+    assert not unnamed_or_unbounded, f"launched kernels without a compiled bound (or name): {unnamed_or_unbounded}"
+    too_large = [f"{symbol}: blocks of {threads} threads, compiled for at most {bounds[symbol]}"
+                 for symbol, threads in sorted(launched.items()) if symbol in bounds and threads > bounds[symbol]]
+    assert not too_large, "\n".join(too_large)
+    assert any("rms_norm" in s for s in launched) and any("attention_bwd_dkdv" in s for s in launched)

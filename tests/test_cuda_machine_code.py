@@ -62,6 +62,30 @@ def _run_cuobjdump(*args: str) -> str:
     return result.stdout
 
 
+def compiled_thread_bounds(library: str) -> dict[tuple[str, str], int]:
+    """{(arch, mangled kernel symbol): its __launch_bounds__ maximum threads per block}
+    (EIATTR_MAX_THREADS) of the CUDA library at ``library``; kernels without a bound are
+    absent. Skips the calling test when there is no cuobjdump or it cannot read the library."""
+    tool = _cuobjdump()
+    result = subprocess.run([tool, "-elf", library], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"{tool} cannot read {library}: {result.stderr[-500:]}")
+    bounds, arch, kernel, attribute = {}, None, None, None
+    for line in result.stdout.splitlines():
+        if (match := re.search(r"arch = (sm_\w+)", line)):
+            arch = match.group(1)
+        elif (match := re.match(r"\.nv\.info\.(\S+)", line.strip())):
+            kernel, attribute = match.group(1), None
+        elif (match := re.search(r"Attribute:\s+(\w+)", line)):
+            attribute = match.group(1)
+        elif attribute == "EIATTR_MAX_THREADS" and (match := re.search(r"Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) "
+                                                                         r"(0x[0-9a-f]+)", line)):
+            x, y, z = (int(value, 16) for value in match.groups())
+            bounds[(arch, kernel)] = x * y * z
+            attribute = None
+    return bounds
+
+
 def _demangle(names: list[str]) -> dict[str, str]:
     cxxfilt = shutil.which("c++filt") or shutil.which("cu++filt")
     if cxxfilt is None:

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include "glue.h"
+#ifdef IK_CUDA_EMULATION
+#include "internlm_kernels/emulation.h"
+#endif
 
 #ifndef IK_TORCH_VERSION
 #error "setup.py defines IK_TORCH_VERSION (the torch this extension is built against)"
@@ -53,4 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("cache_seqlens"),
         py::arg("new_tokens"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"),
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none());
+#ifdef IK_CUDA_EMULATION
+  m.def("emulated_launches", &emulation::launched_kernels,
+        "(kernel symbol, largest block) of every kernel the emulation has launched in this process");
+#endif
 }

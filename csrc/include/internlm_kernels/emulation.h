@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <vector_functions.h>
 #include <vector_types.h>
 
@@ -360,6 +361,30 @@ inline void cp_async_wait(int pending) {
   in_flight.swap(still);
 }
 
+// The largest block each kernel was launched with. __launch_bounds__ is compiled away here,
+// so a launch past a kernel's bound ("too many resources requested for launch" on the GPU)
+// would pass: tests compare these with the bounds the GPU build compiled in.
+inline std::mutex launches_mutex;
+inline std::map<const void*, int> largest_block;
+
+inline void note_launch(const void* kernel, int threads) {
+  std::lock_guard<std::mutex> lock(launches_mutex);
+  int& largest = largest_block[kernel];
+  largest = std::max(largest, threads);
+}
+
+// (kernel symbol, largest block) of every kernel launched so far in this process.
+inline std::vector<std::pair<std::string, int>> launched_kernels() {
+  std::lock_guard<std::mutex> lock(launches_mutex);
+  std::vector<std::pair<std::string, int>> launched;
+  for (const auto& [kernel, threads] : largest_block) {
+    Dl_info info{};
+    const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
+    launched.emplace_back(named ? info.dli_sname : "", threads);
+  }
+  return launched;
+}
+
 // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel: what opt_in_shared_memory granted.
 inline std::mutex granted_mutex;
 inline std::map<const void*, size_t> granted_dynamic_shared;
@@ -424,6 +449,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
   if (threads > kMaxThreadsPerBlock)
     return refuse(cudaErrorInvalidConfiguration,
                   "blocks of " + std::to_string(threads) + " threads (at most " + std::to_string(kMaxThreadsPerBlock) + ")");
+  note_launch(reinterpret_cast<const void*>(kernel), threads);
   const size_t granted = granted_dynamic(reinterpret_cast<const void*>(kernel));
   const size_t dynamic_limit = granted > 0 ? granted : kDefaultSharedBytes;
   if (shared > dynamic_limit)

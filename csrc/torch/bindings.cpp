@@ -58,6 +58,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none());
 #ifdef IK_CUDA_EMULATION
   m.def("emulated_launches", &emulation::launched_kernels,
-        "(kernel symbol, largest block) of every kernel the emulation has launched in this process");
+        "(library file, kernel symbol, largest block) of every kernel the emulation has launched in this process");
 #endif
 }

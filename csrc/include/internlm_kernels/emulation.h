@@ -50,6 +50,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "internlm_kernels/common.h"
@@ -373,14 +374,17 @@ inline void note_launch(const void* kernel, int threads) {
   largest = std::max(largest, threads);
 }
 
-// (kernel symbol, largest block) of every kernel launched so far in this process.
-inline std::vector<std::pair<std::string, int>> launched_kernels() {
+// (library file, kernel symbol, largest block) of every kernel launched so far in this
+// process. These inline variables are one per process (GNU unique symbols), shared by every
+// emulated library loaded: the file tells them apart.
+inline std::vector<std::tuple<std::string, std::string, int>> launched_kernels() {
   std::lock_guard<std::mutex> lock(launches_mutex);
-  std::vector<std::pair<std::string, int>> launched;
+  std::vector<std::tuple<std::string, std::string, int>> launched;
   for (const auto& [kernel, threads] : largest_block) {
     Dl_info info{};
-    const bool named = dladdr(kernel, &info) != 0 && info.dli_sname != nullptr;
-    launched.emplace_back(named ? info.dli_sname : "", threads);
+    const bool found = dladdr(kernel, &info) != 0;
+    launched.emplace_back(found && info.dli_fname != nullptr ? info.dli_fname : "",
+                          found && info.dli_sname != nullptr ? info.dli_sname : "", threads);
   }
   return launched;
 }

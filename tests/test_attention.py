@@ -1096,7 +1096,7 @@ def test_decode_splits_share_the_keys_a_short_sequence_has(window, device):
     """The split count comes from the cache's capacity (CUDA graphs replay with new lengths),
     but each split takes an equal run of the key blocks its sequence has: a short sequence
     in a long cache (a serving engine's cache sized for the longest request), or a sliding
-    window, is spread over every split rather than left to the first few. The Triton
+    window, spreads over as many splits as it has key blocks rather than the first few. The Triton
     partials show which splits saw keys; the combined output must match the reference."""
     capacity, length, heads_kv, group, head_dim = 4096, 300, 1, 4, 64
     k_cache, v_cache = _cache(1, capacity, heads_kv, head_dim, torch.float16, device)

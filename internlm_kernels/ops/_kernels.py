@@ -27,8 +27,8 @@ def cuda_rotary_item_blocks(heads_q: int, heads_k: int, rotary_half: int, elemen
     """The CUDA rotary grid's z extent (rotary_item_blocks, csrc/include/internlm_kernels/rotary.h):
     a token's work items, a 16-byte chunk of the rotary half of 2 heads each, 256 a block."""
     per_chunk = 16 // element_size
-    items = (-(-heads_q // 2) - (-heads_k // 2)) * -(-rotary_half // per_chunk)
-    return -(-items // 256) if items > 0 else 1
+    items = ((heads_q + 1) // 2 + (heads_k + 1) // 2) * ((rotary_half + per_chunk - 1) // per_chunk)
+    return (items + 255) // 256 if items > 0 else 1
 
 
 def kernels(backend: str, op: str) -> ModuleType:

@@ -18,11 +18,18 @@ from typing import Callable, Dict
 
 import torch
 
+def _backward_variant_cases() -> Dict[str, Dict[str, str]]:
+    """The CUDA attention backward's selectable layouts, as the benchmark times them:
+    ``attention_bwd_<layout>``: {switch: value}."""
+    from internlm_kernels.bench.cases import CUDA_BACKWARD_VARIANTS
+
+    return {"attention_bwd_" + name.removeprefix("cuda_"): settings for name, settings in CUDA_BACKWARD_VARIANTS.items()}
+
+
 CASES = ("rms_norm_fwd", "rms_norm_fwd_n8192", "rms_norm_fwd_n8192_triton", "rms_norm_bwd", "rms_norm_bwd_triton",
          "rms_norm_bwd_triton_no_tma", "fused_add_rms_norm_fwd",
          "rotary_fwd", "rotary_fwd_triton", "attention_fwd", "attention_fwd_warp_rows16", "attention_bwd",
-         "attention_bwd_dq_warp_rows32", "attention_bwd_atomic_dq", "attention_bwd_key_block128", "attention_bwd_triton",
-         "attention_decode")
+         *_backward_variant_cases(), "attention_bwd_triton", "attention_decode")
 
 
 def build_cases(device: torch.device, backend: str = "cuda", small: bool = False) -> Dict[str, Callable[[], object]]:
@@ -80,19 +87,16 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "rms_norm_bwd": lambda: torch.autograd.grad(normed, (x_grad, weight_grad), grad_normed, retain_graph=True),
         "rms_norm_bwd_triton": lambda: torch.autograd.grad(normed_compared, (x_grad, weight_grad), grad_normed,
                                                            retain_graph=True),
-        "rms_norm_bwd_triton_no_tma": with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0", lambda: torch.autograd.grad(
+        "rms_norm_bwd_triton_no_tma": with_env({"INTERNLM_KERNELS_TRITON_NORM_BWD_TMA": "0"}, lambda: torch.autograd.grad(
             normed_compared, (x_grad, weight_grad), grad_normed, retain_graph=True)),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "rotary_fwd_triton": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=compared),
         "attention_fwd": lambda: ik.flash_attention(q, k, v, causal=True, backend=backend),
-        "attention_fwd_warp_rows16": with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16",
+        "attention_fwd_warp_rows16": with_env({"INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS": "16"},
                                               lambda: ik.flash_attention(q, k, v, causal=True, backend=backend)),
         "attention_bwd": attention_grads(attended),
-        "attention_bwd_dq_warp_rows32": with_env("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32",
-                                                 attention_grads(attended)),
-        "attention_bwd_atomic_dq": with_env("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1", attention_grads(attended)),
-        "attention_bwd_key_block128": with_env("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128", attention_grads(attended)),
+        **{name: with_env(settings, attention_grads(attended)) for name, settings in _backward_variant_cases().items()},
         "attention_bwd_triton": attention_grads(attended_compared),
         "attention_decode": lambda: ik.flash_attention_with_kvcache(q_step, k_cache, v_cache, cache_seqlens=lengths,
                                                                     backend=backend),

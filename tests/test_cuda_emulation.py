@@ -278,33 +278,34 @@ def test_emulated_backward_dq_paths_packed_varlen(cuda_backend, dq_path, monkeyp
 
 
 def test_emulated_bench_backward_variants_reach_the_backward(cuda_backend, kernels, monkeypatch):
-    """Each benchmark provider of a CUDA backward layout has its switch set when the backward
-    launches (the glue reads it there); set around the forward alone, the row would time the
-    default backward under another name."""
+    """Each benchmark provider of a CUDA backward layout has its switches, and no other, set
+    when the backward launches (the glue reads them there); set around the forward alone, the
+    row would time the default backward under another name."""
     from internlm_kernels import backends
     from internlm_kernels.bench import cases
 
     seen = {}
+    switches = {switch for settings in cases.CUDA_BACKWARD_VARIANTS.values() for switch in settings}
 
     class Probe:  # the emulated extension, recording the switches at each backward launch
         def __getattr__(self, name):
             return getattr(kernels, name)
 
         def attention_bwd(self, *args):
-            for switch, _ in cases.CUDA_BACKWARD_VARIANTS.values():
-                seen[switch] = os.environ.get(switch)
+            seen.update({switch: os.environ.get(switch) for switch in switches})
             return kernels.attention_bwd(*args)
 
     monkeypatch.setattr(backends, "extension", Probe())
-    for switch, _ in cases.CUDA_BACKWARD_VARIANTS.values():
+    for switch in switches:
         monkeypatch.delenv(switch, raising=False)
     case = cases.attention_case(CPU, torch.bfloat16, 1, 40, 2, 1, 128, True, ["cuda"], backward=True)
     assert set(case.providers) == {"cuda", *cases.CUDA_BACKWARD_VARIANTS}
-    for name, (switch, value) in cases.CUDA_BACKWARD_VARIANTS.items():
+    for name, settings in cases.CUDA_BACKWARD_VARIANTS.items():
         seen.clear()
         case.providers[name]()
-        assert seen[switch] == value, f"{name}: {switch} was {seen.get(switch)!r} when the backward launched"
-        assert all(v is None for s, v in seen.items() if s != switch), f"{name}: other switches set: {seen}"
+        expected = {switch: settings.get(switch) for switch in switches}
+        assert seen == expected, f"{name}: the switches at the backward's launch were {seen}, expected {expected}"
+    assert all(os.environ.get(switch) is None for switch in switches), "the switches are restored after each call"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

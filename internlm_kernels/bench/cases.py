@@ -46,11 +46,16 @@ class Case:
     backward_kernels: Dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
 
 
-# Benchmark providers of the CUDA attention backward's selectable layouts: (switch, value).
+# Benchmark providers of the CUDA attention backward's selectable layouts: {switch: value}.
+_ATOMIC_DQ = {"INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ": "1"}  # dQ by fp32 atomics in the dK/dV kernel
+_KEY_BLOCK128 = {"INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK": "128"}  # d = 128: 128-key dK/dV, scores shared
 CUDA_BACKWARD_VARIANTS = {
-    "cuda_dq_warp_rows32": ("INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS", "32"),  # dQ kernel, 32 rows per warp
-    "cuda_atomic_dq": ("INTERNLM_KERNELS_CUDA_BWD_ATOMIC_DQ", "1"),  # dQ by fp32 atomics in the dK/dV kernel
-    "cuda_key_block128": ("INTERNLM_KERNELS_CUDA_BWD_KEY_BLOCK", "128"),  # d = 128: 128-key dK/dV, scores shared
+    "cuda_dq_warp_rows32": {"INTERNLM_KERNELS_CUDA_BWD_DQ_WARP_ROWS": "32"},  # dQ kernel, 32 rows per warp
+    "cuda_atomic_dq": _ATOMIC_DQ,
+    "cuda_key_block128": _KEY_BLOCK128,
+    # FlashAttention-2's backward as a whole: 128-key programs that add dQ by atomics (5
+    # products per tile pair, where the dQ kernel's two-kernel backward does 7)
+    "cuda_key_block128_atomic_dq": {**_KEY_BLOCK128, **_ATOMIC_DQ},
 }
 
 
@@ -114,19 +119,20 @@ def _backward_runner(forward: Callable[[], object], inputs: Sequence[Tensor], gr
     return run
 
 
-def with_env(name: str, value: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn with the environment variable ``name`` set to ``value`` during each call (a kernel
-    choice the CUDA glue reads per call)."""
+def with_env(settings: Dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the environment variables ``settings`` (name: value) set during each call
+    (kernel choices the glue reads per call), and restored after it."""
     def call():
-        previous = os.environ.get(name)
-        os.environ[name] = value
+        previous = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             return fn()
         finally:
-            if previous is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = previous
+            for name, value in previous.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     return call
 
 
@@ -198,7 +204,7 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
     if not backward and "cuda" in impls:
         # The CUDA forward loading its weight after the reduction instead of staging it in
         # shared memory while the row loads (the switch is read at each launch).
-        impls["cuda_unstaged_weight"] = with_env("INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT", "0", impls["cuda"])
+        impls["cuda_unstaged_weight"] = with_env({"INTERNLM_KERNELS_CUDA_NORM_FWD_STAGE_WEIGHT": "0"}, impls["cuda"])
     shape = {"M": rows, "N": hidden}
     if not backward:
         # fwd reads x (and residual), writes out (and residual_out)
@@ -217,9 +223,9 @@ def rms_norm_cases(device, dtype, rows: int, hidden: int, providers: Sequence[st
     if "triton" in impls and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
         # The Triton backward's pointer kernel, which its TMA kernel replaces on sm_90+ (the
         # switch is read when the backward launches, so it wraps the backward runner).
-        runners["triton_no_tma"] = with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0",
+        runners["triton_no_tma"] = with_env({"INTERNLM_KERNELS_TRITON_NORM_BWD_TMA": "0"},
                                             _backward_runner(impls["triton"], inputs, grads))
-        kernels_only["triton_no_tma"] = with_env("INTERNLM_KERNELS_TRITON_NORM_BWD_TMA", "0", kernels_only["triton"])
+        kernels_only["triton_no_tma"] = with_env({"INTERNLM_KERNELS_TRITON_NORM_BWD_TMA": "0"}, kernels_only["triton"])
     # bwd reads dy, x (fused: dy, d residual_out, residual_out), writes dx (fused: dx, d residual)
     bytes_moved = (5 if fused else 3) * rows * hidden * element
     return Case(f"{op}_bwd", dtype, shape, bytes_moved, None, runners, _against(e.detach() for e in expected),
@@ -325,7 +331,7 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         if backend in providers and (backend != "cuda" or head_dim in CUDA_HEAD_DIMS):
             impls[backend] = lambda b=backend: ik.flash_attention(q, k, v, causal=causal, backend=b)
     if not backward and "cuda" in impls:  # the CUDA forward's other warp layout (8 warps of 16 rows)
-        impls["cuda_warp_rows16"] = with_env("INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS", "16", impls["cuda"])
+        impls["cuda_warp_rows16"] = with_env({"INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS": "16"}, impls["cuda"])
     small_enough = batch * heads_q * seqlen * seqlen <= EAGER_MAX_SCORES
     if "eager" in providers and small_enough:
         impls["eager"] = lambda: reference.attention(q, k, v, causal=causal)
@@ -356,9 +362,9 @@ def attention_case(device, dtype, batch: int, seqlen: int, heads_q: int, heads_k
         # The CUDA backward's other layouts. The glue reads their switches when the backward
         # launches, so each wraps a backward runner; around the forward alone (as until
         # 2026-11-28) the row timed the default backward under another name.
-        for name, (switch, value) in CUDA_BACKWARD_VARIANTS.items():
-            if name != "cuda_key_block128" or (head_dim == 128 and takes_key_block128(device)):
-                runners[name] = with_env(switch, value, _backward_runner(impls["cuda"], (q, k, v), (grad,)))
+        for name, settings in CUDA_BACKWARD_VARIANTS.items():
+            if settings.keys().isdisjoint(_KEY_BLOCK128) or (head_dim == 128 and takes_key_block128(device)):
+                runners[name] = with_env(settings, _backward_runner(impls["cuda"], (q, k, v), (grad,)))
     return Case("attention_bwd", dtype, shape, None, flops, runners,
                 _backward_oracle(q, k, v, grad, causal, ends))
 

@@ -4,10 +4,13 @@
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
 import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The test steps of gpu_check.sh, as named to scripts/pytest_resilient.py.
 TEST_STEPS = ("tests", "attention", "random")
@@ -63,11 +66,16 @@ def ptxas_summary(out: str) -> list:
         [f"  {line.strip()}" for line in spills[:10]]
 
 
-def bench_summary(out: str) -> list:
+def bench_document(out: str):
+    """The benchmark's results document of the run, or None."""
     paths = sorted(path for path in glob.glob(os.path.join(out, "*.json")) if not path.endswith("-status.json"))
-    if not paths:
+    return json.load(open(paths[-1])) if paths else None
+
+
+def bench_summary(out: str) -> list:
+    document = bench_document(out)
+    if document is None:
         return [f"bench: no results json; {exit_code_note(os.path.join(out, 'bench.log'), 'bench')}"]
-    document = json.load(open(paths[-1]))
     ceilings = document.get("ceilings", {})
     lines = [f"bench: {document.get('gpu')} {document.get('date')} {document.get('versions')}",
              f"  ceilings: {ceilings}",
@@ -82,6 +90,21 @@ def bench_summary(out: str) -> list:
                      f"{'-' if graph is None else f'{graph:.4f}':>9}{(rate or 0):>9.0f}"
                      f"{(frac or 0):>6.2f}{'-' if error is None else f'{error:.2e}':>10}  {speedups}")
     return lines
+
+
+def targets_summary(out: str) -> list:
+    """The CUDA kernels' targets against the run's rows (internlm_kernels/bench/targets.py,
+    loaded from its file: the summary should not depend on the package importing)."""
+    document = bench_document(out)
+    if document is None:
+        return []
+    spec = importlib.util.spec_from_file_location(
+        "targets", os.path.join(REPO, "internlm_kernels", "bench", "targets.py"))
+    targets = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = targets  # dataclasses look their module up there
+    spec.loader.exec_module(targets)
+    return ["targets (CUDA kernels; as called, graph replay in brackets):"] + \
+        [f"  {line}" for line in targets.target_lines(document)]
 
 
 def dispatch_summary(out: str) -> list:
@@ -151,6 +174,7 @@ def main(out: str, phase: str = "all") -> None:
             sections.insert(0, ["exception probe:"] + ["  " + line for line in open(probe).read().splitlines()])
     if phase in ("all", "bench"):
         sections.append(bench_summary(out))
+        sections.append(targets_summary(out))
         sections.append(dispatch_summary(out))
         log = os.path.join(out, "bench.log")
         if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):

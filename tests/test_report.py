@@ -78,3 +78,45 @@ def test_rows_carry_the_graph_time_into_json_csv_and_table(tmp_path):
     assert csv_lines[0].startswith("op,provider,dtype,shape,ms,ms_graph,")
     assert ",0.200000,0.050000," in csv_lines[1] and ",0.900000,-," in csv_lines[2]
     assert "graph ms" in harness.format_table(rows)
+
+
+def test_targets_give_a_verdict_per_row_of_our_cuda_providers():
+    from internlm_kernels.bench.targets import target_lines
+
+    def row(op, provider, shape, frac=None, ms=1.0, ms_graph=None, speedup_vs=None):
+        return {"op": op, "provider": provider, "shape": shape, "ms": ms, "ms_graph": ms_graph,
+                "frac_of_ceiling": frac, "speedup_vs": speedup_vs or {}}
+
+    norm = {"M": 16384, "N": 4096}
+    attention = {"B": 2, "S": 8192, "Hq": 32, "Hkv": 8, "D": 128, "causal": 1}
+    decode = {"B": 1, "L": 32768, "Hq": 32, "Hkv": 8, "D": 128}
+    document = {"results": [
+        row("rms_norm_fwd", "cuda", norm, frac=0.92, speedup_vs={"torch_compile": 1.1, "triton": 1.4}),
+        row("rms_norm_fwd", "triton", norm, frac=0.99),  # not ours: no line
+        row("rms_norm_fwd", "cuda", {"M": 64, "N": 4096}, frac=0.1),  # not the target's rows
+        row("rotary_fwd", "cuda", {}, frac=0.80, ms=1.0, ms_graph=0.9),  # 0.89 from the graph
+        row("attention_bwd", "cuda", attention, speedup_vs={"sdpa_flash": 0.71}),
+        row("attention_bwd", "cuda_key_block128_atomic_dq", attention, speedup_vs={"sdpa_flash": 0.83}),
+        row("attention_bwd", "cuda_atomic_dq", attention),  # no sdpa_flash beside it
+        row("attention_bwd", "cuda_key_block128", attention, speedup_vs={"sdpa_flash": 0.99}),  # skipped
+        row("attention_decode", "cuda", decode, frac=0.5),
+        row("attention_decode", "cuda_paged", decode, frac=0.9),  # another call: no line
+    ]}
+    lines = target_lines(document, skip=lambda r: r["provider"] == "cuda_key_block128")
+    assert "rms_norm_fwd [M=16384] >= 0.9 of copy bandwidth: cuda [N=4096]: 0.92 met" in lines
+    assert "rms_norm_fwd [M=16384] >= 1.25 x torch_compile: cuda [N=4096]: 1.10 short" in lines
+    assert "rms_norm_fwd [M=16384] >= 1 x triton: cuda [N=4096]: 1.40 met" in lines
+    assert "rms_norm_bwd [M=16384] >= 0.8 of copy bandwidth: not in this run" in lines
+    assert "rotary_fwd >= 0.85 of copy bandwidth: cuda: 0.80 (graph 0.89) short, met from a graph" in lines
+    assert "attention_bwd [S=8192,D=128,causal=1] >= 0.8 x sdpa_flash: cuda [B=2,Hq=32,Hkv=8]: 0.71 short" in lines
+    assert ("attention_bwd [S=8192,D=128,causal=1] >= 0.8 x sdpa_flash: cuda_key_block128_atomic_dq "
+            "[B=2,Hq=32,Hkv=8]: 0.83 met") in lines
+    assert ("attention_bwd [S=8192,D=128,causal=1] >= 0.8 x sdpa_flash: cuda_atomic_dq [B=2,Hq=32,Hkv=8]: "
+            "no sdpa_flash in this run") in lines
+    assert "attention_fwd [S=8192,D=128,causal=1] >= 0.9 x sdpa_flash: not in this run" in lines
+    assert "attention_decode >= 0.8 of copy bandwidth: cuda [B=1,L=32768,Hq=32,Hkv=8,D=128]: 0.50 short" in lines
+    # our CUDA rows only: not triton's, not the paged decode's (another call), not the skipped one
+    providers = {line.split(": ")[1].split(" [")[0] for line in lines if line.count(": ") >= 2}
+    assert providers == {"cuda", "cuda_atomic_dq", "cuda_key_block128_atomic_dq"}
+    assert not any("M=64" in line for line in lines)
+    assert len(lines) == 12, lines

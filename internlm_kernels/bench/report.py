@@ -15,6 +15,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from internlm_kernels.bench.targets import target_lines
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 README = os.path.join(REPO, "benchmarks", "README.md")
@@ -133,6 +135,11 @@ def results_table(paths: List[str]) -> str:
         lines.append("")
         lines += [f"Left out: the {op} rows of {provider}: {why}." for (op, provider), why in left_out.items()]
         lines += [""] if left_out else []
+        lines += ["Targets of the CUDA kernels (`internlm_kernels/bench/targets.py`; fractions as called, "
+                  "from a CUDA graph in brackets):", ""]
+        lines += [f"- {line}" for line in
+                  target_lines(document, lambda row, path=path: _mislabelled(path, row["op"], row["provider"]))]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

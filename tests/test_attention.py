@@ -687,6 +687,92 @@ def test_compiles_without_graph_breaks_varlen_lengths_on_device(backend, device)
         torch.testing.assert_close(dq, dq_eager, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", [*ATTENTION_BACKENDS, "torch"])
+def test_compiles_once_for_dynamic_shapes(backend, device):
+    # One graph for every packed length and batch size: the ops' Python (checks, backend
+    # choice) adds guards on sizes, never a specialisation that would recompile.
+    torch._dynamo.reset()
+    dtype = torch.float32 if backend == "torch" else torch.float16
+
+    def layers(q, k, v, cu, q_dense, k_dense, v_dense):
+        packed = ik.flash_attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, backend=backend)
+        return packed, ik.flash_attention(q_dense, k_dense, v_dense, causal=True, backend=backend)
+
+    compiled = torch.compile(layers, fullgraph=True, dynamic=True)
+    d = _dim(backend, 16)
+    # The kernels are opaque to the compiler: the same launches, the same bits. The reference's
+    # dense path is compiled (fused by inductor), so it may round differently.
+    exact = {} if backend == "torch" else {"rtol": 0, "atol": 0}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # Sizes unlike each other and the fixed ones (heads, head dim, the 3 cu_seqlens entries):
+        # Dynamo specialises sizes of 1 and ties equal sizes together (duck sizing).
+        for tokens, batch in ((9, 5), (14, 6)):
+            packed = [t.requires_grad_(True) for t in _qkv(None, tokens, tokens, 4, 2, d, dtype, device, packed=True)]
+            dense = [t.requires_grad_(True) for t in _qkv(batch, tokens, tokens, 4, 2, d, dtype, device)]
+            cu = torch.tensor([0, 4, tokens], device=device, dtype=torch.int32)
+            outs, expected = compiled(*packed, cu, *dense), layers(*packed, cu, *dense)
+            torch.testing.assert_close(outs, expected, **exact)
+            grads = [torch.randn_like(o) for o in outs]
+            torch.testing.assert_close(torch.autograd.grad(outs, packed + dense, grads),
+                                       torch.autograd.grad(expected, packed + dense, grads), **exact)
+
+
+def test_reference_backend_compiles_without_graph_breaks_packed_and_kvcache(device):
+    # The reference reads packed lengths and cache lengths on the host, which Dynamo cannot
+    # trace; while compiling, those calls run it inside the ops (float32: "auto" takes the
+    # reference too). Same values and gradients as the reference called eagerly.
+    torch._dynamo.reset()
+
+    def layer(q, k, v, cu):
+        return ik.flash_attention(q * 0.5, k, v, causal=True, window_size=(5, -1), cu_seqlens_q=cu,
+                                  cu_seqlens_k=cu, backend="auto")
+
+    q, k, v = (t.requires_grad_(True) for t in _qkv(None, 14, 14, 4, 2, 16, torch.float32, device, packed=True))
+    compiled = torch.compile(layer, fullgraph=True)
+    for cu in ([0, 5, 5, 14], [0, 1, 13]):  # an empty sequence; a padding row
+        cu = torch.tensor(cu, device=device, dtype=torch.int32)
+        out, expected = compiled(q, k, v, cu), reference.attention(q * 0.5, k, v, causal=True, window_size=(5, -1),
+                                                                   cu_seqlens_q=cu, cu_seqlens_k=cu)
+        torch.testing.assert_close(out, expected)
+        grad = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), grad),
+                                   torch.autograd.grad(expected, (q, k, v), grad))
+
+    def decode(q, k_cache, v_cache, k, v, lengths, cos, sin):
+        return ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths,
+                                               rotary_cos=cos, rotary_sin=sin, backend="torch")
+
+    q, new_k, new_v = (torch.randn(2, 2, heads, 16, device=device) for heads in (4, 2, 2))
+    caches = _cache(2, 10, 2, 16, torch.float32, device)
+    lengths = torch.tensor([3, 8], device=device, dtype=torch.int32)
+    cos, sin = ik.rotary_cos_sin(12, 16, device=device)
+    expected_caches = [c.clone() for c in caches]
+    expected = reference.attention_with_kvcache(q, *expected_caches, k=new_k, v=new_v, cache_seqlens=lengths,
+                                                rotary_cos=cos, rotary_sin=sin)
+    with torch.no_grad():
+        out = torch.compile(decode, fullgraph=True)(q, *caches, new_k, new_v, lengths, cos, sin)
+    torch.testing.assert_close(out, expected)
+    for cache, expected_cache in zip(caches, expected_caches):
+        assert torch.equal(cache, expected_cache), "the compiled call appends to the caches as the reference does"
+
+
+def test_opcheck_reference_backend(device):
+    # The ops with backend="torch" (what compiled packed and KV-cache calls of the reference
+    # run): schema, fake tensors and autograd registration, as test_opcheck for the kernels.
+    ops = torch.ops.internlm_kernels
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 9, 11, 4, 2, 16, torch.float32, device))
+    torch.library.opcheck(ops.flash_attn_fwd.default, (q, k, v, None, None, 0.25, True, -1, -1, False, "torch"))
+    cu = torch.tensor([0, 4, 9], device=device, dtype=torch.int32)
+    qp, kp, vp = (t.requires_grad_(True) for t in _qkv(None, 9, 9, 4, 2, 16, torch.float64, device, packed=True))
+    torch.library.opcheck(ops.flash_attn_fwd.default, (qp, kp, vp, cu, cu, 0.25, False, 2, 1, True, "torch"))
+    k_cache, v_cache = _cache(2, 12, 2, 16, torch.float32, device)
+    new = torch.randn(2, 1, 2, 16, device=device)
+    torch.library.opcheck(ops.flash_attn_kvcache.default,
+                          (torch.randn(2, 1, 4, 16, device=device), k_cache, v_cache, new, new,
+                           torch.tensor([2, 7], device=device, dtype=torch.int32), None, None, False, 0.25, True,
+                           -1, -1, None, "torch"))
+
+
 # --------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------

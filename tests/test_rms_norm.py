@@ -458,6 +458,28 @@ def test_compiles_without_graph_breaks(backend, device):
     assert_close_dtype(dx, dx_eager, torch.float32, "compiled grad")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiles_once_for_dynamic_shapes(backend, device):
+    # One graph for every number of rows (and row width): no size specialised by the ops.
+    torch._dynamo.reset()
+
+    def block(x, residual, weight):
+        h, residual = ik.fused_add_rms_norm(x * 2, residual, weight, backend=backend)
+        return ik.rms_norm(h, weight, backend=backend) + residual
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for rows, hidden in ((5, 64), (9, 96)):
+            x, weight = _inputs((rows, hidden), torch.float32, device)
+            x.requires_grad_(True)
+            residual = torch.randn_like(x)
+            out, expected = compiled(x, residual, weight), block(x, residual, weight)
+            assert_close_dtype(out, expected, torch.float32, "compiled")
+            grad = torch.randn_like(out)
+            assert_close_dtype(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0],
+                               torch.float32, "compiled grad")
+
+
 # --------------------------------------------------------------------------------------
 # bad input: clear errors before any launch
 # --------------------------------------------------------------------------------------

@@ -319,6 +319,32 @@ def test_compiles_without_graph_breaks(backend, device):
     assert_close_dtype(dq, dq_eager, torch.float32, "compiled grad")
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiles_once_for_dynamic_shapes(backend, device):
+    # One graph for every batch, length and packed token count: no size specialised by the ops.
+    torch._dynamo.reset()
+    cos, sin = ik.rotary_cos_sin(32, 16, device=device)
+
+    def prologue(q, k, q_packed, k_packed, cu):
+        dense = ik.apply_rotary(q * 1.5, k, cos, sin, backend=backend)
+        packed = ik.apply_rotary(q_packed, k_packed, cos, sin, cu_seqlens=cu, backend=backend)
+        return (*dense, *packed)
+
+    compiled = torch.compile(prologue, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        # Sizes unlike each other and the fixed ones (heads, head dim, the 3 cu_seqlens entries):
+        # Dynamo specialises sizes of 1 and ties equal sizes together (duck sizing).
+        for batch, seqlen, tokens in ((5, 7, 11), (6, 9, 13)):
+            q, k = _qk(batch, seqlen, 4, 2, 16, torch.float32, device)
+            q_packed, k_packed = torch.randn(tokens, 4, 16, device=device), torch.randn(tokens, 2, 16, device=device)
+            q.requires_grad_(True)
+            cu = torch.tensor([0, 3, tokens], device=device, dtype=torch.int32)
+            outs, expected = compiled(q, k, q_packed, k_packed, cu), prologue(q, k, q_packed, k_packed, cu)
+            torch.testing.assert_close(outs, expected)
+            grad = torch.randn_like(outs[0])
+            torch.testing.assert_close(torch.autograd.grad(outs[0], q, grad), torch.autograd.grad(expected[0], q, grad))
+
+
 # --------------------------------------------------------------------------------------
 # bad input: clear errors before any launch
 # --------------------------------------------------------------------------------------

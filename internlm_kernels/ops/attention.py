@@ -12,7 +12,10 @@ Registered ops (namespace ``internlm_kernels``):
 
 The API mirrors flash-attention's ``flash_attn_func`` / ``flash_attn_varlen_func`` /
 ``flash_attn_with_kvcache`` so model code can switch. The "torch" backend is the eager
-reference (any dtype and head dim; its varlen path syncs with the host).
+reference (any dtype and head dim; its varlen and KV-cache paths sync with the host). Called
+eagerly it runs directly; while torch.compile traces, its packed and KV-cache calls go
+through the ops above with backend "torch" (the lengths it reads on the host cannot be
+traced), whose implementations run the same reference.
 """
 
 from __future__ import annotations
@@ -158,6 +161,12 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    """The log-sum-exp's dtype: fp32 (the kernels' 16-bit inputs, and fp32); fp64 for the
+    reference's fp64 inputs."""
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _new_outputs(q: Tensor, packed: bool) -> Tuple[Tensor, Tensor]:
     # Packed inputs may carry padding rows past cu_seqlens_q[-1]: defined as zero / -inf.
     if packed:
@@ -172,6 +181,11 @@ def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tens
                     softmax_scale: float, causal: bool, window_left: int, window_right: int,
                     deterministic: bool, backend: str) -> Tuple[Tensor, Tensor]:
     # ``deterministic`` only matters to the backward; it rides here so autograd saves it.
+    if backend == "torch":
+        out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                       window_size=(window_left, window_right), cu_seqlens_q=cu_seqlens_q,
+                                       cu_seqlens_k=cu_seqlens_k, return_lse=True)
+        return out.contiguous(), lse.contiguous()
     packed = cu_seqlens_q is not None
     out, lse = _new_outputs(q, packed)
     if q.numel() > 0 and k.numel() == 0:  # no keys at all: zeros and -inf, nothing to launch
@@ -187,7 +201,7 @@ def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tens
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_left, window_right, deterministic,
       backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty(_lse_shape(q, cu_seqlens_q is not None), device=q.device, dtype=torch.float32))
+            torch.empty(_lse_shape(q, cu_seqlens_q is not None), device=q.device, dtype=_lse_dtype(q)))
 
 
 @kernel_op("flash_attn_bwd")
@@ -195,6 +209,16 @@ def _flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], softmax_scale: float,
                     causal: bool, window_left: int, window_right: int, deterministic: bool,
                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        # The reference's own gradients, recomputed. torch.func, not autograd: a custom op's
+        # implementation runs below the autograd dispatch keys, where no graph is recorded.
+        def forward(q, k, v):
+            return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                       window_size=(window_left, window_right), cu_seqlens_q=cu_seqlens_q,
+                                       cu_seqlens_k=cu_seqlens_k)
+
+        _, pullback = torch.func.vjp(forward, q, k, v)
+        return tuple(g.contiguous() for g in pullback(dout))
     packed = cu_seqlens_q is not None
     allocate = torch.zeros_like if packed else torch.empty_like  # packed padding rows get zero gradients
     dq, dk, dv = (allocate(t, memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -241,6 +265,11 @@ def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional
                         cache_seqlens: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
                         rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,
                         window_right: int, block_table: Optional[Tensor], backend: str) -> Tensor:
+    if backend == "torch":
+        return reference.attention_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=softmax_scale,
+            window_size=(window_left, window_right), rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+            rotary_interleaved=rotary_interleaved, block_table=block_table).contiguous()
     # Two launches plus the split combine: the append writes k (rotated) and v, the decode
     # rotates q as it loads it. Paged caches pass their block table to both.
     launch = kernels(backend, "attention")
@@ -313,7 +342,10 @@ def flash_attention(
     window = _check_window(op, window_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q, k, v))
-    if chosen == "torch":
+    # The reference's packed path reads the lengths on the host, which torch.compile cannot
+    # trace: while compiling, packed calls go through the op (opaque to the compiler, its
+    # implementation the same reference), and the rest is traced.
+    if chosen == "torch" and not (cu_seqlens_q is not None and torch.compiler.is_compiling()):
         return reference.attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window,
                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=return_lse)
     if cu_seqlens_q is not None:
@@ -458,7 +490,7 @@ def flash_attention_with_kvcache(
         return operand_limits(candidate)
 
     chosen = choose_backend(backend, q.device, op, kvcache_limits)
-    if chosen == "torch":
+    if chosen == "torch" and not torch.compiler.is_compiling():  # compiling: the op (lengths read on the host)
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
             window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,

@@ -19,7 +19,7 @@ built extension), and memory-model subtleties below barrier granularity; those n
 run.
 
 Runs on any machine with a C++20 compiler and the CUDA headers (CUDA_HOME or /usr/local/cuda);
-the first run builds into build/emulation (about 2 minutes on 2 cores).
+the first run builds into build/emulation (2-3 minutes on 2 cores).
 """
 
 from __future__ import annotations

@@ -397,6 +397,15 @@ def test_emulated_kvcache_refuses_a_decode_too_large_before_the_append(cuda_back
     with pytest.raises(RuntimeError, match="the cuda decode takes at most"):
         ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=5, backend="cuda")
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "the refused call wrote the caches"
+    # 65536 KV heads: the append takes them (heads x head_dim below 2^30), the decode's do not.
+    heads = 65536
+    q = torch.randn(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, 1, heads, 64)
+    k_cache, v_cache = (torch.randn(1, 4, heads, 64, dtype=torch.bfloat16) for _ in range(2))
+    k_new = torch.randn(1, 1, 1, 64, dtype=torch.bfloat16).expand(1, 1, heads, 64)
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(RuntimeError, match=f"the cuda decode takes at most 65535 KV heads, got {heads}"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_new, v=k_new, cache_seqlens=1, backend="cuda")
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]), "the refused call wrote the caches"
 
 
 def test_emulated_kvcache_decode_window_and_overflow(cuda_backend):

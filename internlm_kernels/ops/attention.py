@@ -31,7 +31,9 @@ from internlm_kernels._checks import (
 )
 from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
 from internlm_kernels.ops._dispatch import kernel_op
-from internlm_kernels.ops._kernels import CUDA_MAX_BATCH_ROWS, CUDA_MAX_GRID_X, CUDA_MAX_QUERY_ROWS, kernels
+from internlm_kernels.ops._kernels import (
+    CUDA_MAX_BATCH_ROWS, CUDA_MAX_GRID_X, CUDA_MAX_GRID_YZ, CUDA_MAX_QUERY_ROWS, kernels,
+)
 from internlm_kernels.ops.rotary import check_rotary_tables
 
 Tensor = torch.Tensor
@@ -481,6 +483,8 @@ def flash_attention_with_kvcache(
             return (f"the cuda decode takes at most {CUDA_MAX_QUERY_ROWS} query rows (positions x group) and "
                     f"{CUDA_MAX_GRID_X} blocks of 4 of them over the batch rows and KV heads, got {rows} rows x "
                     f"{batch} x {k_cache.shape[2]}")
+        if candidate == "cuda" and k_cache.shape[2] > CUDA_MAX_GRID_YZ:
+            return f"the cuda decode takes at most {CUDA_MAX_GRID_YZ} KV heads, got {k_cache.shape[2]}"
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
         if candidate == "cuda" and paged and leaves_choice_to_auto(backend):

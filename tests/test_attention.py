@@ -382,26 +382,33 @@ def test_kvcache_paged_lengths_out_of_range_are_nan(backend, device):
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 def test_kvcache_paged_table_entries_outside_the_pool_are_clamped(backend, device):
-    """Block-table entries below 0 or past the pool, inside a sequence's length, read the
-    first or last page (as the reference clamps them), and entries past its length are never
-    read: no access outside the pool, and the pool is left as it was."""
+    """Block-table entries below 0 or past the pool are clamped into it, as the reference
+    clamps them: reads of such a page take the first or last page, and new entries appended
+    through one land where the reference writes them (never outside the pool). Entries past a
+    sequence's length (here 2^31 - 1) take no part."""
     d, page_size = _dim(backend, 32), 8
     k_cache, v_cache = _cache(2, 48, 2, d, torch.bfloat16, device)
     k_pages, v_pages, table = as_pages(k_cache, v_cache, page_size, spare_pages=2)
     num_pages = k_pages.shape[0]
-    lengths = torch.tensor([37, 20], device=device, dtype=torch.int32)
+    lengths = torch.tensor([30, 20], device=device, dtype=torch.int32)
+    # sequence 0 reads page entries 0-3 and appends at positions 30, 31: through entry 3
     table[0, 1], table[0, 3], table[1, 0] = -1, num_pages + 7, -(2**31)
-    table[1, 3:] = 2**31 - 1  # past sequence 1's 20 positions (pages 0-2)
-    pools_before = k_pages.clone(), v_pages.clone()
-    q = torch.randn(2, 1, 4, d, device=device, dtype=torch.bfloat16)
+    table[1, 3:] = 2**31 - 1  # past sequence 1's 22 positions (pages 0-2)
+    k_new, v_new = (torch.randn(2, 2, 2, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(2, 2, 4, d, device=device, dtype=torch.bfloat16)
+    expected_pools = k_pages.clone(), v_pages.clone()
+    exact_pools = k_pages.double(), v_pages.double()
     with torch.no_grad():
-        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table,
-                                              backend=backend)
-        expected = reference.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
-        exact = reference.attention_with_kvcache(q.double(), k_pages.double(), v_pages.double(),
+        out = ik.flash_attention_with_kvcache(q, k_pages, v_pages, k=k_new, v=v_new, cache_seqlens=lengths,
+                                              block_table=table, backend=backend)
+        expected = reference.attention_with_kvcache(q, *expected_pools, k=k_new, v=v_new, cache_seqlens=lengths,
+                                                    block_table=table)
+        exact = reference.attention_with_kvcache(q.double(), *exact_pools, k=k_new.double(), v=v_new.double(),
                                                  cache_seqlens=lengths, block_table=table)
     assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "clamped block table")
-    assert torch.equal(k_pages, pools_before[0]) and torch.equal(v_pages, pools_before[1])
+    assert torch.equal(k_pages, expected_pools[0]) and torch.equal(v_pages, expected_pools[1]), \
+        "the appended entries land where the reference writes them"
+    assert torch.equal(k_pages[num_pages - 1, 6:], k_new[0]), "entry 3 of sequence 0 is clamped to the last page"
 
 
 def test_kvcache_triton_decode_row_limit_is_named(device):

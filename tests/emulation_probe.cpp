@@ -7,6 +7,7 @@
 // Built with -DIK_CUDA_EMULATION only.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -173,7 +174,8 @@ __global__ void launch_probe_kernel(const LaunchProbeParams p) {
 }
 
 std::string run_launch_probe(const std::string& name) {
-  alignas(16) uint16_t global[16] = {};
+  alignas(16) uint16_t global[16];
+  std::fill(global, global + 16, uint16_t(0x1234));
   uint32_t out[1] = {};
   const auto params = [&](int offset) { return LaunchProbeParams{global, offset, out}; };
   constexpr size_t k48K = 48 * 1024;
@@ -188,6 +190,10 @@ std::string run_launch_probe(const std::string& name) {
     error = launch_kernel(launch_probe_kernel<3>, dim3(1), dim3(64), 228 * 1024, nullptr, params(0));
   else if (name == "blocks_of_1056_threads")
     error = launch_kernel(launch_probe_kernel<4>, dim3(1), dim3(1056), 4096 + 256, nullptr, params(0));
+  else if (name == "blocks_of_64_deep")  // 128 threads, but z past 64
+    error = launch_kernel(launch_probe_kernel<7>, dim3(1), dim3(1, 1, 128), 4096, nullptr, params(0));
+  else if (name == "blocks_whose_size_wraps_32_bits")  // 65536 x 65536 threads: 0 in 32-bit arithmetic
+    error = launch_kernel(launch_probe_kernel<8>, dim3(1), dim3(65536, 65536, 1), 4096, nullptr, params(0));
   else if (name == "aligned_global_load")
     error = launch_kernel(launch_probe_kernel<5>, dim3(1), dim3(64), 256, nullptr, params(8));
   else if (name == "misaligned_global_load")
@@ -200,7 +206,10 @@ std::string run_launch_probe(const std::string& name) {
                      : error == cudaErrorInvalidConfiguration ? "invalid configuration"
                      : error == cudaErrorLaunchFailure        ? "launch failure"
                                                               : "other error";
-  return std::string(kind) + ": " + emulation::last_fault;
+  // The driver refuses a launch before any block runs: a refused launch writes nothing.
+  const bool refused = error == cudaErrorInvalidValue || error == cudaErrorInvalidConfiguration;
+  return std::string(kind) + ": " + emulation::last_fault +
+         (refused && out[0] != 0 ? " (yet a block ran and wrote its output)" : "");
 }
 
 // The first numerator in [first, last] whose quotient by ``divisor`` fast_divide gets wrong,

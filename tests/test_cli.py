@@ -177,8 +177,8 @@ def test_attention_rows_error_reads_the_last_batch_row(backward):
 
 def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path, monkeypatch):
     """--resume (gpu_check's bench phase after a cut) keeps the rows and ceilings already in
-    the results file when they come from this GPU, day and commit, and calls only the
-    providers not measured yet; a file from another commit is measured again in full."""
+    the results file when they come from this GPU, day, commit and --quick setting, and calls
+    only the providers not measured yet; a file from another commit is measured again in full."""
     import argparse
 
     from internlm_kernels.bench import cases, cli, harness, report
@@ -218,10 +218,13 @@ def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path,
     assert sorted((row["provider"], row["shape"]["N"]) for row in resumed["results"]) == [
         ("eager", 8), ("eager", 16), ("triton", 8), ("triton", 16)]
 
-    # Another commit's file, a file cut mid-write, or no commit to compare: everything again.
-    for case in ("other_commit", "truncated", "no_git"):
+    # Another commit's file, a file cut mid-write, no commit to compare, or a full run's rows
+    # under a --quick one: everything again.
+    assert resumed["quick"] is True
+    for case in ("other_commit", "truncated", "no_git", "not_quick"):
         monkeypatch.setattr(harness, "_git_commit", lambda: "unknown" if case == "no_git" else "abc1234")
         resumed["versions"]["commit"] = {"other_commit": "0000000", "no_git": "unknown"}.get(case, "abc1234")
+        resumed["quick"] = case != "not_quick"
         text = json.dumps(resumed)
         path.write_text(text[:len(text) // 2] if case == "truncated" else text)
         calls.clear(), ceilings_measured.clear()

@@ -117,10 +117,14 @@ def test_race_check_finds_missing_synchronisation(probe, pattern, message):
     # shared memory beside 512 B of static arrays, not opted in ("invalid argument" there).
     ("static_beside_48k_not_opted_in", r"^invalid value: too much shared memory: 512 B of static __shared__ arrays "
                                        r"beside 49152 B of dynamic shared memory pass the 49152 B a block gets "
-                                       r"without opting in"),
+                                       r"without opting in \(cudaFuncAttributeMaxDynamicSharedMemorySize\)$"),
     ("dynamic_past_the_opt_in_limit", r"^invalid value: an opt-in to 233472 B of dynamic shared memory, past the "
                                       r"232448 B a block may have"),
-    ("blocks_of_1056_threads", r"^invalid configuration: blocks of 1056 threads \(at most 1024\)"),
+    ("blocks_of_1056_threads", r"^invalid configuration: blocks of \(1056, 1, 1\) = 1056 threads \(at most "
+                               r"\(1024, 1024, 64\) and 1024 in all\)$"),
+    ("blocks_of_64_deep", r"^invalid configuration: blocks of \(1, 1, 128\) = 128 threads"),
+    ("blocks_whose_size_wraps_32_bits", r"^invalid configuration: blocks of \(65536, 65536, 1\) = 4294967296 "
+                                        r"threads"),
     ("aligned_global_load", ""),
     ("misaligned_global_load", r"^launch failure: misaligned address: a 16-byte global load at an address 8 B past "
                                r"a multiple of 16, by thread 0 of block \(0, 0, 0\)"),
@@ -128,7 +132,9 @@ def test_race_check_finds_missing_synchronisation(probe, pattern, message):
 def test_emulated_launches_follow_the_drivers_rules(probe, case, fault):
     """What the GPU refuses or faults on, the emulation refuses too, naming it: shared memory
     past what a block may have (static arrays count against the 48 KB of a block not opted
-    in), blocks of more than 1024 threads, misaligned 16-byte global accesses."""
+    in), blocks past 1024 threads or a dimension's limit, misaligned 16-byte global accesses.
+    A refused launch runs no block (the probe kernel's one global store would show: the
+    message ends in "yet a block ran" then, which the anchored patterns reject)."""
     result = probe.run_launch_probe(case)
     assert re.search(fault, result) if fault else result == "", result
 

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "on a GPU, benchmarks/results/local/ on a CPU)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows (and ceilings) already in the --json file when it comes from this GPU, "
-                             "day and commit (a run a time limit cut short), and measure only the rest")
+                             "day, commit and --quick setting (a run a time limit cut short), and measure only the "
+                             "rest")
 
 
 def _default_json_path(env, on_gpu: bool) -> str:
@@ -59,8 +60,8 @@ def _default_json_path(env, on_gpu: bool) -> str:
 
 
 def _kept_results(path: str, env) -> tuple:
-    """(rows, ceilings) of an earlier run into ``path`` on this GPU, today, at this commit;
-    ([], None) when there is none or it comes from elsewhere."""
+    """(rows, ceilings) of an earlier run into ``path`` on this GPU, today, at this commit, with
+    the same --quick; ([], None) when there is none or it comes from elsewhere."""
     if not os.path.exists(path):
         return [], None
     try:
@@ -69,8 +70,10 @@ def _kept_results(path: str, env) -> tuple:
     except ValueError as exc:
         print(f"--resume: {path} is not a results file ({exc}): measuring everything", flush=True)
         return [], None
-    here = (env["gpu"], env["date"], env["versions"]["commit"])
-    there = (document.get("gpu"), document.get("date"), document.get("versions", {}).get("commit"))
+    # --quick counts too: its rows take fewer samples, so the two kinds do not mix in one file.
+    here = (env["gpu"], env["date"], env["versions"]["commit"], env["quick"])
+    there = (document.get("gpu"), document.get("date"), document.get("versions", {}).get("commit"),
+             document.get("quick"))
     if here[2] == "unknown":
         print("--resume: no git commit to tell the code apart by: measuring everything", flush=True)
         return [], None
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     ops = args.ops.split(",")
     dtype = getattr(torch, args.dtype)
 
-    env = environment(device)
+    env = {**environment(device), "quick": bool(args.quick)}
     print(f"device: {env['gpu']}; torch {torch.__version__}; triton {env['versions']['triton']}; "
           f"commit {env['versions']['commit']}", flush=True)
     path = args.json or _default_json_path(env, on_gpu)

@@ -85,6 +85,7 @@ constexpr size_t kStaticSharedBytes = 48 * 1024;
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 constexpr size_t kOptInSharedBytes = 227 * 1024;
 constexpr int kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxBlockXY = 1024, kMaxBlockZ = 64;  // per dimension
 
 struct Block {
   dim3 index, grid, dim;
@@ -104,6 +105,7 @@ struct Block {
   size_t static_limit = 0;  // bytes the static arrays may take beside the dynamic allocation
   std::string static_limit_reason;
   std::string refusal;  // why the driver would have refused this launch (static arrays past the limit)
+  std::atomic<bool> refused{false};  // refusal is set: the block's threads stop (LaunchRefused)
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -130,6 +132,16 @@ inline int linear_thread() {
 }
 inline int lane() { return linear_thread() % kWarpSize; }
 inline Warp& warp() { return *current_block->warps[linear_thread() / kWarpSize]; }
+
+// Thrown in a block's threads once its launch turns out to be refused (static arrays past the
+// shared memory the block may have, known only when a thread reaches their declaration): each
+// thread stops at that declaration (or at its next barrier), so, as with the driver's refusal
+// before any block runs, the kernel writes nothing (kernels declare their arrays first).
+struct LaunchRefused {};
+
+inline void stop_if_refused() {
+  if (current_block->refused.load(std::memory_order_acquire)) throw LaunchRefused{};
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
   std::fprintf(stderr, "internlm_kernels emulation: %s\n", what.c_str());
@@ -427,10 +439,12 @@ T* static_shared(const void* site, size_t count) {
         b.refusal = "too much shared memory: " + std::to_string(b.static_used + bytes) + " B of static __shared__ " +
                   "arrays beside " + std::to_string(b.shared_bytes) + " B of dynamic shared memory " +
                   b.static_limit_reason;
+      b.refused.store(true, std::memory_order_release);
     }
     placed = b.static_arrays.emplace(site, b.static_offset + b.static_used).first;
     b.static_used += bytes;
   }
+  stop_if_refused();
   return reinterpret_cast<T*>(b.shared + placed->second);
 }
 
@@ -438,8 +452,6 @@ T* static_shared(const void* site, size_t count) {
 // dynamic shared memory.
 template <class... KernelArgs, class... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t shared, const Args&... args) {
-  const int threads = static_cast<int>(block.x * block.y * block.z);
-  if (threads % kWarpSize != 0) fail("blocks of whole warps only");
   // Refused, as by the driver.
   const auto refuse = [](cudaError_t error, const std::string& why) {
     std::lock_guard<std::mutex> lock(last_fault_mutex);
@@ -450,9 +462,16 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
     return refuse(cudaErrorInvalidConfiguration, "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                                                      ", " + std::to_string(grid.z) +
                                                      ") past the limits (2^31 - 1, 65535, 65535)");
-  if (threads > kMaxThreadsPerBlock)
+  // In 64 bits: a product of 32-bit dimensions can wrap to a small count.
+  const uint64_t block_threads = uint64_t(block.x) * block.y * block.z;
+  if (block.x > kMaxBlockXY || block.y > kMaxBlockXY || block.z > kMaxBlockZ || block_threads > kMaxThreadsPerBlock)
     return refuse(cudaErrorInvalidConfiguration,
-                  "blocks of " + std::to_string(threads) + " threads (at most " + std::to_string(kMaxThreadsPerBlock) + ")");
+                  "blocks of (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                      std::to_string(block.z) + ") = " + std::to_string(block_threads) + " threads (at most (" +
+                      std::to_string(kMaxBlockXY) + ", " + std::to_string(kMaxBlockXY) + ", " +
+                      std::to_string(kMaxBlockZ) + ") and " + std::to_string(kMaxThreadsPerBlock) + " in all)");
+  const int threads = static_cast<int>(block_threads);
+  if (threads == 0 || threads % kWarpSize != 0) fail("blocks of whole warps only");
   note_launch(reinterpret_cast<const void*>(kernel), threads);
   const size_t granted = granted_dynamic(reinterpret_cast<const void*>(kernel));
   const size_t dynamic_limit = granted > 0 ? granted : kDefaultSharedBytes;
@@ -487,7 +506,10 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
             current_block = &b;
             thread_index = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
             epoch = 0, warp_interval = 0, committed_groups = 0, in_flight.clear();
-            kernel(args...);
+            try {
+              kernel(args...);
+            } catch (const LaunchRefused&) {  // b.refusal says why
+            }
             in_flight.clear();  // copies never waited for: whoever reads them was already flagged
             // A thread that has exited no longer holds back a barrier (as on sm_70+).
             b.barrier->arrive_and_drop();
@@ -520,6 +542,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t 
 inline void __syncthreads() {
   ::internlm_kernels::emulation::current_block->barrier->arrive_and_wait();
   ++::internlm_kernels::emulation::epoch;
+  ::internlm_kernels::emulation::stop_if_refused();  // a thread past the declarations, when others stopped there
 }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   ::internlm_kernels::emulation::warp().barrier.arrive_and_wait();

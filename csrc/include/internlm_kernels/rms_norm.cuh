@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow) rms_norm_fwd_kernel(const R
                                                                         const Vectorized vec) {
   constexpr int kVec = Vec<T>::kSize;
   IK_SHARED_ARRAY(float, scratch, kMaxRowsPerBlock * 32);
-  IK_DYNAMIC_SHARED(char, weight_slots);  // [kItems][block's threads] weight chunks, when staged
+  IK_DYNAMIC_SHARED(char, weight_slots);  // the staged weight chunks (StagedWeight: [item][half][thread])
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool row_ok = row < p.rows;
   const FwdRow r = fwd_row<T>(p, row_ok ? row : 0);

@@ -438,14 +438,18 @@ def test_opcheck(backend, device):
                                                      backend))
 
 
-@pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_compiles_without_graph_breaks(backend, device):
-    torch._dynamo.reset()
-
+def _norm_block(backend):
+    """A pre-norm block's norms, for the compile tests: fused add + RMSNorm, then RMSNorm."""
     def block(x, residual, weight):
         h, residual = ik.fused_add_rms_norm(x * 2, residual, weight, backend=backend)
         return ik.rms_norm(h, weight, backend=backend) + residual
+    return block
 
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_compiles_without_graph_breaks(backend, device):
+    torch._dynamo.reset()
+    block = _norm_block(backend)
     compiled = torch.compile(block, fullgraph=True)
     x, weight = _inputs((6, 64), torch.float32, device)
     residual = torch.randn_like(x)
@@ -462,11 +466,7 @@ def test_compiles_without_graph_breaks(backend, device):
 def test_compiles_once_for_dynamic_shapes(backend, device):
     # One graph for every number of rows (and row width): no size specialised by the ops.
     torch._dynamo.reset()
-
-    def block(x, residual, weight):
-        h, residual = ik.fused_add_rms_norm(x * 2, residual, weight, backend=backend)
-        return ik.rms_norm(h, weight, backend=backend) + residual
-
+    block = _norm_block(backend)
     compiled = torch.compile(block, fullgraph=True, dynamic=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for rows, hidden in ((5, 64), (9, 96)):

@@ -7,7 +7,7 @@ and strides, so they also run on fake tensors while ``torch.compile`` traces.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,8 +37,48 @@ def check_same_dtype(op: str, name: str, t: Tensor, other_name: str, other: Tens
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but {other_name} has {other.dtype}; they must match")
 
 
+def check_flag(op: str, name: str, value: object) -> bool:
+    """A bool argument: a bool (a string such as "no" would otherwise read as True), or a
+    symbolic one while torch.compile traces."""
+    if not isinstance(value, (bool, torch.SymBool)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_int(op: str, name: str, value: object) -> int:
+    """An int argument: an int, not a bool (True would otherwise read as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_real(op: str, name: str, value: object) -> float:
+    """A float argument given on the host: an int or a float, not a bool or a tensor."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_softmax_scale(op: str, softmax_scale) -> None:
+    """None (head_dim ** -0.5) or a host float; any value, NaN and negative ones included, is
+    computed with (negative and NaN scales take the kernels' masked path)."""
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+        raise TypeError(f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+
+
+def check_window(op: str, window_size) -> Tuple[int, int]:
+    """Attention's ``window_size``: (left, right) ints >= -1 (-1: unbounded)."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and
+            all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"{op}: window_size must be (left, right) ints >= -1 (-1: unbounded), got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
 def check_same_device(op: str, reference_name: str, reference: Tensor, **others: Optional[Tensor]) -> None:
+    """``others`` (tensors or None) on ``reference``'s device; anything else is a type error."""
     for name, t in others.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t is not None and t.device != reference.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} is on {reference.device}; "
                              f"all tensors must be on one device")

@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from internlm_kernels._checks import check_flag, check_int, check_real, check_softmax_scale, check_window
 from internlm_kernels.ops import apply_rotary, flash_attention, fused_add_rms_norm, rms_norm, rotary_cos_sin
 
 Tensor = torch.Tensor
@@ -23,6 +24,13 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str = "auto", *,
                  residual_in_fp32: bool = False, device=None, dtype=None):
         super().__init__()
+        if check_int("RMSNorm", "hidden_size", hidden_size) <= 0:
+            raise ValueError(f"RMSNorm: hidden_size must be positive, got {hidden_size}")
+        if not check_real("RMSNorm", "eps", eps) >= 0:
+            raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"RMSNorm: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        check_flag("RMSNorm", "residual_in_fp32", residual_in_fp32)
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         self.variance_epsilon = eps
         self.backend = backend
@@ -56,6 +64,12 @@ class RotaryEmbedding(nn.Module):
                  max_position_embeddings: int = 2048, *, interleaved: bool = False, backend: str = "auto",
                  device=None):
         super().__init__()
+        if scaling is not None and not isinstance(scaling, dict):
+            raise TypeError(f"RotaryEmbedding: scaling must be None or a dict such as "
+                            f"{{'type': 'dynamic', 'factor': 2.0}}, got {type(scaling).__name__}")
+        if check_int("RotaryEmbedding", "max_position_embeddings", max_position_embeddings) < 0:
+            raise ValueError(f"RotaryEmbedding: max_position_embeddings must be >= 0, got {max_position_embeddings}")
+        check_flag("RotaryEmbedding", "interleaved", interleaved)
         self.rotary_dim = rotary_dim
         self.base = base
         self.scaling = dict(scaling) if scaling is not None else None
@@ -103,7 +117,9 @@ class RotaryEmbedding(nn.Module):
                 seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
                 seq_len: Optional[int] = None, inplace: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         if seq_len is None:
-            dense = position_ids is None and cu_seqlens is None and isinstance(seqlen_offsets, int)
+            # (anything else, a q of another rank included, is apply_rotary's to refuse by name)
+            dense = position_ids is None and cu_seqlens is None and isinstance(seqlen_offsets, int) and \
+                isinstance(q, Tensor) and q.dim() == 4
             seq_len = q.shape[1] + seqlen_offsets if dense else self.cos.shape[0]
         cos, sin = self.tables(seq_len)
         return apply_rotary(q, k, cos, sin, position_ids=position_ids, seqlen_offsets=seqlen_offsets,
@@ -122,9 +138,11 @@ class Attention(nn.Module):
     def __init__(self, causal: bool = True, softmax_scale: Optional[float] = None,
                  window_size: Tuple[int, int] = (-1, -1), backend: str = "auto"):
         super().__init__()
+        check_flag("Attention", "causal", causal)
+        check_softmax_scale("Attention", softmax_scale)
         self.causal = causal
         self.softmax_scale = softmax_scale
-        self.window_size = tuple(window_size)
+        self.window_size = check_window("Attention", window_size)
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens_q: Optional[Tensor] = None,

@@ -93,7 +93,7 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     out = ik.flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
                              softmax_scale=scaling, backend=state["backend"])
     return out, None

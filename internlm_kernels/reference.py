@@ -244,8 +244,10 @@ def _attention_dense(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scal
     allowed = attention_mask(q.shape[1], k.shape[1], causal, window_size, q.device)
     scores = scores.to(_compute_dtype(scores)).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    # Rows that see no key: softmax of all -inf is NaN; define them as zero output.
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
+    # Rows that see no key: softmax of all -inf is NaN; define them as zero output. Only
+    # those: a NaN from the inputs (or the scale) stays NaN, as in the kernels.
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(allowed.any(dim=-1, keepdim=True), probs, 0.0).to(v.dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out, lse
 
@@ -291,13 +293,21 @@ def attention(
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device, dtype=_compute_dtype(q))
     starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(starts_q) - 1):
-        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        (q0, q1), (k0, k1) = _packed_span(starts_q, b, q.shape[0]), _packed_span(starts_k, b, k.shape[0])
         if q1 == q0:
             continue
         o, l = _attention_dense(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, window_size)
         out[q0:q1] = o[0]
         lse[:, q0:q1] = l[0]
     return (out, lse) if return_lse else out
+
+
+def _packed_span(starts: Sequence[int], b: int, total: int) -> Tuple[int, int]:
+    """Rows [begin, end) of packed sequence b, clamped into [0, total] with end >= begin, as
+    the kernels clamp them (the offsets are read on the device, unchecked): a wrong offset
+    gives wrong rows, never rows counted from the end."""
+    begin = min(max(starts[b], 0), total)
+    return begin, min(max(starts[b + 1], begin), total)
 
 
 def attention_with_kvcache(

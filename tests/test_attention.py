@@ -197,7 +197,7 @@ def test_attention_packed_batch_of_empty_query_sequences(backend, device):
         assert torch.equal(grad, torch.zeros_like(grad)), f"d{name}"
 
 
-@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 @pytest.mark.parametrize("wrong", ["past_the_end", "below_zero"])
 def test_attention_packed_offsets_out_of_range_are_clamped(backend, wrong, device):
     """cu_seqlens values go unchecked on the host (reading them would sync the stream): the
@@ -222,6 +222,20 @@ def test_attention_packed_offsets_out_of_range_are_clamped(backend, wrong, devic
     assert_within_eager_error(ours, torch.autograd.grad(eager, eager_inputs, grad),
                               torch.autograd.grad(exact, exact_inputs, grad.double()), torch.bfloat16, 3.0,
                               f"dq, dk, dv, offsets {wrong}")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
+def test_attention_nan_in_a_query_row_is_that_rows_nan(backend, device):
+    """A NaN in the inputs shows as NaN where it reaches, on every backend (the reference
+    once zeroed it with the rows that see no key); those rows still output zeros."""
+    q, k, v = _qkv(1, 6, 4, 2, 1, _dim(backend, 16), torch.float16, device)
+    q[0, 4, 1, 0] = float("nan")
+    out, lse = ik.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert torch.isnan(out[0, 4, 1]).all() and torch.isnan(lse[0, 1, 4]), "the NaN query row"
+    nan_row = torch.zeros_like(out, dtype=torch.bool)
+    nan_row[0, 4, 1] = True
+    assert not torch.isnan(out[~nan_row]).any(), "every other row"
+    assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2])), "rows that see no key (causal, Sq > Sk)"
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
@@ -796,6 +810,11 @@ BAD_CASES = {
     "max_seqlen_tensor": (TypeError, "max_seqlen_q must be a host int"),
     "batch_mismatch": (ValueError, "q has batch 2 but k has 1"),
     "dtype_mix": (TypeError, "k has dtype torch.bfloat16 but q has torch.float16"),
+    "cu_seqlens_list": (TypeError, "cu_seqlens_q must be a torch.Tensor or None, got list"),
+    "head_dim_zero": (ValueError, "head_dim must be >= 1, got q of shape (2, 8, 4, 0)"),
+    "causal_string": (TypeError, "causal must be a bool, got str 'no'"),
+    "window_bools": (ValueError, "window_size must be (left, right) ints >= -1"),
+    "scale_tensor": (TypeError, "softmax_scale must be a float or None, got Tensor"),
 }
 
 
@@ -827,6 +846,17 @@ def test_attention_bad_input(case, device):
         k, v = k[:1], v[:1]
     elif case == "dtype_mix":
         k = k.bfloat16()
+    elif case == "cu_seqlens_list":
+        q, k, v = (t[0] for t in (q, k, v))
+        kwargs.update(cu_seqlens_q=[0, 3, 8], cu_seqlens_k=[0, 3, 8])
+    elif case == "head_dim_zero":
+        q, k, v = (t[..., :0] for t in (q, k, v))
+    elif case == "causal_string":
+        kwargs["causal"] = "no"
+    elif case == "window_bools":
+        kwargs["window_size"] = (True, False)
+    elif case == "scale_tensor":
+        kwargs["softmax_scale"] = torch.tensor(0.25)
     error, message = BAD_CASES[case]
     with pytest.raises(error) as info:
         ik.flash_attention(q, k, v, **kwargs)
@@ -896,6 +926,17 @@ def test_kvcache_bad_input(device):
         ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, rotary_cos=wide, rotary_sin=wide)
     with pytest.raises(ValueError, match="rotary_sin \\(8, 4\\) must have rotary_cos's shape \\(8, 8\\)"):
         ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, rotary_cos=cos, rotary_sin=sin[:, :4])
+    with pytest.raises(TypeError, match="k must be a torch.Tensor or None, got list"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=[1.0], v=new, cache_seqlens=1)
+    with pytest.raises(TypeError, match="softmax_scale must be a float or None, got str"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=1, softmax_scale="0.25")
+    with pytest.raises(TypeError, match="cache_seqlens must be an int, an int32 tensor \\(B,\\) or None, got bool"):
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=True)
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        ik.flash_attention_with_kvcache(q[..., :0], k_cache[..., :0], v_cache[..., :0], cache_seqlens=1)
+    with pytest.raises(RuntimeError, match="KV-cache attention is for inference"):  # a cache that takes gradients
+        ik.flash_attention_with_kvcache(q, k_cache.clone().requires_grad_(True), v_cache, k=new, v=new,
+                                        cache_seqlens=1)
     with pytest.raises(RuntimeError, match="KV-cache attention is for inference"):
         ik.flash_attention_with_kvcache(q.requires_grad_(True), k_cache, v_cache, cache_seqlens=1)
 

@@ -218,6 +218,10 @@ def test_emulated_attention_packed_offsets_out_of_range_are_clamped(cuda_backend
     attention_tests.test_attention_packed_offsets_out_of_range_are_clamped("cuda", wrong, CPU)
 
 
+def test_emulated_attention_nan_in_a_query_row_is_that_rows_nan(cuda_backend):
+    attention_tests.test_attention_nan_in_a_query_row_is_that_rows_nan("cuda", CPU)
+
+
 @pytest.mark.parametrize("case", ["causal", "window", "varlen"])
 def test_emulated_cuda_triton_reference_three_way(cuda_backend, case):
     """Both backends' own kernel code on the CPU: the CUDA kernels under this emulation, the

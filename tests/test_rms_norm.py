@@ -494,6 +494,8 @@ def test_compiles_once_for_dynamic_shapes(backend, device):
     ("scalar", ValueError, ["x", "(..., N)"]),
     ("negative_eps", ValueError, ["eps"]),
     ("not_a_tensor", TypeError, ["weight", "list"]),
+    ("string_eps", TypeError, ["eps must be a float, got str"]),
+    ("tensor_eps", TypeError, ["eps must be a float, got Tensor"]),
 ])
 def test_rms_norm_bad_input(backend, case, error, words, device):
     x = torch.randn(4, 64, device=device)
@@ -513,6 +515,10 @@ def test_rms_norm_bad_input(backend, case, error, words, device):
         eps = -1.0
     elif case == "not_a_tensor":
         weight = [1.0] * 64
+    elif case == "string_eps":
+        eps = "1e-6"
+    elif case == "tensor_eps":
+        eps = torch.tensor([1e-6, 1e-6])
     with pytest.raises(error) as info:
         ik.rms_norm(x, weight, eps, backend=backend)
     for word in words:
@@ -527,6 +533,14 @@ def test_fused_add_bad_input(backend, device):
         ik.fused_add_rms_norm(x, torch.randn(4, 65, device=device), weight, backend=backend)
     with pytest.raises(TypeError, match="residual.*int64"):
         ik.fused_add_rms_norm(x, torch.ones(4, 64, dtype=torch.int64, device=device), weight, backend=backend)
+    for residual, words in ((None, "residual must be a torch.Tensor, got NoneType"),
+                            ([1.0] * 64, "residual must be a torch.Tensor, got list")):
+        with pytest.raises(TypeError, match=words):
+            ik.fused_add_rms_norm(x, residual, weight, backend=backend)
+        with pytest.raises(TypeError, match=words):
+            ik.fused_add_rms_norm_(x.clone(), residual, weight, backend=backend)
+    with pytest.raises(TypeError, match="residual_in_fp32 must be a bool, got str"):
+        ik.fused_add_rms_norm(x, x.clone(), weight, residual_in_fp32="no", backend=backend)
 
 
 @pytest.mark.gpu

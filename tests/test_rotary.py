@@ -369,6 +369,10 @@ BAD_ROTARY_CASES = {
     "inplace_with_grad": (RuntimeError, "inplace=True is for inference"),
     "cos_requires_grad": (ValueError, "cos/sin are constant tables"),
     "int_q": (TypeError, "q has dtype torch.int64"),
+    "position_ids_list": (TypeError, "position_ids must be a torch.Tensor or None, got list"),
+    "cu_seqlens_list": (TypeError, "cu_seqlens must be a torch.Tensor or None, got list"),
+    "interleaved_string": (TypeError, "interleaved must be a bool, got str 'no'"),
+    "offsets_bool": (TypeError, "seqlen_offsets must be an int or an int tensor (B,), got bool"),
 }
 
 
@@ -418,6 +422,15 @@ def test_rotary_bad_input(backend, case, device):
         cos.requires_grad_(True)
     elif case == "int_q":
         q = torch.ones(2, 5, 4, 16, device=device, dtype=torch.int64)
+    elif case == "position_ids_list":
+        kwargs["position_ids"] = [0, 1, 2, 3, 4]
+    elif case == "cu_seqlens_list":
+        q, k = q[0], k[0]
+        kwargs["cu_seqlens"] = [0, 5]
+    elif case == "interleaved_string":
+        kwargs["interleaved"] = "no"
+    elif case == "offsets_bool":
+        kwargs["seqlen_offsets"] = True
     error, message = BAD_ROTARY_CASES[case]
     with pytest.raises(error) as info:
         ik.apply_rotary(q, k, cos, sin, backend=backend, **kwargs)
@@ -431,3 +444,19 @@ def test_rotary_cos_sin_bad_input():
         ik.rotary_cos_sin(8, 8, scaling={"type": "yarn", "factor": 2.0})
     with pytest.raises(ValueError, match=r"dynamic scaling needs \['max_position_embeddings'\]"):
         ik.rotary_cos_sin(8, 8, scaling={"type": "dynamic", "factor": 2.0})
+    # values that gave a ZeroDivisionError, NaN tables or a complex base silently cut to real
+    dynamic = {"type": "dynamic", "factor": 2.0, "max_position_embeddings": 4}
+    for kwargs, error, words in [
+        (dict(scaling={**dynamic, "max_position_embeddings": 0}), ValueError,
+         r"scaling\['max_position_embeddings'\] must be a positive int, got 0"),
+        (dict(scaling={**dynamic, "factor": -3}), ValueError, r"scaling\['factor'\] must be positive and finite"),
+        (dict(scaling={"type": "linear", "factor": "2"}), TypeError, r"scaling\['factor'\] must be a number, got str"),
+        (dict(scaling=2.0), TypeError, "scaling must be None or a dict"),
+        (dict(base=0), ValueError, "base must be positive and finite, got 0"),
+        (dict(base=float("nan")), ValueError, "base must be positive and finite, got nan"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating torch.dtype"),
+    ]:
+        with pytest.raises(error, match=words):
+            ik.rotary_cos_sin(8, 16, **kwargs)
+    with pytest.raises(ValueError, match="dynamic scaling needs rotary_dim > 2, got 2"):
+        ik.rotary_cos_sin(8, 2, scaling=dynamic)

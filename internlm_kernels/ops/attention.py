@@ -26,8 +26,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
-    check_same_dtype, check_tensor,
+    check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
+    check_same_device, check_same_dtype, check_softmax_scale, check_tensor, check_window,
 )
 from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
 from internlm_kernels.ops._dispatch import kernel_op
@@ -46,13 +46,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------
 
 
-def _check_window(op: str, window_size) -> Tuple[int, int]:
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and
-            all(isinstance(w, int) and w >= -1 for w in window_size)):
-        raise ValueError(f"{op}: window_size must be (left, right) ints >= -1 (-1: unbounded), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
-
-
 def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor, names=("k", "v")) -> None:
     k_name, v_name = names
     if k.shape[-2] != v.shape[-2] or k.shape[:-1] != v.shape[:-1]:
@@ -60,6 +53,8 @@ def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor, names=("k", "v")) -> 
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: head_dim must match: q has {q.shape[-1]}, {k_name} {k.shape[-1]}, "
                          f"{v_name} {v.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: head_dim must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
         raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of {k_name}/{v_name} heads "
                          f"({k.shape[-2]})")
@@ -135,11 +130,10 @@ def _check_attention_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     elif q.shape[0] != k.shape[0]:
         raise ValueError(f"{op}: q has batch {q.shape[0]} but k has {k.shape[0]}")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if value is not None and not isinstance(value, int):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{op}: {name} must be a host int or None (lengths are read on the device), "
                             f"got {type(value).__name__}")
-    if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    check_softmax_scale(op, softmax_scale)
 
 
 def _lse_shape(q: Tensor, packed: bool):
@@ -321,7 +315,7 @@ def flash_attention(
     packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with cu_seqlens_q / cu_seqlens_k (B+1,) int32
     (zero-length sequences allowed; lengths are read on the device, so ``max_seqlen_*`` are
     optional host ints, accepted for flash-attention compatibility; the values are not
-    checked on the host, which would sync: the kernels clamp each sequence into [0, T], so a
+    checked on the host, which would sync: every backend clamps each sequence into [0, T], so a
     wrong offset gives wrong rows, never an access outside the tensors). GQA/MQA when Hq % Hkv
     == 0: query head i uses KV head i // (Hq / Hkv), with no copy of K/V. ``causal`` aligns
     to the bottom-right corner when Sq != Sk; ``window_size=(left, right)`` limits each query
@@ -340,8 +334,10 @@ def flash_attention(
     (float32, odd head dims, CPU tensors) to the eager reference.
     """
     op = "flash_attention"
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("deterministic", deterministic)):
+        check_flag(op, name, flag)
     _check_attention_args(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    window = _check_window(op, window_size)
+    window = check_window(op, window_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     chosen = choose_backend(backend, q.device, op, _kernel_limits(op, q, k, v))
     # The reference's packed path reads the lengths on the host, which torch.compile cannot
@@ -394,9 +390,14 @@ def flash_attention_with_kvcache(
     and v_cache are pools of pages (num_pages, page_size, Hkv, D), and position p of sequence
     b lives in row p % page_size of page block_table[b, p // page_size]; S_max is max_blocks *
     page_size. Any page size; entries of a row past its sequence's pages are never read, and
-    page numbers are clamped into the pool on the device.
+    page numbers are clamped into the pool on the device. Sequences may share pages they only
+    read (a common prefix); new entries written into a page that another sequence of the call
+    also writes land in an unspecified order.
     """
     op = "flash_attention_with_kvcache"
+    check_flag(op, "causal", causal)
+    check_flag(op, "rotary_interleaved", rotary_interleaved)
+    check_softmax_scale(op, softmax_scale)
     paged = block_table is not None
     cache_layout = "(num_pages, page_size, H, D) with a block_table" if paged else "(B, S, H, D)"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -443,6 +444,8 @@ def flash_attention_with_kvcache(
             raise ValueError(f"{op}: the cache holds {capacity} positions, too short for {new_tokens} new tokens")
     if cache_seqlens is None:
         cache_seqlens = capacity - new_tokens
+    if isinstance(cache_seqlens, bool):
+        raise TypeError(f"{op}: cache_seqlens must be an int, an int32 tensor (B,) or None, got bool")
     if isinstance(cache_seqlens, int):
         if cache_seqlens < 0:
             raise ValueError(f"{op}: cache_seqlens must be >= 0, got {cache_seqlens}")
@@ -461,10 +464,10 @@ def flash_attention_with_kvcache(
         raise ValueError(f"{op}: pass rotary_cos and rotary_sin together")
     if rotary_cos is not None:
         check_rotary_tables(op, rotary_cos, rotary_sin, q.shape[-1], names=("rotary_cos", "rotary_sin"))
-    window = _check_window(op, window_size)
+    window = check_window(op, window_size)
     if k is not None:  # the append writes the caches while it reads k and v
         check_in_place(op, {"k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v})
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cache, v_cache)):
         raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
                            f"(run under torch.no_grad() or use flash_attention)")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

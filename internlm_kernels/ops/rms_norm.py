@@ -22,8 +22,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    as_rows, as_rows_view, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
-    check_shape, check_tensor,
+    as_rows, as_rows_view, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
+    check_real, check_same_device, check_shape, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -37,9 +37,13 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------
 
 
-def _check_norm_args(op: str, x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None) -> None:
+def _check_norm_args(op: str, x: Tensor, weight: Tensor, eps: float, residual: Optional[Tensor] = None,
+                     fused: bool = False) -> None:
+    """The norm ops' arguments; ``fused``: the add+norm ops, whose ``residual`` is required."""
     check_tensor(op, "x", x)
     check_tensor(op, "weight", weight)
+    if fused:
+        check_tensor(op, "residual", residual)
     check_dtype(op, "x", x)
     check_dtype(op, "weight", weight)
     check_dim(op, "x", x, range(1, 64), "(..., N)")
@@ -52,7 +56,7 @@ def _check_norm_args(op: str, x: Tensor, weight: Tensor, eps: float, residual: O
         check_dtype(op, "residual", residual)
         check_shape(op, "residual", residual, x.shape, "x.shape")
         check_last_dim_contiguous(op, "residual", residual)
-    if not eps >= 0:
+    if not check_real(op, "eps", eps) >= 0:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 
@@ -240,7 +244,8 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float =
     residual and weight, through both outputs.
     """
     op = "fused_add_rms_norm"
-    _check_norm_args(op, x, weight, eps, residual=residual)
+    _check_norm_args(op, x, weight, eps, residual=residual, fused=True)
+    check_flag(op, "residual_in_fp32", residual_in_fp32)
     chosen = choose_backend(backend, x.device, op, _cuda_limits(x, weight, residual))
     if chosen == "torch":
         return reference.fused_add_rms_norm(x, residual, weight, eps, residual_in_fp32)
@@ -285,7 +290,7 @@ def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float 
     (x, residual). Not differentiable: inputs that require grad raise.
     """
     op = "fused_add_rms_norm_"
-    _check_norm_args(op, x, weight, eps, residual=residual)
+    _check_norm_args(op, x, weight, eps, residual=residual, fused=True)
     if _output_dtype(x, weight) != x.dtype:
         raise TypeError(f"{op}: the output is written into x ({x.dtype}), but x and weight ({weight.dtype}) "
                         f"promote to {_output_dtype(x, weight)}; use weight of dtype {x.dtype} or the "

@@ -19,7 +19,7 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_dtype, check_in_place, check_last_dim_contiguous, check_same_device,
+    check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous, check_same_device,
     check_same_dtype, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
@@ -40,11 +40,17 @@ def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base: float = 10000.0, scal
     base grows when seq_len > m, plain RoPE otherwise).
     """
     op = "rotary_cos_sin"
-    if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"{op}: rotary_dim must be a positive even int, got {rotary_dim!r}")
-    if not isinstance(seq_len, int) or seq_len < 0:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
         raise ValueError(f"{op}: seq_len must be an int >= 0, got {seq_len!r}")
+    _check_positive(op, "base", base)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype (float32 for the kernels), got {dtype!r}")
     if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise TypeError(f"{op}: scaling must be None or a dict such as {{'type': 'linear', 'factor': 2.0}}, "
+                            f"got {type(scaling).__name__}")
         kind = scaling.get("type", scaling.get("rope_type"))
         required = {"linear": ("factor",), "dynamic": ("factor", "max_position_embeddings")}
         if kind not in required and kind not in (None, "default"):
@@ -52,7 +58,23 @@ def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base: float = 10000.0, scal
         missing = [key for key in required.get(kind, ()) if key not in scaling]
         if missing:
             raise ValueError(f"{op}: {kind} scaling needs {missing} in scaling, got {scaling}")
+        if kind in required:
+            _check_positive(op, "scaling['factor']", scaling["factor"])
+        if kind == "dynamic":
+            longest = scaling["max_position_embeddings"]
+            if isinstance(longest, bool) or not isinstance(longest, int) or longest <= 0:
+                raise ValueError(f"{op}: scaling['max_position_embeddings'] must be a positive int, got {longest!r}")
+            if rotary_dim <= 2:  # the NTK base grows by a power d / (d - 2)
+                raise ValueError(f"{op}: dynamic scaling needs rotary_dim > 2, got {rotary_dim}")
     return reference.rotary_cos_sin(seq_len, rotary_dim, base=base, scaling=scaling, device=device, dtype=dtype)
+
+
+def _check_positive(op: str, name: str, value: object) -> None:
+    """A positive, finite real number given on the host (a base or a scaling factor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{op}: {name} must be positive and finite, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -158,8 +180,10 @@ def check_rotary_tables(op: str, cos: Tensor, sin: Tensor, head_dim: int, names=
                          f"not supported (pass tables that do not require grad)")
 
 
-def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, inplace) -> None:
+def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, interleaved, inplace) -> None:
     op = "apply_rotary"
+    check_flag(op, "interleaved", interleaved)
+    check_flag(op, "inplace", inplace)
     check_tensor(op, "q", q)
     check_dtype(op, "q", q)
     packed = cu_seqlens is not None
@@ -195,7 +219,7 @@ def _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens,
         if tuple(seqlen_offsets.shape) != (batch,):
             raise ValueError(f"{op}: seqlen_offsets must be an int or have shape (B,) = ({batch},), "
                              f"got {tuple(seqlen_offsets.shape)}")
-    elif not isinstance(seqlen_offsets, int):
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
         raise TypeError(f"{op}: seqlen_offsets must be an int or an int tensor (B,), "
                         f"got {type(seqlen_offsets).__name__}")
     elif seqlen_offsets < 0:
@@ -233,12 +257,14 @@ def apply_rotary(
 
     A token's position is ``position_ids`` ((B, S), or (S,) / (T,) shared) when given, else
     its index in its sequence plus ``seqlen_offsets`` (int or (B,) tensor). Positions outside
-    the table give NaN; packed tokens past ``cu_seqlens[-1]`` pass through.
+    the table give NaN; packed tokens past ``cu_seqlens[-1]`` pass through. ``cu_seqlens``
+    starts at 0 and never decreases; it is read on the device, not checked (that would sync):
+    other values give unspecified rows, never an access outside the tensors.
 
     Returns (q_out, k_out) (k_out None when k is None): new tensors, or q and k themselves
     with ``inplace=True`` (inference only). Differentiable in q and k.
     """
-    _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, inplace)
+    _check_rotary_args(q, k, cos, sin, position_ids, seqlen_offsets, cu_seqlens, interleaved, inplace)
 
     def cuda_limits(candidate: str) -> Optional[str]:
         if candidate != "cuda":

@@ -7,6 +7,7 @@ and strides, so they also run on fake tensors while ``torch.compile`` traces.
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -46,15 +47,15 @@ def check_flag(op: str, name: str, value: object) -> bool:
 
 
 def check_int(op: str, name: str, value: object) -> int:
-    """An int argument: an int, not a bool (True would otherwise read as 1)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An int argument: an integer (numpy's too), not a bool (True would otherwise read as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    return value
+    return int(value)
 
 
 def check_real(op: str, name: str, value: object) -> float:
-    """A float argument given on the host: an int or a float, not a bool or a tensor."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A float argument given on the host: a real number (numpy's too), not a bool or a tensor."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
     return float(value)
 

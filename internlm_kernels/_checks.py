@@ -63,7 +63,7 @@ def check_real(op: str, name: str, value: object) -> float:
 def check_softmax_scale(op: str, softmax_scale) -> None:
     """None (head_dim ** -0.5) or a host float; any value, NaN and negative ones included, is
     computed with (negative and NaN scales take the kernels' masked path)."""
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
         raise TypeError(f"{op}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
 
 

@@ -23,7 +23,8 @@ def _backward_variant_cases() -> Dict[str, Dict[str, str]]:
     ``attention_bwd_<layout>``: {switch: value}."""
     from internlm_kernels.bench.cases import CUDA_BACKWARD_VARIANTS
 
-    return {"attention_bwd_" + name.removeprefix("cuda_"): settings for name, settings in CUDA_BACKWARD_VARIANTS.items()}
+    return {"attention_bwd_" + name.removeprefix("cuda_"): settings
+            for name, settings in CUDA_BACKWARD_VARIANTS.items()}
 
 
 CASES = ("rms_norm_fwd", "rms_norm_fwd_n8192", "rms_norm_fwd_n8192_triton", "rms_norm_bwd", "rms_norm_bwd_triton",
@@ -87,8 +88,9 @@ def build_cases(device: torch.device, backend: str = "cuda", small: bool = False
         "rms_norm_bwd": lambda: torch.autograd.grad(normed, (x_grad, weight_grad), grad_normed, retain_graph=True),
         "rms_norm_bwd_triton": lambda: torch.autograd.grad(normed_compared, (x_grad, weight_grad), grad_normed,
                                                            retain_graph=True),
-        "rms_norm_bwd_triton_no_tma": with_env({"INTERNLM_KERNELS_TRITON_NORM_BWD_TMA": "0"}, lambda: torch.autograd.grad(
-            normed_compared, (x_grad, weight_grad), grad_normed, retain_graph=True)),
+        "rms_norm_bwd_triton_no_tma": with_env({"INTERNLM_KERNELS_TRITON_NORM_BWD_TMA": "0"},
+                                               lambda: torch.autograd.grad(normed_compared, (x_grad, weight_grad),
+                                                                           grad_normed, retain_graph=True)),
         "fused_add_rms_norm_fwd": lambda: ik.fused_add_rms_norm(x, residual, weight, backend=backend),
         "rotary_fwd": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=backend),
         "rotary_fwd_triton": lambda: ik.apply_rotary(q_rot, k_rot, cos, sin, backend=compared),

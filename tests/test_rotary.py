@@ -450,7 +450,7 @@ def test_rotary_cos_sin_bad_input():
         (dict(scaling={**dynamic, "max_position_embeddings": 0}), ValueError,
          r"scaling\['max_position_embeddings'\] must be a positive int, got 0"),
         (dict(scaling={**dynamic, "factor": -3}), ValueError, r"scaling\['factor'\] must be positive and finite"),
-        (dict(scaling={"type": "linear", "factor": "2"}), TypeError, r"scaling\['factor'\] must be a number, got str"),
+        (dict(scaling={"type": "linear", "factor": "2"}), TypeError, r"scaling\['factor'\] must be a float, got str"),
         (dict(scaling=2.0), TypeError, "scaling must be None or a dict"),
         (dict(base=0), ValueError, "base must be positive and finite, got 0"),
         (dict(base=float("nan")), ValueError, "base must be positive and finite, got nan"),

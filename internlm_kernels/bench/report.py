@@ -15,7 +15,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from internlm_kernels.bench.targets import target_lines
+from internlm_kernels.bench.targets import graph_fraction, target_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -23,8 +23,8 @@ README = os.path.join(REPO, "benchmarks", "README.md")
 # (cuda_warp_rows32: results from before the 32-row layout became the CUDA forward's default;
 # cuda_deterministic: from before the dQ kernel became the CUDA backward's default)
 OURS = ("auto", "cuda", "cuda_deterministic", "cuda_atomic_dq", "cuda_dq_warp_rows32", "cuda_key_block128",
-        "cuda_key_block128_atomic_dq", "cuda_warp_rows16", "cuda_warp_rows32", "cuda_unstaged_weight", "triton", "triton_no_tma", "triton_paged",
-        "cuda_paged")
+        "cuda_key_block128_atomic_dq", "cuda_warp_rows16", "cuda_warp_rows32", "cuda_unstaged_weight", "triton",
+        "triton_no_tma", "triton_paged", "cuda_paged")
 BASELINES = ("eager", "torch_compile", "torch_rms_norm", "sdpa_flash", "sdpa_cudnn", "liger")
 # Rows of committed results that did not time what their provider names: (file, op, provider)
 # -> why. Left out of the table, the speedup columns and the plots, and named under the table.
@@ -125,12 +125,11 @@ def results_table(paths: List[str]) -> str:
                                  if (k in BASELINES or k in OURS) and not _mislabelled(path, row["op"], k))
             fraction = row.get("frac_of_ceiling")
             # The same fraction for the call replayed from a CUDA graph: the GPU's share alone.
-            graph_fraction = None if fraction is None or not row.get("ms_graph") else \
-                fraction * row["ms"] / row["ms_graph"]
+            graph = graph_fraction(row)
             error = row.get("max_err")
             lines.append(f"| {row['op']} | {_shape_label(row['shape'])} | {row['provider']} | "
                          f"{_rate(row):.1f} {_unit(row)} | {'' if fraction is None else f'{fraction:.2f}'} | "
-                         f"{'' if graph_fraction is None else f'{graph_fraction:.2f}'} | "
+                         f"{'' if graph is None else f'{graph:.2f}'} | "
                          f"{'' if error is None else f'{error:.1e}'} | {speedups} |")
         lines.append("")
         lines += [f"Left out: the {op} rows of {provider}: {why}." for (op, provider), why in left_out.items()]

@@ -59,16 +59,20 @@ def _applies(target: Target, row: dict) -> bool:
         all(row.get("shape", {}).get(k) == v for k, v in target.shape.items())
 
 
+def graph_fraction(row: dict) -> Optional[float]:
+    """A row's fraction of its ceiling replayed from a CUDA graph (the GPU's time alone), or
+    None when it has no fraction or no graph time."""
+    fraction = row.get("frac_of_ceiling")
+    return None if fraction is None or not row.get("ms_graph") else fraction * row["ms"] / row["ms_graph"]
+
+
 def _measured(target: Target, row: dict):
     """(value as called, value replayed from a graph or None), or None when the row lacks it."""
     if target.baseline is not None:
         value = row.get("speedup_vs", {}).get(target.baseline)
         return None if value is None else (value, None)
     fraction = row.get("frac_of_ceiling")
-    if fraction is None:
-        return None
-    graph = fraction * row["ms"] / row["ms_graph"] if row.get("ms_graph") else None
-    return fraction, graph
+    return None if fraction is None else (fraction, graph_fraction(row))
 
 
 def target_lines(document: dict, skip: Callable[[dict], bool] = lambda row: False) -> List[str]:

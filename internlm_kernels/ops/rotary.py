@@ -19,8 +19,8 @@ import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous, check_same_device,
-    check_same_dtype, check_tensor,
+    check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous, check_real,
+    check_same_device, check_same_dtype, check_tensor,
 )
 from internlm_kernels.backends import choose_backend
 from internlm_kernels.ops._dispatch import kernel_op
@@ -71,9 +71,7 @@ def rotary_cos_sin(seq_len: int, rotary_dim: int, *, base: float = 10000.0, scal
 
 def _check_positive(op: str, name: str, value: object) -> None:
     """A positive, finite real number given on the host (a base or a scaling factor)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__} {value!r}")
-    if not 0 < value < float("inf"):
+    if not 0 < check_real(op, name, value) < float("inf"):
         raise ValueError(f"{op}: {name} must be positive and finite, got {value!r}")
 
 

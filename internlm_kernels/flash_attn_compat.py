@@ -1,0 +1,238 @@
+"""flash-attention's Python API on this package's kernels: a drop-in for model code.
+
+    from internlm_kernels.flash_attn_compat import flash_attn_func, flash_attn_varlen_func
+    out = flash_attn_func(q, k, v, 0.0, causal=True)      # where `from flash_attn import ...` was
+
+Same names, argument order, defaults and return values as flash-attention 2's
+``flash_attn_interface`` (and ``bert_padding``'s three helpers), so calls written for it run
+unchanged: positional ``dropout_p``; ``return_attn_probs`` returning ``(out, softmax_lse,
+None)``; the packed ``qkv`` / ``kv`` variants, whose q, k and v are views of the packed tensor
+(no copy; the gradient comes back packed); ``flash_attn_with_kvcache``'s own defaults
+(``causal=False``, ``rotary_interleaved=True``). Every function also takes a keyword-only
+``backend`` ("auto" by default, as every op of the package).
+
+Features the kernels do not have raise ``NotImplementedError`` naming the argument, never
+a silently different result: dropout (``dropout_p`` > 0), ``softcap``, ``alibi_slopes``,
+``block_table`` in the varlen call, ``cache_batch_idx``, ``cache_leftpad``,
+``return_softmax_lse`` of the KV-cache call, and the one rotary placement that differs:
+flash-attention rotates every query of a non-causal, unwindowed KV-cache call at
+``cache_seqlens`` (all at one position), where this package rotates query i at
+``cache_seqlens + i``; the two agree whenever q has one token (decoding) or the call is
+causal or windowed. ``num_splits`` is a tuning hint there; here the split count is chosen
+from the cache size, so it is accepted and not used.
+
+As flash-attention does, inputs whose last dimension is not contiguous are copied first
+(the package's own ops refuse them instead).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from internlm_kernels.ops.attention import flash_attention, flash_attention_with_kvcache
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
+    "index_first_axis", "pad_input", "unpad_input",
+]
+
+
+def _refuse_unsupported(op: str, dropout_p=0.0, softcap=0.0, alibi_slopes=None, **must_be_none) -> None:
+    if dropout_p != 0:
+        raise NotImplementedError(f"{op}: dropout_p={dropout_p!r}: the kernels have no attention dropout "
+                                  f"(pass 0.0, as flash-attention callers do in evaluation)")
+    if softcap != 0:
+        raise NotImplementedError(f"{op}: softcap={softcap!r}: logit soft-capping is not implemented (expected 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{op}: alibi_slopes: ALiBi biases are not implemented (expected None)")
+    for name, value in must_be_none.items():
+        if value is not None:
+            raise NotImplementedError(f"{op}: {name} is not supported (expected None)")
+
+
+def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    """flash-attention's ``maybe_contiguous``: a copy only when the last dim is strided."""
+    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return t.contiguous()
+    return t
+
+
+def _unpack(op: str, name: str, packed: Tensor, parts: int, dim: int):
+    """q, k, v (or k, v) as views of a packed tensor: (..., parts, H, D) along ``dim``."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(packed).__name__}")
+    layout = "(B, S, {p}, H, D)" if dim == 2 else "(T, {p}, H, D)"
+    if packed.dim() != dim + 3 or packed.shape[dim] != parts:
+        raise ValueError(f"{op}: {name} must be {layout.format(p=parts)}, got shape {tuple(packed.shape)}")
+    return _last_dim_contiguous(packed).unbind(dim)
+
+
+def _attention(op: str, q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               deterministic, return_attn_probs, backend, **varlen):
+    _refuse_unsupported(op, dropout_p, softcap, alibi_slopes)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    result = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                             return_lse=bool(return_attn_probs), deterministic=deterministic, backend=backend,
+                             **varlen)
+    if return_attn_probs:  # flash-attention's S_dmask exists only with dropout, which is refused above
+        out, lse = result
+        return out, lse, None
+    return result
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, backend: str = "auto"):
+    """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D); with ``return_attn_probs``,
+    (out, softmax_lse (B, Hq, Sq) fp32, None). Semantics of ``ik.flash_attention``."""
+    return _attention("flash_attn_func", q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False, *, backend: str = "auto"):
+    """qkv (B, S, 3, H, D) -> out (B, S, H, D)."""
+    op = "flash_attn_qkvpacked_func"
+    q, k, v = _unpack(op, "qkv", qkv, 3, 2)
+    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False, *, backend: str = "auto"):
+    """q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> out (B, Sq, Hq, D)."""
+    op = "flash_attn_kvpacked_func"
+    k, v = _unpack(op, "kv", kv, 2, 2)
+    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *,
+                           backend: str = "auto"):
+    """Packed q (Tq, Hq, D), k / v (Tk, Hkv, D) with cu_seqlens (B + 1,) int32 -> out (Tq, Hq, D);
+    with ``return_attn_probs``, (out, softmax_lse (Hq, Tq) fp32, None)."""
+    op = "flash_attn_varlen_func"
+    _refuse_unsupported(op, block_table=block_table)
+    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False,
+                                     window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False, *, backend: str = "auto"):
+    """qkv (T, 3, H, D) with cu_seqlens (B + 1,) int32 -> out (T, H, D)."""
+    op = "flash_attn_varlen_qkvpacked_func"
+    q, k, v = _unpack(op, "qkv", qkv, 3, 1)
+    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+                      cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                      max_seqlen_k=max_seqlen)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                    return_attn_probs: bool = False, *, backend: str = "auto"):
+    """q (Tq, Hq, D), kv (Tk, 2, Hkv, D) with cu_seqlens (B + 1,) int32 -> out (Tq, Hq, D)."""
+    op = "flash_attn_varlen_kvpacked_func"
+    k, v = _unpack(op, "kv", kv, 2, 1)
+    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                      max_seqlen_k=max_seqlen_k)
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[None, int, Tensor] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False, *, backend: str = "auto"):
+    """KV-cache attention with flash-attention's signature and defaults; semantics of
+    ``ik.flash_attention_with_kvcache`` (k_cache / v_cache updated in place when k / v are
+    given; paged caches through ``block_table``)."""
+    op = "flash_attn_with_kvcache"
+    _refuse_unsupported(op, 0.0, softcap, alibi_slopes, cache_batch_idx=cache_batch_idx,
+                        cache_leftpad=cache_leftpad)
+    if return_softmax_lse:
+        raise NotImplementedError(f"{op}: return_softmax_lse=True is not supported (the KV-cache kernels return "
+                                  f"the output only)")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"{op}: num_splits must be an int >= 0, got {num_splits!r}")
+    if rotary_cos is not None or rotary_sin is not None:
+        if k is None:  # flash-attention rotates only on the way into the cache
+            raise ValueError(f"{op}: rotary_cos / rotary_sin apply only with new entries: pass k and v as well")
+        # (a malformed window_size counts as local here; the op's own check names it)
+        local = not (isinstance(window_size, (tuple, list)) and list(window_size) == [-1, -1])
+        if not causal and not local and isinstance(q, Tensor) and q.dim() == 4 and q.shape[1] > 1:
+            raise NotImplementedError(
+                f"{op}: rotary with {q.shape[1]} query tokens in a non-causal, unwindowed call: flash-attention "
+                f"rotates them all at position cache_seqlens, this package at cache_seqlens + i; pass causal=True "
+                f"(or one query token)")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return flash_attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal,
+                                        softmax_scale=softmax_scale, window_size=window_size, rotary_cos=rotary_cos,
+                                        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                        block_table=block_table, backend=backend)
+
+
+# --------------------------------------------------------------------------------------
+# flash_attn.bert_padding: between padded (B, S, ...) batches and packed (T, ...) tokens
+# --------------------------------------------------------------------------------------
+
+
+def index_first_axis(input: Tensor, indices: Tensor) -> Tensor:
+    """``input[indices]`` along the first axis (input (N, ...), indices (T,) int64)."""
+    return input[indices]
+
+
+def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):
+    """hidden_states (B, S, ...), attention_mask (B, S) (nonzero: a real token) -> (tokens (T, ...),
+    indices (T,) into the flattened B * S, cu_seqlens (B + 1,) int32, max_seqlen (a host int: one
+    sync), seqused (B,) int32), flash-attention >= 2.7's five values. ``unused_mask`` (B, S)
+    marks tokens to keep in the packed rows but leave out of seqused (flash-attention's
+    meaning)."""
+    kept = attention_mask.bool() if unused_mask is None else attention_mask.bool() | unused_mask.bool()
+    seqlens = kept.sum(dim=-1, dtype=torch.int32)
+    seqused = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    tokens = index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices)
+    return tokens, indices, cu_seqlens, max_seqlen, seqused
+
+
+def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """tokens (T, ...) back to (batch, seqlen, ...), zeros where no token was."""
+    output = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
+    output = output.index_put((indices,), hidden_states)  # out of place, so autograd sees it
+    return output.view(batch, seqlen, *hidden_states.shape[1:])

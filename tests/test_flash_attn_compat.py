@@ -1,0 +1,237 @@
+"""internlm_kernels.flash_attn_compat: flash-attention's API on the package's kernels.
+
+The functions are argument mappings over ``ik.flash_attention`` / ``ik.flash_attention_with_kvcache``,
+so each is held to two things: its result against the reference (the attention rules of
+tests/helpers.py), and bit-equality with the package op it maps to, called as flash-attention's
+documentation says the arguments mean (positions, defaults, packed layouts, lse layout).
+Unsupported arguments must raise, naming themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import internlm_kernels as ik
+from internlm_kernels import flash_attn_compat as fa
+from internlm_kernels import reference
+from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
+
+BACKENDS = KERNEL_BACKENDS + ["torch"]
+HEAD_DIM = {"cuda": 64}  # the CUDA kernels' smallest head dim; the others take an odd-sized one
+
+
+def _head_dim(backend):
+    return HEAD_DIM.get(backend, 24)
+
+
+def _grads(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attn_func_positional_arguments_match_reference(backend, device):
+    """flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size) by position,
+    GQA 6/2, Sq < Sk (bottom-right causal), forward and backward against fp64."""
+    dtype, d = torch.bfloat16, _head_dim(backend)
+    q = torch.randn(2, 13, 6, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 29, 2, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = fa.flash_attn_func(q, k, v, 0.0, 0.2, True, (7, -1), backend=backend)
+    kwargs = dict(causal=True, softmax_scale=0.2, window_size=(7, -1))
+    eager_inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    eager = reference.attention(*eager_inputs, **kwargs)
+    exact = reference.attention(*exact_inputs, **kwargs)
+    assert_within_eager_error([out], [eager], [exact], dtype, 2.0, "out")
+    grad = torch.randn_like(out)
+    assert_within_eager_error(_grads(out, (q, k, v), grad), _grads(eager, eager_inputs, grad),
+                              _grads(exact, exact_inputs, grad.double()), dtype, 3.0, "dq, dk, dv")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_variants_equal_the_unpacked_call(backend, device):
+    """qkv (B, S, 3, H, D) and kv (B, S, 2, H, D): the same bits as ik.flash_attention on the
+    unbound views, and the gradient of the packed tensor is the three gradients stacked."""
+    dtype, d = torch.float16, _head_dim(backend)
+    qkv = torch.randn(2, 17, 3, 4, d, device=device, dtype=dtype, requires_grad=True)
+    q_only = torch.randn(2, 11, 4, d, device=device, dtype=dtype, requires_grad=True)
+    kv = torch.randn(2, 17, 2, 2, d, device=device, dtype=dtype, requires_grad=True)
+
+    out = fa.flash_attn_qkvpacked_func(qkv, causal=True, backend=backend)
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv.unbind(2))
+    expected = ik.flash_attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    (dqkv,) = _grads(out, (qkv,), grad)
+    assert torch.equal(dqkv, torch.stack(_grads(expected, (q, k, v), grad), dim=2))
+
+    out = fa.flash_attn_kvpacked_func(q_only, kv, causal=True, backend=backend)
+    k, v = (t.detach().requires_grad_(True) for t in kv.unbind(2))
+    expected = ik.flash_attention(q_only.detach(), k, v, causal=True, backend=backend)
+    assert torch.equal(out, expected)
+    grad = torch.randn_like(out)
+    (dkv,) = _grads(out, (kv,), grad)
+    assert torch.equal(dkv, torch.stack(_grads(expected, (k, v), grad), dim=2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_variants_and_their_lse(backend, device):
+    """flash_attn_varlen_func by position (cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+    causal), the packed varlen variants, and return_attn_probs: (out, lse (H, T), None)."""
+    dtype, d = torch.bfloat16, _head_dim(backend)
+    cu = torch.tensor([0, 5, 5, 19, 26], device=device, dtype=torch.int32)  # an empty sequence too
+    total, heads = 26, 4
+    qkv = torch.randn(total, 3, heads, d, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    out, lse, probs = fa.flash_attn_varlen_func(q, k, v, cu, cu, 14, 14, 0.0, None, True, return_attn_probs=True,
+                                                backend=backend)
+    expected, expected_lse = ik.flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
+                                                return_lse=True, backend=backend)
+    assert probs is None and lse.shape == (heads, total)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    eager = reference.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert_within_eager_error([out], [eager], [exact], dtype, 2.0, "varlen out")
+
+    assert torch.equal(fa.flash_attn_varlen_qkvpacked_func(qkv, cu, 14, causal=True, backend=backend), expected)
+    kv = qkv[:, 1:]
+    assert torch.equal(fa.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 14, 14, causal=True, backend=backend),
+                       expected)
+
+
+def test_dense_lse_layout_and_strided_last_dim(device):
+    """return_attn_probs on the dense call gives lse (B, H, Sq); a q whose last dim is strided
+    is copied first, as flash-attention's maybe_contiguous does, where ik.flash_attention
+    refuses it."""
+    q = torch.randn(2, 9, 3, 16, device=device)
+    k, v = torch.randn(2, 12, 3, 16, device=device), torch.randn(2, 12, 3, 16, device=device)
+    strided_q = torch.randn(2, 9, 3, 32, device=device)[..., ::2]
+    strided_q.copy_(q)
+    out, lse, probs = fa.flash_attn_func(strided_q, k, v, return_attn_probs=True, backend="torch")
+    expected, expected_lse = ik.flash_attention(q, k, v, return_lse=True, backend="torch")
+    assert probs is None and lse.shape == (2, 3, 9)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    with pytest.raises(ValueError, match="q must have a contiguous last dimension"):
+        ik.flash_attention(strided_q, k, v, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_defaults_are_flash_attentions(backend, device):
+    """causal=False and rotary_interleaved=True by default, cache_seqlens after the rotary
+    tables by position; the caches are appended in place, as by the package op."""
+    dtype, d, capacity = torch.bfloat16, _head_dim(backend), 40
+    lengths = torch.tensor([3, 30], device=device, dtype=torch.int32)
+    q = torch.randn(2, 1, 4, d, device=device, dtype=dtype)
+    k_new, v_new = (torch.randn(2, 1, 2, d, device=device, dtype=dtype) for _ in range(2))
+    caches = [torch.randn(2, capacity, 2, d, device=device, dtype=dtype) for _ in range(2)]
+    theirs = [c.clone() for c in caches]
+    cos, sin = ik.rotary_cos_sin(capacity, d, base=1e4, device=device)
+    with torch.no_grad():
+        out = fa.flash_attn_with_kvcache(q, caches[0], caches[1], k_new, v_new, cos, sin, lengths, backend=backend)
+        expected = ik.flash_attention_with_kvcache(q, theirs[0], theirs[1], k=k_new, v=v_new, cache_seqlens=lengths,
+                                                   rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True,
+                                                   causal=False, backend=backend)
+    assert torch.equal(out, expected)
+    assert torch.equal(caches[0], theirs[0]) and torch.equal(caches[1], theirs[1])
+
+    # Several query tokens, no rotary: non-causal by default (each sees the whole cache prefix).
+    q3 = torch.randn(2, 3, 4, d, device=device, dtype=dtype)
+    with torch.no_grad():
+        out = fa.flash_attn_with_kvcache(q3, caches[0], caches[1], cache_seqlens=lengths, backend=backend)
+        expected = reference.attention_with_kvcache(q3, caches[0], caches[1], cache_seqlens=lengths, causal=False)
+        exact = reference.attention_with_kvcache(q3.double(), caches[0].double(), caches[1].double(),
+                                                 cache_seqlens=lengths, causal=False)
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "kvcache, non-causal")
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda q, k, v: fa.flash_attn_func(q, k, v, 0.1), "dropout_p"),
+    (lambda q, k, v: fa.flash_attn_func(q, k, v, softcap=30.0), "softcap"),
+    (lambda q, k, v: fa.flash_attn_func(q, k, v, alibi_slopes=torch.ones(2)), "alibi_slopes"),
+    (lambda q, k, v: fa.flash_attn_qkvpacked_func(torch.stack((q, k, v), 2), 0.5), "dropout_p"),
+    (lambda q, k, v: fa.flash_attn_varlen_func(q[0], k[0], v[0], *_cu(q), 4, 4,
+                                               block_table=torch.zeros(1, 1, dtype=torch.int32)), "block_table"),
+    (lambda q, k, v: fa.flash_attn_with_kvcache(q, k, v, cache_batch_idx=torch.zeros(1, dtype=torch.int32)),
+     "cache_batch_idx"),
+    (lambda q, k, v: fa.flash_attn_with_kvcache(q, k, v, cache_leftpad=torch.zeros(1, dtype=torch.int32)),
+     "cache_leftpad"),
+    (lambda q, k, v: fa.flash_attn_with_kvcache(q, k, v, return_softmax_lse=True), "return_softmax_lse"),
+    (lambda q, k, v: fa.flash_attn_with_kvcache(q, k, v, softcap=5.0), "softcap"),
+    (lambda q, k, v: fa.flash_attn_with_kvcache(torch.cat((q, q), 1), k, v, k[:, :1], v[:, :1],
+                                                *ik.rotary_cos_sin(8, 8), cache_seqlens=1), "rotary"),
+], ids=["dropout", "softcap", "alibi", "qkvpacked_dropout", "varlen_block_table", "cache_batch_idx",
+        "cache_leftpad", "return_softmax_lse", "kvcache_softcap", "rotary_non_causal_several_queries"])
+def test_unsupported_arguments_raise_by_name(call, argument):
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=argument):
+        call(q, k, v)
+
+
+def _cu(q):
+    cu = torch.tensor([0, q.shape[1]], dtype=torch.int32)
+    return cu, cu
+
+
+def test_kvcache_argument_errors():
+    q, k_cache, v_cache = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    cos, sin = ik.rotary_cos_sin(8, 8)
+    with pytest.raises(ValueError, match="rotary_cos / rotary_sin apply only with new entries"):
+        fa.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, rotary_cos=cos, rotary_sin=sin, cache_seqlens=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
+            fa.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=bad)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, S, 3, H, D\)"):
+        fa.flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 8))
+    with pytest.raises(ValueError, match=r"kv must be \(T, 2, H, D\)"):
+        fa.flash_attn_varlen_kvpacked_func(q[0], torch.randn(4, 3, 2, 8), *_cu(q), 4, 4)
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        fa.flash_attn_qkvpacked_func([q, q, q])
+
+
+def test_bert_padding_round_trip_through_varlen_attention():
+    """unpad_input -> flash_attn_varlen_func -> pad_input equals attention over each sequence
+    alone (right padding), zeros at padded positions; the gradient reaches only real tokens."""
+    batch, seqlen, heads, d = 3, 7, 2, 8
+    lengths = [7, 3, 5]
+    mask = torch.zeros(batch, seqlen, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    x = torch.randn(batch, seqlen, 3, heads, d, requires_grad=True)
+    packed, indices, cu, max_seqlen, seqused = fa.unpad_input(x, mask)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 7, 10, 15] and max_seqlen == 7
+    assert seqused.tolist() == lengths and packed.shape == (15, 3, heads, d)
+    assert indices.tolist() == [b * seqlen + s for b, n in enumerate(lengths) for s in range(n)]
+    q, k, v = packed.unbind(1)
+    out = fa.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True, backend="torch")
+    padded = fa.pad_input(out, indices, batch, seqlen)
+    assert padded.shape == (batch, seqlen, heads, d)
+    for b, n in enumerate(lengths):
+        alone = reference.attention(*(t[None] for t in x[b, :n].unbind(1)), causal=True)[0]
+        torch.testing.assert_close(padded[b, :n], alone, rtol=1e-5, atol=1e-6)
+        assert torch.equal(padded[b, n:], torch.zeros_like(padded[b, n:]))
+    (dx,) = torch.autograd.grad(padded, x, torch.randn_like(padded))
+    real = mask.bool()
+    assert torch.equal(dx[~real], torch.zeros_like(dx[~real])) and (dx[real] != 0).any()
+    assert torch.equal(fa.index_first_axis(x.reshape(batch * seqlen, -1), indices), packed.reshape(15, -1))
+
+
+def test_unpad_input_unused_mask_keeps_tokens_out_of_seqused():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    unused = torch.tensor([[0, 0, 1, 0], [0, 1, 1, 0]])
+    packed, indices, cu, max_seqlen, seqused = fa.unpad_input(torch.arange(8.0).view(2, 4, 1), mask, unused)
+    assert indices.tolist() == [0, 1, 2, 4, 5, 6] and packed.flatten().tolist() == [0, 1, 2, 4, 5, 6]
+    assert cu.tolist() == [0, 3, 6] and max_seqlen == 3 and seqused.tolist() == [2, 1]
+
+
+def test_compiles_without_graph_breaks():
+    """The argument mapping traces: torch.compile(fullgraph=True) over the packed varlen call
+    (the reference's packed path runs inside its custom op while compiling)."""
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    q, kv = torch.randn(10, 4, 16), torch.randn(10, 2, 2, 16)
+
+    def call(q, kv, cu):
+        return fa.flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 7, 7, 0.0, None, True, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(q, kv, cu), call(q, kv, cu))

@@ -5,7 +5,9 @@ Supported (checked by class name, so remote-code models need no import from us):
 * HF ``LlamaForCausalLM`` (InternLM v1 and v3 checkpoints converted to LLaMA load as this),
   transformers >= 4.48: RMSNorm modules, the rotary application inside each attention
   module, and attention itself (registered as the attention implementation
-  ``"internlm_kernels"``; calls with a padding mask or dropout go to HF's SDPA path).
+  ``"internlm_kernels"``): dense calls, and padded batches of several query tokens through
+  the varlen kernel; dropout, other masks and padded one-token decode steps go to HF's SDPA
+  path (``_hf_attention``).
 * InternLM2 remote code (``InternLM2ForCausalLM``; ``InternLM2RMSNorm``; its attention
   classes), InternLM v1 / InternLM3 remote code (``InternLMForCausalLM``,
   ``InternLM3ForCausalLM``): RMSNorm and rotary. Their attention is computed inline in the
@@ -30,6 +32,8 @@ import torch
 from torch import nn
 
 import internlm_kernels as ik
+from internlm_kernels import reference
+from internlm_kernels.flash_attn_compat import index_first_axis, pad_input
 
 Tensor = torch.Tensor
 ATTN_IMPLEMENTATION = "internlm_kernels"
@@ -86,17 +90,66 @@ def hf_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, posi
 def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                   dropout: float = 0.0, scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                   **kwargs):
-    """Attention function for HF's AttentionInterface: (B, H, S, D) in, (B, S, H, D) out."""
-    state = getattr(module, _STATE, None)
-    if state is None or attention_mask is not None or dropout > 0.0 or kwargs.get("output_attentions"):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """Attention function for HF's AttentionInterface: (B, H, S, D) in, (B, S, H, D) out.
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    out = ik.flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                             softmax_scale=scaling, backend=state["backend"])
-    return out, None
+    No mask: the dense kernel. A padding mask (HF's 4D mask that is causal & key padding, the
+    kind a padded batch gets) with several query tokens: the valid tokens packed, the varlen
+    kernel, the outputs scattered back (zeros at padded query positions, whose outputs a
+    model ignores), as HF's flash-attention path does. Everything else goes to HF's SDPA
+    path: dropout, attention weights requested, any other mask, a padded decode step (one
+    query token: packing would copy the whole cache on every step, more than SDPA reads), and
+    masks while torch.compile traces (finding the tokens reads the mask on the host)."""
+    state = getattr(module, _STATE, None)
+    if state is not None and dropout == 0.0 and not kwargs.get("output_attentions"):
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if attention_mask is None:
+            return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
+        valid = None if torch.compiler.is_compiling() else _padding_from_mask(attention_mask, q.shape[1],
+                                                                                k.shape[1], causal)
+        if valid is not None:
+            return _attention_over_valid_tokens(q, k, v, *valid, causal, scaling, state["backend"]), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _padding_from_mask(mask: Tensor, seqlen_q: int, seqlen_k: int, causal: bool):
+    """(key_valid (B, Sk), query_valid (B, Sq)) when ``mask`` (B, 1, Sq or 1, Sk), bool or
+    additive (0 where allowed), is exactly causal (bottom-right) & key padding on every valid query's
+    row, the queries being the last Sq key positions; None for any other mask.
+
+    The last query row names the valid keys: it sees every key the causal band allows. Rows
+    of padded queries are not compared (HF versions differ there: some unmask them fully).
+    The comparison reads the result on the host: one sync, as HF's flash-attention path has."""
+    if (seqlen_q == 1 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, seqlen_q)
+            or mask.shape[3] != seqlen_k):
+        return None
+    allowed = (mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0).expand(-1, seqlen_q, -1)
+    key_valid = allowed[:, -1, :]
+    query_valid = key_valid[:, seqlen_k - seqlen_q:]
+    band = reference.attention_mask(seqlen_q, seqlen_k, causal, (-1, -1), mask.device)
+    if ((allowed != (key_valid[:, None, :] & band)) & query_valid[:, :, None]).any():
+        return None
+    return key_valid, query_valid
+
+
+def _attention_over_valid_tokens(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,
+                                 causal: bool, scaling: Optional[float], backend: str) -> Tensor:
+    """q (B, Sq, H, D), k / v (B, Sk, Hkv, D): each sequence's valid tokens packed, one varlen
+    call (bottom-right causal per sequence is exact for queries that are the sequence's last
+    tokens), the outputs scattered back into (B, Sq, H, D)."""
+    batch, seqlen_q = q.shape[:2]
+    query_index = query_valid.flatten().nonzero().flatten()
+    key_index = key_valid.flatten().nonzero().flatten()
+    cu_q, cu_k = (torch.nn.functional.pad(valid.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+                  for valid in (query_valid, key_valid))
+    packed_q = index_first_axis(q.reshape(-1, *q.shape[2:]), query_index)
+    packed_k, packed_v = (index_first_axis(t.reshape(-1, *t.shape[2:]), key_index) for t in (k, v))
+    out = ik.flash_attention(packed_q, packed_k, packed_v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal,
+                             softmax_scale=scaling, backend=backend)
+    return pad_input(out, query_index, batch, seqlen_q)
 
 
 def _with_globals(fn, overrides: Dict[str, object]):

@@ -46,7 +46,9 @@ pytestmark = pytest.mark.skipif(not HAVE_HEADERS, reason=f"no CUDA headers under
 
 
 EMULATION_FLAGS = [
-    "-O1", "-DIK_CUDA_EMULATION", "-Wno-unknown-pragmas",
+    # C++20 for std::barrier and std::atomic_ref (emulation.h): torch's extension builder
+    # defaults to C++17 in older releases (torch 2.11 does), and a later -std flag wins.
+    "-std=c++20", "-O1", "-DIK_CUDA_EMULATION", "-Wno-unknown-pragmas",
     # ninja runs the command through a shell: keep the string macros' quotes
     f"""'-DIK_TORCH_VERSION="{torch.__version__}"'""", """'-DIK_CUDA_ARCHS="emulation"'"""]
 INCLUDES = [os.path.join(REPO, "csrc", "include"), os.path.join(CUDA_HOME, "include")]

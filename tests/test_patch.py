@@ -16,6 +16,7 @@ from tests.remote_internlm2 import InternLM2ForCausalLM
 # (the op modules share their names with the functions ops/__init__ exports)
 rms_norm_ops = importlib.import_module("internlm_kernels.ops.rms_norm")
 rotary_ops = importlib.import_module("internlm_kernels.ops.rotary")
+patch_module = importlib.import_module("internlm_kernels.patch")
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -81,16 +82,127 @@ def test_patched_llama_generates_like_unpatched(device):
         assert model.config._attn_implementation != "internlm_kernels"
 
 
-def test_padding_mask_falls_back_to_sdpa():
-    model = _llama()
-    ids = torch.randint(0, 128, (2, 10))
+def _attention_spy():
+    """Count the patched attention's calls into ik.flash_attention."""
+    return mock.patch.object(patch_module.ik, "flash_attention", wraps=ik.flash_attention)
+
+
+def _padding_mask(ids, padding):
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding on the first row
+    if padding == "left":
+        mask[0, :4], mask[2, :1] = 0, 0
+    elif padding == "right":
+        mask[0, 7:], mask[1, 10:] = 0, 0
+    else:  # tokens left out in the middle of a row: causality among the rest still holds
+        mask[1, 3:5] = 0
+    return mask
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "holes"])
+def test_padded_batch_goes_through_the_varlen_path(padding, device):
+    """A padded batch (HF's 4D mask: causal & key padding) is packed into one varlen call per
+    layer: logits at the real tokens as unpatched, and the gradient of a loss over them (fp32,
+    so "auto" runs the reference's varlen path and the packing is held to rounding)."""
+    model = _llama().to(device)
+    ids = torch.randint(0, 128, (3, 11), device=device)
+    mask = _padding_mask(ids, padding)
+    real = mask.bool()
+    before = model(ids, attention_mask=mask).logits
+    expected = before[real].detach()
+    (expected_grad,) = torch.autograd.grad(before[real].square().mean(), model.model.embed_tokens.weight)
+    ik.patch(model)
+    with _attention_spy() as calls:
+        after = model(ids, attention_mask=mask).logits
+    assert calls.call_count == 2, "both layers through the kernel"
+    assert max_abs_error(after[real], expected) <= 1e-5 * float(expected.abs().max())
+    (grad,) = torch.autograd.grad(after[real].square().mean(), model.model.embed_tokens.weight)
+    assert max_abs_error(grad, expected_grad) <= 1e-4 * float(expected_grad.abs().max())
+
+
+def test_padded_batch_bf16_triton_three_run_rule(device):
+    """The same packing with the Triton varlen kernel, bf16: at the real tokens, no worse than
+    2x the error of the unpatched model in bf16 against it in fp32."""
+    ids = torch.randint(0, 128, (3, 11), device=device)
+    mask = _padding_mask(ids, "left")
+    real = mask.bool()
+    with torch.no_grad():
+        exact = _llama().to(device)(ids, attention_mask=mask).logits[real]
+        eager_error = max_abs_error(_llama().bfloat16().to(device)(ids, attention_mask=mask).logits[real].float(),
+                                    exact)
+        ours = _llama().bfloat16().to(device)
+        ik.patch(ours, backend="triton")
+        with _attention_spy() as calls:
+            ours_error = max_abs_error(ours(ids, attention_mask=mask).logits[real].float(), exact)
+    assert calls.call_count == 2
+    assert ours_error <= 2 * eager_error, f"{ours_error:.3e} vs eager bf16 {eager_error:.3e}"
+
+
+def test_padded_generation_matches_unpatched(device):
+    """Left-padded batched greedy generation: the prefill through the varlen kernel, the
+    one-token decode steps through SDPA (packing would copy the cache every step)."""
+    model = _llama().to(device)
+    ids = torch.randint(1, 128, (2, 7), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        ik.patch(model)
+        with _attention_spy() as calls:
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, expected)
+    assert calls.call_count == 2, "the prefill's two layers; the decode steps went to SDPA"
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "padded_rows_unmasked"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
+    """Queries that are the last Sq of Sk key positions (a prefill chunk after a cache), left
+    padding, GQA: the attention function against HF's SDPA path on the same 4D mask, at the
+    real queries. The mask as HF versions give it: bool, additive (0 where allowed, the
+    dtype's minimum elsewhere), or with the padded queries' rows fully unmasked (SDPA's guard
+    against rows that see no key)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, heads_kv, seqlen_q, seqlen_k, d = 3, 4, 2, 5, 12, 16
+    query = torch.randn(batch, heads, seqlen_q, d)
+    key, value = torch.randn(batch, heads_kv, seqlen_k, d), torch.randn(batch, heads_kv, seqlen_k, d)
+    key_valid = torch.ones(batch, seqlen_k, dtype=torch.bool)
+    key_valid[0, :3], key_valid[2, :9] = False, False  # the last row: 2 of its 5 queries are padding
+    # causal: (B, 1, Sq, Sk); full: (B, 1, 1, Sk), broadcast over the queries
+    mask = (key_valid[:, None, :] & torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+            if causal else key_valid[:, None, :])[:, None]
+    if mask_kind == "padded_rows_unmasked":
+        mask = mask.expand(-1, -1, seqlen_q, -1) | ~key_valid[:, None, seqlen_k - seqlen_q:, None]
+    elif mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = causal, heads // heads_kv
+    setattr(module, patch_module._STATE, {"backend": "auto"})
+    with _attention_spy() as calls:
+        out, _ = patch_module._hf_attention(module, query, key, value, mask, scaling=0.3, is_causal=causal)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, is_causal=causal)
+    assert calls.call_count == 1
+    real = key_valid[:, seqlen_k - seqlen_q:]
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+
+
+def test_other_masks_go_to_sdpa():
+    """A mask that is not causal & key padding (here a query row that sees fewer keys) is left
+    to HF's SDPA path: same logits, no kernel call."""
+    model = _llama()
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 128, (1, 6))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    allowed[4, 0] = False
+    mask = allowed[None, None]
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
-        ik.patch(model)
-        after = model(ids, attention_mask=mask).logits
-    assert max_abs_error(after[:, 3:], before[:, 3:]) <= 1e-5 * float(before.abs().max())
+        ik.patch(model, rms_norm=False, rotary=False)
+        with _attention_spy() as calls:
+            after = model(ids, attention_mask=mask).logits
+    assert calls.call_count == 0
+    assert torch.equal(after, before)
 
 
 def test_internlm2_remote_code_norm_and_rotary(device):

@@ -6,10 +6,13 @@
 Same names, argument order, defaults and return values as flash-attention 2's
 ``flash_attn_interface`` (and ``bert_padding``'s three helpers), so calls written for it run
 unchanged: positional ``dropout_p``; ``return_attn_probs`` returning ``(out, softmax_lse,
-None)``; the packed ``qkv`` / ``kv`` variants, whose q, k and v are views of the packed tensor
-(no copy; the gradient comes back packed); ``flash_attn_with_kvcache``'s own defaults
-(``causal=False``, ``rotary_interleaved=True``). Every function also takes a keyword-only
-``backend`` ("auto" by default, as every op of the package).
+S_dmask)``, S_dmask empty as flash-attention's is without dropout; the packed ``qkv`` /
+``kv`` variants, whose q, k and v are views of the packed tensor (no copy; the gradient
+comes back packed); ``flash_attn_with_kvcache``'s own defaults (``causal=False``,
+``rotary_interleaved=True``), its refusal of new entries without ``cache_seqlens``, and no
+gradient. Every function also takes a keyword-only ``backend`` ("auto" by default, as every
+op of the package). One value differs: the lse of a query row that sees no key is -inf here
+(the log of an empty sum) where flash-attention 2 writes +inf.
 
 Features the kernels do not have raise ``NotImplementedError`` naming the argument, never
 a silently different result: dropout (``dropout_p`` > 0), ``softcap``, ``alibi_slopes``,
@@ -79,9 +82,9 @@ def _attention(op: str, q, k, v, *, dropout_p, softmax_scale, causal, window_siz
     result = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                              return_lse=bool(return_attn_probs), deterministic=deterministic, backend=backend,
                              **varlen)
-    if return_attn_probs:  # flash-attention's S_dmask exists only with dropout, which is refused above
+    if return_attn_probs:  # flash-attention's S_dmask is empty without dropout (refused above)
         out, lse = result
-        return out, lse, None
+        return out, lse, out.new_empty((0,))
     return result
 
 
@@ -90,7 +93,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                     return_attn_probs: bool = False, *, backend: str = "auto"):
     """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D); with ``return_attn_probs``,
-    (out, softmax_lse (B, Hq, Sq) fp32, None). Semantics of ``ik.flash_attention``."""
+    (out, softmax_lse (B, Hq, Sq) fp32, an empty S_dmask). Semantics of ``ik.flash_attention``."""
     return _attention("flash_attn_func", q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                       deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
@@ -128,7 +131,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *,
                            backend: str = "auto"):
     """Packed q (Tq, Hq, D), k / v (Tk, Hkv, D) with cu_seqlens (B + 1,) int32 -> out (Tq, Hq, D);
-    with ``return_attn_probs``, (out, softmax_lse (Hq, Tq) fp32, None)."""
+    with ``return_attn_probs``, (out, softmax_lse (Hq, Tq) fp32, an empty S_dmask)."""
     op = "flash_attn_varlen_func"
     _refuse_unsupported(op, block_table=block_table)
     return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
@@ -188,21 +191,35 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                                   f"the output only)")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{op}: num_splits must be an int >= 0, got {num_splits!r}")
+    if k is not None and cache_seqlens is None:  # flash-attention's own check (the op would append at the end)
+        raise ValueError(f"{op}: new entries k / v need cache_seqlens (where to write them)")
     if rotary_cos is not None or rotary_sin is not None:
         if k is None:  # flash-attention rotates only on the way into the cache
             raise ValueError(f"{op}: rotary_cos / rotary_sin apply only with new entries: pass k and v as well")
-        # (a malformed window_size counts as local here; the op's own check names it)
-        local = not (isinstance(window_size, (tuple, list)) and list(window_size) == [-1, -1])
-        if not causal and not local and isinstance(q, Tensor) and q.dim() == 4 and q.shape[1] > 1:
+        if not causal and not _is_local(window_size, k_cache, block_table) and isinstance(q, Tensor) and \
+                q.dim() == 4 and q.shape[1] > 1:
             raise NotImplementedError(
                 f"{op}: rotary with {q.shape[1]} query tokens in a non-causal, unwindowed call: flash-attention "
                 f"rotates them all at position cache_seqlens, this package at cache_seqlens + i; pass causal=True "
                 f"(or one query token)")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return flash_attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal,
-                                        softmax_scale=softmax_scale, window_size=window_size, rotary_cos=rotary_cos,
-                                        rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-                                        block_table=block_table, backend=backend)
+    with torch.no_grad():  # no backward, as in flash-attention (the package op refuses inputs that want one)
+        return flash_attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                            causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                            rotary_interleaved=rotary_interleaved, block_table=block_table,
+                                            backend=backend)
+
+
+def _is_local(window_size, k_cache, block_table) -> bool:
+    """flash-attention's test for a windowed KV-cache call: a bound of at least the cache's
+    capacity is no bound. (A malformed window_size counts as local here; the op's own check
+    names it.)"""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2 and isinstance(k_cache, Tensor)
+            and k_cache.dim() == 4):
+        return True
+    capacity = k_cache.shape[1] * (block_table.shape[-1] if isinstance(block_table, Tensor) else 1)
+    return any(isinstance(w, int) and 0 <= w < capacity for w in window_size)
 
 
 # --------------------------------------------------------------------------------------

@@ -103,10 +103,16 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     if state is not None and dropout == 0.0 and not kwargs.get("output_attentions"):
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
         if attention_mask is None:
+            if causal and 1 < seqlen_q < seqlen_k:
+                # No mask with more keys than queries: HF's SDPA path reads it top-left (SDPA's
+                # is_causal; a prefill into an empty static cache, whose later slots are
+                # empty), so only the first Sq keys count.
+                k, v = k[:, :seqlen_q], v[:, :seqlen_q]
             return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
-        valid = None if torch.compiler.is_compiling() else _padding_from_mask(attention_mask, q.shape[1],
-                                                                                k.shape[1], causal)
+        valid = None if torch.compiler.is_compiling() else _padding_from_mask(attention_mask, q.shape[0], seqlen_q,
+                                                                                seqlen_k, causal)
         if valid is not None:
             return _attention_over_valid_tokens(q, k, v, *valid, causal, scaling, state["backend"]), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -115,22 +121,32 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
                                   is_causal=is_causal, **kwargs)
 
 
-def _padding_from_mask(mask: Tensor, seqlen_q: int, seqlen_k: int, causal: bool):
-    """(key_valid (B, Sk), query_valid (B, Sq)) when ``mask`` (B, 1, Sq or 1, Sk), bool or
-    additive (0 where allowed), is exactly causal (bottom-right) & key padding on every valid query's
-    row, the queries being the last Sq key positions; None for any other mask.
+def _padding_from_mask(mask: Tensor, batch: int, seqlen_q: int, seqlen_k: int, causal: bool):
+    """(key_valid (B, Sk), query_valid (B, Sq)) when ``mask`` ((B or 1, 1, Sq or 1, Sk), bool, or
+    additive with 0 where allowed and at most half the dtype's minimum where not) is exactly
+    causal (bottom-right) & key padding; None for any other mask, so that HF's SDPA path takes
+    it (a static cache's future slots, a window, a soft bias, a non-causal call with Sq != Sk,
+    whose queries are not the last keys).
 
-    The last query row names the valid keys: it sees every key the causal band allows. Rows
-    of padded queries are not compared (HF versions differ there: some unmask them fully).
-    The comparison reads the result on the host: one sync, as HF's flash-attention path has."""
-    if (seqlen_q == 1 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] not in (1, seqlen_q)
-            or mask.shape[3] != seqlen_k):
+    The last query row names the valid keys: causal, it sees every key there is. A query is
+    padding where its own key (the queries being the last Sq keys) is: its row may also be
+    all True or all False (HF versions guard SDPA against rows that see no key so), and its
+    output is left zero. The check reads its result on the host: one sync, as HF's own
+    flash-attention path has."""
+    if (seqlen_q == 1 or (not causal and seqlen_q != seqlen_k) or mask.dim() != 4 or mask.shape[0] not in (1, batch)
+            or mask.shape[1] != 1 or mask.shape[2] not in (1, seqlen_q) or mask.shape[3] != seqlen_k):
         return None
-    allowed = (mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0).expand(-1, seqlen_q, -1)
+    mask = mask[:, 0].expand(batch, seqlen_q, seqlen_k)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
     key_valid = allowed[:, -1, :]
     query_valid = key_valid[:, seqlen_k - seqlen_q:]
     band = reference.attention_mask(seqlen_q, seqlen_k, causal, (-1, -1), mask.device)
-    if ((allowed != (key_valid[:, None, :] & band)) & query_valid[:, :, None]).any():
+    as_padding = (allowed == (key_valid[:, None, :] & band)).all(dim=-1)
+    padded_row_ok = as_padding | allowed.all(dim=-1) | ~allowed.any(dim=-1)
+    rows_ok = torch.where(query_valid, as_padding, padded_row_ok)
+    if mask.dtype != torch.bool:  # additive: anything between 0 and "masked" is a bias, not padding
+        rows_ok &= (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all(dim=-1)
+    if not bool(rows_ok.all()):
         return None
     return key_valid, query_valid
 

@@ -77,7 +77,8 @@ def test_packed_variants_equal_the_unpacked_call(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_variants_and_their_lse(backend, device):
     """flash_attn_varlen_func by position (cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-    causal), the packed varlen variants, and return_attn_probs: (out, lse (H, T), None)."""
+    causal), the packed varlen variants, and return_attn_probs: (out, lse (H, T), an empty
+    S_dmask)."""
     dtype, d = torch.bfloat16, _head_dim(backend)
     cu = torch.tensor([0, 5, 5, 19, 26], device=device, dtype=torch.int32)  # an empty sequence too
     total, heads = 26, 4
@@ -87,7 +88,7 @@ def test_varlen_variants_and_their_lse(backend, device):
                                                 backend=backend)
     expected, expected_lse = ik.flash_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
                                                 return_lse=True, backend=backend)
-    assert probs is None and lse.shape == (heads, total)
+    assert probs.numel() == 0 and lse.shape == (heads, total)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
     exact = reference.attention(q.double(), k.double(), v.double(), causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
     eager = reference.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
@@ -109,7 +110,7 @@ def test_dense_lse_layout_and_strided_last_dim(device):
     strided_q.copy_(q)
     out, lse, probs = fa.flash_attn_func(strided_q, k, v, return_attn_probs=True, backend="torch")
     expected, expected_lse = ik.flash_attention(q, k, v, return_lse=True, backend="torch")
-    assert probs is None and lse.shape == (2, 3, 9)
+    assert probs.numel() == 0 and lse.shape == (2, 3, 9)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
     with pytest.raises(ValueError, match="q must have a contiguous last dimension"):
         ik.flash_attention(strided_q, k, v, backend="torch")
@@ -175,6 +176,8 @@ def _cu(q):
 def test_kvcache_argument_errors():
     q, k_cache, v_cache = (torch.randn(1, 4, 2, 8) for _ in range(3))
     cos, sin = ik.rotary_cos_sin(8, 8)
+    with pytest.raises(ValueError, match="new entries k / v need cache_seqlens"):
+        fa.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, k_cache[:, :1], v_cache[:, :1])
     with pytest.raises(ValueError, match="rotary_cos / rotary_sin apply only with new entries"):
         fa.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, rotary_cos=cos, rotary_sin=sin, cache_seqlens=2)
     for bad in (-1, 1.5, True):
@@ -186,6 +189,31 @@ def test_kvcache_argument_errors():
         fa.flash_attn_varlen_kvpacked_func(q[0], torch.randn(4, 3, 2, 8), *_cu(q), 4, 4)
     with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
         fa.flash_attn_qkvpacked_func([q, q, q])
+
+
+def test_kvcache_window_as_wide_as_the_cache_is_no_window():
+    """flash-attention counts a window bound of at least the cache's capacity as no bound, so
+    rotary over several non-causal queries is refused there too; a narrower window is local,
+    and runs (q rotated at cache_seqlens + i in both)."""
+    q, new = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8)
+    k_cache, v_cache = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)
+    cos, sin = ik.rotary_cos_sin(8, 8)
+    with pytest.raises(NotImplementedError, match="rotary with 3 query tokens"):
+        fa.flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cos, sin, 2, window_size=(8, 8))
+    out = fa.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), new, new, cos, sin, 2, window_size=(7, 7))
+    expected = ik.flash_attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k=new, v=new, cache_seqlens=2,
+                                               rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True,
+                                               window_size=(7, 7), causal=False)
+    assert torch.equal(out, expected)
+
+
+def test_kvcache_runs_without_gradient():
+    """flash-attention's KV-cache call has no backward and runs on inputs that require grad."""
+    q = torch.randn(1, 1, 2, 8, requires_grad=True)
+    k_cache, v_cache = torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)
+    out = fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=5)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, reference.attention_with_kvcache(q.detach(), k_cache, v_cache, cache_seqlens=5))
 
 
 def test_bert_padding_round_trip_through_varlen_attention():

@@ -163,11 +163,12 @@ def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
     against rows that see no key)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    batch, heads, heads_kv, seqlen_q, seqlen_k, d = 3, 4, 2, 5, 12, 16
+    # (non-causal calls whose queries are not their keys, Sq != Sk, are left to SDPA: below)
+    batch, heads, heads_kv, seqlen_q, seqlen_k, d = 3, 4, 2, 5 if causal else 12, 12, 16
     query = torch.randn(batch, heads, seqlen_q, d)
     key, value = torch.randn(batch, heads_kv, seqlen_k, d), torch.randn(batch, heads_kv, seqlen_k, d)
     key_valid = torch.ones(batch, seqlen_k, dtype=torch.bool)
-    key_valid[0, :3], key_valid[2, :9] = False, False  # the last row: 2 of its 5 queries are padding
+    key_valid[0, :3], key_valid[2, :9] = False, False  # causal: 2 of the last row's 5 queries are padding
     # causal: (B, 1, Sq, Sk); full: (B, 1, 1, Sk), broadcast over the queries
     mask = (key_valid[:, None, :] & torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
             if causal else key_valid[:, None, :])[:, None]
@@ -187,15 +188,45 @@ def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
     assert torch.equal(out[~real], torch.zeros_like(out[~real]))
 
 
-def test_other_masks_go_to_sdpa():
-    """A mask that is not causal & key padding (here a query row that sees fewer keys) is left
-    to HF's SDPA path: same logits, no kernel call."""
+@pytest.mark.parametrize("padded", [False, True], ids=["full_rows", "left_padded"])
+def test_static_cache_generation_matches_unpatched(padded, device):
+    """A static cache: the prefill sees the whole cache (its later slots empty), with no mask
+    (HF reads that top-left: only the first Sq keys count) or a mask whose queries are not the
+    last keys (left to SDPA); greedy tokens and first-step scores as unpatched."""
+    model = _llama().to(device)
+    ids = torch.randint(1, 128, (2, 6), device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    # 12 new tokens: the cache's empty slots outnumber the prompt, so with a mask the columns
+    # of the "last Sq keys" are all empty slots and every query would read as padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                  pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+        ik.patch(model, rms_norm=False, rotary=False)
+        generated = model.generate(ids, **kwargs)
+    assert torch.equal(generated.sequences, expected.sequences)
+    assert max_abs_error(generated.scores[0], expected.scores[0]) <= 1e-5 * float(expected.scores[0].abs().max())
+
+
+def _masks_sdpa_keeps():
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    fewer_keys = causal.clone()
+    fewer_keys[4, 0] = False  # one query row sees fewer keys than causal & padding allows
+    soft_bias = torch.zeros(6, 6).masked_fill(~causal, torch.finfo(torch.float32).min)
+    soft_bias[1:, 1] = -2.0  # a bias on key 1 in every row that sees it: shaped like padding, but not padding
+    return {"fewer_keys": fewer_keys[None, None], "soft_bias": soft_bias[None, None]}
+
+
+@pytest.mark.parametrize("kind", sorted(_masks_sdpa_keeps()))
+def test_other_masks_go_to_sdpa(kind):
+    """A mask that is not causal & key padding is left to HF's SDPA path: same logits, no
+    kernel call."""
     model = _llama()
     model.config._attn_implementation = "sdpa"
     ids = torch.randint(0, 128, (1, 6))
-    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
-    allowed[4, 0] = False
-    mask = allowed[None, None]
+    mask = _masks_sdpa_keeps()[kind]
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
         ik.patch(model, rms_norm=False, rotary=False)
@@ -203,6 +234,16 @@ def test_other_masks_go_to_sdpa():
             after = model(ids, attention_mask=mask).logits
     assert calls.call_count == 0
     assert torch.equal(after, before)
+
+
+def test_mask_checks_outside_a_model():
+    """The mask reading on its own: a batch-1 mask applies to every row; a non-causal call
+    whose queries are not its keys (Sq != Sk) is not taken."""
+    key_valid = torch.tensor([[False, True, True, True]])
+    band = torch.ones(4, 4, dtype=torch.bool).tril()
+    valid = patch_module._padding_from_mask((key_valid[:, None, :] & band)[:, None], 3, 4, 4, True)
+    assert valid is not None and valid[0].shape == (3, 4) and bool(valid[0].eq(key_valid).all())
+    assert patch_module._padding_from_mask(key_valid[:, None, None, :], 1, 2, 4, False) is None
 
 
 def test_internlm2_remote_code_norm_and_rotary(device):

@@ -75,8 +75,10 @@ def _unpack(op: str, name: str, packed: Tensor, parts: int, dim: int):
     return _last_dim_contiguous(packed).unbind(dim)
 
 
-def _attention(op: str, q, k, v, *, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+def _attention(op: str, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                deterministic, return_attn_probs, backend, **varlen):
+    """The dense and varlen functions' common tail, their shared arguments in flash-attention's
+    order."""
     _refuse_unsupported(op, dropout_p, softcap, alibi_slopes)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     result = flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
@@ -94,9 +96,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                     return_attn_probs: bool = False, *, backend: str = "auto"):
     """q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D); with ``return_attn_probs``,
     (out, softmax_lse (B, Hq, Sq) fp32, an empty S_dmask). Semantics of ``ik.flash_attention``."""
-    return _attention("flash_attn_func", q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+    return _attention("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, backend)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -106,9 +107,8 @@ def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale
     """qkv (B, S, 3, H, D) -> out (B, S, H, D)."""
     op = "flash_attn_qkvpacked_func"
     q, k, v = _unpack(op, "qkv", qkv, 3, 2)
-    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+    return _attention(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, backend)
 
 
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -118,9 +118,8 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, soft
     """q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D) -> out (B, Sq, Hq, D)."""
     op = "flash_attn_kvpacked_func"
     k, v = _unpack(op, "kv", kv, 2, 2)
-    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend)
+    return _attention(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, backend)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -134,9 +133,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     with ``return_attn_probs``, (out, softmax_lse (Hq, Tq) fp32, an empty S_dmask)."""
     op = "flash_attn_varlen_func"
     _refuse_unsupported(op, block_table=block_table)
-    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+    return _attention(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, backend,
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                       max_seqlen_k=max_seqlen_k)
 
@@ -149,9 +147,8 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
     """qkv (T, 3, H, D) with cu_seqlens (B + 1,) int32 -> out (T, H, D)."""
     op = "flash_attn_varlen_qkvpacked_func"
     q, k, v = _unpack(op, "qkv", qkv, 3, 1)
-    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+    return _attention(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, backend,
                       cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                       max_seqlen_k=max_seqlen)
 
@@ -165,9 +162,8 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
     """q (Tq, Hq, D), kv (Tk, 2, Hkv, D) with cu_seqlens (B + 1,) int32 -> out (Tq, Hq, D)."""
     op = "flash_attn_varlen_kvpacked_func"
     k, v = _unpack(op, "kv", kv, 2, 1)
-    return _attention(op, q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                      deterministic=deterministic, return_attn_probs=return_attn_probs, backend=backend,
+    return _attention(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs, backend,
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                       max_seqlen_k=max_seqlen_k)
 

@@ -33,7 +33,9 @@ from torch import nn
 
 import internlm_kernels as ik
 from internlm_kernels import reference
+from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
 from internlm_kernels.flash_attn_compat import index_first_axis, pad_input
+from internlm_kernels.ops.attention import _kernel_limits
 
 Tensor = torch.Tensor
 ATTN_IMPLEMENTATION = "internlm_kernels"
@@ -97,10 +99,12 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     kernel, the outputs scattered back (zeros at padded query positions, whose outputs a
     model ignores), as HF's flash-attention path does. Everything else goes to HF's SDPA
     path: dropout, attention weights requested, any other mask, a padded decode step (one
-    query token: packing would copy the whole cache on every step, more than SDPA reads), and
-    masks while torch.compile traces (finding the tokens reads the mask on the host)."""
+    query token: packing would copy the whole cache on every step, more than SDPA reads),
+    masks while torch.compile traces (finding the tokens reads the mask on the host), and,
+    with "auto", calls no kernel takes (``_kernel_takes``)."""
     state = getattr(module, _STATE, None)
-    if state is not None and dropout == 0.0 and not kwargs.get("output_attentions"):
+    if (state is not None and dropout == 0.0 and not kwargs.get("output_attentions")
+            and _kernel_takes(query, key, value, state["backend"])):
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -119,6 +123,16 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def _kernel_takes(query: Tensor, key: Tensor, value: Tensor, backend: str) -> bool:
+    """With "auto", a call no kernel takes (float32, an odd head dim, a CPU tensor without the
+    Triton interpreter) stays on HF's SDPA path rather than going to the eager reference,
+    which "auto" would choose and which is slower than SDPA; a named backend is obeyed."""
+    if not leaves_choice_to_auto(backend):
+        return True
+    return choose_backend("auto", query.device, "flash_attention",
+                          _kernel_limits("flash_attention", query, key, value)) != "torch"
 
 
 def _padding_from_mask(mask: Tensor, batch: int, seqlen_q: int, seqlen_k: int, causal: bool):

@@ -102,7 +102,7 @@ def _padding_mask(ids, padding):
 def test_padded_batch_goes_through_the_varlen_path(padding, device):
     """A padded batch (HF's 4D mask: causal & key padding) is packed into one varlen call per
     layer: logits at the real tokens as unpatched, and the gradient of a loss over them (fp32,
-    so "auto" runs the reference's varlen path and the packing is held to rounding)."""
+    with the reference's varlen path, so the packing is held to rounding)."""
     model = _llama().to(device)
     ids = torch.randint(0, 128, (3, 11), device=device)
     mask = _padding_mask(ids, padding)
@@ -110,7 +110,7 @@ def test_padded_batch_goes_through_the_varlen_path(padding, device):
     before = model(ids, attention_mask=mask).logits
     expected = before[real].detach()
     (expected_grad,) = torch.autograd.grad(before[real].square().mean(), model.model.embed_tokens.weight)
-    ik.patch(model)
+    ik.patch(model, backend="torch")
     with _attention_spy() as calls:
         after = model(ids, attention_mask=mask).logits
     assert calls.call_count == 2, "both layers through the kernel"
@@ -146,7 +146,7 @@ def test_padded_generation_matches_unpatched(device):
     mask[1, :3] = 0
     with torch.no_grad():
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        ik.patch(model)
+        ik.patch(model, backend="torch")
         with _attention_spy() as calls:
             generated = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, expected)
@@ -178,7 +178,7 @@ def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = causal, heads // heads_kv
-    setattr(module, patch_module._STATE, {"backend": "auto"})
+    setattr(module, patch_module._STATE, {"backend": "torch"})
     with _attention_spy() as calls:
         out, _ = patch_module._hf_attention(module, query, key, value, mask, scaling=0.3, is_causal=causal)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, is_causal=causal)
@@ -204,7 +204,7 @@ def test_static_cache_generation_matches_unpatched(padded, device):
                   pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         expected = model.generate(ids, **kwargs)
-        ik.patch(model, rms_norm=False, rotary=False)
+        ik.patch(model, rms_norm=False, rotary=False, backend="torch")
         generated = model.generate(ids, **kwargs)
     assert torch.equal(generated.sequences, expected.sequences)
     assert max_abs_error(generated.scores[0], expected.scores[0]) <= 1e-5 * float(expected.scores[0].abs().max())
@@ -229,11 +229,29 @@ def test_other_masks_go_to_sdpa(kind):
     mask = _masks_sdpa_keeps()[kind]
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
-        ik.patch(model, rms_norm=False, rotary=False)
+        ik.patch(model, rms_norm=False, rotary=False, backend="torch")
         with _attention_spy() as calls:
             after = model(ids, attention_mask=mask).logits
     assert calls.call_count == 0
     assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_auto_leaves_calls_no_kernel_takes_to_sdpa(dtype):
+    """With "auto", a float32 model's attention stays on HF's SDPA path (the kernels take
+    fp16 / bf16; the eager reference "auto" would choose is slower than SDPA); bf16 runs the
+    kernel (Triton, under the interpreter here)."""
+    model = _llama().to(dtype)
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+        ik.patch(model, rms_norm=False, rotary=False)
+        with _attention_spy() as calls:
+            after = model(ids).logits
+    if dtype == torch.float32:
+        assert calls.call_count == 0 and torch.equal(after, before)
+    else:
+        assert calls.call_count == 2
 
 
 def test_mask_checks_outside_a_model():

@@ -117,6 +117,8 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
             return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
         valid = None if torch.compiler.is_compiling() else _padding_from_mask(attention_mask, q.shape[0], seqlen_q,
                                                                                 seqlen_k, causal)
+        if valid is not None and valid[0] is None:  # a causal mask with no padding (a chunk after a cache)
+            return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
         if valid is not None:
             return _attention_over_valid_tokens(q, k, v, *valid, causal, scaling, state["backend"]), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -140,7 +142,8 @@ def _padding_from_mask(mask: Tensor, batch: int, seqlen_q: int, seqlen_k: int, c
     additive with 0 where allowed and at most half the dtype's minimum where not) is exactly
     causal (bottom-right) & key padding; None for any other mask, so that HF's SDPA path takes
     it (a static cache's future slots, a window, a soft bias, a non-causal call with Sq != Sk,
-    whose queries are not the last keys).
+    whose queries are not the last keys); (None, None) when it is that with no padding at all
+    (a chunk of queries after a cache), which the dense kernel takes as it is.
 
     The last query row names the valid keys: causal, it sees every key there is. A query is
     padding where its own key (the queries being the last Sq keys) is: its row may also be
@@ -160,9 +163,10 @@ def _padding_from_mask(mask: Tensor, batch: int, seqlen_q: int, seqlen_k: int, c
     rows_ok = torch.where(query_valid, as_padding, padded_row_ok)
     if mask.dtype != torch.bool:  # additive: anything between 0 and "masked" is a bias, not padding
         rows_ok &= (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all(dim=-1)
-    if not bool(rows_ok.all()):
+    matches, no_padding = torch.stack((rows_ok.all(), key_valid.all())).tolist()  # the one sync
+    if not matches:
         return None
-    return key_valid, query_valid
+    return (None, None) if no_padding else (key_valid, query_valid)
 
 
 def _attention_over_valid_tokens(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, query_valid: Tensor,

@@ -153,14 +153,14 @@ def test_padded_generation_matches_unpatched(device):
     assert calls.call_count == 2, "the prefill's two layers; the decode steps went to SDPA"
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "additive", "padded_rows_unmasked"])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "padded_rows_unmasked", "no_padding"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
     """Queries that are the last Sq of Sk key positions (a prefill chunk after a cache), left
     padding, GQA: the attention function against HF's SDPA path on the same 4D mask, at the
     real queries. The mask as HF versions give it: bool, additive (0 where allowed, the
     dtype's minimum elsewhere), or with the padded queries' rows fully unmasked (SDPA's guard
-    against rows that see no key)."""
+    against rows that see no key); without padding, the dense kernel takes the call unpacked."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # (non-causal calls whose queries are not their keys, Sq != Sk, are left to SDPA: below)
@@ -168,7 +168,8 @@ def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
     query = torch.randn(batch, heads, seqlen_q, d)
     key, value = torch.randn(batch, heads_kv, seqlen_k, d), torch.randn(batch, heads_kv, seqlen_k, d)
     key_valid = torch.ones(batch, seqlen_k, dtype=torch.bool)
-    key_valid[0, :3], key_valid[2, :9] = False, False  # causal: 2 of the last row's 5 queries are padding
+    if mask_kind != "no_padding":
+        key_valid[0, :3], key_valid[2, :9] = False, False  # causal: 2 of the last row's 5 queries are padding
     # causal: (B, 1, Sq, Sk); full: (B, 1, 1, Sk), broadcast over the queries
     mask = (key_valid[:, None, :] & torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
             if causal else key_valid[:, None, :])[:, None]
@@ -183,6 +184,7 @@ def test_padded_chunk_over_a_longer_cache(causal, mask_kind):
         out, _ = patch_module._hf_attention(module, query, key, value, mask, scaling=0.3, is_causal=causal)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, is_causal=causal)
     assert calls.call_count == 1
+    assert (calls.call_args.kwargs.get("cu_seqlens_q") is None) == (mask_kind == "no_padding")
     real = key_valid[:, seqlen_k - seqlen_q:]
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-6)
     assert torch.equal(out[~real], torch.zeros_like(out[~real]))

@@ -98,13 +98,13 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     kind a padded batch gets) with several query tokens: the valid tokens packed, the varlen
     kernel, the outputs scattered back (zeros at padded query positions, whose outputs a
     model ignores), as HF's flash-attention path does. Everything else goes to HF's SDPA
-    path: dropout, attention weights requested, any other mask, a padded decode step (one
+    path: dropout, soft-capping or a position bias, attention weights requested, any other mask, a padded decode step (one
     query token: packing would copy the whole cache on every step, more than SDPA reads),
     masks while torch.compile traces (finding the tokens reads the mask on the host), and,
     with "auto", calls no kernel takes (``_kernel_takes``)."""
     state = getattr(module, _STATE, None)
-    if (state is not None and dropout == 0.0 and not kwargs.get("output_attentions")
-            and _kernel_takes(query, key, value, state["backend"])):
+    if (state is not None and dropout == 0.0 and not kwargs.get("output_attentions") and not kwargs.get("softcap")
+            and kwargs.get("position_bias") is None and _kernel_takes(query, key, value, state["backend"])):
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -163,6 +163,9 @@ def _padding_from_mask(mask: Tensor, batch: int, seqlen_q: int, seqlen_k: int, c
     rows_ok = torch.where(query_valid, as_padding, padded_row_ok)
     if mask.dtype != torch.bool:  # additive: anything between 0 and "masked" is a bias, not padding
         rows_ok &= (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all(dim=-1)
+    # A sequence with keys but no query: its queries are not the last keys (a static cache's
+    # future slots); that the rows passed above says nothing then.
+    rows_ok &= (query_valid.any(dim=-1) | ~key_valid.any(dim=-1))[:, None]
     matches, no_padding = torch.stack((rows_ok.all(), key_valid.all())).tolist()  # the one sync
     if not matches:
         return None
@@ -271,8 +274,10 @@ def patch(model: nn.Module, *, rms_norm: bool = True, rotary: bool = True, atten
             config._attn_implementation = ATTN_IMPLEMENTATION
             report["attention"] = sum(type(m).__name__ in ATTENTION_CLASSES for m in model.modules())
         else:
-            reason = ("attention: this model computes attention inside its own remote-code classes; left as is"
-                      if kind == "remote" else "attention: needs transformers >= 4.48 (AttentionInterface)")
+            reason = ("attention: this model computes attention inside its own remote-code classes; left as is "
+                      "(internlm_kernels.models.InternLMForCausalLM.from_pretrained loads the same checkpoint "
+                      "with every kernel)" if kind == "remote"
+                      else "attention: needs transformers >= 4.48 (AttentionInterface)")
             report["skipped"].append(reason)
             warnings.warn(f"patch: {reason}", stacklevel=2)
     setattr(model, _STATE, saved)

@@ -256,6 +256,27 @@ def test_auto_leaves_calls_no_kernel_takes_to_sdpa(dtype):
         assert calls.call_count == 2
 
 
+def test_static_cache_chunk_with_one_real_query_goes_to_sdpa():
+    """A padded chunk into a static cache whose one real query is its last token: every row
+    passes the row check (the real one equals causal & padding, the others see nothing), but
+    the "last Sq keys" are empty slots, so no query reads as real; the call must go to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seqlen_q, seqlen_k = 3, 16
+    query, key, value = torch.randn(1, 4, seqlen_q, 8), torch.randn(1, 2, seqlen_k, 8), torch.randn(1, 2, seqlen_k, 8)
+    real_key = torch.zeros(seqlen_k, dtype=torch.bool)
+    real_key[2] = True  # the chunk [pad, pad, token] at positions 0-2, later slots empty
+    mask = (torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril() & real_key)[None, None]
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    setattr(module, patch_module._STATE, {"backend": "torch"})
+    with _attention_spy() as calls:
+        out, _ = patch_module._hf_attention(module, query, key, value, mask, is_causal=True)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, is_causal=True)
+    assert calls.call_count == 0
+    torch.testing.assert_close(out[:, 2], expected[:, 2])
+
+
 def test_mask_checks_outside_a_model():
     """The mask reading on its own: a batch-1 mask applies to every row; a non-causal call
     whose queries are not its keys (Sq != Sk) is not taken."""

@@ -4,18 +4,21 @@
     out = flash_attn_func(q, k, v, 0.0, causal=True)      # where `from flash_attn import ...` was
 
 Same names, argument order, defaults and return values as flash-attention 2's
-``flash_attn_interface`` (and ``bert_padding``'s three helpers), so calls written for it run
-unchanged: positional ``dropout_p``; ``return_attn_probs`` returning ``(out, softmax_lse,
-S_dmask)``, S_dmask empty as flash-attention's is without dropout; the packed ``qkv`` /
-``kv`` variants, whose q, k and v are views of the packed tensor (no copy; the gradient
-comes back packed); ``flash_attn_with_kvcache``'s own defaults (``causal=False``,
-``rotary_interleaved=True``), its refusal of new entries without ``cache_seqlens``, and no
-gradient. Every function also takes a keyword-only ``backend`` ("auto" by default, as every
-op of the package). One value differs: the lse of a query row that sees no key is -inf here
-(the log of an empty sum) where flash-attention 2 writes +inf.
+``flash_attn_interface``, ``bert_padding``'s three helpers and ``layers.rotary``'s
+``apply_rotary_emb`` / ``apply_rotary_emb_qkv_`` / ``apply_rotary_emb_kv_`` (in place and
+differentiable, as there), so calls written for it run unchanged: positional
+``dropout_p``; ``return_attn_probs`` returning ``(out, softmax_lse, S_dmask)``, S_dmask
+empty as flash-attention's is without dropout; the packed ``qkv`` / ``kv`` variants, whose
+q, k and v are views of the packed tensor (no copy; the gradient comes back packed);
+``flash_attn_with_kvcache``'s own defaults (``causal=False``, ``rotary_interleaved=True``),
+its refusal of new entries without ``cache_seqlens``, and no gradient. Every function also
+takes a keyword-only ``backend`` ("auto" by default, as every op of the package). One value
+differs: the lse of a query row that sees no key is -inf here (the log of an empty sum)
+where flash-attention 2 writes +inf.
 
 Features the kernels do not have raise ``NotImplementedError`` naming the argument, never
 a silently different result: dropout (``dropout_p`` > 0), ``softcap``, ``alibi_slopes``,
+separate rotary tables for k (``cos_k`` / ``sin_k``),
 ``block_table`` in the varlen call, ``cache_batch_idx``, ``cache_leftpad``,
 ``return_softmax_lse`` of the KV-cache call, and the one rotary placement that differs:
 flash-attention rotates every query of a non-causal, unwindowed KV-cache call at
@@ -30,11 +33,13 @@ As flash-attention does, inputs whose last dimension is not contiguous are copie
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
 
 from internlm_kernels.ops.attention import flash_attention, flash_attention_with_kvcache
+from internlm_kernels.ops.rotary import apply_rotary
 
 Tensor = torch.Tensor
 
@@ -42,6 +47,7 @@ __all__ = [
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
     "index_first_axis", "pad_input", "unpad_input",
+    "apply_rotary_emb", "apply_rotary_emb_func", "apply_rotary_emb_kv_", "apply_rotary_emb_qkv_",
 ]
 
 
@@ -249,3 +255,93 @@ def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -
     output = hidden_states.new_zeros(batch * seqlen, *hidden_states.shape[1:])
     output = output.index_put((indices,), hidden_states)  # out of place, so autograd sees it
     return output.view(batch, seqlen, *hidden_states.shape[1:])
+
+
+# --------------------------------------------------------------------------------------
+# flash_attn.layers.rotary: rotary embedding with cos / sin tables (seqlen_ro, rotary_dim / 2)
+# --------------------------------------------------------------------------------------
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
+                     seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
+                     max_seqlen: Optional[int] = None, *, backend: str = "auto") -> Tensor:
+    """x (B, S, H, D), or packed (T, H, D) with cu_seqlens: the first rotary_dim features of
+    token i of each sequence rotated at position i + seqlen_offsets; differentiable (in place
+    only for inference, where ``ik.apply_rotary`` allows it). ``max_seqlen`` is not needed."""
+    out, _ = apply_rotary(x, None, cos, sin, seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens,
+                          interleaved=interleaved, inplace=inplace, backend=backend)
+    return out
+
+
+apply_rotary_emb_func = apply_rotary_emb  # flash-attention's older name
+
+
+class _RotatePartsInPlace(torch.autograd.Function):
+    """flash-attention's in-place rotary of the q / k parts of a packed qkv or kv tensor, with
+    a backward: it rotates the same parts of the gradient back (sin negated, the inverse
+    rotation). ``parts(t)`` returns the (q, k) views of t to rotate (k may be None)."""
+
+    @staticmethod
+    def forward(ctx, packed, cos, sin, parts, interleaved, seqlen_offsets, backend):
+        with torch.no_grad():
+            q, k = parts(packed)
+            apply_rotary(q, k, cos, sin, seqlen_offsets=seqlen_offsets, interleaved=interleaved, inplace=True,
+                         backend=backend)
+        ctx.mark_dirty(packed)
+        ctx.save_for_backward(cos, sin)
+        ctx.parts, ctx.interleaved, ctx.seqlen_offsets, ctx.backend = parts, interleaved, seqlen_offsets, backend
+        return packed
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad.clone()  # rotated in place below; the incoming gradient may be shared or expanded
+        with torch.no_grad():
+            dq, dk = ctx.parts(grad)
+            apply_rotary(dq, dk, cos, -sin, seqlen_offsets=ctx.seqlen_offsets, interleaved=ctx.interleaved,
+                         inplace=True, backend=ctx.backend)
+        return grad, None, None, None, None, None, None
+
+
+def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,
+                          sin_k: Optional[Tensor] = None, interleaved: bool = False,
+                          seqlen_offsets: Union[int, Tensor] = 0, num_heads_q: Optional[int] = None, *,
+                          backend: str = "auto") -> Tensor:
+    """Rotates q and k of qkv in place and returns qkv: (B, S, 3, H, D), or (B, S, Hq + 2 Hk, D)
+    with ``num_heads_q`` (GQA). One launch for q and k; differentiable."""
+    op = "apply_rotary_emb_qkv_"
+    if cos_k is not None or sin_k is not None:
+        raise NotImplementedError(f"{op}: cos_k / sin_k (separate tables for k) are not supported (expected None)")
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() == 5 and qkv.shape[2] == 3:
+        parts = _qkv_parts
+    elif qkv.dim() == 4 and isinstance(num_heads_q, int) and not isinstance(num_heads_q, bool) and \
+            0 < num_heads_q < qkv.shape[2] and (qkv.shape[2] - num_heads_q) % 2 == 0:
+        parts = functools.partial(_grouped_qkv_parts, num_heads_q=num_heads_q)
+    else:
+        raise ValueError(f"{op}: qkv must be (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with num_heads_q = Hq; "
+                         f"got shape {tuple(qkv.shape)} with num_heads_q={num_heads_q!r}")
+    return _RotatePartsInPlace.apply(qkv, cos, sin, parts, interleaved, seqlen_offsets, backend)
+
+
+def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                         seqlen_offsets: Union[int, Tensor] = 0, *, backend: str = "auto") -> Tensor:
+    """Rotates k of kv (B, S, 2, H, D) in place and returns kv; differentiable."""
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        shape = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
+        raise ValueError(f"apply_rotary_emb_kv_: kv must be a tensor (B, S, 2, H, D), got {shape}")
+    return _RotatePartsInPlace.apply(kv, cos, sin, _kv_parts, interleaved, seqlen_offsets, backend)
+
+
+def _qkv_parts(qkv: Tensor):
+    return qkv[:, :, 0], qkv[:, :, 1]
+
+
+def _grouped_qkv_parts(qkv: Tensor, num_heads_q: int):
+    heads_k = (qkv.shape[2] - num_heads_q) // 2
+    return qkv[:, :, :num_heads_q], qkv[:, :, num_heads_q:num_heads_q + heads_k]
+
+
+def _kv_parts(kv: Tensor):
+    return kv[:, :, 0], None

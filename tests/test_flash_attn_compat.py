@@ -15,7 +15,7 @@ import torch
 import internlm_kernels as ik
 from internlm_kernels import flash_attn_compat as fa
 from internlm_kernels import reference
-from tests.helpers import KERNEL_BACKENDS, assert_within_eager_error
+from tests.helpers import KERNEL_BACKENDS, assert_close_dtype, assert_within_eager_error
 
 BACKENDS = KERNEL_BACKENDS + ["torch"]
 HEAD_DIM = {"cuda": 64}  # the CUDA kernels' smallest head dim; the others take an odd-sized one
@@ -263,3 +263,86 @@ def test_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(call, fullgraph=True, backend="eager")
     assert torch.equal(compiled(q, kv, cu), call(q, kv, cu))
+
+
+# flash_attn.layers.rotary
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_apply_rotary_emb_matches_reference(backend, interleaved, device):
+    """apply_rotary_emb(x, cos, sin, interleaved, inplace, seqlen_offsets) by position: partial
+    rotary (rotary_dim 16 of 24), per-sequence offsets, forward and backward against the
+    reference (norm / rotary dtype table)."""
+    dtype = torch.bfloat16
+    x = torch.randn(2, 7, 3, 24, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = ik.rotary_cos_sin(16, 16, base=500.0, device=device)
+    offsets = torch.tensor([0, 9], device=device, dtype=torch.int32)
+    out = fa.apply_rotary_emb(x, cos, sin, interleaved, False, offsets, backend=backend)
+    expected, _ = reference.apply_rotary(x, None, cos, sin, seqlen_offsets=offsets, interleaved=interleaved)
+    assert_close_dtype(out, expected, dtype, "out")
+    grad = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    (expected_dx,) = torch.autograd.grad(expected, x, grad)
+    assert_close_dtype(dx, expected_dx, dtype, "dx")
+
+
+def test_apply_rotary_emb_packed_in_place():
+    """Packed tokens with cu_seqlens (and the unused max_seqlen), in place under no_grad: x
+    itself comes back rotated, as by ik.apply_rotary."""
+    x = torch.randn(11, 2, 16)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    cos, sin = ik.rotary_cos_sin(8, 16)
+    expected, _ = ik.apply_rotary(x, None, cos, sin, cu_seqlens=cu, backend="torch")
+    with torch.no_grad():
+        out = fa.apply_rotary_emb(x, cos, sin, False, True, 0, cu, 7, backend="torch")
+    assert out is x and torch.equal(x, expected)
+    assert fa.apply_rotary_emb_func is fa.apply_rotary_emb
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["qkv", "grouped_qkv", "kv"])
+def test_in_place_packed_rotary_and_its_gradient(backend, layout, device):
+    """apply_rotary_emb_qkv_ ((B, S, 3, H, D), or (B, S, Hq + 2 Hk, D) with num_heads_q) and
+    apply_rotary_emb_kv_: q and k (or k) rotated in place, v untouched, the same tensor
+    returned; the gradient through them is the reference's, rotated back."""
+    dtype, d = torch.float32 if backend == "torch" else torch.bfloat16, 16
+    shape = {"qkv": (2, 5, 3, 4, d), "grouped_qkv": (2, 5, 6 + 2 * 2, d), "kv": (2, 5, 2, 2, d)}[layout]
+    base = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    cos, sin = ik.rotary_cos_sin(12, d, device=device)
+    packed = base * 1  # a non-leaf, as a projection's output is
+    if layout == "qkv":
+        out = fa.apply_rotary_emb_qkv_(packed, cos, sin, seqlen_offsets=3, backend=backend)
+        q, k, v = base.unbind(2)
+    elif layout == "grouped_qkv":
+        out = fa.apply_rotary_emb_qkv_(packed, cos, sin, seqlen_offsets=3, num_heads_q=6, backend=backend)
+        q, k, v = base[:, :, :6], base[:, :, 6:8], base[:, :, 8:]
+    else:
+        out = fa.apply_rotary_emb_kv_(packed, cos, sin, seqlen_offsets=3, backend=backend)
+        q, (k, v) = None, base.unbind(2)
+    assert out is packed
+    q_ref, k_ref = reference.apply_rotary(k if q is None else q, None if q is None else k, cos, sin, seqlen_offsets=3)
+    if layout == "qkv":
+        expected = torch.stack((q_ref, k_ref, v), dim=2)
+    elif layout == "grouped_qkv":
+        expected = torch.cat((q_ref, k_ref, v), dim=2)
+    else:
+        expected = torch.stack((q_ref, v), dim=2)
+    assert_close_dtype(out, expected, dtype, "rotated in place")
+    grad = torch.randn_like(out)
+    (dbase,) = torch.autograd.grad(out, base, grad)
+    (expected_dbase,) = torch.autograd.grad(expected, base, grad)
+    assert_close_dtype(dbase, expected_dbase, dtype, "gradient")
+
+
+def test_rotary_compat_errors():
+    cos, sin = ik.rotary_cos_sin(8, 16)
+    qkv = torch.randn(1, 4, 3, 2, 16)
+    with pytest.raises(NotImplementedError, match="cos_k / sin_k"):
+        fa.apply_rotary_emb_qkv_(qkv, cos, sin, cos, sin)
+    with pytest.raises(ValueError, match=r"num_heads_q = Hq; got shape \(1, 4, 8, 16\) with num_heads_q=None"):
+        fa.apply_rotary_emb_qkv_(torch.randn(1, 4, 8, 16), cos, sin)
+    with pytest.raises(ValueError, match=r"num_heads_q = Hq; got shape \(1, 4, 8, 16\) with num_heads_q=5"):
+        fa.apply_rotary_emb_qkv_(torch.randn(1, 4, 8, 16), cos, sin, num_heads_q=5)
+    with pytest.raises(ValueError, match=r"kv must be a tensor \(B, S, 2, H, D\), got \(1, 4, 3, 2, 16\)"):
+        fa.apply_rotary_emb_kv_(qkv, cos, sin)

@@ -101,8 +101,7 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
     path: dropout, soft-capping or a position bias, attention weights requested, any other
     mask, a padded decode step (one query token: packing would copy the whole cache on every
     step, more than SDPA reads), masks while torch.compile traces (finding the tokens reads
-    the mask on the host), and,
-    with "auto", calls no kernel takes (``_kernel_takes``)."""
+    the mask on the host), and, with "auto", calls no kernel takes (``_kernel_takes``)."""
     state = getattr(module, _STATE, None)
     if (state is not None and dropout == 0.0 and not kwargs.get("output_attentions") and not kwargs.get("softcap")
             and kwargs.get("position_bias") is None and _kernel_takes(query, key, value, state["backend"])):

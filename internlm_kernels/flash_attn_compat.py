@@ -12,9 +12,12 @@ empty as flash-attention's is without dropout; the packed ``qkv`` / ``kv`` varia
 q, k and v are views of the packed tensor (no copy; the gradient comes back packed);
 ``flash_attn_with_kvcache``'s own defaults (``causal=False``, ``rotary_interleaved=True``),
 its refusal of new entries without ``cache_seqlens``, and no gradient. Every function also
-takes a keyword-only ``backend`` ("auto" by default, as every op of the package). One value
-differs: the lse of a query row that sees no key is -inf here (the log of an empty sum)
-where flash-attention 2 writes +inf.
+takes a keyword-only ``backend`` ("auto" by default, as every op of the package). Values
+differ in two out-of-range cases: the lse of a query row that sees no key is -inf here (the
+log of an empty sum) where flash-attention 2 writes +inf, and a rotary position past the
+cos / sin table is NaN here where flash-attention leaves the token unrotated. A leaf tensor
+that requires grad cannot be rotated in place here (autograd refuses it), where
+flash-attention lets it through.
 
 Features the kernels do not have raise ``NotImplementedError`` naming the argument, never
 a silently different result: dropout (``dropout_p`` > 0), ``softcap``, ``alibi_slopes``,
@@ -37,6 +40,7 @@ import functools
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from internlm_kernels.ops.attention import flash_attention, flash_attention_with_kvcache
 from internlm_kernels.ops.rotary import apply_rotary
@@ -266,8 +270,10 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                      seqlen_offsets: Union[int, Tensor] = 0, cu_seqlens: Optional[Tensor] = None,
                      max_seqlen: Optional[int] = None, *, backend: str = "auto") -> Tensor:
     """x (B, S, H, D), or packed (T, H, D) with cu_seqlens: the first rotary_dim features of
-    token i of each sequence rotated at position i + seqlen_offsets; differentiable (in place
-    only for inference, where ``ik.apply_rotary`` allows it). ``max_seqlen`` is not needed."""
+    token i of each sequence rotated at position i + seqlen_offsets; differentiable, in place
+    too (x then must not be a leaf that requires grad). ``max_seqlen`` is not needed."""
+    if inplace and torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad:
+        return _RotatePartsInPlace.apply(x, cos, sin, _whole, interleaved, seqlen_offsets, cu_seqlens, backend)
     out, _ = apply_rotary(x, None, cos, sin, seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens,
                           interleaved=interleaved, inplace=inplace, backend=backend)
     return out
@@ -277,30 +283,37 @@ apply_rotary_emb_func = apply_rotary_emb  # flash-attention's older name
 
 
 class _RotatePartsInPlace(torch.autograd.Function):
-    """flash-attention's in-place rotary of the q / k parts of a packed qkv or kv tensor, with
-    a backward: it rotates the same parts of the gradient back (sin negated, the inverse
-    rotation). ``parts(t)`` returns the (q, k) views of t to rotate (k may be None)."""
+    """flash-attention's in-place rotary of a tensor or of the q / k parts of a packed qkv or
+    kv tensor, with a backward: it rotates the same parts of the gradient back (sin negated,
+    the inverse rotation). ``parts(t)`` returns the (q, k) views of t to rotate (k may be
+    None). A leaf that requires grad cannot be changed in place (autograd refuses it)."""
 
     @staticmethod
-    def forward(ctx, packed, cos, sin, parts, interleaved, seqlen_offsets, backend):
+    def forward(ctx, packed, cos, sin, parts, interleaved, seqlen_offsets, cu_seqlens, backend):
         with torch.no_grad():
             q, k = parts(packed)
-            apply_rotary(q, k, cos, sin, seqlen_offsets=seqlen_offsets, interleaved=interleaved, inplace=True,
-                         backend=backend)
+            apply_rotary(q, k, cos, sin, seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens,
+                         interleaved=interleaved, inplace=True, backend=backend)
         ctx.mark_dirty(packed)
-        ctx.save_for_backward(cos, sin)
-        ctx.parts, ctx.interleaved, ctx.seqlen_offsets, ctx.backend = parts, interleaved, seqlen_offsets, backend
+        # Tensors saved as tensors, so that changing one before the backward is an error there.
+        offsets_tensor = seqlen_offsets if isinstance(seqlen_offsets, Tensor) else None
+        ctx.save_for_backward(cos, sin, offsets_tensor, cu_seqlens)
+        ctx.offset_int = None if offsets_tensor is not None else seqlen_offsets
+        ctx.parts, ctx.interleaved, ctx.backend = parts, interleaved, backend
         return packed
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        grad = grad.clone()  # rotated in place below; the incoming gradient may be shared or expanded
-        with torch.no_grad():
-            dq, dk = ctx.parts(grad)
-            apply_rotary(dq, dk, cos, -sin, seqlen_offsets=ctx.seqlen_offsets, interleaved=ctx.interleaved,
-                         inplace=True, backend=ctx.backend)
-        return grad, None, None, None, None, None, None
+        cos, sin, offsets_tensor, cu_seqlens = ctx.saved_tensors
+        offsets = offsets_tensor if offsets_tensor is not None else ctx.offset_int
+        # rotated in place below: a dense copy (the incoming gradient may be shared, expanded or
+        # strided in its last dimension)
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dq, dk = ctx.parts(grad)
+        apply_rotary(dq, dk, cos, -sin, seqlen_offsets=offsets, cu_seqlens=cu_seqlens, interleaved=ctx.interleaved,
+                     inplace=True, backend=ctx.backend)
+        return grad, None, None, None, None, None, None, None
 
 
 def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional[Tensor] = None,
@@ -322,7 +335,7 @@ def apply_rotary_emb_qkv_(qkv: Tensor, cos: Tensor, sin: Tensor, cos_k: Optional
     else:
         raise ValueError(f"{op}: qkv must be (B, S, 3, H, D), or (B, S, Hq + 2 * Hk, D) with num_heads_q = Hq; "
                          f"got shape {tuple(qkv.shape)} with num_heads_q={num_heads_q!r}")
-    return _RotatePartsInPlace.apply(qkv, cos, sin, parts, interleaved, seqlen_offsets, backend)
+    return _RotatePartsInPlace.apply(qkv, cos, sin, parts, interleaved, seqlen_offsets, None, backend)
 
 
 def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
@@ -331,7 +344,11 @@ def apply_rotary_emb_kv_(kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool
     if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         shape = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
         raise ValueError(f"apply_rotary_emb_kv_: kv must be a tensor (B, S, 2, H, D), got {shape}")
-    return _RotatePartsInPlace.apply(kv, cos, sin, _kv_parts, interleaved, seqlen_offsets, backend)
+    return _RotatePartsInPlace.apply(kv, cos, sin, _kv_parts, interleaved, seqlen_offsets, None, backend)
+
+
+def _whole(x: Tensor):
+    return x, None
 
 
 def _qkv_parts(qkv: Tensor):

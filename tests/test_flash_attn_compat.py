@@ -335,6 +335,32 @@ def test_in_place_packed_rotary_and_its_gradient(backend, layout, device):
     assert_close_dtype(dbase, expected_dbase, dtype, "gradient")
 
 
+def test_rotary_in_place_under_autograd_and_its_saved_offsets():
+    """apply_rotary_emb(inplace=True) on a non-leaf that requires grad rotates it in place and
+    back-propagates as the out-of-place call does (packed, with cu_seqlens); a gradient
+    strided in its last dim is taken; a seqlen_offsets tensor changed before the backward is
+    an error there (saved as a tensor), not a wrong gradient."""
+    base = torch.randn(11, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    cos, sin = ik.rotary_cos_sin(8, 16)
+    x = base * 1
+    out = fa.apply_rotary_emb(x, cos, sin, False, True, 0, cu, backend="torch")
+    assert out is x
+    expected = fa.apply_rotary_emb(base, cos, sin, cu_seqlens=cu, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn(11, 16, 2).transpose(1, 2)  # last dim strided
+    (dbase,) = torch.autograd.grad(out, base, grad)
+    (expected_dbase,) = torch.autograd.grad(expected, base, grad)
+    torch.testing.assert_close(dbase, expected_dbase, rtol=1e-6, atol=1e-6)
+
+    offsets = torch.tensor([0, 2], dtype=torch.int32)
+    kv = torch.randn(2, 3, 2, 2, 16, requires_grad=True) * 1
+    out = fa.apply_rotary_emb_kv_(kv, cos, sin, seqlen_offsets=offsets, backend="torch")
+    offsets.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_rotary_compat_errors():
     cos, sin = ik.rotary_cos_sin(8, 16)
     qkv = torch.randn(1, 4, 3, 2, 16)

@@ -211,6 +211,36 @@ def test_generate_stops_at_eos_and_samples_with_top_p():
                        greedy)
 
 
+@pytest.mark.parametrize("eos", [False, True], ids=["no_eos", "eos"])
+def test_generate_ragged_prompts_equal_each_prompt_alone(eos):
+    """Prompts of 5, 2 and 7 tokens right-padded to 7 (random tokens in the padding, never
+    read): each row is its prompt, then what generating from that prompt alone gives, then
+    padding; with an EOS, a row that stops is padded with it."""
+    torch.manual_seed(0)
+    model = InternLMForCausalLM(ModelArgs.from_name("tiny-internlm2")).eval()
+    lengths = [5, 2, 7]
+    prompts = [torch.randint(0, 256, (1, n)) for n in lengths]
+    padded = torch.randint(0, 256, (3, 7))
+    for row, p in enumerate(prompts):
+        padded[row, :p.shape[1]] = p[0]
+    alone = [model.generate(p, max_new_tokens=6, eos_token_id=[])[0, p.shape[1]:] for p in prompts]
+    stop = int(alone[0][2]) if eos else None  # the first row's third token, as an EOS
+    eos_ids = [stop] if eos else []
+    out = model.generate(padded, max_new_tokens=6, prompt_lengths=torch.tensor(lengths), eos_token_id=eos_ids)
+    for row, (n, tokens) in enumerate(zip(lengths, alone)):
+        if eos and (tokens == stop).any():  # cut after its first EOS, padded with the EOS
+            first = int((tokens == stop).nonzero()[0])
+            tokens = torch.cat((tokens[:first + 1], torch.full((len(tokens) - first - 1,), stop)))
+        kept = out[row, n:n + len(tokens)]
+        assert torch.equal(out[row, :n], padded[row, :n]), f"row {row}: its prompt"
+        assert torch.equal(kept, tokens[:len(kept)]), f"row {row}: {kept.tolist()} vs alone {tokens.tolist()}"
+        assert (out[row, n + len(kept):] == (stop if eos else 0)).all(), f"row {row}: padding after its tokens"
+    with pytest.raises(ValueError, match=r"prompt_lengths must hold 3 lengths in \[1, 7\]"):
+        model.generate(padded, max_new_tokens=2, prompt_lengths=[5, 0, 7])
+    with pytest.raises(ValueError, match="prompt_lengths must hold 3 lengths"):
+        model.generate(padded, max_new_tokens=2, prompt_lengths=[5.0, 2.0, 7.0])
+
+
 def test_packed_forward_equals_per_sequence_forward():
     torch.manual_seed(0)
     model = InternLMForCausalLM(ModelArgs.from_name("tiny-internlm2")).eval()

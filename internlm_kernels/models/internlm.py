@@ -200,37 +200,62 @@ class InternLMForCausalLM(nn.Module):
         return KVCache(args.num_layers, batch, capacity, args.num_kv_heads, args.head_dim, weight.dtype, weight.device)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: Union[None, int, Sequence[int]] = None, generator: Optional[torch.Generator] = None,
-                 on_token: Optional[Callable[[Tensor], None]] = None) -> Tensor:
-        """Prefill, then decode with a preallocated KV cache. input_ids (B, S), prompts of
-        equal length. Greedy when temperature == 0, else top-p sampling. Stops when every
-        sequence has produced an EOS id (config's by default); finished rows are padded with
-        their EOS id. ``on_token(ids (B,))`` is called for every step (streaming).
-        Returns (B, S + generated).
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 64, *, prompt_lengths=None, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
+                 generator: Optional[torch.Generator] = None, on_token: Optional[Callable[[Tensor], None]] = None
+                 ) -> Tensor:
+        """Prefill, then decode with a preallocated KV cache. input_ids (B, S): prompts of
+        equal length, or of ``prompt_lengths`` (B,) each, right-padded to S (what the padding
+        holds is never read). Greedy when temperature == 0, else top-p sampling. Stops when
+        every sequence has produced an EOS id (config's by default); finished rows are padded
+        with their EOS id. ``on_token(ids (B,))`` is called for every step (streaming).
+        Returns (B, S + generated): each row its prompt, its generated tokens, then padding (the
+        first EOS id, else 0) where its prompt was shorter than S.
+
+        Rows of different lengths share one rotary table sized for the longest, as HF's
+        padded batches do: under dynamic NTK scaling past max_position_embeddings, a shorter
+        row sees the longer row's angles.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"generate: input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
         eos = self.args.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         batch, prompt = input_ids.shape
+        lengths = None if prompt_lengths is None else _prompt_lengths(prompt_lengths, batch, prompt, input_ids.device)
         cache = self.new_cache(batch, prompt + max_new_tokens)
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = self(input_ids, cache=cache)
+        if lengths is None:
+            logits = logits[:, -1]
+        else:  # each row's last prompt token; its cache then ends there (later slots are overwritten)
+            logits = logits[torch.arange(batch, device=input_ids.device), lengths.long() - 1]
+            cache.lengths.copy_(lengths)
         eos_tensor = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        pieces = [input_ids]
+        generated = []
         for step in range(max_new_tokens):
             token = sample(logits, temperature, top_p, generator)
             if eos:
                 token = torch.where(finished, eos_tensor[0], token)
                 finished |= torch.isin(token, eos_tensor)
-            pieces.append(token[:, None])
+            generated.append(token)
             if on_token is not None:
                 on_token(token)
             if step + 1 == max_new_tokens or (eos and bool(finished.all())):
                 break
             logits = self(token[:, None], cache=cache)[:, -1]
-        return torch.cat(pieces, dim=1)
+        new = torch.stack(generated, dim=1) if generated else input_ids.new_empty(batch, 0)
+        if lengths is None:
+            return torch.cat((input_ids, new), dim=1)
+        # Row b: prompt[:length_b], then its tokens, then padding.
+        position = torch.arange(prompt + new.shape[1], device=input_ids.device)[None, :]
+        start = lengths.long()[:, None]
+        padding = eos[0] if eos else 0
+        from_new = new.gather(1, (position - start).clamp(0, max(new.shape[1] - 1, 0))) if new.shape[1] else None
+        out = torch.full((batch, prompt + new.shape[1]), padding, dtype=input_ids.dtype, device=input_ids.device)
+        out = torch.where(position < start, torch.nn.functional.pad(input_ids, (0, new.shape[1])), out)
+        if from_new is not None:
+            out = torch.where((position >= start) & (position < start + new.shape[1]), from_new, out)
+        return out
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -264,6 +289,18 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: Optional
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _prompt_lengths(prompt_lengths, batch: int, prompt: int, device) -> Tensor:
+    """generate's prompt_lengths as a (B,) int32 device tensor, each in [1, S] (read on the
+    host: generate syncs on every step anyway)."""
+    lengths = torch.as_tensor(prompt_lengths)
+    integral = not (lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool)
+    values = lengths.tolist() if lengths.dim() == 1 and integral else None
+    if values is None or len(values) != batch or not all(1 <= n <= prompt for n in values):
+        raise ValueError(f"generate: prompt_lengths must hold {batch} lengths in [1, {prompt}] (input_ids is "
+                         f"({batch}, {prompt})), got {prompt_lengths!r}")
+    return lengths.to(device=device, dtype=torch.int32)
 
 
 class Transformer(nn.Module):
@@ -366,10 +403,11 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class KVCache:
-    """Preallocated keys and values per layer, (B, capacity, Hkv, D), and the filled length.
+    """Preallocated keys and values per layer, (B, capacity, Hkv, D), and the filled lengths.
 
-    All sequences advance together (prompts of equal length), so the length is one host int
-    (for the rotary tables) mirrored by a (B,) int32 device tensor (for the kernels)."""
+    All sequences advance together: ``lengths`` (B,) int32 on the device (for the kernels)
+    holds each row's length (rows start at different lengths after a ragged prefill), and
+    ``length``, a host int, the longest (for the rotary tables)."""
 
     def __init__(self, layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
         self.k = [torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]

@@ -245,13 +245,19 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     marks tokens to keep in the packed rows but leave out of seqused (flash-attention's
     meaning)."""
     kept = attention_mask.bool() if unused_mask is None else attention_mask.bool() | unused_mask.bool()
-    seqlens = kept.sum(dim=-1, dtype=torch.int32)
     seqused = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
+    indices, cu_seqlens = token_layout(kept)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if kept.shape[0] else 0
     tokens = index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices)
     return tokens, indices, cu_seqlens, max_seqlen, seqused
+
+
+def token_layout(kept: Tensor):
+    """kept (B, S) bool -> (indices (T,) of the kept tokens in the flattened B * S, cu_seqlens
+    (B + 1,) int32): where packing puts each row's kept tokens."""
+    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(kept.sum(dim=-1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens
 
 
 def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 import internlm_kernels as ik
 from internlm_kernels import reference
 from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
-from internlm_kernels.flash_attn_compat import index_first_axis, pad_input
+from internlm_kernels.flash_attn_compat import index_first_axis, pad_input, token_layout
 from internlm_kernels.ops.attention import _kernel_limits
 
 Tensor = torch.Tensor
@@ -109,15 +109,16 @@ def _hf_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_m
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
         if attention_mask is None:
+            valid = (None, None)  # every token real
             if causal and 1 < seqlen_q < seqlen_k:
                 # No mask with more keys than queries: HF's SDPA path reads it top-left (SDPA's
                 # is_causal; a prefill into an empty static cache, whose later slots are
                 # empty), so only the first Sq keys count.
                 k, v = k[:, :seqlen_q], v[:, :seqlen_q]
-            return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
-        valid = None if torch.compiler.is_compiling() else _padding_from_mask(attention_mask, q.shape[0], seqlen_q,
-                                                                                seqlen_k, causal)
-        if valid is not None and valid[0] is None:  # a causal mask with no padding (a chunk after a cache)
+        else:
+            valid = None if torch.compiler.is_compiling() else _padding_from_mask(
+                attention_mask, q.shape[0], seqlen_q, seqlen_k, causal)
+        if valid is not None and valid[0] is None:  # no padding: the dense kernel, nothing packed
             return ik.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, backend=state["backend"]), None
         if valid is not None:
             return _attention_over_valid_tokens(q, k, v, *valid, causal, scaling, state["backend"]), None
@@ -178,10 +179,8 @@ def _attention_over_valid_tokens(q: Tensor, k: Tensor, v: Tensor, key_valid: Ten
     call (bottom-right causal per sequence is exact for queries that are the sequence's last
     tokens), the outputs scattered back into (B, Sq, H, D)."""
     batch, seqlen_q = q.shape[:2]
-    query_index = query_valid.flatten().nonzero().flatten()
-    key_index = key_valid.flatten().nonzero().flatten()
-    cu_q, cu_k = (torch.nn.functional.pad(valid.sum(dim=1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-                  for valid in (query_valid, key_valid))
+    query_index, cu_q = token_layout(query_valid)
+    key_index, cu_k = token_layout(key_valid)
     packed_q = index_first_axis(q.reshape(-1, *q.shape[2:]), query_index)
     packed_k, packed_v = (index_first_axis(t.reshape(-1, *t.shape[2:]), key_index) for t in (k, v))
     out = ik.flash_attention(packed_q, packed_k, packed_v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=causal,

@@ -280,11 +280,16 @@ def test_apply_rotary_emb_matches_reference(backend, interleaved, device):
     offsets = torch.tensor([0, 9], device=device, dtype=torch.int32)
     out = fa.apply_rotary_emb(x, cos, sin, interleaved, False, offsets, backend=backend)
     expected, _ = reference.apply_rotary(x, None, cos, sin, seqlen_offsets=offsets, interleaved=interleaved)
+    _assert_like_reference(out, expected, x, dtype)
+
+
+def _assert_like_reference(out, expected, leaf, dtype):
+    """Forward and backward (a fresh random gradient) within the rotary dtype table."""
     assert_close_dtype(out, expected, dtype, "out")
     grad = torch.randn_like(out)
-    (dx,) = torch.autograd.grad(out, x, grad)
-    (expected_dx,) = torch.autograd.grad(expected, x, grad)
-    assert_close_dtype(dx, expected_dx, dtype, "dx")
+    (ours,) = torch.autograd.grad(out, leaf, grad)
+    (theirs,) = torch.autograd.grad(expected, leaf, grad)
+    assert_close_dtype(ours, theirs, dtype, "gradient")
 
 
 def test_apply_rotary_emb_packed_in_place():
@@ -328,11 +333,7 @@ def test_in_place_packed_rotary_and_its_gradient(backend, layout, device):
         expected = torch.cat((q_ref, k_ref, v), dim=2)
     else:
         expected = torch.stack((q_ref, v), dim=2)
-    assert_close_dtype(out, expected, dtype, "rotated in place")
-    grad = torch.randn_like(out)
-    (dbase,) = torch.autograd.grad(out, base, grad)
-    (expected_dbase,) = torch.autograd.grad(expected, base, grad)
-    assert_close_dtype(dbase, expected_dbase, dtype, "gradient")
+    _assert_like_reference(out, expected, base, dtype)
 
 
 def test_rotary_in_place_under_autograd_and_its_saved_offsets():

@@ -235,6 +235,10 @@ def test_generate_ragged_prompts_equal_each_prompt_alone(eos):
         assert torch.equal(out[row, :n], padded[row, :n]), f"row {row}: its prompt"
         assert torch.equal(kept, tokens[:len(kept)]), f"row {row}: {kept.tolist()} vs alone {tokens.tolist()}"
         assert (out[row, n + len(kept):] == (stop if eos else 0)).all(), f"row {row}: padding after its tokens"
+    # fewer new tokens than the shortest prompt's padding: what follows them is padding, not
+    # the junk the input held there
+    short = model.generate(padded, max_new_tokens=2, prompt_lengths=lengths, eos_token_id=[])
+    assert torch.equal(short[1, 2:4], alone[1][:2]) and (short[1, 4:] == 0).all()
     with pytest.raises(ValueError, match=r"prompt_lengths must hold 3 lengths in \[1, 7\]"):
         model.generate(padded, max_new_tokens=2, prompt_lengths=[5, 0, 7])
     with pytest.raises(ValueError, match="prompt_lengths must hold 3 lengths"):

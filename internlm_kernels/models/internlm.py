@@ -247,15 +247,12 @@ class InternLMForCausalLM(nn.Module):
         if lengths is None:
             return torch.cat((input_ids, new), dim=1)
         # Row b: prompt[:length_b], then its tokens, then padding.
-        position = torch.arange(prompt + new.shape[1], device=input_ids.device)[None, :]
         start = lengths.long()[:, None]
         padding = eos[0] if eos else 0
-        from_new = new.gather(1, (position - start).clamp(0, max(new.shape[1] - 1, 0))) if new.shape[1] else None
+        in_prompt = torch.arange(prompt, device=input_ids.device)[None, :] < start
         out = torch.full((batch, prompt + new.shape[1]), padding, dtype=input_ids.dtype, device=input_ids.device)
-        out = torch.where(position < start, torch.nn.functional.pad(input_ids, (0, new.shape[1])), out)
-        if from_new is not None:
-            out = torch.where((position >= start) & (position < start + new.shape[1]), from_new, out)
-        return out
+        out[:, :prompt] = torch.where(in_prompt, input_ids, padding)
+        return out.scatter_(1, start + torch.arange(new.shape[1], device=input_ids.device), new)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -77,8 +77,9 @@ def generate(args) -> int:
         print(show([generated[-1]]), end=" " if tokenizer is None else "", flush=True)
 
     start = time.perf_counter()
+    cache_dtype = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[args.kv_cache_dtype]
     model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   on_token=stream)
+                   on_token=stream, cache_dtype=cache_dtype)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     gen.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "torch"])
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--device", default=None)
+    gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e5m2"],
+                     help="the KV cache's dtype: the model's (auto), float8_e4m3fn (fp8) or float8_e5m2")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench_cli.run(args)

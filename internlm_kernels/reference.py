@@ -29,6 +29,9 @@ Conventions shared with the kernels (and documented on the public API):
 * Rotary: a token whose position lies outside the cos/sin table gets NaN in
   its rotated features (a visible error, never an out-of-bounds read); packed
   tokens past ``cu_seqlens[-1]`` (padding) pass through unchanged.
+* fp8 KV caches (``float8_e4m3fn`` / ``float8_e5m2``, vLLM's and lmdeploy's format):
+  a stored entry is ``x / scale`` in fp32, clamped to the format's largest finite
+  value, rounded to nearest even; it reads back as ``entry * scale``.
 """
 
 from __future__ import annotations
@@ -310,6 +313,34 @@ def _packed_span(starts: Sequence[int], b: int, total: int) -> Tuple[int, int]:
     return begin, min(max(starts[b + 1], begin), total)
 
 
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _per_head_scale(scale: Union[None, float, Tensor], heads: int, dtype: torch.dtype, device) -> Tensor:
+    """A KV-cache scale (None: 1; a float; a tensor of 1 or ``heads`` values) as a (heads, 1)
+    tensor of ``dtype`` that broadcasts over a cache's (rows, heads, D)."""
+    if scale is None:
+        scale = 1.0
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1, 1)
+    return scale.expand(heads, 1).to(dtype)
+
+
+def quantize_fp8(x: Tensor, scale: Union[None, float, Tensor], dtype: torch.dtype) -> Tensor:
+    """KV-cache entries (..., H, D) as ``dtype`` (an fp8 type): ``x / scale`` in fp32
+    (scale per head, or one for all), clamped to the finite range (NaN stays NaN), rounded
+    to nearest even."""
+    wide = x.to(torch.float32) / _per_head_scale(scale, x.shape[-2], torch.float32, x.device)
+    largest = torch.finfo(dtype).max
+    return wide.clamp(-largest, largest).to(dtype)
+
+
+def dequantize_fp8(entries: Tensor, scale: Union[None, float, Tensor], dtype: torch.dtype) -> Tensor:
+    """fp8 KV-cache entries (..., H, D) as ``dtype``: ``entry * scale`` in fp32 (in fp64 for
+    fp64, where the product is exact), rounded once to ``dtype``."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (entries.to(wide) * _per_head_scale(scale, entries.shape[-2], wide, entries.device)).to(dtype)
+
+
 def attention_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -325,6 +356,8 @@ def attention_with_kvcache(
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
     block_table: Optional[Tensor] = None,
+    k_scale: Union[None, float, Tensor] = None,
+    v_scale: Union[None, float, Tensor] = None,
 ) -> Tensor:
     """Attention of new queries over a preallocated KV cache, appending new keys first.
 
@@ -340,7 +373,19 @@ def attention_with_kvcache(
     (num_pages, page_size, Hkv, D), and position p of sequence b lives in row p % page_size
     of page block_table[b, p // page_size] (clamped into [0, num_pages)); S_max is
     max_blocks * page_size.
+
+    fp8 caches (``FP8_CACHE_DTYPES``): new entries are stored by ``quantize_fp8`` with
+    ``k_scale`` / ``v_scale`` (None: 1; a float, or one value per KV head), and the cache is
+    read through ``dequantize_fp8`` into q's dtype.
     """
+    fp8 = k_cache.dtype in FP8_CACHE_DTYPES
+
+    def stored(x: Tensor, cache: Tensor, scale) -> Tensor:
+        return quantize_fp8(x, scale, cache.dtype) if fp8 else x
+
+    def read(entries: Tensor, scale) -> Tensor:
+        return dequantize_fp8(entries, scale, q.dtype) if fp8 else entries
+
     batch = q.shape[0]
     page_size = k_cache.shape[1]
     capacity = page_size if block_table is None else block_table.shape[1] * page_size
@@ -377,13 +422,14 @@ def attention_with_kvcache(
             first, last = max(length, 0), min(total, capacity)  # the slots inside the cache
             if first < last:
                 rows = cache_rows(b, first, last)
-                k_cache[rows] = k_b[0, first - length:last - length]
-                v_cache[rows] = v[b, first - length:last - length]
+                k_cache[rows] = stored(k_b[0, first - length:last - length], k_cache, k_scale)
+                v_cache[rows] = stored(v[b, first - length:last - length], v_cache, v_scale)
         if length < 0 or total > capacity:
             out[b] = float("nan")
             continue
         rows = cache_rows(b, 0, total)
-        o, _ = _attention_dense(q_b, k_cache[rows][None], v_cache[rows][None], causal, scale, window_size)
+        o, _ = _attention_dense(q_b, read(k_cache[rows], k_scale)[None], read(v_cache[rows], v_scale)[None], causal,
+                                scale, window_size)
         out[b] = o[0]
     return out
 

@@ -29,6 +29,7 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -42,6 +43,10 @@ UNIT_STRIDES = {"stride_ls"}  # innermost strides of contiguous buffers: 1 in ev
 # decode: one new token, 16-row tiles, 64-key splits), as the launcher specialises them.
 ROTARY_SIZES = {"head_dim": 128, "rotary_half": 64, "table_len": 4096, "heads_q": 32, "heads_k": 8}
 ATTENTION_SIZES = {"seqlen_q": 8192, "seqlen_k": 8192, "length_bucket": 8192}
+# Triton's fp8 types: (mantissa bits, smallest normal exponent, largest finite), as the
+# KV-cache launchers pass them for torch.float8_e4m3fn and torch.float8_e5m2
+FP8_FORMATS = {"fp8e4nv": attention._fp8_format(torch.float8_e4m3fn),
+               "fp8e5": attention._fp8_format(torch.float8_e5m2)}
 DECODE_SIZES = {"seqlen_q": 1, "new_tokens": 1, "capacity": 4096, "heads_kv": 8, "heads": 8, "rows": 4,
                 "rows_padded": 16, "table_len": 4096, "rotary_half": 64}
 
@@ -142,20 +147,31 @@ def cases(quick: bool = False):
             yield (f"attention_delta {dtype} d={head_dim}", attention._attn_bwd_delta_kernel,
                    {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": max(16, 4096 // head_dim)},
                    {"DELTA": "*fp32"}, f"*{dtype}", 4, 1, {})
-            tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32", "BLOCK_TABLE": "*i32"}
+            tables = {"CACHE_SEQLENS": "*i32", "COS": "*fp32", "SIN": "*fp32", "BLOCK_TABLE": "*i32",
+                      "K_SCALE": "*fp32", "V_SCALE": "*fp32"}
             block_n, warps = (64, 4) if head_dim <= 64 else (64, 8) if head_dim <= 128 else (32, 8)
-            # contiguous caches with and without rotary; pages of 16 positions (vLLM's default)
-            for rotary_in_kernel, page_size in ((False, 0), (True, 0), (False, 16)):
+            # contiguous caches with and without rotary; pages of 16 positions (vLLM's default);
+            # fp8 caches: e4m3 contiguous (the benchmark's triton_fp8 rows) and paged with rotary,
+            # e5m2 (the fp8 that GPUs before sm_89 take)
+            for rotary_in_kernel, page_size, cache in ((False, 0, None), (True, 0, None), (False, 16, None),
+                                                       (False, 0, "fp8e4nv"), (True, 16, "fp8e4nv"),
+                                                       (True, 0, "fp8e5")):
                 rope = {"ROTARY": rotary_in_kernel, "INTERLEAVED": False, "PAGE_SIZE": page_size}
-                split_flags = {"WIDE_ROWS": False}
-                yield (f"kvcache_append {dtype} d={head_dim} rotary={rotary_in_kernel} pages={page_size}",
-                       attention._kvcache_append_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope},
-                       tables, f"*{dtype}", 4, 1, DECODE_SIZES)
-                yield (f"decode_split {dtype} d={head_dim} rotary={rotary_in_kernel} pages={page_size}",
-                       attention._attn_decode_split_kernel,
+                mantissa_bits, min_exponent, largest = FP8_FORMATS.get(cache, (0, 0, 0.0))
+                fp8 = {"FP8_MANTISSA_BITS": mantissa_bits, "FP8_MIN_EXPONENT": min_exponent, "FP8_LARGEST": largest}
+                caches = {name: f"*{cache}" for name in ("K_CACHE", "V_CACHE")} if cache else {}
+                label = f"{dtype} d={head_dim} rotary={rotary_in_kernel} pages={page_size}" + (f" {cache}" if cache
+                                                                                                 else "")
+                yield (f"kvcache_append {label}", attention._kvcache_append_kernel,
+                       {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, **rope, **fp8}, {**tables, **caches},
+                       f"*{dtype}", 4, 1, DECODE_SIZES)
+                yield (f"decode_split {label}", attention._attn_decode_split_kernel,
                        {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "HAS_LEFT": False, "HAS_RIGHT": True,
-                        "BLOCK_M": 16, "BLOCK_N": block_n, **rope, **split_flags},
-                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables}, f"*{dtype}", warps, 1, DECODE_SIZES)
+                        "BLOCK_M": 16, "BLOCK_N": block_n, **rope, "WIDE_ROWS": False,
+                        "SCALED_CACHE": cache is not None},
+                       {"PART_O": "*fp32", "PART_LSE": "*fp32", **tables,
+                        **({"K": f"*{cache}", "V": f"*{cache}"} if cache else {})},
+                       f"*{dtype}", warps, 1, DECODE_SIZES)
             yield (f"decode_combine {dtype} d={head_dim}", attention._attn_decode_combine_kernel,
                    {"GROUP": 4, "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SPLITS": 16},
                    {"PART_O": "*fp32", "PART_LSE": "*fp32", "CACHE_SEQLENS": "*i32"}, f"*{dtype}", 4, 1,
@@ -189,7 +205,8 @@ def main() -> int:
     for arch in args.arch or [90, 80]:
         target = GPUTarget("cuda", arch, 32)
         for label, kernel, constexprs, pointers, default_pointer, warps, stages, sizes in cases(args.quick):
-            if args.filter not in label or (arch < 90 and "_tma" in label):  # TMA: sm_90 and newer
+            # TMA: sm_90 and newer; Triton's float8_e4m3fn (fp8e4nv): sm_89 and newer
+            if args.filter not in label or (arch < 90 and "_tma" in label) or (arch < 89 and "fp8e4nv" in label):
                 continue
             fn = kernel
             pointer_types = {k: (v if v.startswith(("*", "tensordesc")) else f"*{v}") for k, v in pointers.items()}

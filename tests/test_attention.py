@@ -10,6 +10,8 @@ other head dims check the refusal and the "auto" fallback instead.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import subprocess
 import sys
@@ -494,6 +496,138 @@ def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
     assert_within_eager_error([out], [expected], [exact], dtype, 2.0, "kvcache out")
 
 
+FP8_CACHES = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
+
+
+def _fp8_scales(kind: str, heads_kv: int, device):
+    """(k_scale, v_scale) as a caller passes them: none (1), floats, one-value tensors, or a
+    tensor per KV head."""
+    if kind == "none":
+        return None, None
+    if kind == "float":
+        return 0.03, 0.02
+    if kind == "one_value":
+        return torch.tensor(0.03, device=device), torch.tensor([0.02], device=device)
+    return (torch.linspace(0.01, 0.05, heads_kv, device=device), torch.linspace(0.03, 0.015, heads_kv, device=device))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("cache_dtype", FP8_CACHES)
+@pytest.mark.parametrize("scales", ["none", "float", "one_value", "per_head"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_kvcache_fp8(backend, cache_dtype, scales, layout, device):
+    """fp8 caches: the appended entries are the reference's quantization bit for bit (k
+    rotated first), and the output is within the eager error of attention over the
+    dequantized cache; GQA, ragged lengths, a key tile split over programs."""
+    dtype, d, heads_kv, capacity = torch.bfloat16, 32, 2, 200
+    k_scale, v_scale = _fp8_scales(scales, heads_kv, device)
+    k_cache, v_cache = (reference.quantize_fp8(c, s, cache_dtype)
+                        for c, s in zip(_cache(3, capacity, heads_kv, d, dtype, device), (k_scale, v_scale)))
+    lengths = torch.tensor([0, 9, 190], device=device, dtype=torch.int32)
+    q = torch.randn(3, 2, 6, d, device=device, dtype=dtype)
+    new = {name: torch.randn(3, 2, heads_kv, d, device=device, dtype=dtype) for name in ("k", "v")}
+    cos, sin = ik.rotary_cos_sin(capacity, d, device=device)
+    kwargs = dict(cache_seqlens=lengths, rotary_cos=cos, rotary_sin=sin, k_scale=k_scale, v_scale=v_scale)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    caches, paged = (k_cache, v_cache), {}
+    if layout == "paged":
+        k_pages, v_pages, table = as_pages(k_cache, v_cache, 16, spare_pages=2)
+        caches, paged = (k_pages, v_pages), {"block_table": table}
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, *caches, **new, **paged, backend=backend, **kwargs)
+        expected = reference.attention_with_kvcache(q, ref_k, ref_v, **new, **kwargs)
+        exact = reference.attention_with_kvcache(q.double(), ref_k.clone(), ref_v.clone(), k=new["k"].double(),
+                                                 v=new["v"].double(), **kwargs)
+    written = caches if layout == "contiguous" else tuple(_unpaged(c, table)[:, :capacity] for c in caches)
+    assert written[0].dtype == cache_dtype and written[1].dtype == cache_dtype
+    assert torch.equal(written[1].view(torch.uint8), ref_v.view(torch.uint8)), "v_cache: the stored bits"
+    # k is rotated first, in fp32 rounded to bf16, where a GPU's fused multiply-adds may land
+    # one bf16 step from the reference's: at most one fp8 step then
+    info = torch.finfo(cache_dtype)
+    torch.testing.assert_close(written[0].float(), ref_k.float(), rtol=info.eps, atol=info.tiny * info.eps,
+                               msg=lambda m: f"k_cache: {m}")
+    assert out.dtype == dtype
+    assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"fp8 {scales} {layout}")
+
+
+@pytest.mark.parametrize("cache_dtype", FP8_CACHES)
+def test_kvcache_fp8_rounding_over_the_whole_range(cache_dtype, device):
+    """The append's rounding against torch's conversion, over magnitudes from below the
+    smallest subnormal to past the largest finite value (saturated), ties included, signed
+    zeros and infinities: every stored byte equal. (NaN is left to the GPU test: Triton's
+    interpreter converts a NaN to a finite fp8 value.)"""
+    largest, tiny = torch.finfo(cache_dtype).max, torch.finfo(cache_dtype).tiny
+    magnitudes = torch.logspace(math.log10(tiny) - 3, math.log10(largest) + 1, 2000, dtype=torch.float64)
+    grid = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    ties = (grid[1:] + grid[:-1]) / 2  # halfway between neighbours: to the even one
+    values = torch.cat([magnitudes.float(), -magnitudes.float(), grid, ties, torch.tensor([0.0, -0.0, float("inf"),
+                                                                                           -float("inf")])])
+    d = 64
+    values = torch.cat([values, values.new_ones(-values.numel() % d)])
+    k_new = values.view(1, -1, 1, d).to(device=device, dtype=torch.float32)
+    tokens = k_new.shape[1]
+    q = torch.randn(1, 1, 1, d, device=device, dtype=torch.bfloat16)
+    for scale in (1.0, 0.37):
+        # k in bfloat16 (the appended dtype), v the same values: both caches round them
+        k_bf16 = k_new.to(torch.bfloat16)
+        k_cache, v_cache = (torch.zeros(1, tokens, 1, d, device=device, dtype=cache_dtype) for _ in range(2))
+        with torch.no_grad():
+            ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_bf16, v=k_bf16, cache_seqlens=0, k_scale=scale,
+                                            v_scale=scale, backend="triton")
+        expected = reference.quantize_fp8(k_bf16, scale, cache_dtype)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8)), \
+                f"{name} scale {scale}: {int((cache.view(torch.uint8) != expected.view(torch.uint8)).sum())} bytes differ"
+
+
+def test_kvcache_fp8_bad_input(device):
+    k_cache, v_cache = (c.to(torch.float8_e4m3fn) for c in _cache(2, 8, 2, 16, torch.float16, device))
+    q = torch.randn(2, 1, 4, 16, device=device, dtype=torch.float16)
+    call = functools.partial(ik.flash_attention_with_kvcache, q, cache_seqlens=1)
+    with pytest.raises(ValueError, match="k_scale applies to fp8 caches .* the caches are torch.float16"):
+        call(*_cache(2, 8, 2, 16, torch.float16, device), k_scale=0.5)
+    with pytest.raises(TypeError, match="v_cache has dtype torch.float8_e5m2 but k_cache has torch.float8_e4m3fn"):
+        call(k_cache, v_cache.to(torch.float8_e5m2))
+    with pytest.raises(ValueError, match="v_scale must be a finite float > 0, got -1.0"):
+        call(k_cache, v_cache, v_scale=-1.0)
+    with pytest.raises(ValueError, match="k_scale must be a finite float > 0, got nan"):
+        call(k_cache, v_cache, k_scale=float("nan"))
+    with pytest.raises(TypeError, match="k_scale has dtype torch.float16; expected one of float32"):
+        call(k_cache, v_cache, k_scale=torch.ones(2, device=device, dtype=torch.float16))
+    with pytest.raises(ValueError, match="k_scale must hold 1 value or one per KV head \\(2\\).*got shape \\(3,\\)"):
+        call(k_cache, v_cache, k_scale=torch.ones(3, device=device))
+    with pytest.raises(TypeError, match="v_scale must be a torch.Tensor"):
+        call(k_cache, v_cache, v_scale="1")
+    with pytest.raises(TypeError, match="q has dtype torch.float8_e4m3fn"):
+        ik.flash_attention_with_kvcache(q.to(torch.float8_e4m3fn), k_cache, v_cache, cache_seqlens=1)
+    # the kernels take 16-bit queries: float32 ones over an fp8 cache go to the reference under auto
+    out = ik.flash_attention_with_kvcache(q.float(), k_cache, v_cache, cache_seqlens=1)
+    expected = reference.attention_with_kvcache(q.float(), k_cache, v_cache, cache_seqlens=1)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", FP8_CACHES)
+def test_kvcache_fp8_runs_on_triton_under_auto_and_cuda_says_why(cache_dtype):
+    if cache_dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("Triton's float8_e4m3fn needs sm_89 or newer")
+    k_cache, v_cache = (c.to(cache_dtype) for c in _cache(1, 64, 2, 128, torch.bfloat16, "cuda"))
+    q = torch.randn(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, k_scale=0.5)
+        triton_out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, k_scale=0.5,
+                                                     backend="triton")
+        assert torch.equal(out, triton_out)
+        with pytest.raises(RuntimeError, match=f"backend='cuda' cannot serve this call: the cuda kernels read "
+                                               f"float16 / bfloat16 caches, got {cache_dtype}"):
+            ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, backend="cuda")
+        # a NaN entry is stored as NaN (the interpreter's conversion cannot show it: the CPU tests leave it out)
+        nan_entry = torch.full((1, 1, 2, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=nan_entry, v=nan_entry, cache_seqlens=40)
+        assert k_cache[0, 40].float().isnan().all() and v_cache[0, 40].float().isnan().all()
+
+
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 @pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
@@ -663,13 +797,23 @@ def test_opcheck(backend, device):
     cos, sin = ik.rotary_cos_sin(12, d, device=device)
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), k_cache, v_cache, new, new,
-                           lengths, cos, sin, False, 0.25, True, -1, -1, None, backend))
+                           lengths, cos, sin, False, 0.25, True, -1, -1, None, None, None, backend))
     # paged: pages of 4 positions, each sequence's in its block-table row (Triton's)
     pages = _cache(6, 4, 2, d, torch.float16, device)
     table = torch.tensor([[5, 0, 3], [1, 4, 2]], device=device, dtype=torch.int32)
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *pages, new, new,
-                           lengths, cos, sin, False, 0.25, True, -1, -1, table, "triton"))
+                           lengths, cos, sin, False, 0.25, True, -1, -1, table, None, None, "triton"))
+    # fp8 caches (Triton's), a k scale per KV head and one v scale. Without test_schema, whose
+    # comparison of the mutated caches multiplies them, which torch lacks for fp8 on the CPU
+    # (the schema's mutations are the ones checked above).
+    if backend == "triton":
+        fp8_caches = (c.to(torch.float8_e5m2) for c in _cache(2, 12, 2, d, torch.float16, device))
+        scales = (torch.tensor([0.5, 2.0], device=device), torch.tensor([0.25], device=device))
+        torch.library.opcheck(ops.flash_attn_kvcache.default,
+                              (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *fp8_caches, new, new,
+                               lengths, cos, sin, False, 0.25, True, -1, -1, None, *scales, backend),
+                              test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_cuda_alignment_check_traces_without_graph_breaks():
@@ -795,7 +939,7 @@ def test_opcheck_reference_backend(device):
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, 16, device=device), k_cache, v_cache, new, new,
                            torch.tensor([2, 7], device=device, dtype=torch.int32), None, None, False, 0.25, True,
-                           -1, -1, None, "torch"))
+                           -1, -1, None, None, None, "torch"))
 
 
 # --------------------------------------------------------------------------------------

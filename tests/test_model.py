@@ -299,9 +299,9 @@ def test_training_20_steps_bf16_on_gpu():
         assert abs(a - b) <= 2e-2 * abs(b), f"step {step}: loss {a} vs eager {b}"
 
 
-def test_bf16_model_three_run_rule(device):
-    """Ours in bf16 (every kernel: Triton attention too) vs the reference in fp32, no worse
-    than twice the reference run in bf16 on the same weights."""
+def _three_runs(device):
+    """The three models of the whole-model rule, on the same random weights: the reference in
+    fp32, the reference in bf16, ours (backend "auto") in bf16."""
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny-internlm2")
     reference32 = InternLMForCausalLM(args, backend="torch").eval().to(device)
@@ -309,12 +309,42 @@ def test_bf16_model_three_run_rule(device):
     ours = InternLMForCausalLM(args, backend="auto").eval().bfloat16().to(device)
     reference16.load_state_dict(reference32.state_dict())
     ours.load_state_dict(reference32.state_dict())
+    return reference32, reference16, ours
+
+
+def test_bf16_model_three_run_rule(device):
+    """Ours in bf16 (every kernel: Triton attention too) vs the reference in fp32, no worse
+    than twice the reference run in bf16 on the same weights."""
+    reference32, reference16, ours = _three_runs(device)
     ids = torch.randint(0, 256, (2, 24), device=device)
     with torch.no_grad():
         exact = reference32(ids)
         ours_error = max_abs_error(ours(ids).float(), exact)
         eager_error = max_abs_error(reference16(ids).float(), exact)
     assert ours_error <= 2 * eager_error, f"{ours_error:.3e} vs eager bf16 {eager_error:.3e}"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_cache_three_run_rule(cache_dtype, device):
+    """A prefill and two decode steps over an fp8 KV cache: ours in bf16 (the KV-cache kernels)
+    vs the reference in fp32 over its own fp8 cache, no worse than twice the reference in bf16
+    over its fp8 cache; and generate keeps that cache."""
+    reference32, reference16, ours = _three_runs(device)
+    ids = torch.randint(0, 256, (2, 12), device=device)
+    steps = torch.randint(0, 256, (2, 2), device=device)
+
+    def logits(model):
+        cache = model.new_cache(2, 16, cache_dtype)
+        with torch.no_grad():
+            out = [model(ids, cache=cache)[:, -1]] + [model(steps[:, i:i + 1], cache=cache)[:, -1] for i in range(2)]
+        assert cache.k[0].dtype == cache_dtype and cache.v[-1].dtype == cache_dtype and cache.length == 14
+        return torch.stack(out).float()
+
+    exact = logits(reference32)
+    ours_error, eager_error = max_abs_error(logits(ours), exact), max_abs_error(logits(reference16), exact)
+    assert ours_error <= 2 * eager_error, f"{ours_error:.3e} vs eager bf16 {eager_error:.3e}"
+    generated = ours.generate(ids, max_new_tokens=3, eos_token_id=[], cache_dtype=cache_dtype)
+    assert generated.shape == (2, 15) and torch.equal(generated[:, :12], ids)
 
 
 def test_presets_cover_the_family_table():
@@ -331,11 +361,13 @@ def test_presets_cover_the_family_table():
         ModelArgs.from_name("gpt2")
 
 
-def test_generate_command_streams_tokens_from_ids():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_generate_command_streams_tokens_from_ids(kv_cache_dtype):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run([sys.executable, "-m", "internlm_kernels", "generate", "--model", "tiny-internlm2",
-                             "--prompt", "1 2 3 4", "--max-new-tokens", "5", "--backend", "torch"],
+                             "--prompt", "1 2 3 4", "--max-new-tokens", "5", "--backend", "torch",
+                             "--kv-cache-dtype", kv_cache_dtype],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "token ids" in result.stdout and "tokens/s" in result.stdout

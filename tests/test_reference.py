@@ -241,6 +241,48 @@ def test_kvcache_attention_appends_and_attends():
         torch.testing.assert_close(out[b:b + 1], expected)
 
 
+@pytest.mark.parametrize("dtype", reference.FP8_CACHE_DTYPES)
+def test_fp8_cache_quantization(dtype):
+    """quantize_fp8: x / scale per head, saturated at the largest finite value, within half an
+    fp8 step (relative, for normal values) of what it stores; dequantize_fp8 inverts the
+    scaling exactly in fp64."""
+    info = torch.finfo(dtype)
+    x = torch.randn(5, 3, 16, dtype=torch.float64) * torch.tensor([1.0, 30.0, 1e4], dtype=torch.float64)[:, None]
+    scale = torch.tensor([0.5, 0.1, 2.0])  # per head: the third saturates for e4m3 (1e4 / 2 > 448)
+    stored = reference.quantize_fp8(x, scale, dtype)
+    assert stored.dtype == dtype
+    scaled = x.float() / scale[:, None]
+    values = stored.float()
+    assert (values.abs() <= info.max).all()
+    normal = (scaled.abs() >= info.tiny) & (scaled.abs() <= info.max)
+    assert ((values - scaled).abs() <= info.eps / 2 * scaled.abs())[normal].all()
+    assert torch.equal(values[scaled.abs() > info.max], info.max * scaled[scaled.abs() > info.max].sign())
+    back = reference.dequantize_fp8(stored, scale, torch.float64)
+    assert torch.equal(back, values.double() * scale.double()[:, None])
+    one_scale = reference.quantize_fp8(x, 0.5, dtype)  # a float scales every head
+    assert torch.equal(one_scale.view(torch.uint8), reference.quantize_fp8(x, torch.tensor([0.5]), dtype).view(
+        torch.uint8))
+
+
+def test_kvcache_attention_over_an_fp8_cache_is_attention_over_its_dequantized_entries():
+    torch.manual_seed(0)
+    k_cache, v_cache = (torch.randn(2, 10, 2, 8).to(torch.float8_e4m3fn) for _ in range(2))
+    q = torch.randn(2, 1, 4, 8, dtype=torch.float64)
+    new = torch.randn(2, 1, 2, 8, dtype=torch.float64)
+    k_scale, v_scale = torch.tensor([0.5, 2.0]), 0.25
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    before_k = k_cache.clone()
+    out = reference.attention_with_kvcache(q, k_cache, v_cache, k=new, v=new, cache_seqlens=lengths,
+                                           k_scale=k_scale, v_scale=v_scale)
+    for b, length in enumerate(lengths.tolist()):
+        assert torch.equal(k_cache[b, length].view(torch.uint8),
+                           reference.quantize_fp8(new[b, 0], k_scale, torch.float8_e4m3fn).view(torch.uint8))
+        assert torch.equal(k_cache[b, :length].view(torch.uint8), before_k[b, :length].view(torch.uint8))
+        keys = k_cache[b, :length + 1].double() * k_scale.double()[:, None]
+        values = v_cache[b, :length + 1].double() * v_scale
+        torch.testing.assert_close(out[b:b + 1], reference.attention(q[b:b + 1], keys[None], values[None]))
+
+
 def test_attention_flops_formula():
     assert reference.attention_flops(1, 1, 2, 3, 4, causal=False) == 4 * 2 * 3 * 4
     assert reference.attention_flops(2, 8, 1024, 1024, 128, causal=True, backward=True) == \

@@ -44,6 +44,10 @@ class Case:
     # results, without autograd. A CUDA graph can replay that (not autograd's backward, whose
     # capture failed on the GPU), so the benchmark gets these rows' GPU time alone too.
     backward_kernels: Dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
+    # Providers that move other bytes, or answer to another reference, than the case's others
+    # (the decode over an fp8 copy of the cache: half the bytes, checked on that cache).
+    bytes_by_provider: Dict[str, int] = dataclasses.field(default_factory=dict)
+    error_by_provider: Dict[str, Callable[[object], Optional[float]]] = dataclasses.field(default_factory=dict)
 
 
 # Benchmark providers of the CUDA attention backward's selectable layouts: {switch: value}.
@@ -466,11 +470,26 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
     ends = _end_rows(batch, device)
     expected = reference.attention(q[ends].float(), k_valid[ends].float(), v_valid[ends].float(), causal=True)
     bytes_moved = 2 * k_valid.numel() * k_valid.element_size()
+    extra = {}
+    # The same caches in float8_e4m3fn, a scale per KV head (vLLM's and lmdeploy's fp8), where
+    # Triton reads that type (sm_89 and newer; the interpreter)
+    if "triton" in impls and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
+        k_scale, v_scale = (cache.abs().amax(dim=(0, 1, 3)).float() / torch.finfo(torch.float8_e4m3fn).max
+                            for cache in (k_cache, v_cache))
+        k_fp8 = reference.quantize_fp8(k_cache, k_scale, torch.float8_e4m3fn)
+        v_fp8 = reference.quantize_fp8(v_cache, v_scale, torch.float8_e4m3fn)
+        impls["triton_fp8"] = lambda: ik.flash_attention_with_kvcache(
+            q, k_fp8, v_fp8, cache_seqlens=lengths, k_scale=k_scale, v_scale=v_scale, backend="triton")
+        expected_fp8 = reference.attention(
+            q[ends].float(), reference.dequantize_fp8(k_fp8[ends, :length], k_scale, torch.float32),
+            reference.dequantize_fp8(v_fp8[ends, :length], v_scale, torch.float32), causal=True)
+        extra = dict(bytes_by_provider={"triton_fp8": 2 * k_valid.numel()},  # one byte an entry
+                     error_by_provider={"triton_fp8": lambda out: max_error(out[ends], (expected_fp8,))})
     shape = {"B": batch, "L": cache_len, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim}
     if length != cache_len:
         shape["valid"] = length
     return Case("attention_decode", dtype, shape, bytes_moved, None, impls,
-                lambda out: max_error(out[ends], (expected,)))
+                lambda out: max_error(out[ends], (expected,)), **extra)
 
 
 # --------------------------------------------------------------------------------------

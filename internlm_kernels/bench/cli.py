@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()
                     allocated_before = torch.cuda.memory_allocated()
-                error = case.error(fn())
+                error = case.error_by_provider.get(provider, case.error)(fn())
                 timing = time_call(fn, device, quick=args.quick)
             except Exception as exc:  # one failing provider must not hide the others' numbers
                 print(f"    {provider} failed: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr, flush=True)
@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
                     not case.op.startswith("model_") and timing.median_ms < GRAPH_TIMING_BELOW_MS and \
                     outgrows_l2(case.bytes_moved, device):
                 row.ms_graph = time_graph_replay(graphed, quick=args.quick)
-            if case.bytes_moved is not None:
-                row.gbps = case.bytes_moved / timing.median_ms / 1e6
+            bytes_moved = case.bytes_by_provider.get(provider, case.bytes_moved)
+            if bytes_moved is not None:
+                row.gbps = bytes_moved / timing.median_ms / 1e6
             if case.flops is not None:
                 row.tflops = case.flops / timing.median_ms / 1e9
             if case.tokens is not None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import internlm_kernels as ik
+from internlm_kernels.reference import FP8_CACHE_DTYPES
 
 Tensor = torch.Tensor
 
@@ -195,15 +196,21 @@ class InternLMForCausalLM(nn.Module):
                                        seq_len=seq_len))
 
     # ------------------------------------------------------------------ generation
-    def new_cache(self, batch: int, capacity: int) -> "KVCache":
+    def new_cache(self, batch: int, capacity: int, dtype: Optional[torch.dtype] = None) -> "KVCache":
+        """An empty KV cache; ``dtype`` None is the model's, or an fp8 type (entries stored
+        with scale 1, as vLLM's and lmdeploy's uncalibrated fp8 caches)."""
         args, weight = self.args, self.lm_head.weight
-        return KVCache(args.num_layers, batch, capacity, args.num_kv_heads, args.head_dim, weight.dtype, weight.device)
+        if dtype not in (None, weight.dtype) + FP8_CACHE_DTYPES:
+            raise ValueError(f"new_cache: dtype must be None (the model's, {weight.dtype}) or an fp8 type "
+                             f"(float8_e4m3fn, float8_e5m2), got {dtype}")
+        return KVCache(args.num_layers, batch, capacity, args.num_kv_heads, args.head_dim, dtype or weight.dtype,
+                       weight.device)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 64, *, prompt_lengths=None, temperature: float = 0.0,
                  top_p: float = 1.0, eos_token_id: Union[None, int, Sequence[int]] = None,
-                 generator: Optional[torch.Generator] = None, on_token: Optional[Callable[[Tensor], None]] = None
-                 ) -> Tensor:
+                 generator: Optional[torch.Generator] = None, on_token: Optional[Callable[[Tensor], None]] = None,
+                 cache_dtype: Optional[torch.dtype] = None) -> Tensor:
         """Prefill, then decode with a preallocated KV cache. input_ids (B, S): prompts of
         equal length, or of ``prompt_lengths`` (B,) each, right-padded to S (what the padding
         holds is never read). Greedy when temperature == 0, else top-p sampling. Stops when
@@ -214,7 +221,8 @@ class InternLMForCausalLM(nn.Module):
 
         Rows of different lengths share one rotary table sized for the longest, as HF's
         padded batches do: under dynamic NTK scaling past max_position_embeddings, a shorter
-        row sees the longer row's angles.
+        row sees the longer row's angles. ``cache_dtype`` torch.float8_e4m3fn (or e5m2) keeps
+        the KV cache in fp8 (``new_cache``): half its memory.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"generate: input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
@@ -222,7 +230,7 @@ class InternLMForCausalLM(nn.Module):
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         batch, prompt = input_ids.shape
         lengths = None if prompt_lengths is None else _prompt_lengths(prompt_lengths, batch, prompt, input_ids.device)
-        cache = self.new_cache(batch, prompt + max_new_tokens)
+        cache = self.new_cache(batch, prompt + max_new_tokens, cache_dtype)
         logits = self(input_ids, cache=cache)
         if lengths is None:
             logits = logits[:, -1]
@@ -369,7 +377,7 @@ class Attention(nn.Module):
                 tables = {}
             out = ik.flash_attention_with_kvcache(
                 q, cache.k[layer_index], cache.v[layer_index], k=k, v=v, cache_seqlens=cache.lengths,
-                causal=True, backend=self.attention_backend, **tables)
+                causal=True, backend=self.attention_backend, **tables, **cache.scales)
         else:
             q, k = ik.apply_rotary(q, k, cos, sin, position_ids=position_ids, cu_seqlens=cu_seqlens,
                                    backend=self.rotary_backend)
@@ -400,7 +408,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class KVCache:
-    """Preallocated keys and values per layer, (B, capacity, Hkv, D), and the filled lengths.
+    """Preallocated keys and values per layer, (B, capacity, Hkv, D) of the model's dtype or
+    an fp8 one (scale 1), and the filled lengths.
 
     All sequences advance together: ``lengths`` (B,) int32 on the device (for the kernels)
     holds each row's length (rows start at different lengths after a ragged prefill), and
@@ -412,6 +421,12 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        # fp8: the attention's k_scale / v_scale, made once (a float would be filled into a
+        # tensor on every call of every layer)
+        self.scales = {}
+        if dtype in FP8_CACHE_DTYPES:
+            unit = torch.ones(1, dtype=torch.float32, device=device)
+            self.scales = {"k_scale": unit, "v_scale": unit}
 
     def advance(self, tokens: int) -> None:
         self.length += tokens

@@ -8,7 +8,7 @@ Registered ops (namespace ``internlm_kernels``):
                  window_left, window_right, deterministic, backend) -> (dq, dk, dv)
   flash_attn_kvcache(q, k_cache!, v_cache!, k, v, cache_seqlens, rotary_cos, rotary_sin,
                      rotary_interleaved, softmax_scale, causal, window_left, window_right,
-                     block_table, backend) -> out                                inference
+                     block_table, k_scale, v_scale, backend) -> out              inference
 
 The API mirrors flash-attention's ``flash_attn_func`` / ``flash_attn_varlen_func`` /
 ``flash_attn_with_kvcache`` so model code can switch. The "torch" backend is the eager
@@ -20,13 +20,15 @@ traced), whose implementations run the same reference.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from internlm_kernels import reference
 from internlm_kernels._checks import (
-    check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
+    FLOAT_DTYPES, check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
     check_same_device, check_same_dtype, check_softmax_scale, check_tensor, check_window,
 )
 from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
@@ -58,6 +60,31 @@ def _check_heads(op: str, q: Tensor, k: Tensor, v: Tensor, names=("k", "v")) -> 
     if k.shape[-2] == 0 or q.shape[-2] % k.shape[-2] != 0:
         raise ValueError(f"{op}: q heads ({q.shape[-2]}) must be a multiple of {k_name}/{v_name} heads "
                          f"({k.shape[-2]})")
+
+
+def _cache_scale(op: str, name: str, scale: Union[None, float, Tensor], k_cache: Tensor,
+                 q: Tensor) -> Optional[Tensor]:
+    """An fp8 cache's k_scale / v_scale as a contiguous float32 tensor of 1 or Hkv values on
+    q's device (a float becomes one, written by a fill: no copy from the host); None for
+    caches that are not fp8, which take no scale."""
+    if k_cache.dtype not in reference.FP8_CACHE_DTYPES:
+        if scale is not None:
+            raise ValueError(f"{op}: {name} applies to fp8 caches (float8_e4m3fn, float8_e5m2); "
+                             f"the caches are {k_cache.dtype}")
+        return None
+    if scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)):
+        value = 1.0 if scale is None else float(scale)
+        if not 0 < value < math.inf:  # (not math.isfinite: a float that changes is symbolic under torch.compile)
+            raise ValueError(f"{op}: {name} must be a finite float > 0, got {scale!r}")
+        return torch.full((1,), value, dtype=torch.float32, device=q.device)
+    check_tensor(op, name, scale)
+    check_dtype(op, name, scale, (torch.float32,))
+    check_same_device(op, "q", q, **{name: scale})
+    heads_kv = k_cache.shape[2]
+    if scale.numel() not in (1, heads_kv) or scale.dim() > 1:
+        raise ValueError(f"{op}: {name} must hold 1 value or one per KV head ({heads_kv}), as a tensor of "
+                         f"shape (), (1,) or ({heads_kv},); got shape {tuple(scale.shape)}")
+    return scale.reshape(-1).contiguous()
 
 
 CUDA_HEAD_DIMS = (64, 128)
@@ -260,31 +287,36 @@ _flash_attn_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_contex
 def _flash_attn_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
                         cache_seqlens: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
                         rotary_interleaved: bool, softmax_scale: float, causal: bool, window_left: int,
-                        window_right: int, block_table: Optional[Tensor], backend: str) -> Tensor:
+                        window_right: int, block_table: Optional[Tensor], k_scale: Optional[Tensor],
+                        v_scale: Optional[Tensor], backend: str) -> Tensor:
     if backend == "torch":
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=softmax_scale,
             window_size=(window_left, window_right), rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-            rotary_interleaved=rotary_interleaved, block_table=block_table).contiguous()
+            rotary_interleaved=rotary_interleaved, block_table=block_table, k_scale=k_scale,
+            v_scale=v_scale).contiguous()
     # Two launches plus the split combine: the append writes k (rotated) and v, the decode
-    # rotates q as it loads it. Paged caches pass their block table to both.
+    # rotates q as it loads it. Paged caches pass their block table to both, fp8 caches their
+    # scales.
     launch = kernels(backend, "attention")
     rotary = (rotary_cos, rotary_sin, rotary_interleaved)
-    paged = {} if block_table is None else {"block_table": block_table}
+    layout = {} if block_table is None else {"block_table": block_table}
+    if k_scale is not None:
+        layout.update(k_scale=k_scale, v_scale=v_scale)
     new_tokens = 0
     if k is not None:
-        launch.kvcache_append(k, v, k_cache, v_cache, cache_seqlens, *rotary, **paged)
+        launch.kvcache_append(k, v, k_cache, v_cache, cache_seqlens, *rotary, **layout)
         new_tokens = k.shape[1]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() > 0:
         launch.attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens, softmax_scale, causal,
-                                (window_left, window_right), *rotary, **paged)
+                                (window_left, window_right), *rotary, **layout)
     return out
 
 
 @_flash_attn_kvcache.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, softmax_scale, causal,
-      window_left, window_right, block_table, backend):
+      window_left, window_right, block_table, k_scale, v_scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -370,6 +402,8 @@ def flash_attention_with_kvcache(
     rotary_sin: Optional[Tensor] = None,
     rotary_interleaved: bool = False,
     block_table: Optional[Tensor] = None,
+    k_scale: Union[None, float, Tensor] = None,
+    v_scale: Union[None, float, Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Decoding / chunked prefill over a preallocated KV cache (inference).
@@ -393,6 +427,18 @@ def flash_attention_with_kvcache(
     page numbers are clamped into the pool on the device. Sequences may share pages they only
     read (a common prefix); new entries written into a page that another sequence of the call
     also writes land in an unspecified order.
+
+    fp8 caches (vLLM's and lmdeploy's ``fp8`` / ``fp8_e5m2`` KV caches): k_cache and v_cache
+    ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``, q / k / v fp16 or bf16. An entry reads as
+    ``entry * scale`` and a new one is stored as ``x / scale`` clamped to the format's finite
+    range and rounded to nearest even (``reference.quantize_fp8``), with ``k_scale`` /
+    ``v_scale``: a positive float, or a float32 tensor on q's device of one value or one per
+    KV head (read on the device: calibrated scales change without a recompile or a CUDA-graph
+    recapture); None is 1. The kernels multiply the scales into the softmax scale and the
+    output, so the products run on the stored values widened exactly to q's dtype. Half the
+    cache memory and half the bytes a decode step reads. Kernels: triton (float8_e4m3fn from
+    sm_89, float8_e5m2 on any GPU); elsewhere "auto" takes the eager reference (per-sequence
+    host loops: slow on a GPU).
     """
     op = "flash_attention_with_kvcache"
     check_flag(op, "causal", causal)
@@ -402,11 +448,13 @@ def flash_attention_with_kvcache(
     cache_layout = "(num_pages, page_size, H, D) with a block_table" if paged else "(B, S, H, D)"
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(op, name, t)
-        check_dtype(op, name, t)
+        check_dtype(op, name, t, FLOAT_DTYPES if name == "q" else FLOAT_DTYPES + reference.FP8_CACHE_DTYPES)
         check_dim(op, name, t, (4,), "(B, S, H, D)" if name == "q" else cache_layout)
         check_last_dim_contiguous(op, name, t)
-    check_same_dtype(op, "k_cache", k_cache, "q", q)
-    check_same_dtype(op, "v_cache", v_cache, "q", q)
+    check_same_dtype(op, "v_cache", v_cache, "k_cache", k_cache)
+    fp8 = k_cache.dtype in reference.FP8_CACHE_DTYPES
+    if not fp8:
+        check_same_dtype(op, "k_cache", k_cache, "q", q)
     if (k is None) != (v is None):
         raise ValueError(f"{op}: pass k and v together (new cache entries) or neither")
     if paged:
@@ -415,6 +463,8 @@ def flash_attention_with_kvcache(
                       cache_seqlens=cache_seqlens if isinstance(cache_seqlens, Tensor) else None,
                       rotary_cos=rotary_cos, rotary_sin=rotary_sin, block_table=block_table)
     _check_heads(op, q, k_cache, v_cache, ("k_cache", "v_cache"))
+    k_scale = _cache_scale(op, "k_scale", k_scale, k_cache, q)
+    v_scale = _cache_scale(op, "v_scale", v_scale, k_cache, q)
     batch, capacity = q.shape[0], k_cache.shape[1]
     if paged:
         check_dtype(op, "block_table", block_table, (torch.int32,))
@@ -490,6 +540,11 @@ def flash_attention_with_kvcache(
             return f"the cuda decode takes at most {CUDA_MAX_GRID_YZ} KV heads, got {k_cache.shape[2]}"
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
+        if candidate == "cuda" and fp8:
+            return f"the cuda kernels read float16 / bfloat16 caches, got {k_cache.dtype} (triton reads fp8)"
+        if (candidate == "triton" and k_cache.dtype == torch.float8_e4m3fn and q.device.type == "cuda"
+                and torch.cuda.get_device_capability(q.device) < (8, 9)):
+            return "triton's float8_e4m3fn needs sm_89 or newer (float8_e5m2 caches run on older GPUs)"
         if candidate == "cuda" and paged and leaves_choice_to_auto(backend):
             # "auto" moves a CUDA path ahead once it has passed the tests on a GPU; the paged one
             # has run only under the emulation (backend="cuda" asks for it).
@@ -501,7 +556,7 @@ def flash_attention_with_kvcache(
         return reference.attention_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
             window_size=window, rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-            block_table=block_table)
+            block_table=block_table, k_scale=k_scale, v_scale=v_scale)
     return _flash_attn_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
                                bool(rotary_interleaved), scale, bool(causal), window[0], window[1], block_table,
-                               chosen)
+                               k_scale, v_scale, chosen)

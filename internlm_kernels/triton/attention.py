@@ -23,12 +23,14 @@ the same bits. Softmax is computed in base 2 with the scale folded into one mult
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from internlm_kernels.reference import FP8_CACHE_DTYPES
 from internlm_kernels.triton._host import (
     MAX_GRID_YZ, batch_slices, cdiv, next_power_of_2, num_sms, on_the_tensors_device,
 )
@@ -272,7 +274,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, star
             k = tl.load(k_t_block)
         else:
             k = tl.load(k_t_block, boundary_check=(0,), padding_option="zero")
-        qk = tl.dot(q, k) * qk_scale
+        qk = tl.dot(q, k.to(q.dtype)) * qk_scale  # (.to: fp8 caches widen exactly to q's dtype)
         if MASK:
             cols = start_n + tl.arange(0, BLOCK_N)
             qk = tl.where(_visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT),
@@ -288,7 +290,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, star
             v = tl.load(v_block)
         else:
             v = tl.load(v_block, boundary_check=(1,), padding_option="zero")
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
         k_t_block = tl.advance(k_t_block, (0, BLOCK_N))
         v_block = tl.advance(v_block, (BLOCK_N, 0))
@@ -315,7 +317,7 @@ def _attn_paged_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, st
         in_page = (cols % PAGE_SIZE).to(tl.int64)
         k = tl.load(K_BASE + (page * stride_kp + in_page * stride_ks)[None, :] + dims[:, None],
                     mask=col_ok[None, :] & dims_ok[:, None], other=0.0)
-        qk = tl.dot(q, k) * qk_scale
+        qk = tl.dot(q, k.to(q.dtype)) * qk_scale
         if MASK:
             qk = tl.where(_visible(rows_pos, cols, k_len, shift, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                           qk, float("-inf"))
@@ -326,7 +328,7 @@ def _attn_paged_inner(acc, l_i, m_i, q, K_BASE, V_BASE, stride_ks, stride_vs, st
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V_BASE + (page * stride_vp + in_page * stride_vs)[:, None] + dims[None, :],
                     mask=col_ok[:, None] & dims_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     return acc, l_i, m_i
 
@@ -667,6 +669,26 @@ def _rotated(ptrs, x, dims, mask, positions, COS, SIN, stride_cos, stride_sin, t
 
 
 @triton.jit
+def _fp8_grid(x, scale, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr, LARGEST: tl.constexpr):
+    """``x / scale`` (fp32, divided with IEEE rounding) clamped to [-LARGEST, LARGEST] and
+    rounded to nearest even on the grid of an fp8 format with MANTISSA_BITS and normal
+    exponents from MIN_EXPONENT (subnormals below), as fp32; NaN stays NaN. The conversion to
+    the fp8 type that follows is then exact, so the stored bits are torch's
+    ``clamp(x / scale).to(fp8)`` whatever the conversion's own rounding (Triton's interpreter
+    rounds such conversions wrongly where the mantissa carries into the exponent)."""
+    x = tl.math.div_rn(x, scale)
+    magnitude = tl.minimum(tl.abs(x), LARGEST)
+    exponent = tl.maximum((magnitude.to(tl.int32, bitcast=True) >> 23) - 127, MIN_EXPONENT)
+    step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)  # the grid's spacing there
+    # Adding 2^23 steps leaves fp32 a spacing of one step: the sum is rounded to the grid
+    # (to nearest even), and taking it away again is exact.
+    shift = step * 8388608.0
+    magnitude = (magnitude + shift) - shift
+    rounded = tl.where(x.to(tl.int32, bitcast=True) < 0, -magnitude, magnitude)  # the sign bit, -0 included
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
 def _kvcache_append_kernel(
     K, stride_kb, stride_ks, stride_kh,
     V, stride_vb, stride_vs, stride_vh,
@@ -675,14 +697,18 @@ def _kvcache_append_kernel(
     CACHE_SEQLENS, capacity, heads,
     COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
     BLOCK_TABLE, stride_table, num_pages,
+    K_SCALE, V_SCALE, stride_k_scale, stride_v_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_EXPONENT: tl.constexpr, FP8_LARGEST: tl.constexpr,
 ):
     """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when ROTARY) and
     v_cache[...] = v[b, i]: programs over the k heads, then the v heads. Slots past the
     capacity are skipped (the attention then reports the overflow as NaN). PAGE_SIZE > 0:
     slot s of sequence b is row s % PAGE_SIZE of page BLOCK_TABLE[b, s // PAGE_SIZE] (page
-    numbers clamped into [0, num_pages), as the attention reads them)."""
+    numbers clamped into [0, num_pages), as the attention reads them). FP8_MANTISSA_BITS > 0:
+    fp8 caches, each entry stored as _fp8_grid(entry / the head's scale), the rotated k
+    rounded to k's dtype first (as the rotary op returns it)."""
     i = tl.program_id(0).to(tl.int64)
     batch = tl.program_id(1).to(tl.int64)
     which = tl.program_id(2)
@@ -703,13 +729,20 @@ def _kvcache_append_kernel(
         if ROTARY:
             k_values = _rotated(source, k_values, dims, mask, slot, COS, SIN, stride_cos, stride_sin, table_len,
                                 rotary_half, INTERLEAVED)
+        if FP8_MANTISSA_BITS > 0:
+            k_scale = tl.load(K_SCALE + head * stride_k_scale)
+            k_values = _fp8_grid(k_values.to(K.dtype.element_ty).to(tl.float32), k_scale, FP8_MANTISSA_BITS,
+                                 FP8_MIN_EXPONENT, FP8_LARGEST)
         target = K_CACHE + cache_batch * stride_kcb + row * stride_kcs + head * stride_kch + dims
         tl.store(target, k_values.to(K_CACHE.dtype.element_ty), mask=mask)
     else:
         head = (which - heads).to(tl.int64)
         v_values = tl.load(V + batch * stride_vb + i * stride_vs + head * stride_vh + dims, mask=mask)
-        tl.store(V_CACHE + cache_batch * stride_vcb + row * stride_vcs + head * stride_vch + dims, v_values,
-                 mask=mask)
+        if FP8_MANTISSA_BITS > 0:
+            v_values = _fp8_grid(v_values.to(tl.float32), tl.load(V_SCALE + head * stride_v_scale),
+                                 FP8_MANTISSA_BITS, FP8_MIN_EXPONENT, FP8_LARGEST)
+        tl.store(V_CACHE + cache_batch * stride_vcb + row * stride_vcs + head * stride_vch + dims,
+                 v_values.to(V_CACHE.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -722,13 +755,17 @@ def _attn_decode_split_kernel(
     qk_scale, window_left, window_right,
     COS, SIN, stride_cos, stride_sin, table_len, rotary_half,
     BLOCK_TABLE, stride_table, num_pages,
+    K_SCALE, V_SCALE, stride_k_scale, stride_v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, PAGE_SIZE: tl.constexpr, WIDE_ROWS: tl.constexpr,
+    SCALED_CACHE: tl.constexpr,
 ):
     """One tile of packed query rows against one split of one sequence's cache (flash-decoding).
     Writes the split's normalised output and its log2-sum-exp to the fp32 workspace. Grid:
-    (B x Hkv, row tiles, splits) (see attention_decode)."""
+    (B x Hkv, row tiles, splits) (see attention_decode). SCALED_CACHE (fp8 caches): the
+    entries widen exactly to q's dtype, the KV head's k scale joins the softmax scale and its v
+    scale multiplies the output, so the products run on the stored values."""
     batch_head = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -759,6 +796,9 @@ def _attn_decode_split_kernel(
         V_BASE = V + batch * stride_vb + kv_head * stride_vh
     PAGES = BLOCK_TABLE + batch * stride_table
 
+    if SCALED_CACHE:
+        qk_scale = qk_scale * tl.load(K_SCALE + kv_head * stride_k_scale)
+
     lo, full_lo, full_hi, hi = _key_range(pos_first, pos_last, k_len, shift, window_left, window_right,
                                           HAS_LEFT, HAS_RIGHT, BLOCK_N)
     # This program's split of the keys the tile sees: their tiles dealt out in equal runs over
@@ -773,6 +813,8 @@ def _attn_decode_split_kernel(
     out, lse2 = _attend(q, K_BASE, V_BASE, stride_ks, stride_vs, lo, full_lo, full_hi, hi, rows_pos, k_len, shift,
                         window_left, window_right, qk_scale, PAGES, num_pages, stride_kb, stride_vb,
                         HAS_LEFT, HAS_RIGHT, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, PAGE_SIZE)
+    if SCALED_CACHE:
+        out = out * tl.load(V_SCALE + kv_head * stride_v_scale)
     slot = ((batch * heads_kv + kv_head) * splits + split) * rows_padded + rows.to(tl.int64)
     tl.store(PART_O + slot[:, None] * BLOCK_D + dims[None, :], out, mask=row_ok[:, None])
     tl.store(PART_LSE + slot, lse2, mask=row_ok)
@@ -941,12 +983,35 @@ def _paged_args(k_cache, block_table):
                                                   num_pages=k_cache.shape[0], PAGE_SIZE=page_size)
 
 
+def _fp8_format(dtype) -> tuple:
+    """The append kernel's rounding constants for an fp8 cache dtype: (mantissa bits, exponent
+    of the smallest normal, largest finite value); (0, 0, 0.0) for other caches."""
+    if dtype not in FP8_CACHE_DTYPES:
+        return 0, 0, 0.0
+    info = torch.finfo(dtype)
+    return round(-math.log2(info.eps)), round(math.log2(info.tiny)), info.max
+
+
+def _scale_args(k_cache, k_scale, v_scale):
+    """The KV-cache kernels' scale arguments: fp8 caches read ``k_scale`` / ``v_scale`` (fp32
+    tensors of one value, stride 0, or one per KV head); other caches none (dummies)."""
+    if k_cache.dtype not in FP8_CACHE_DTYPES:
+        return dict(K_SCALE=k_cache, V_SCALE=k_cache, stride_k_scale=0, stride_v_scale=0)
+    if k_scale is None or v_scale is None:
+        raise ValueError(f"fp8 caches ({k_cache.dtype}) need k_scale and v_scale tensors (ops.attention passes "
+                         f"ones for scales left out)")
+    return dict(K_SCALE=k_scale, V_SCALE=v_scale, stride_k_scale=int(k_scale.numel() > 1),
+                stride_v_scale=int(v_scale.numel() > 1))
+
+
 @on_the_tensors_device
 def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved: bool,
-                   block_table=None) -> None:
+                   block_table=None, k_scale=None, v_scale=None) -> None:
     """k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the tables are
     given), v_cache likewise from v; k, v (B, Snew, H, D), caches (B, S_max, H, D), or pages
-    (num_pages, page_size, H, D) with ``block_table`` (B, max_blocks) int32. One launch."""
+    (num_pages, page_size, H, D) with ``block_table`` (B, max_blocks) int32. One launch. fp8
+    caches store each entry divided by ``k_scale`` / ``v_scale`` (contiguous fp32 tensors of 1
+    or H values), rounded as reference.quantize_fp8."""
     batch, new_tokens, heads, head_dim = k.shape
     if k.numel() == 0:
         return
@@ -954,30 +1019,37 @@ def kvcache_append(k, v, k_cache, v_cache, cache_seqlens, rotary_cos, rotary_sin
         for rows in batch_slices(batch):
             caches = (k_cache, v_cache) if block_table is not None else (k_cache[rows], v_cache[rows])
             kvcache_append(k[rows], v[rows], *caches, cache_seqlens[rows], rotary_cos, rotary_sin, rotary_interleaved,
-                           block_table=None if block_table is None else block_table[rows])
+                           block_table=None if block_table is None else block_table[rows], k_scale=k_scale,
+                           v_scale=v_scale)
         return
     capacity, paged = _paged_args(k_cache, block_table)
+    mantissa_bits, min_exponent, largest = _fp8_format(k_cache.dtype)
     _kvcache_append_kernel[(new_tokens, batch, 2 * heads)](
         k, *_strides(k), v, *_strides(v), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache),
         cache_seqlens, capacity, heads, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
+        **_scale_args(k_cache, k_scale, v_scale),
         HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+        FP8_MANTISSA_BITS=mantissa_bits, FP8_MIN_EXPONENT=min_exponent, FP8_LARGEST=largest,
     )
 
 
 @on_the_tensors_device
 def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
-                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table=None) -> None:
+                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table=None, k_scale=None,
+                     v_scale=None) -> None:
     """Split-KV attention of q (B, Sq, Hq, D) over caches (B, S_max, Hkv, D), or pages with
     ``block_table`` (as kvcache_append), holding cache_seqlens[b] + new_tokens valid entries;
     writes out (B, Sq, Hq, D). With the rotary tables, q rotates as it loads (position
-    cache_seqlens[b] + s)."""
+    cache_seqlens[b] + s). fp8 caches read as entry x ``k_scale`` / ``v_scale`` (as
+    kvcache_append)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k_cache.shape[2]
     capacity = _paged_args(k_cache, block_table)[0]
     group = heads_q // heads_kv
     rows = seqlen_q * group
     part_o, part_lse, _ = _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens, softmax_scale, causal,
-                                           window_size, rotary_cos, rotary_sin, rotary_interleaved, block_table)
+                                           window_size, rotary_cos, rotary_sin, rotary_interleaved, block_table,
+                                           k_scale, v_scale)
     splits, rows_padded, block_d = part_o.shape[2:]
     _attn_decode_combine_kernel[(rows * batch * heads_kv,)](
         part_o, part_lse, out, *_strides(out), cache_seqlens, heads_kv, new_tokens, capacity, splits, rows,
@@ -987,7 +1059,8 @@ def attention_decode(q, k_cache, v_cache, out, cache_seqlens, new_tokens: int, s
 
 
 def _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens: int, softmax_scale: float, causal: bool,
-                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table):
+                     window_size, rotary_cos, rotary_sin, rotary_interleaved: bool, block_table, k_scale=None,
+                     v_scale=None):
     """The split kernel of attention_decode: (partial outputs (B, Hkv, splits, rows_padded,
     BLOCK_D), their log2-sum-exp (B, Hkv, splits, rows_padded), BLOCK_N), each split's
     output normalised by its own sum (lse -inf where the split saw no key)."""
@@ -1023,8 +1096,10 @@ def _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens: int, softma
         q, *_strides(q), k_cache, *_strides(k_cache), v_cache, *_strides(v_cache), part_o, part_lse,
         cache_seqlens, heads_kv, seqlen_q, new_tokens, capacity, splits, rows_padded,
         softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
+        **_scale_args(k_cache, k_scale, v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n, SCALED_CACHE=k_cache.dtype in FP8_CACHE_DTYPES,
+        num_warps=warps,
     )
     return part_o, part_lse, block_n
 

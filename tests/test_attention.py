@@ -925,6 +925,34 @@ def test_reference_backend_compiles_without_graph_breaks_packed_and_kvcache(devi
         assert torch.equal(cache, expected_cache), "the compiled call appends to the caches as the reference does"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp8_kvcache_compiles_once_for_changing_float_scales(backend, device):
+    """fullgraph, fp8 caches, float scales that change from call to call (symbolic floats
+    under torch.compile): one compile, the eager call's bytes and output."""
+    torch._dynamo.reset()
+
+    def decode(q, k_cache, v_cache, k, v, lengths, scale):
+        return ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=lengths, k_scale=scale,
+                                               v_scale=2 * scale, backend=backend)
+
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(decode, fullgraph=True, backend=counter)
+    q, new_k, new_v = (torch.randn(2, 1, heads, 16, device=device, dtype=torch.bfloat16) for heads in (4, 2, 2))
+    lengths = torch.tensor([3, 8], device=device, dtype=torch.int32)
+    for scale in (0.5, 0.25, 0.125):
+        caches = [c.to(torch.float8_e5m2) for c in _cache(2, 10, 2, 16, torch.bfloat16, device)]
+        eager_caches = [c.clone() for c in caches]
+        with torch.no_grad():
+            out = compiled(q, *caches, new_k, new_v, lengths, scale)
+            expected = decode(q, *eager_caches, new_k, new_v, lengths, scale)
+        assert torch.equal(out, expected)
+        for cache, eager_cache in zip(caches, eager_caches):
+            assert torch.equal(cache.view(torch.uint8), eager_cache.view(torch.uint8))
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles for three scales"
+
+
 def test_opcheck_reference_backend(device):
     # The ops with backend="torch" (what compiled packed and KV-cache calls of the reference
     # run): schema, fake tensors and autograd registration, as test_opcheck for the kernels.

@@ -434,11 +434,12 @@ def flash_attention_with_kvcache(
     range and rounded to nearest even (``reference.quantize_fp8``), with ``k_scale`` /
     ``v_scale``: a positive float, or a float32 tensor on q's device of one value or one per
     KV head (read on the device: calibrated scales change without a recompile or a CUDA-graph
-    recapture); None is 1. The kernels multiply the scales into the softmax scale and the
-    output, so the products run on the stored values widened exactly to q's dtype. Half the
-    cache memory and half the bytes a decode step reads. Kernels: triton (float8_e4m3fn from
-    sm_89, float8_e5m2 on any GPU); elsewhere "auto" takes the eager reference (per-sequence
-    host loops: slow on a GPU).
+    recapture); None is 1. A float (or None) is filled into a tensor on every call: a decode
+    loop saves that launch by passing tensors. The kernels multiply the scales into the
+    softmax scale and the output, so the products run on the stored values widened exactly to
+    q's dtype. Half the cache memory and half the bytes a decode step reads. Kernels: triton
+    (float8_e4m3fn from sm_89, float8_e5m2 on any GPU); elsewhere "auto" takes the eager
+    reference (per-sequence host loops: slow on a GPU).
     """
     op = "flash_attention_with_kvcache"
     check_flag(op, "causal", causal)

@@ -336,7 +336,7 @@ def quantize_fp8(x: Tensor, scale: Union[None, float, Tensor], dtype: torch.dtyp
 
 def dequantize_fp8(entries: Tensor, scale: Union[None, float, Tensor], dtype: torch.dtype) -> Tensor:
     """fp8 KV-cache entries (..., H, D) as ``dtype``: ``entry * scale`` in fp32 (in fp64 for
-    fp64, where the product is exact), rounded once to ``dtype``."""
+    fp64, where the product is exact), then rounded to ``dtype``."""
     wide = torch.promote_types(dtype, torch.float32)
     return (entries.to(wide) * _per_head_scale(scale, entries.shape[-2], wide, entries.device)).to(dtype)
 

@@ -499,6 +499,12 @@ def test_kvcache_append_and_attend(backend, new_tokens, rotary, device):
 FP8_CACHES = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
 
 
+def _skip_unless_triton_reads(cache_dtype, device) -> None:
+    if (cache_dtype == torch.float8_e4m3fn and torch.device(device).type == "cuda"
+            and torch.cuda.get_device_capability(device) < (8, 9)):
+        pytest.skip("Triton's float8_e4m3fn needs sm_89 or newer")
+
+
 def _fp8_scales(kind: str, heads_kv: int, device):
     """(k_scale, v_scale) as a caller passes them: none (1), floats, one-value tensors, or a
     tensor per KV head."""
@@ -508,7 +514,8 @@ def _fp8_scales(kind: str, heads_kv: int, device):
         return 0.03, 0.02
     if kind == "one_value":
         return torch.tensor(0.03, device=device), torch.tensor([0.02], device=device)
-    return (torch.linspace(0.01, 0.05, heads_kv, device=device), torch.linspace(0.03, 0.015, heads_kv, device=device))
+    return (torch.linspace(0.01, 0.05, heads_kv, device=device),
+            torch.linspace(0.03, 0.015, heads_kv, device=device))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -519,6 +526,8 @@ def test_kvcache_fp8(backend, cache_dtype, scales, layout, device):
     """fp8 caches: the appended entries are the reference's quantization bit for bit (k
     rotated first), and the output is within the eager error of attention over the
     dequantized cache; GQA, ragged lengths, a key tile split over programs."""
+    if backend == "triton":
+        _skip_unless_triton_reads(cache_dtype, device)
     dtype, d, heads_kv, capacity = torch.bfloat16, 32, 2, 200
     k_scale, v_scale = _fp8_scales(scales, heads_kv, device)
     k_cache, v_cache = (reference.quantize_fp8(c, s, cache_dtype)
@@ -556,6 +565,7 @@ def test_kvcache_fp8_rounding_over_the_whole_range(cache_dtype, device):
     smallest subnormal to past the largest finite value (saturated), ties included, signed
     zeros and infinities: every stored byte equal. (NaN is left to the GPU test: Triton's
     interpreter converts a NaN to a finite fp8 value.)"""
+    _skip_unless_triton_reads(cache_dtype, device)
     largest, tiny = torch.finfo(cache_dtype).max, torch.finfo(cache_dtype).tiny
     magnitudes = torch.logspace(math.log10(tiny) - 3, math.log10(largest) + 1, 2000, dtype=torch.float64)
     grid = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
@@ -577,8 +587,8 @@ def test_kvcache_fp8_rounding_over_the_whole_range(cache_dtype, device):
                                             v_scale=scale, backend="triton")
         expected = reference.quantize_fp8(k_bf16, scale, cache_dtype)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8)), \
-                f"{name} scale {scale}: {int((cache.view(torch.uint8) != expected.view(torch.uint8)).sum())} bytes differ"
+            differ = int((cache.view(torch.uint8) != expected.view(torch.uint8)).sum())
+            assert differ == 0, f"{name} scale {scale}: {differ} bytes differ"
 
 
 def test_kvcache_fp8_bad_input(device):
@@ -597,8 +607,10 @@ def test_kvcache_fp8_bad_input(device):
         call(k_cache, v_cache, k_scale=torch.ones(2, device=device, dtype=torch.float16))
     with pytest.raises(ValueError, match="k_scale must hold 1 value or one per KV head \\(2\\).*got shape \\(3,\\)"):
         call(k_cache, v_cache, k_scale=torch.ones(3, device=device))
-    with pytest.raises(TypeError, match="v_scale must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="v_scale must be a float > 0 or a float32 tensor of 1 or Hkv values, got str"):
         call(k_cache, v_cache, v_scale="1")
+    with pytest.raises(RuntimeError, match="KV-cache attention is for inference"):  # a scale that takes gradients
+        call(k_cache, v_cache, k_scale=torch.ones(1, device=device, requires_grad=True))
     with pytest.raises(TypeError, match="q has dtype torch.float8_e4m3fn"):
         ik.flash_attention_with_kvcache(q.to(torch.float8_e4m3fn), k_cache, v_cache, cache_seqlens=1)
     # the kernels take 16-bit queries: float32 ones over an fp8 cache go to the reference under auto
@@ -610,8 +622,7 @@ def test_kvcache_fp8_bad_input(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", FP8_CACHES)
 def test_kvcache_fp8_runs_on_triton_under_auto_and_cuda_says_why(cache_dtype):
-    if cache_dtype == torch.float8_e4m3fn and torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("Triton's float8_e4m3fn needs sm_89 or newer")
+    _skip_unless_triton_reads(cache_dtype, "cuda")
     k_cache, v_cache = (c.to(cache_dtype) for c in _cache(1, 64, 2, 128, torch.bfloat16, "cuda"))
     q = torch.randn(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -813,7 +824,8 @@ def test_opcheck(backend, device):
         torch.library.opcheck(ops.flash_attn_kvcache.default,
                               (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *fp8_caches, new, new,
                                lengths, cos, sin, False, 0.25, True, -1, -1, None, *scales, backend),
-                              test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+                              test_utils=("test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
 
 
 def test_cuda_alignment_check_traces_without_graph_breaks():

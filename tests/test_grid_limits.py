@@ -76,13 +76,18 @@ def test_attention_batch_past_the_grid_limit(monkeypatch):
         _covers(recorder.batch_rows(kernel), batch)
 
 
-def test_kvcache_batch_past_the_grid_limit(monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
+def test_kvcache_batch_past_the_grid_limit(monkeypatch, fp8):
     recorder = GridRecorder(monkeypatch, attention, ["_kvcache_append_kernel"])
     batch = ROWS_PAST_THE_LIMIT
     k, v = _bf16(batch, 1, 1, 16), _bf16(batch, 1, 1, 16)
     k_cache, v_cache = _bf16(batch, 4, 1, 16), _bf16(batch, 4, 1, 16)
+    scales = {}
+    if fp8:  # every slice's launch takes the scales (an fp8 launch without them raises)
+        k_cache, v_cache = k_cache.to(torch.float8_e5m2), v_cache.to(torch.float8_e5m2)
+        scales = {"k_scale": torch.ones(1), "v_scale": torch.ones(1)}
     lengths = torch.zeros(batch, dtype=torch.int32)
-    attention.kvcache_append(k, v, k_cache, v_cache, lengths, None, None, False)
+    attention.kvcache_append(k, v, k_cache, v_cache, lengths, None, None, False, **scales)
     recorder.check_limits()
     _covers(recorder.batch_rows("_kvcache_append_kernel"), batch)
 

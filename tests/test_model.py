@@ -343,8 +343,12 @@ def test_fp8_cache_three_run_rule(cache_dtype, device):
     exact = logits(reference32)
     ours_error, eager_error = max_abs_error(logits(ours), exact), max_abs_error(logits(reference16), exact)
     assert ours_error <= 2 * eager_error, f"{ours_error:.3e} vs eager bf16 {eager_error:.3e}"
+    made = []  # the caches generate makes
+    new_cache = ours.new_cache
+    ours.new_cache = lambda *args: made.append(new_cache(*args)) or made[-1]
     generated = ours.generate(ids, max_new_tokens=3, eos_token_id=[], cache_dtype=cache_dtype)
     assert generated.shape == (2, 15) and torch.equal(generated[:, :12], ids)
+    assert [cache.k[0].dtype for cache in made] == [cache_dtype]
 
 
 def test_presets_cover_the_family_table():

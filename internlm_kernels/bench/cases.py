@@ -471,7 +471,7 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
     expected = reference.attention(q[ends].float(), k_valid[ends].float(), v_valid[ends].float(), causal=True)
     bytes_moved = 2 * k_valid.numel() * k_valid.element_size()
     extra = {}
-    # The same caches in float8_e4m3fn, a scale per KV head (vLLM's and lmdeploy's fp8), where
+    # The same caches in float8_e4m3fn, a scale per KV head (vLLM's fp8 with calibrated scales), where
     # Triton reads that type (sm_89 and newer; the interpreter)
     if "triton" in impls and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
         k_scale, v_scale = (cache.abs().amax(dim=(0, 1, 3)).float() / torch.finfo(torch.float8_e4m3fn).max

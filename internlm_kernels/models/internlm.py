@@ -424,9 +424,8 @@ class KVCache:
         # fp8: the attention's k_scale / v_scale, made once (a float would be filled into a
         # tensor on every call of every layer)
         self.scales = {}
-        if dtype in FP8_CACHE_DTYPES:
-            unit = torch.ones(1, dtype=torch.float32, device=device)
-            self.scales = {"k_scale": unit, "v_scale": unit}
+        if dtype in FP8_CACHE_DTYPES:  # two tensors: either may be refilled with a calibrated scale
+            self.scales = {name: torch.ones(1, dtype=torch.float32, device=device) for name in ("k_scale", "v_scale")}
 
     def advance(self, tokens: int) -> None:
         self.length += tokens

@@ -77,7 +77,9 @@ def _cache_scale(op: str, name: str, scale: Union[None, float, Tensor], k_cache:
         if not 0 < value < math.inf:  # (not math.isfinite: a float that changes is symbolic under torch.compile)
             raise ValueError(f"{op}: {name} must be a finite float > 0, got {scale!r}")
         return torch.full((1,), value, dtype=torch.float32, device=q.device)
-    check_tensor(op, name, scale)
+    if not isinstance(scale, Tensor):
+        raise TypeError(f"{op}: {name} must be a float > 0 or a float32 tensor of 1 or Hkv values, "
+                        f"got {type(scale).__name__}")
     check_dtype(op, name, scale, (torch.float32,))
     check_same_device(op, "q", q, **{name: scale})
     heads_kv = k_cache.shape[2]
@@ -429,7 +431,8 @@ def flash_attention_with_kvcache(
     also writes land in an unspecified order.
 
     fp8 caches (vLLM's and lmdeploy's ``fp8`` / ``fp8_e5m2`` KV caches): k_cache and v_cache
-    ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``, q / k / v fp16 or bf16. An entry reads as
+    ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (q / k / v fp16 or bf16 for the kernels;
+    float32 runs the eager reference). An entry reads as
     ``entry * scale`` and a new one is stored as ``x / scale`` clamped to the format's finite
     range and rounded to nearest even (``reference.quantize_fp8``), with ``k_scale`` /
     ``v_scale``: a positive float, or a float32 tensor on q's device of one value or one per
@@ -438,7 +441,7 @@ def flash_attention_with_kvcache(
     loop saves that launch by passing tensors. The kernels multiply the scales into the
     softmax scale and the output, so the products run on the stored values widened exactly to
     q's dtype. Half the cache memory and half the bytes a decode step reads. Kernels: triton
-    (float8_e4m3fn from sm_89, float8_e5m2 on any GPU); elsewhere "auto" takes the eager
+    (float8_e4m3fn from sm_89, float8_e5m2 from sm_80); elsewhere "auto" takes the eager
     reference (per-sequence host loops: slow on a GPU).
     """
     op = "flash_attention_with_kvcache"
@@ -518,7 +521,8 @@ def flash_attention_with_kvcache(
     window = check_window(op, window_size)
     if k is not None:  # the append writes the caches while it reads k and v
         check_in_place(op, {"k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v})
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, k_cache, v_cache)):
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in (q, k, v, k_cache, v_cache, k_scale, v_scale)):
         raise RuntimeError(f"{op}: KV-cache attention is for inference; inputs require grad "
                            f"(run under torch.no_grad() or use flash_attention)")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

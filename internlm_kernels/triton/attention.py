@@ -1098,8 +1098,8 @@ def _decode_partials(q, k_cache, v_cache, cache_seqlens, new_tokens: int, softma
         softmax_scale * LOG2E.value, **window, **_rotary_args(rotary_cos, rotary_sin, rotary_interleaved), **paged,
         **_scale_args(k_cache, k_scale, v_scale),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
-        WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n, SCALED_CACHE=k_cache.dtype in FP8_CACHE_DTYPES,
-        num_warps=warps,
+        WIDE_ROWS=_wide_rows(group, q), BLOCK_M=block_m, BLOCK_N=block_n,
+        SCALED_CACHE=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=warps,
     )
     return part_o, part_lse, block_n
 

@@ -1413,6 +1413,42 @@ def test_decode_long_cache_many_splits(backend, device):
     assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "long decode")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, cache_dtype", [("triton", torch.bfloat16), ("cuda", torch.bfloat16),
+                                                  ("triton", torch.float8_e5m2)], ids=["triton", "cuda", "triton_fp8"])
+def test_kvcache_row_past_2_pow_31_elements(backend, cache_dtype, device):
+    """One sequence whose cache row holds more than 2^31 elements (2^21 + 128 positions x 8
+    KV heads x 128): new entries appended past element 2^31 and a windowed decode over the
+    last keys, against the reference on the same slice of the cache."""
+    capacity, heads_kv, dim, window, length = 2**21 + 128, 8, 128, 60, 2**21 + 100
+    element = torch.empty((), dtype=cache_dtype).element_size()
+    needed = 2 * capacity * heads_kv * dim * element + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < needed:
+        pytest.skip(f"needs {needed / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    k_cache, v_cache = (torch.randn(1, capacity, heads_kv, dim, device=device, dtype=torch.bfloat16).to(cache_dtype)
+                        for _ in range(2))
+    assert length * heads_kv * dim > 2**31
+    q = torch.randn(1, 2, 4 * heads_kv, dim, device=device, dtype=torch.bfloat16)
+    new = {name: torch.randn(1, 2, heads_kv, dim, device=device, dtype=torch.bfloat16) for name in ("k", "v")}
+    lengths = torch.tensor([length], device=device, dtype=torch.int32)
+    first = length + 2 - (window + 2)  # the first key the earliest new position sees
+    small = [c[:, first:length + 2].clone() for c in (k_cache, v_cache)]  # with the two slots appended to
+    kwargs = dict(window_size=(window, 0))
+    with torch.no_grad():
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, **new, cache_seqlens=lengths, backend=backend,
+                                              **kwargs)
+        small_lengths = torch.tensor([length - first], device=device, dtype=torch.int32)
+        expected = reference.attention_with_kvcache(q, *small, **new, cache_seqlens=small_lengths, **kwargs)
+        exact_caches = [c.clone() if cache_dtype != torch.bfloat16 else c.double() for c in small]
+        exact = reference.attention_with_kvcache(q.double(), *exact_caches, k=new["k"].double(),
+                                                 v=new["v"].double(), cache_seqlens=small_lengths, **kwargs)
+    for cache, written in zip((k_cache, v_cache), small):
+        assert torch.equal(cache[:, length:length + 2].view(torch.uint8),
+                           written[:, length - first:].view(torch.uint8)), "the entries appended past 2^31"
+    assert_within_eager_error([out], [expected], [exact], torch.bfloat16, 2.0, "decode past 2^31")
+
+
 @pytest.mark.parametrize("window", [(-1, -1), (100, 0), (20, 0)])
 def test_decode_splits_share_the_keys_a_short_sequence_has(window, device):
     """The split count comes from the cache's capacity (CUDA graphs replay with new lengths),

@@ -13,7 +13,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The test steps of gpu_check.sh, as named to scripts/pytest_resilient.py.
-TEST_STEPS = ("tests", "attention", "random")
+TEST_STEPS = ("tests", "attention", "kvcache", "random")
 
 
 def exit_code_note(log_path: str, label: str) -> str:

@@ -518,7 +518,7 @@ def _fp8_scales(kind: str, heads_kv: int, device):
             torch.linspace(0.03, 0.015, heads_kv, device=device))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS + ["torch"])
 @pytest.mark.parametrize("cache_dtype", FP8_CACHES)
 @pytest.mark.parametrize("scales", ["none", "float", "one_value", "per_head"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
@@ -528,7 +528,7 @@ def test_kvcache_fp8(backend, cache_dtype, scales, layout, device):
     dequantized cache; GQA, ragged lengths, a key tile split over programs."""
     if backend == "triton":
         _skip_unless_triton_reads(cache_dtype, device)
-    dtype, d, heads_kv, capacity = torch.bfloat16, 32, 2, 200
+    dtype, d, heads_kv, capacity = torch.bfloat16, _dim(backend, 32), 2, 200
     k_scale, v_scale = _fp8_scales(scales, heads_kv, device)
     k_cache, v_cache = (reference.quantize_fp8(c, s, cache_dtype)
                         for c, s in zip(_cache(3, capacity, heads_kv, d, dtype, device), (k_scale, v_scale)))
@@ -559,13 +559,15 @@ def test_kvcache_fp8(backend, cache_dtype, scales, layout, device):
     assert_within_eager_error([out], [expected], [exact], dtype, 2.0, f"fp8 {scales} {layout}")
 
 
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("cache_dtype", FP8_CACHES)
-def test_kvcache_fp8_rounding_over_the_whole_range(cache_dtype, device):
+def test_kvcache_fp8_rounding_over_the_whole_range(backend, cache_dtype, device):
     """The append's rounding against torch's conversion, over magnitudes from below the
     smallest subnormal to past the largest finite value (saturated), ties included, signed
     zeros and infinities: every stored byte equal. (NaN is left to the GPU test: Triton's
     interpreter converts a NaN to a finite fp8 value.)"""
-    _skip_unless_triton_reads(cache_dtype, device)
+    if backend == "triton":
+        _skip_unless_triton_reads(cache_dtype, device)
     largest, tiny = torch.finfo(cache_dtype).max, torch.finfo(cache_dtype).tiny
     magnitudes = torch.logspace(math.log10(tiny) - 3, math.log10(largest) + 1, 2000, dtype=torch.float64)
     grid = torch.arange(256, dtype=torch.uint8).view(cache_dtype).float()
@@ -584,7 +586,7 @@ def test_kvcache_fp8_rounding_over_the_whole_range(cache_dtype, device):
         k_cache, v_cache = (torch.zeros(1, tokens, 1, d, device=device, dtype=cache_dtype) for _ in range(2))
         with torch.no_grad():
             ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=k_bf16, v=k_bf16, cache_seqlens=0, k_scale=scale,
-                                            v_scale=scale, backend="triton")
+                                            v_scale=scale, backend=backend)
         expected = reference.quantize_fp8(k_bf16, scale, cache_dtype)
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             differ = int((cache.view(torch.uint8) != expected.view(torch.uint8)).sum())
@@ -621,22 +623,32 @@ def test_kvcache_fp8_bad_input(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", FP8_CACHES)
-def test_kvcache_fp8_runs_on_triton_under_auto_and_cuda_says_why(cache_dtype):
+def test_kvcache_fp8_auto_takes_triton_and_the_backends_agree(cache_dtype):
+    """"auto" reads fp8 caches with Triton until the CUDA path has passed on a GPU; both
+    backends are within the eager error of the exact result on the same fp8 cache (the
+    three-way check); a NaN entry is stored as NaN by both appends (the interpreter cannot
+    show it: its conversion turns NaN into a finite value, so the CPU tests leave it out)."""
     _skip_unless_triton_reads(cache_dtype, "cuda")
-    k_cache, v_cache = (c.to(cache_dtype) for c in _cache(1, 64, 2, 128, torch.bfloat16, "cuda"))
-    q = torch.randn(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (c.to(cache_dtype) for c in _cache(2, 300, 2, 128, torch.bfloat16, "cuda"))
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([40, 290], device="cuda", dtype=torch.int32)
+    scales = dict(k_scale=torch.tensor([0.5, 2.0], device="cuda"), v_scale=0.25)
     with torch.no_grad():
-        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, k_scale=0.5)
-        triton_out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, k_scale=0.5,
-                                                     backend="triton")
+        out = ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **scales)
+        triton_out, cuda_out = (ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                                backend=backend, **scales)
+                                for backend in ("triton", "cuda"))
+        expected = reference.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, **scales)
+        exact = reference.attention_with_kvcache(q.double(), k_cache, v_cache, cache_seqlens=lengths, **scales)
         assert torch.equal(out, triton_out)
-        with pytest.raises(RuntimeError, match=f"backend='cuda' cannot serve this call: the cuda kernels read "
-                                               f"float16 / bfloat16 caches, got {cache_dtype}"):
-            ik.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=40, backend="cuda")
-        # a NaN entry is stored as NaN (the interpreter's conversion cannot show it: the CPU tests leave it out)
-        nan_entry = torch.full((1, 1, 2, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=nan_entry, v=nan_entry, cache_seqlens=40)
-        assert k_cache[0, 40].float().isnan().all() and v_cache[0, 40].float().isnan().all()
+        assert_within_eager_error([triton_out, cuda_out], [expected, expected], [exact, exact], torch.bfloat16, 2.0,
+                                  "triton, cuda")
+        for backend in ("triton", "cuda"):
+            nan_entry = torch.full((2, 1, 2, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+            ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=nan_entry, v=nan_entry, cache_seqlens=lengths,
+                                            backend=backend, **scales)
+            assert k_cache[0, 40].float().isnan().all() and v_cache[1, 290].float().isnan().all(), backend
+            k_cache[0, 40], v_cache[1, 290] = 0, 0
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
@@ -1415,7 +1427,8 @@ def test_decode_long_cache_many_splits(backend, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend, cache_dtype", [("triton", torch.bfloat16), ("cuda", torch.bfloat16),
-                                                  ("triton", torch.float8_e5m2)], ids=["triton", "cuda", "triton_fp8"])
+                                                  ("triton", torch.float8_e5m2), ("cuda", torch.float8_e4m3fn)],
+                         ids=["triton", "cuda", "triton_fp8", "cuda_fp8"])
 def test_kvcache_row_past_2_pow_31_elements(backend, cache_dtype, device):
     """One sequence whose cache row holds more than 2^31 elements (2^21 + 128 positions x 8
     KV heads x 128): new entries appended past element 2^31 and a windowed decode over the

@@ -393,6 +393,18 @@ def test_emulated_kvcache_paged(cuda_backend, page_size):
             attention_tests.test_kvcache_paged_one_sequence_over_many_splits("cuda", pages, window, CPU)
 
 
+@pytest.mark.parametrize("cache_dtype", attention_tests.FP8_CACHES)
+@pytest.mark.parametrize("scales, layout", [("none", "contiguous"), ("per_head", "paged"), ("one_value", "contiguous"),
+                                            ("float", "paged")])
+def test_emulated_kvcache_fp8(cuda_backend, cache_dtype, scales, layout):
+    attention_tests.test_kvcache_fp8("cuda", cache_dtype, scales, layout, CPU)
+
+
+@pytest.mark.parametrize("cache_dtype", attention_tests.FP8_CACHES)
+def test_emulated_kvcache_fp8_rounding_over_the_whole_range(cuda_backend, cache_dtype):
+    attention_tests.test_kvcache_fp8_rounding_over_the_whole_range("cuda", cache_dtype, CPU)
+
+
 def test_emulated_rotary_refuses_more_items_than_its_grid_holds_before_any_launch(cuda_backend):
     """Past the rotary grid's z extent the op says so (and "auto" takes Triton) before the glue."""
     q = torch.empty(1, 1, 65534, 8192)  # 2 GiB of address space, never touched: refused before any launch

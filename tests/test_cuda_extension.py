@@ -55,7 +55,7 @@ def test_glue_rejects_cpu_tensors_before_any_launch():
     with pytest.raises(RuntimeError, match=r"attention_decode \(cuda\): q must be a CUDA tensor"):
         ext.attention_decode(q, q, q, torch.empty_like(q), torch.zeros(1, dtype=torch.int32), 0, 0.125, True,
                              (-1, -1), None, None, False)
-    with pytest.raises(RuntimeError, match=r"kvcache_append \(cuda\): k_cache must be a CUDA tensor"):
+    with pytest.raises(RuntimeError, match=r"kvcache_append \(cuda\): k must be a CUDA tensor"):
         ext.kvcache_append(q, q, q, q, torch.zeros(1, dtype=torch.int32), None, None, False)
 
 

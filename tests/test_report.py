@@ -101,6 +101,7 @@ def test_targets_give_a_verdict_per_row_of_our_cuda_providers():
         row("attention_bwd", "cuda_key_block128", attention, speedup_vs={"sdpa_flash": 0.99}),  # skipped
         row("attention_decode", "cuda", decode, frac=0.5),
         row("attention_decode", "cuda_paged", decode, frac=0.9),  # another call: no line
+        row("attention_decode", "cuda_fp8", decode, frac=0.95),  # another call: no line
     ]}
     lines = target_lines(document, skip=lambda r: r["provider"] == "cuda_key_block128")
     assert "rms_norm_fwd [M=16384] >= 0.9 of copy bandwidth: cuda [N=4096]: 0.92 met" in lines

@@ -38,6 +38,57 @@ void check_operand(const char* op, const char* name, const at::Tensor& t, const 
               "(the kernels move 16-byte rows), got strides ", t.strides());
 }
 
+// An fp8 cache's format (kNone for caches of the inputs' type).
+CacheFormat cache_format(const at::Tensor& cache) {
+  if (cache.scalar_type() == at::kFloat8_e4m3fn) return CacheFormat::kE4M3;
+  if (cache.scalar_type() == at::kFloat8_e5m2) return CacheFormat::kE5M2;
+  return CacheFormat::kNone;
+}
+
+// The caches k_cache / v_cache (B or pages, S, Hkv, D): on ``like``'s device, its dtype or (fp8)
+// one byte an entry, head_dim D, and rows the kernels move as 16-byte chunks (fp8: strides of
+// a multiple of 16 entries). Then the fp8 format and scales: k_scale / v_scale float32 on the
+// device, contiguous, 1 or Hkv values (None: the caches are not fp8).
+ScaledCache check_caches(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& like,
+                         const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  ScaledCache scaled;
+  scaled.format = cache_format(k_cache);
+  if (scaled.format == CacheFormat::kNone) {
+    check_operand(op, "k_cache", k_cache, like);
+    check_operand(op, "v_cache", v_cache, like);
+    TORCH_CHECK(!k_scale.has_value() && !v_scale.has_value(), op, ": k_scale / v_scale apply to fp8 caches, got ",
+                k_cache.scalar_type(), " caches");
+    return scaled;
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}}) {
+    check_cuda(op, name, t, like);
+    check_dim(op, name, t, 4);
+    TORCH_CHECK(t.scalar_type() == k_cache.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                ", k_cache has ", k_cache.scalar_type());
+    TORCH_CHECK(t.size(3) == like.size(3), op, ": ", name, " has head_dim ", t.size(3), ", ", like.size(3),
+                " expected");
+    TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ", t.strides());
+    bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+    for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) <= 1 || t.stride(d) % 16 == 0);
+    TORCH_CHECK(aligned, op, ": fp8 ", name, " must start 16-byte aligned with strides that are multiples of 16 "
+                "entries (the kernels move 16-byte rows), got strides ", t.strides());
+  }
+  const int64_t heads = k_cache.size(2);
+  for (const auto& [name, scale, pointer, stride] :
+       {std::tuple<const char*, const std::optional<at::Tensor>&, const float**, int64_t*>{
+            "k_scale", k_scale, &scaled.k_scale, &scaled.k_scale_stride},
+        {"v_scale", v_scale, &scaled.v_scale, &scaled.v_scale_stride}}) {
+    TORCH_CHECK(scale.has_value(), op, ": fp8 caches need ", name, " (float32, 1 or ", heads, " values)");
+    check_cuda(op, name, *scale, like);
+    check_dtype_in(op, name, *scale, {at::kFloat});
+    TORCH_CHECK(scale->is_contiguous() && (scale->numel() == 1 || scale->numel() == heads), op, ": ", name,
+                " must be contiguous with 1 or ", heads, " (KV heads) values, got ", scale->sizes());
+    *pointer = scale->data_ptr<float>();
+    *stride = scale->numel() > 1 ? 1 : 0;
+  }
+  return scaled;
+}
+
 // A (B, S, H, D) tensor's data pointer and row strides into a params struct's fields.
 template <typename Pointer>
 void bind_rows(const at::Tensor& t, Pointer& data, int64_t& stride_b, int64_t& stride_s, int64_t& stride_h) {
@@ -67,14 +118,18 @@ const int32_t* cu_seqlens_pointer(const char* op, const char* name, const std::o
 AttentionParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out, const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, double softmax_scale, bool causal,
-                            std::tuple<int64_t, int64_t> window_size, bool keys_in_pages = false) {
+                            std::tuple<int64_t, int64_t> window_size, bool keys_in_pages = false,
+                            bool keys_checked = false) {
   check_kernel_device(op, "q", q);
   check_dtype_in(op, "q", q, {at::kHalf, at::kBFloat16});
   TORCH_CHECK(attention_head_dim_supported(q.size(-1)), op, ": the cuda kernels have head_dim 64 and 128, got ",
               q.size(-1), " (backend='triton' serves multiples of 8 up to 256)");
-  for (const auto& [name, t] :
-       {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}, {"out", out}})
-    check_operand(op, name, t, q);
+  check_operand(op, "q", q, q);
+  check_operand(op, "out", out, q);
+  if (!keys_checked) {  // (the decode's caches: check_caches)
+    check_operand(op, "k", k, q);
+    check_operand(op, "v", v, q);
+  }
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k ", k.sizes(), " and v ", v.sizes(), " must have the same shape");
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out ", out.sizes(), " must have q's shape ", q.sizes());
   TORCH_CHECK(keys_in_pages || k.size(0) == q.size(0), op, ": q has batch ", q.size(0), " but k has ", k.size(0));
@@ -250,13 +305,14 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& rotary_cos,
                     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                    const std::optional<at::Tensor>& block_table) {
+                    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale) {
   constexpr const char* op = "kvcache_append (cuda)";
-  check_kernel_device(op, "k_cache", k_cache);
-  check_dtype_in(op, "k_cache", k_cache, {at::kHalf, at::kBFloat16});
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache},
-                                {"k", k}, {"v", v}})
-    check_operand(op, name, t, k_cache);
+  check_kernel_device(op, "k", k);
+  check_dtype_in(op, "k", k, {at::kHalf, at::kBFloat16});
+  check_operand(op, "k", k, k);
+  check_operand(op, "v", v, k);
+  const ScaledCache fp8 = check_caches(op, k_cache, v_cache, k, k_scale, v_scale);
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v.sizes() == k.sizes(), op, ": k_cache ", k_cache.sizes(),
               " / v_cache ", v_cache.sizes(), " and k ", k.sizes(), " / v ", v.sizes(), " must match in pairs");
   TORCH_CHECK(k.size(2) == k_cache.size(2), op, ": new entries ", k.sizes(), " do not match the cache ",
@@ -278,23 +334,28 @@ void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   p.batch = static_cast<int>(k.size(0)), p.new_tokens = static_cast<int>(k.size(1));
   p.heads = static_cast<int>(k_cache.size(2)), p.head_dim = static_cast<int>(k_cache.size(3));
   p.capacity = static_cast<int>(capacity);
-  p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, k_cache);
+  p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, k);
+  p.fp8 = fp8;
   if (k.numel() == 0) return;
   const LaunchScope scope(k_cache);
   const cudaStream_t stream = scope.stream();
-  check_launch(op,
-               IK_HALF_DTYPE_SWITCH(k_cache.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
+  check_launch(op, IK_HALF_DTYPE_SWITCH(k.scalar_type(), op, [&] { return launch_kvcache_append<T>(p, stream); }));
 }
 
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
                       const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
                       std::tuple<int64_t, int64_t> window_size, const std::optional<at::Tensor>& rotary_cos,
                       const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                      const std::optional<at::Tensor>& block_table) {
+                      const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& k_scale,
+                      const std::optional<at::Tensor>& v_scale) {
   constexpr const char* op = "attention_decode (cuda)";
   AttentionDecodeParams p;
+  check_kernel_device(op, "q", q);
+  const ScaledCache fp8 = check_caches(op, k_cache, v_cache, q, k_scale, v_scale);
   static_cast<AttentionParams&>(p) = make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt,
-                                                 softmax_scale, causal, window_size, block_table.has_value());
+                                                 softmax_scale, causal, window_size, block_table.has_value(),
+                                                 /*keys_checked=*/true);
+  p.fp8 = fp8;
   check_cache_seqlens(op, cache_seqlens, q);
   p.rotary = rotary_tables(op, rotary_cos, rotary_sin, rotary_interleaved, q);
   const int64_t capacity = bind_paged_cache(op, block_table, k_cache, q.size(0), p.paged);
@@ -314,7 +375,7 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   p.new_tokens = static_cast<int>(new_tokens);
   p.capacity = static_cast<int>(capacity);
   const int programs_per_sm = IK_HALF_DTYPE_SWITCH(q.scalar_type(), op, [&] {
-    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] { return attention_decode_programs_per_sm<T, kHeadDim>(); });
+    return IK_HEAD_DIM_SWITCH(q.size(3), op, [&] { return attention_decode_programs_per_sm<T, kHeadDim>(fp8.format); });
   });
   const DecodeSplits splits = decode_splits(q.size(0), k_cache.size(2), q.size(1) * p.group, capacity,
                                             int64_t(multiprocessor_count()) * programs_per_sm);

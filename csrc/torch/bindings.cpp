@@ -51,11 +51,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kvcache_append", &kvcache_append,
         "write new K (rotated when tables are given) and V entries into the caches at cache_seqlens", py::arg("k"),
         py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("rotary_cos"),
-        py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none());
+        py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none(),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("attention_decode", &attention_decode, "split-KV attention over a KV cache (q rotated as it loads)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("cache_seqlens"),
         py::arg("new_tokens"), py::arg("softmax_scale"), py::arg("causal"), py::arg("window_size"),
-        py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none());
+        py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("rotary_interleaved"), py::arg("block_table") = py::none(),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
 #ifdef IK_CUDA_EMULATION
   m.def("emulated_launches", &emulation::launched_kernels,
         "(library file, kernel symbol, largest block) of every kernel the emulation has launched in this process");

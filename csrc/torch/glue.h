@@ -46,19 +46,24 @@ void attention_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 // k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when the rotary tables
 // are given) and v_cache[b, cache_seqlens[b] + i] = v[b, i]; k, v (B, Snew, Hkv, D), caches
 // (B, S_max, Hkv, D), or pools of pages (num_pages, page_size, Hkv, D) with ``block_table``
-// (B, max_blocks) int32 (PagedCache in attention.h). One launch.
+// (B, max_blocks) int32 (PagedCache in attention.h). One launch. fp8 caches (float8_e4m3fn /
+// float8_e5m2) store each entry as x / scale rounded to the format, with k_scale / v_scale
+// float32 on the device, one value or one per KV head (ScaledCache in attention.h).
 void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& rotary_cos,
                     const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                    const std::optional<at::Tensor>& block_table);
+                    const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& k_scale,
+                    const std::optional<at::Tensor>& v_scale);
 
 // Split-KV attention of q (B, Sq, Hq, D) over caches (contiguous, or pages with
 // ``block_table``, as kvcache_append) holding cache_seqlens[b] + new_tokens entries; q rotates
-// as it loads (position cache_seqlens[b] + s) when the tables are given.
+// as it loads (position cache_seqlens[b] + s) when the tables are given; fp8 caches read as
+// entry x scale.
 void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& out,
                       const at::Tensor& cache_seqlens, int64_t new_tokens, double softmax_scale, bool causal,
                       std::tuple<int64_t, int64_t> window_size, const std::optional<at::Tensor>& rotary_cos,
                       const std::optional<at::Tensor>& rotary_sin, bool rotary_interleaved,
-                      const std::optional<at::Tensor>& block_table);
+                      const std::optional<at::Tensor>& block_table, const std::optional<at::Tensor>& k_scale,
+                      const std::optional<at::Tensor>& v_scale);
 
 }  // namespace internlm_kernels

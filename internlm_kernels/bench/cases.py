@@ -471,20 +471,24 @@ def decode_case(device, dtype, batch: int, cache_len: int, heads_q: int, heads_k
     expected = reference.attention(q[ends].float(), k_valid[ends].float(), v_valid[ends].float(), causal=True)
     bytes_moved = 2 * k_valid.numel() * k_valid.element_size()
     extra = {}
-    # The same caches in float8_e4m3fn, a scale per KV head (vLLM's fp8 with calibrated scales), where
-    # Triton reads that type (sm_89 and newer; the interpreter)
-    if "triton" in impls and (device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)):
+    # The same caches in float8_e4m3fn, a scale per KV head (vLLM's fp8 with calibrated scales):
+    # the CUDA decode, and Triton where it reads that type (sm_89 and newer; the interpreter).
+    fp8_backends = [backend for backend in ("cuda", "triton") if backend in impls and (
+        backend == "cuda" or device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9))]
+    if fp8_backends:
         k_scale, v_scale = (cache.abs().amax(dim=(0, 1, 3)).float() / torch.finfo(torch.float8_e4m3fn).max
                             for cache in (k_cache, v_cache))
         k_fp8 = reference.quantize_fp8(k_cache, k_scale, torch.float8_e4m3fn)
         v_fp8 = reference.quantize_fp8(v_cache, v_scale, torch.float8_e4m3fn)
-        impls["triton_fp8"] = lambda: ik.flash_attention_with_kvcache(
-            q, k_fp8, v_fp8, cache_seqlens=lengths, k_scale=k_scale, v_scale=v_scale, backend="triton")
         expected_fp8 = reference.attention(
             q[ends].float(), reference.dequantize_fp8(k_fp8[ends, :length], k_scale, torch.float32),
             reference.dequantize_fp8(v_fp8[ends, :length], v_scale, torch.float32), causal=True)
-        extra = dict(bytes_by_provider={"triton_fp8": 2 * k_valid.numel()},  # one byte an entry
-                     error_by_provider={"triton_fp8": lambda out: max_error(out[ends], (expected_fp8,))})
+        extra = dict(bytes_by_provider={}, error_by_provider={})
+        for backend in fp8_backends:
+            impls[f"{backend}_fp8"] = lambda b=backend: ik.flash_attention_with_kvcache(
+                q, k_fp8, v_fp8, cache_seqlens=lengths, k_scale=k_scale, v_scale=v_scale, backend=b)
+            extra["bytes_by_provider"][f"{backend}_fp8"] = 2 * k_valid.numel()  # one byte an entry
+            extra["error_by_provider"][f"{backend}_fp8"] = lambda out: max_error(out[ends], (expected_fp8,))
     shape = {"B": batch, "L": cache_len, "Hq": heads_q, "Hkv": heads_kv, "D": head_dim}
     if length != cache_len:
         shape["valid"] = length

@@ -24,7 +24,7 @@ README = os.path.join(REPO, "benchmarks", "README.md")
 # cuda_deterministic: from before the dQ kernel became the CUDA backward's default)
 OURS = ("auto", "cuda", "cuda_deterministic", "cuda_atomic_dq", "cuda_dq_warp_rows32", "cuda_key_block128",
         "cuda_key_block128_atomic_dq", "cuda_warp_rows16", "cuda_warp_rows32", "cuda_unstaged_weight", "triton",
-        "triton_no_tma", "triton_paged", "cuda_paged", "triton_fp8")
+        "triton_no_tma", "triton_paged", "cuda_paged", "triton_fp8", "cuda_fp8")
 BASELINES = ("eager", "torch_compile", "torch_rms_norm", "sdpa_flash", "sdpa_cudnn", "liger")
 # Rows of committed results that did not time what their provider names: (file, op, provider)
 # -> why. Left out of the table, the speedup columns and the plots, and named under the table.

@@ -49,9 +49,9 @@ TARGETS = (
 
 
 def _ours(provider: str) -> bool:
-    """Our CUDA providers: the default and its selectable layouts; not ``cuda_paged``, which
-    times another call (the decode over a paged cache)."""
-    return provider == "cuda" or (provider.startswith("cuda_") and provider != "cuda_paged")
+    """Our CUDA providers: the default and its selectable layouts; not ``cuda_paged`` or
+    ``cuda_fp8``, which time other calls (the decode over a paged cache, over an fp8 one)."""
+    return provider == "cuda" or (provider.startswith("cuda_") and provider not in ("cuda_paged", "cuda_fp8"))
 
 
 def _applies(target: Target, row: dict) -> bool:

@@ -96,10 +96,11 @@ TRITON_DECODE_MAX_ROWS = 65535 * 64
 
 def _rows_aligned(t: Optional[Tensor]) -> bool:
     """Whether the CUDA kernels can move t's (.., D) rows as 16-byte chunks: aligned start,
-    strides of size > 1 dims a multiple of 8 elements."""
+    strides of size > 1 dims a multiple of 16 bytes (8 elements of 16 bits, 16 fp8 entries)."""
     if t is None:
         return True
-    strides_ok = all(size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    per_chunk = 16 // t.element_size()
+    strides_ok = all(size <= 1 or stride % per_chunk == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
     if torch.compiler.is_compiling():
         # Dynamo (torch 2.11 to 2.14) cannot trace storage_offset() of a tensor made inside the
         # graph: a graph break. The start is left to the glue, which checks the real pointer
@@ -441,8 +442,9 @@ def flash_attention_with_kvcache(
     loop saves that launch by passing tensors. The kernels multiply the scales into the
     softmax scale and the output, so the products run on the stored values widened exactly to
     q's dtype. Half the cache memory and half the bytes a decode step reads. Kernels: triton
-    (float8_e4m3fn from sm_89, float8_e5m2 from sm_80); elsewhere "auto" takes the eager
-    reference (per-sequence host loops: slow on a GPU).
+    (float8_e4m3fn from sm_89, float8_e5m2 from sm_80), and cuda (both, from sm_80), which
+    "auto" passes over until it has run on a GPU (backend="cuda" asks for it); where neither
+    serves, "auto" takes the eager reference (per-sequence host loops: slow on a GPU).
     """
     op = "flash_attention_with_kvcache"
     check_flag(op, "causal", causal)
@@ -545,8 +547,9 @@ def flash_attention_with_kvcache(
             return f"the cuda decode takes at most {CUDA_MAX_GRID_YZ} KV heads, got {k_cache.shape[2]}"
         if candidate == "cuda" and rotary_cos is not None and rotary_cos.dtype != torch.float32:
             return f"the cuda kernels take float32 rotary tables, got {rotary_cos.dtype}"
-        if candidate == "cuda" and fp8:
-            return f"the cuda kernels read float16 / bfloat16 caches, got {k_cache.dtype} (triton reads fp8)"
+        if candidate == "cuda" and fp8 and leaves_choice_to_auto(backend):
+            # as the paged caches below: "auto" takes the CUDA path once it has passed on a GPU
+            return "the cuda kernels' fp8 caches have not yet run on a GPU (auto takes triton)"
         if (candidate == "triton" and k_cache.dtype == torch.float8_e4m3fn and q.device.type == "cuda"
                 and torch.cuda.get_device_capability(q.device) < (8, 9)):
             return "triton's float8_e4m3fn needs sm_89 or newer (float8_e5m2 caches run on older GPUs)"

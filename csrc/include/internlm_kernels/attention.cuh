@@ -396,6 +396,112 @@ __device__ __forceinline__ void load_paged_rows(uint32_t tile, const void* fallb
 }
 
 // ---------------------------------------------------------------------------------------
+// fp8 cache entries (ScaledCache, attention.h)
+// ---------------------------------------------------------------------------------------
+
+// Rows of one-byte cache entries as the decode copies them in, before they widen: kCols
+// bytes a row, unswizzled (the widening pass reads each 16-byte chunk once, in order).
+template <int kRows_, int kCols>
+struct ByteTile {
+  static constexpr int kRows = kRows_;
+  static constexpr int kChunks = kCols / 16;
+  static constexpr int kRowBytes = kCols;
+  static constexpr int kBytes = kRows * kCols;
+  __device__ __forceinline__ static uint32_t offset(int row, int chunk) {
+    return static_cast<uint32_t>((row * kChunks + chunk) * 16);
+  }
+};
+
+// e4m3 entries widen to fp16 at 2^-8 of their value (below), exactly; the factor joins the
+// scales, so the products need no multiply per entry.
+template <CacheFormat kFormat>
+constexpr float kWidenedScale = kFormat == CacheFormat::kE4M3 ? 256.f : 1.f;
+
+// Two entries, each in the high byte of a 16-bit lane of ``lanes``, as an fp16 pair: e5m2 is
+// fp16's high byte; e4m3 keeps its sign and moves the rest one bit lower, where its exponent
+// (bias 7) and mantissa line up with fp16's (bias 15) at 2^-8 of the value, subnormals
+// included; its NaN (0x7F, 0xFF) becomes fp16's.
+template <CacheFormat kFormat>
+__device__ __forceinline__ uint32_t entries_as_half2(uint32_t lanes) {
+  if constexpr (kFormat == CacheFormat::kE5M2) {
+    return lanes;
+  } else {
+    const uint32_t magnitude = lanes & 0x7F007F00u;
+    const uint32_t nan = (((magnitude + 0x01000100u) & 0x80008000u) >> 15) * 0x7E00u;  // lanes of 0x7F00
+    return (lanes & 0x80008000u) | (magnitude >> 1) | nan;
+  }
+}
+
+// 16 entries (a 16-byte chunk) as 16 values of T, exactly (e4m3: at 2^-8 of their value):
+// entries 0-7 in ``low``, 8-15 in ``high``.
+template <typename T, CacheFormat kFormat>
+__device__ __forceinline__ void widen_entries(const uint4& bytes, uint4& low, uint4& high) {
+  const uint32_t words[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+  uint32_t out[8];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    // entries (0, 1) and (2, 3) of the word into the high bytes of two 16-bit lanes each
+    const uint32_t lanes[2] = {((words[w] << 8) & 0xFF00u) | ((words[w] << 16) & 0xFF000000u),
+                               ((words[w] >> 8) & 0xFF00u) | (words[w] & 0xFF000000u)};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      uint32_t pair = entries_as_half2<kFormat>(lanes[j]);
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // through fp32: exact, both hold the value
+        __half2 halves;
+        std::memcpy(&halves, &pair, sizeof(pair));
+        const __nv_bfloat162 wide = __float22bfloat162_rn(__half22float2(halves));
+        std::memcpy(&pair, &wide, sizeof(pair));
+      }
+      out[2 * w + j] = pair;
+    }
+  }
+  low = make_uint4(out[0], out[1], out[2], out[3]);
+  high = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
+// The decode's fp8 K or V tile, copied in as Bytes, widened into the swizzled Tile the
+// products read; each thread takes a share of the 16-byte chunks.
+template <typename T, CacheFormat kFormat, class Bytes, class Tile, int kThreads>
+__device__ __forceinline__ void widen_tile(const char* bytes, char* wide) {
+  static_assert(Tile::kRows == Bytes::kRows && Tile::kChunks == 2 * Bytes::kChunks, "a byte per 16-bit value");
+  for (int i = thread_in_block<kThreads>(); i < Bytes::kRows * Bytes::kChunks; i += kThreads) {
+    const int row = i / Bytes::kChunks, chunk = i % Bytes::kChunks;
+    uint4 low, high;
+    widen_entries<T, kFormat>(load_shared(reinterpret_cast<const uint4*>(bytes + Bytes::offset(row, chunk))), low,
+                              high);
+    store_shared(reinterpret_cast<uint4*>(wide + Tile::offset(row, 2 * chunk)), low);
+    store_shared(reinterpret_cast<uint4*>(wide + Tile::offset(row, 2 * chunk + 1)), high);
+  }
+}
+
+// x / scale (IEEE division) clamped to the format's finite range and rounded to nearest even,
+// as one entry of kFormat (reference.quantize_fp8; NaN stays NaN, the sign of zero is kept).
+// The rounding is done in fp32 arithmetic: at the value's exponent (the smallest normal one
+// below it, where the subnormals' spacing holds) the grid's spacing is ``step``, and adding
+// 2^23 steps leaves fp32 a spacing of one step, so the sum rounds onto the grid and taking it
+// away again is exact. The byte is then assembled from the rounded value's bits.
+template <CacheFormat kFormat>
+__device__ __forceinline__ uint32_t fp8_entry(float x, float scale) {
+  constexpr int kMantissa = kFormat == CacheFormat::kE4M3 ? 3 : 2;
+  constexpr int kMinExponent = kFormat == CacheFormat::kE4M3 ? -6 : -14;
+  constexpr float kLargest = kFormat == CacheFormat::kE4M3 ? 448.f : 57344.f;
+  const float v = divide_rn(x, scale);
+  const uint32_t sign = (float_bits(v) >> 24) & 0x80u;
+  if (v != v) return sign | 0x7Fu;  // NaN in both formats
+  float magnitude = fminf(fabsf(v), kLargest);
+  const int exponent = max(static_cast<int>((float_bits(magnitude) >> 23) & 0xFF) - 127, kMinExponent);
+  const float step = float_of_bits(static_cast<uint32_t>(exponent - kMantissa + 127) << 23);
+  const float shift = step * 8388608.f;
+  magnitude = (magnitude + shift) - shift;
+  const uint32_t bits = float_bits(magnitude);
+  const int rounded_exponent = static_cast<int>((bits >> 23) & 0xFF) - 127;
+  if (magnitude < float_of_bits(static_cast<uint32_t>(kMinExponent + 127) << 23))  // subnormal or zero
+    return sign | static_cast<uint32_t>(magnitude / step);  // a whole number of steps (a power of two)
+  return sign | (static_cast<uint32_t>(rounded_exponent - kMinExponent + 1) << kMantissa) |
+         ((bits >> (23 - kMantissa)) & ((1u << kMantissa) - 1));
+}
+
+// ---------------------------------------------------------------------------------------
 // Warp-level products (each warp computes its own slab)
 // ---------------------------------------------------------------------------------------
 
@@ -625,15 +731,25 @@ __device__ __forceinline__ void online_softmax(float (&s)[Tr::kMTiles][Tr::kNTil
 }
 
 // One program of the forward (kDecode = false: writes out and lse) or of the split-KV
-// decode (writes the split's partial output and log2-sum-exp).
-template <class Tr, bool kHasWindow, bool kDecode>
+// decode (writes the split's partial output and log2-sum-exp). kFormat (decode only): the
+// caches' entries, of T or of fp8. fp8 tiles are copied in as bytes (half the bytes of the
+// two stages) and, once landed, widened into one K and one V tile of T that the products read:
+// the same shared memory, one more barrier per tile.
+template <class Tr, bool kHasWindow, bool kDecode, CacheFormat kFormat = CacheFormat::kNone>
 __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const AttentionDecodeParams p) {
   using T = typename Tr::T;
   using RowTile = typename Tr::RowTile;
   using StreamTile = typename Tr::StreamTile;
+  constexpr bool kFp8 = kFormat != CacheFormat::kNone;
+  static_assert(kDecode || !kFp8, "fp8 caches are the decode's");
+  using CacheEntry = std::conditional_t<kFp8, uint8_t, T>;
+  using CopyTile = std::conditional_t<kFp8, ByteTile<Tr::kBlockN, Tr::kHeadDim>, StreamTile>;
   IK_DYNAMIC_SHARED(char, smem);
   char* q_tile = smem;
-  char* kv_tiles = smem + RowTile::kBytes;  // stages: K0 V0 K1 V1
+  char* kv_tiles = smem + RowTile::kBytes;  // stages: K0 V0 K1 V1 (fp8: as bytes, then the widened K V)
+  char* widened = kv_tiles + 4 * CopyTile::kBytes;
+  static_assert(!kFp8 || 4 * CopyTile::kBytes + 2 * StreamTile::kBytes == 4 * StreamTile::kBytes,
+                "the fp8 stages and the widened tiles take the shared memory of two stages of T");
   const uint32_t q_address = mma::shared_address(q_tile);
   const uint32_t kv_address = mma::shared_address(kv_tiles);
   const int thread = thread_in_block<Tr::kThreads>(), lane = thread % 32, warp = thread / 32;
@@ -704,29 +820,40 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     range.full_lo = min(max(range.full_lo, range.lo), range.hi);
     range.full_hi = min(max(range.full_hi, range.full_lo), range.hi);
   }
+  // fp8 caches: the KV head's k scale joins the softmax scale and its v scale multiplies the
+  // output (each with the widening's factor), so the products run on the widened entries.
+  float scale_log2 = p.scale_log2;
+  [[maybe_unused]] float v_scale = 1.f;
+  if constexpr (kFp8) {
+    scale_log2 *= p.fp8.k_scale[pt.kv_head * p.fp8.k_scale_stride] * kWidenedScale<kFormat>;
+    v_scale = p.fp8.v_scale[pt.kv_head * p.fp8.v_scale_stride] * kWidenedScale<kFormat>;
+  }
   // online_softmax's mask-free path folds the scale into the exponent, which needs a scale
   // of at least 0: with any other, every tile takes the masked path.
-  if (!(p.scale_log2 >= 0.f)) range.full_hi = range.full_lo;
+  if (!(scale_log2 >= 0.f)) range.full_hi = range.full_lo;
   // A paged cache (decode only) holds no batch dimension: its pages come from the table.
   const bool paged = kDecode && p.paged.block_table != nullptr;
   const int64_t kv_batch = paged ? 0 : pt.batch;
-  const void* k_base = tensor_base<T>(p.k, kv_batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
-  const void* v_base = tensor_base<T>(p.v, kv_batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
+  const void* k_base =
+      tensor_base<CacheEntry>(p.k, kv_batch, p.k_stride_b, pt.k_start, p.k_stride_s, pt.kv_head, p.k_stride_h);
+  const void* v_base =
+      tensor_base<CacheEntry>(p.v, kv_batch, p.v_stride_b, pt.k_start, p.v_stride_s, pt.kv_head, p.v_stride_h);
   const int k_len = pt.k_len;
   auto load_kv = [&](int n0, int stage) {
-    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    const uint32_t k_stage = kv_address + 2 * stage * CopyTile::kBytes;
     if constexpr (kDecode) {
       if (paged) {
         const int32_t* pages = p.paged.block_table + pt.batch * p.paged.table_stride;
-        load_paged_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_b, p.k_stride_s, p.paged, pages,
-                                                     n0, k_len);
-        load_paged_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_b,
-                                                     p.v_stride_s, p.paged, pages, n0, k_len);
+        load_paged_rows<CacheEntry, CopyTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_b, p.k_stride_s, p.paged,
+                                                            pages, n0, k_len);
+        load_paged_rows<CacheEntry, CopyTile, Tr::kThreads>(k_stage + CopyTile::kBytes, p.v, v_base, p.v_stride_b,
+                                                            p.v_stride_s, p.paged, pages, n0, k_len);
         return;
       }
     }
-    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
-    load_head_rows<T, StreamTile, Tr::kThreads>(k_stage + StreamTile::kBytes, p.v, v_base, p.v_stride_s, n0, k_len);
+    load_head_rows<CacheEntry, CopyTile, Tr::kThreads>(k_stage, p.k, k_base, p.k_stride_s, n0, k_len);
+    load_head_rows<CacheEntry, CopyTile, Tr::kThreads>(k_stage + CopyTile::kBytes, p.v, v_base, p.v_stride_s, n0,
+                                                       k_len);
   };
   if (range.lo < range.hi) load_kv(range.lo, 0);
   mma::cp_async_commit();
@@ -756,7 +883,17 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     __syncthreads();
     if (n0 + Tr::kBlockN < range.hi) load_kv(n0 + Tr::kBlockN, stage ^ 1);
     mma::cp_async_commit();
-    const uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    uint32_t k_stage = kv_address + 2 * stage * StreamTile::kBytes;
+    if constexpr (kFp8) {
+      // This tile's bytes have landed; every warp is done with the widened tiles of the last
+      // one (the barrier above). Widened, they are read after a second barrier.
+      const char* bytes = kv_tiles + 2 * stage * CopyTile::kBytes;
+      widen_tile<T, kFormat, CopyTile, StreamTile, Tr::kThreads>(bytes, widened);
+      widen_tile<T, kFormat, CopyTile, StreamTile, Tr::kThreads>(bytes + CopyTile::kBytes,
+                                                                 widened + StreamTile::kBytes);
+      __syncthreads();
+      k_stage = mma::shared_address(widened);
+    }
     float s[Tr::kMTiles][Tr::kNTiles][4];
     zero(s);
     gemm_abt<T, RowTile, StreamTile, Tr::kMTiles, Tr::kNTiles, Tr::kKSteps>(s, q_address, warp_row0, k_stage,
@@ -764,9 +901,9 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
     // The mask as a template argument: compiled in, its tests ran on every tile (predicated),
     // a quarter of the loop's instructions; now only tiles that need it take that path.
     if (range.needs_mask(n0, Tr::kBlockN))
-      online_softmax<Tr, true>(s, acc, row_max, row_sum, visible_of, p.scale_log2, n0 + warp_key0, lane);
+      online_softmax<Tr, true>(s, acc, row_max, row_sum, visible_of, scale_log2, n0 + warp_key0, lane);
     else
-      online_softmax<Tr, false>(s, acc, row_max, row_sum, visible_of, p.scale_log2, n0 + warp_key0, lane);
+      online_softmax<Tr, false>(s, acc, row_max, row_sum, visible_of, scale_log2, n0 + warp_key0, lane);
     gemm_pb<T, StreamTile, Tr::kMTiles, Tr::kWarpKeys / 16, Tr::kDimTiles>(acc, s, k_stage + StreamTile::kBytes,
                                                                            warp_key0, lane);
   }
@@ -846,7 +983,7 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
         total += weight * load_shared(merge_sum + w * 16 + row);
         sum.x += weight * part.x, sum.y += weight * part.y, sum.z += weight * part.z, sum.w += weight * part.w;
       }
-      const float inv = total != 0.f ? 1.f / total : 0.f;  // NaN stays NaN, as in the forward
+      const float inv = (total != 0.f ? 1.f / total : 0.f) * v_scale;  // NaN stays NaN, as in the forward
       if (row0 + row < rows) {
         const int64_t slot = ((pt.batch * p.heads_kv + pt.kv_head) * p.splits + split) * int64_t(p.rows_padded) +
                              row0 + row;
@@ -1467,10 +1604,21 @@ __global__ void __launch_bounds__(128) attention_bwd_dq_convert_kernel(const Att
 
 // ---------------------------------------------------------------------------------------
 // KV-cache append: one block per (new token, batch row), 16-byte chunks over the k heads then
-// the v heads; k rotates on the way when rotary tables are given.
+// the v heads; k rotates on the way when rotary tables are given. fp8 caches (kFormat) take
+// each chunk's 8 values as 8 bytes, each x / the head's scale rounded by fp8_entry.
 // ---------------------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, CacheFormat kFormat>
+__device__ __forceinline__ uint2 fp8_entries(const uint4& chunk, float scale) {
+  T values[8];
+  std::memcpy(values, &chunk, sizeof(values));
+  uint32_t words[2] = {0u, 0u};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) words[j / 4] |= fp8_entry<kFormat>(to_float(values[j]), scale) << (8 * (j % 4));
+  return make_uint2(words[0], words[1]);
+}
+
+template <typename T, CacheFormat kFormat = CacheFormat::kNone>
 __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppendParams p) {
   constexpr int kPerChunk = 16 / sizeof(T);
   const int64_t i = blockIdx.x, batch = blockIdx.y;
@@ -1492,10 +1640,21 @@ __global__ void __launch_bounds__(128) kvcache_append_kernel(const KvcacheAppend
     const int col = (c % chunks) * kPerChunk;
     const T* source = is_k ? static_cast<const T*>(p.k) + batch * p.k_stride_b + i * p.k_stride_s + head * p.k_stride_h
                            : static_cast<const T*>(p.v) + batch * p.v_stride_b + i * p.v_stride_s + head * p.v_stride_h;
-    T* target = is_k ? static_cast<T*>(p.k_cache) + k_row + head * p.k_cache_stride_h
-                     : static_cast<T*>(p.v_cache) + v_row + head * p.v_cache_stride_h;
-    store_global(target + col, is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary)
-                                                : load_global<uint4>(source + col));
+    const uint4 chunk =
+        is_k && rotate_k ? rotated_chunk<T>(source, col, slot, p.rotary) : load_global<uint4>(source + col);
+    if constexpr (kFormat == CacheFormat::kNone) {
+      T* target = is_k ? static_cast<T*>(p.k_cache) + k_row + head * p.k_cache_stride_h
+                       : static_cast<T*>(p.v_cache) + v_row + head * p.v_cache_stride_h;
+      store_global(target + col, chunk);
+    } else {
+      // One byte an entry (the strides count entries); the rotated k as the rotary op returns
+      // it, rounded to T first.
+      uint8_t* target = is_k ? static_cast<uint8_t*>(p.k_cache) + k_row + head * p.k_cache_stride_h
+                             : static_cast<uint8_t*>(p.v_cache) + v_row + head * p.v_cache_stride_h;
+      const float scale =
+          is_k ? p.fp8.k_scale[head * p.fp8.k_scale_stride] : p.fp8.v_scale[head * p.fp8.v_scale_stride];
+      store_global(target + col, fp8_entries<T, kFormat>(chunk, scale));
+    }
   }
 }
 
@@ -1608,28 +1767,40 @@ cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStr
     return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(split_programs), static_cast<unsigned>(p.splits));
   // The mask is a run-time choice here: decode steps are bandwidth-bound, the mask test is free.
-  cudaError_t error =
-      launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, forward_shared_bytes<Tr>(), stream, p);
+  cudaError_t error = cudaErrorInvalidValue;
+  switch (p.fp8.format) {
+    case CacheFormat::kNone:
+      error = launch(attention_fwd_kernel<Tr, true, true>, grid, Tr::kThreads, forward_shared_bytes<Tr>(), stream, p);
+      break;
+    case CacheFormat::kE4M3:
+      error = launch(attention_fwd_kernel<Tr, true, true, CacheFormat::kE4M3>, grid, Tr::kThreads,
+                     forward_shared_bytes<Tr>(), stream, p);
+      break;
+    case CacheFormat::kE5M2:
+      error = launch(attention_fwd_kernel<Tr, true, true, CacheFormat::kE5M2>, grid, Tr::kThreads,
+                     forward_shared_bytes<Tr>(), stream, p);
+      break;
+  }
   if (error != cudaSuccess) return error;
   return launch(attention_decode_combine_kernel<T, kHeadDim>, dim3(static_cast<unsigned>(combine_blocks)), 128, 0,
                 stream, p);
 }
 
-template <typename T, int kHeadDim>
-int attention_decode_programs_per_sm() {
+namespace attention_detail {
+// Programs of the decode kernel for kFormat caches one SM of the current device runs at once,
+// asked once per device (decode calls are short enough for a driver query to show).
+template <class Tr, CacheFormat kFormat>
+int decode_programs_per_sm() {
 #ifdef IK_CUDA_EMULATION
   return 3;  // the pretend GPU's SMs run as many as an H100's do at d = 128
 #else
-  using namespace attention_detail;
-  using Tr = DecodeTraits<T, kHeadDim>;
-  // Asked once per device: decode calls are short enough for a driver query to show.
+  const auto kernel = attention_fwd_kernel<Tr, true, true, kFormat>;
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet (one table per kernel)
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 1;
   if (device < kMaxDevices && known[device].load(std::memory_order_relaxed) > 0)
     return known[device].load(std::memory_order_relaxed);
-  const auto kernel = attention_fwd_kernel<Tr, true, true>;
   constexpr int kShared = forward_shared_bytes<Tr>();
   // The occupancy query counts only the dynamic shared memory the kernel has opted in to.
   int programs = 0;
@@ -1641,12 +1812,36 @@ int attention_decode_programs_per_sm() {
   return programs;
 #endif
 }
+}  // namespace attention_detail
+
+template <typename T, int kHeadDim>
+int attention_decode_programs_per_sm(CacheFormat format) {
+  using namespace attention_detail;
+  using Tr = DecodeTraits<T, kHeadDim>;
+  switch (format) {
+    case CacheFormat::kE4M3:
+      return decode_programs_per_sm<Tr, CacheFormat::kE4M3>();
+    case CacheFormat::kE5M2:
+      return decode_programs_per_sm<Tr, CacheFormat::kE5M2>();
+    default:
+      return decode_programs_per_sm<Tr, CacheFormat::kNone>();
+  }
+}
 
 template <typename T>
 cudaError_t launch_kvcache_append(const KvcacheAppendParams& p, cudaStream_t stream) {
+  using namespace attention_detail;
   if (p.batch == 0 || p.new_tokens == 0) return cudaSuccess;
-  return attention_detail::launch(attention_detail::kvcache_append_kernel<T>, dim3(p.new_tokens, p.batch), 128, 0,
-                                  stream, p);
+  const dim3 grid(p.new_tokens, p.batch);
+  switch (p.fp8.format) {
+    case CacheFormat::kNone:
+      return launch(kvcache_append_kernel<T>, grid, 128, 0, stream, p);
+    case CacheFormat::kE4M3:
+      return launch(kvcache_append_kernel<T, CacheFormat::kE4M3>, grid, 128, 0, stream, p);
+    case CacheFormat::kE5M2:
+      return launch(kvcache_append_kernel<T, CacheFormat::kE5M2>, grid, 128, 0, stream, p);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int kHeadDim, bool kHasWindow>

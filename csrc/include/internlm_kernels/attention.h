@@ -83,6 +83,19 @@ struct PagedCache {
   FastDivisor page_size;
 };
 
+// fp8 KV caches (torch.float8_e4m3fn / float8_e5m2, vLLM's and lmdeploy's fp8 caches): an
+// entry reads as entry * scale and a new one is stored as x / scale, clamped to the format's
+// finite range and rounded to nearest even (reference.quantize_fp8). kNone: the caches hold
+// the inputs' type, and the scales are unused.
+enum class CacheFormat : int { kNone = 0, kE4M3 = 1, kE5M2 = 2 };
+
+struct ScaledCache {
+  CacheFormat format = CacheFormat::kNone;
+  const float* k_scale = nullptr;  // one per KV head (stride 1), or one for all (stride 0)
+  const float* v_scale = nullptr;
+  int64_t k_scale_stride = 0, v_scale_stride = 0;
+};
+
 // Split-KV decoding over a KV cache (flash-decoding): k / v are the caches (B, S_max, Hkv,
 // D), or pools of pages (``paged``); sequence b holds cache_seqlens[b] + new_tokens valid
 // entries (the new ones already appended). Each (split, tile, batch, kv head) program writes
@@ -93,6 +106,7 @@ struct AttentionDecodeParams : AttentionParams {
   int new_tokens = 0, capacity = 0;
   RotaryTables rotary;  // q row at position s rotates at cache_seqlens[b] + s (as it loads)
   PagedCache paged;
+  ScaledCache fp8;  // k / v entries of one byte (strides in entries, as for any cache)
   int splits = 1, rows_padded = 0;
   float* partial_out = nullptr;  // (B, Hkv, splits, rows_padded, D)
   float* partial_lse = nullptr;  // (B, Hkv, splits, rows_padded)
@@ -142,9 +156,9 @@ template <typename T, int kHeadDim>
 cudaError_t launch_attention_decode(const AttentionDecodeParams& params, cudaStream_t stream);
 
 // Decode programs one SM of the current device runs at once (its registers, shared memory and
-// threads allow), for decode_splits.
+// threads allow), for decode_splits: the kernel that reads caches of ``format``.
 template <typename T, int kHeadDim>
-int attention_decode_programs_per_sm();
+int attention_decode_programs_per_sm(CacheFormat format);
 
 // k_cache[b, cache_seqlens[b] + i] = k[b, i] (rotated at that position when rotary.cos is
 // set) and v_cache[b, cache_seqlens[b] + i] = v[b, i], for i < new_tokens, every head, in one
@@ -162,6 +176,7 @@ struct KvcacheAppendParams {
   int batch = 0, new_tokens = 0, heads = 0, head_dim = 0, capacity = 0;
   RotaryTables rotary;
   PagedCache paged;  // the caches' batch strides are then their page strides
+  ScaledCache fp8;   // fp8 caches: each entry stored as x / scale, rounded to the format
 };
 
 template <typename T>

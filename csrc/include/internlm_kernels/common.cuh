@@ -154,6 +154,36 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// A float's bits and back, and a / b rounded as IEEE division is (the default `/` of device
+// code with fast math, and a reciprocal where the divisor repeats, may round otherwise).
+__device__ __forceinline__ uint32_t float_bits(float v) {
+#ifdef IK_CUDA_EMULATION
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+#else
+  return __float_as_uint(v);
+#endif
+}
+
+__device__ __forceinline__ float float_of_bits(uint32_t bits) {
+#ifdef IK_CUDA_EMULATION
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#else
+  return __uint_as_float(bits);
+#endif
+}
+
+__device__ __forceinline__ float divide_rn(float a, float b) {
+#ifdef IK_CUDA_EMULATION
+  return a / b;
+#else
+  return __fdiv_rn(a, b);
+#endif
+}
+
 // Round a float through T and back: the value T would store.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }

@@ -522,13 +522,14 @@ def _fp8_scales(kind: str, heads_kv: int, device):
 @pytest.mark.parametrize("cache_dtype", FP8_CACHES)
 @pytest.mark.parametrize("scales", ["none", "float", "one_value", "per_head"])
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
-def test_kvcache_fp8(backend, cache_dtype, scales, layout, device):
+@pytest.mark.parametrize("dtype", LOW_DTYPES)
+def test_kvcache_fp8(backend, cache_dtype, scales, layout, dtype, device, head_dim=32):
     """fp8 caches: the appended entries are the reference's quantization bit for bit (k
     rotated first), and the output is within the eager error of attention over the
     dequantized cache; GQA, ragged lengths, a key tile split over programs."""
     if backend == "triton":
         _skip_unless_triton_reads(cache_dtype, device)
-    dtype, d, heads_kv, capacity = torch.bfloat16, _dim(backend, 32), 2, 200
+    d, heads_kv, capacity = _dim(backend, head_dim), 2, 200
     k_scale, v_scale = _fp8_scales(scales, heads_kv, device)
     k_cache, v_cache = (reference.quantize_fp8(c, s, cache_dtype)
                         for c, s in zip(_cache(3, capacity, heads_kv, d, dtype, device), (k_scale, v_scale)))
@@ -643,12 +644,13 @@ def test_kvcache_fp8_auto_takes_triton_and_the_backends_agree(cache_dtype):
         assert torch.equal(out, triton_out)
         assert_within_eager_error([triton_out, cuda_out], [expected, expected], [exact, exact], torch.bfloat16, 2.0,
                                   "triton, cuda")
+        nan_entry = torch.full((2, 1, 2, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
         for backend in ("triton", "cuda"):
-            nan_entry = torch.full((2, 1, 2, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ik.flash_attention_with_kvcache(q, k_cache, v_cache, k=nan_entry, v=nan_entry, cache_seqlens=lengths,
+            caches = [c.clone() for c in (k_cache, v_cache)]
+            ik.flash_attention_with_kvcache(q, *caches, k=nan_entry, v=nan_entry, cache_seqlens=lengths,
                                             backend=backend, **scales)
-            assert k_cache[0, 40].float().isnan().all() and v_cache[1, 290].float().isnan().all(), backend
-            k_cache[0, 40], v_cache[1, 290] = 0, 0
+            for cache in caches:
+                assert cache[0, 40].float().isnan().all() and cache[1, 290].float().isnan().all(), backend
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
@@ -827,17 +829,15 @@ def test_opcheck(backend, device):
     torch.library.opcheck(ops.flash_attn_kvcache.default,
                           (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *pages, new, new,
                            lengths, cos, sin, False, 0.25, True, -1, -1, table, None, None, "triton"))
-    # fp8 caches (Triton's), a k scale per KV head and one v scale. Without test_schema, whose
-    # comparison of the mutated caches multiplies them, which torch lacks for fp8 on the CPU
-    # (the schema's mutations are the ones checked above).
-    if backend == "triton":
-        fp8_caches = (c.to(torch.float8_e5m2) for c in _cache(2, 12, 2, d, torch.float16, device))
-        scales = (torch.tensor([0.5, 2.0], device=device), torch.tensor([0.25], device=device))
-        torch.library.opcheck(ops.flash_attn_kvcache.default,
-                              (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *fp8_caches, new, new,
-                               lengths, cos, sin, False, 0.25, True, -1, -1, None, *scales, backend),
-                              test_utils=("test_autograd_registration", "test_faketensor",
-                                          "test_aot_dispatch_dynamic"))
+    # fp8 caches, a k scale per KV head and one v scale. Without test_schema, whose comparison
+    # of the mutated caches multiplies them, which torch lacks for fp8 on the CPU (the schema's
+    # mutations are the ones checked above).
+    fp8_caches = (c.to(torch.float8_e5m2) for c in _cache(2, 12, 2, d, torch.float16, device))
+    scales = (torch.tensor([0.5, 2.0], device=device), torch.tensor([0.25], device=device))
+    torch.library.opcheck(ops.flash_attn_kvcache.default,
+                          (torch.randn(2, 1, 4, d, device=device, dtype=torch.float16), *fp8_caches, new, new,
+                           lengths, cos, sin, False, 0.25, True, -1, -1, None, *scales, backend),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 def test_cuda_alignment_check_traces_without_graph_breaks():
@@ -1435,7 +1435,7 @@ def test_kvcache_row_past_2_pow_31_elements(backend, cache_dtype, device):
     last keys, against the reference on the same slice of the cache."""
     capacity, heads_kv, dim, window, length = 2**21 + 128, 8, 128, 60, 2**21 + 100
     element = torch.empty((), dtype=cache_dtype).element_size()
-    needed = 2 * capacity * heads_kv * dim * element + (1 << 30)
+    needed = (2 * element + 2) * capacity * heads_kv * dim + (1 << 30)  # the caches, and one in bf16 as it is drawn
     free, _ = torch.cuda.mem_get_info()
     if free < needed:
         pytest.skip(f"needs {needed / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")

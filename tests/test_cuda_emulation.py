@@ -394,10 +394,43 @@ def test_emulated_kvcache_paged(cuda_backend, page_size):
 
 
 @pytest.mark.parametrize("cache_dtype", attention_tests.FP8_CACHES)
-@pytest.mark.parametrize("scales, layout", [("none", "contiguous"), ("per_head", "paged"), ("one_value", "contiguous"),
-                                            ("float", "paged")])
-def test_emulated_kvcache_fp8(cuda_backend, cache_dtype, scales, layout):
-    attention_tests.test_kvcache_fp8("cuda", cache_dtype, scales, layout, CPU)
+@pytest.mark.parametrize("scales, layout, dtype, head_dim", [
+    ("none", "contiguous", torch.bfloat16, 64), ("per_head", "paged", torch.float16, 64),
+    ("one_value", "contiguous", torch.float16, 128), ("float", "paged", torch.bfloat16, 128)])
+def test_emulated_kvcache_fp8(cuda_backend, cache_dtype, scales, layout, dtype, head_dim):
+    attention_tests.test_kvcache_fp8("cuda", cache_dtype, scales, layout, dtype, CPU, head_dim=head_dim)
+
+
+def test_emulated_fp8_glue_checks_run_before_any_launch(kernels):
+    """The extension's own refusals for fp8 caches (the ops layer refuses most of these first)."""
+    q = torch.randn(1, 1, 4, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 2, 64, dtype=torch.bfloat16)
+    cache = torch.randn(1, 32, 2, 64).to(torch.float8_e4m3fn)
+    lengths = torch.zeros(1, dtype=torch.int32)
+    one = torch.ones(1)
+
+    def decode(k_cache, v_cache, k_scale=one, v_scale=one):
+        kernels.attention_decode(q, k_cache, v_cache, torch.empty_like(q), lengths, 0, 1.0, True, (-1, -1), None,
+                                 None, False, k_scale=k_scale, v_scale=v_scale)
+
+    with pytest.raises(RuntimeError, match=r"fp8 caches need k_scale \(float32, 1 or 2 values\)"):
+        kernels.kvcache_append(k, k, cache, cache.clone(), lengths, None, None, False)
+    with pytest.raises(RuntimeError, match="k_scale / v_scale apply to fp8 caches, got BFloat16 caches"):
+        kernels.kvcache_append(k, k, k.expand(1, 32, 2, 64).contiguous(), k.expand(1, 32, 2, 64).contiguous(),
+                               lengths, None, None, False, k_scale=one, v_scale=one)
+    with pytest.raises(RuntimeError, match=r"v_scale must be contiguous with 1 or 2 \(KV heads\) values, got \[3\]"):
+        decode(cache, cache.clone(), v_scale=torch.ones(3))
+    with pytest.raises(RuntimeError, match="k_scale must be float32, got Double"):
+        decode(cache, cache.clone(), k_scale=torch.ones(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="v_cache has dtype Float8_e5m2, k_cache has Float8_e4m3fn"):
+        decode(cache, cache.to(torch.float8_e5m2))
+    strided = torch.randn(1, 32, 2, 72).to(torch.float8_e4m3fn)[..., :64]  # rows 72 entries apart
+    with pytest.raises(RuntimeError, match="fp8 k_cache must start 16-byte aligned with strides that are multiples of "
+                                           "16 entries"):
+        decode(strided, cache)
+    with pytest.raises(RuntimeError, match=r"attention_decode \(cuda\): q must be 4-D, got shape \[1, 4, 64\]"):
+        kernels.attention_decode(q[0], cache, cache, torch.empty_like(q[0]), lengths, 0, 1.0, True, (-1, -1), None,
+                                 None, False, k_scale=one, v_scale=one)
 
 
 @pytest.mark.parametrize("cache_dtype", attention_tests.FP8_CACHES)

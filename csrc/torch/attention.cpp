@@ -80,7 +80,7 @@ ScaledCache check_caches(const char* op, const at::Tensor& k_cache, const at::Te
         {"v_scale", v_scale, &scaled.v_scale, &scaled.v_scale_stride}}) {
     TORCH_CHECK(scale.has_value(), op, ": fp8 caches need ", name, " (float32, 1 or ", heads, " values)");
     check_cuda(op, name, *scale, like);
-    check_dtype_in(op, name, *scale, {at::kFloat});
+    TORCH_CHECK(scale->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", scale->scalar_type());
     TORCH_CHECK(scale->is_contiguous() && (scale->numel() == 1 || scale->numel() == heads), op, ": ", name,
                 " must be contiguous with 1 or ", heads, " (KV heads) values, got ", scale->sizes());
     *pointer = scale->data_ptr<float>();
@@ -309,6 +309,7 @@ void kvcache_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
                     const std::optional<at::Tensor>& v_scale) {
   constexpr const char* op = "kvcache_append (cuda)";
   check_kernel_device(op, "k", k);
+  check_dim(op, "k", k, 4);
   check_dtype_in(op, "k", k, {at::kHalf, at::kBFloat16});
   check_operand(op, "k", k, k);
   check_operand(op, "v", v, k);
@@ -351,6 +352,7 @@ void attention_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::
   constexpr const char* op = "attention_decode (cuda)";
   AttentionDecodeParams p;
   check_kernel_device(op, "q", q);
+  check_dim(op, "q", q, 4);
   const ScaledCache fp8 = check_caches(op, k_cache, v_cache, q, k_scale, v_scale);
   static_cast<AttentionParams&>(p) = make_params(op, q, k_cache, v_cache, out, std::nullopt, std::nullopt,
                                                  softmax_scale, causal, window_size, block_table.has_value(),

@@ -130,8 +130,8 @@ def _kernel_limits(op: str, q: Tensor, *operands: Optional[Tensor]):
                 return (f"the cuda kernels take at most {CUDA_MAX_BATCH_ROWS} batch rows, got {q.shape[0]} "
                         f"(triton serves more)")
             if not all(_rows_aligned(t) for t in (q, *operands)):
-                return ("the cuda kernels need 16-byte aligned inputs with strides that are multiples of 8 "
-                        "elements (triton serves any strides)")
+                return ("the cuda kernels need 16-byte aligned inputs with strides that are multiples of 16 bytes "
+                        "(8 elements of 16 bits, 16 fp8 entries; triton serves any strides)")
         if backend == "triton":
             if head_dim > MAX_HEAD_DIM or head_dim % 8:
                 return f"the triton kernels take head_dim a multiple of 8 up to {MAX_HEAD_DIM}, got {head_dim}"

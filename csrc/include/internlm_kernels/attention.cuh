@@ -495,8 +495,11 @@ __device__ __forceinline__ uint32_t fp8_entry(float x, float scale) {
   magnitude = (magnitude + shift) - shift;
   const uint32_t bits = float_bits(magnitude);
   const int rounded_exponent = static_cast<int>((bits >> 23) & 0xFF) - 127;
-  if (magnitude < float_of_bits(static_cast<uint32_t>(kMinExponent + 127) << 23))  // subnormal or zero
-    return sign | static_cast<uint32_t>(magnitude / step);  // a whole number of steps (a power of two)
+  if (magnitude < float_of_bits(static_cast<uint32_t>(kMinExponent + 127) << 23)) {
+    // subnormal or zero: a whole number of steps, counted by a multiply by 1 / step (exact)
+    const float steps_per_unit = float_of_bits(static_cast<uint32_t>(127 + kMantissa - kMinExponent) << 23);
+    return sign | static_cast<uint32_t>(magnitude * steps_per_unit);
+  }
   return sign | (static_cast<uint32_t>(rounded_exponent - kMinExponent + 1) << kMantissa) |
          ((bits >> (23 - kMantissa)) & ((1u << kMantissa) - 1));
 }

@@ -850,13 +850,18 @@ def test_cuda_alignment_check_traces_without_graph_breaks():
         return q + 1 if _rows_aligned(q * 0.5) else q - 1
 
     compiled = torch.compile(pick, fullgraph=True, backend="eager")
-    rows = torch.randn(4, 3, 16)
+    # 16-bit values, as the kernels take: 16-byte rows are strides of a multiple of 8 elements
+    rows = torch.randn(4, 3, 16, dtype=torch.float16)
     torch.testing.assert_close(compiled(rows), rows + 1)
-    odd = torch.randn(4, 3, 12)  # q * 0.5 has strides 36 and 12
+    odd = torch.randn(4, 3, 12, dtype=torch.float16)  # q * 0.5 has strides 36 and 12
     torch.testing.assert_close(compiled(odd), odd - 1)
     # Eagerly the start counts too: one element past an aligned storage is not 16-byte aligned.
-    shifted = torch.randn(65)[1:].view(4, 16)
+    shifted = torch.randn(65, dtype=torch.float16)[1:].view(4, 16)
     assert _rows_aligned(rows) and not _rows_aligned(shifted)
+    # fp8 cache rows: 16 one-byte entries a chunk, so row strides of a multiple of 16
+    fp8_rows = torch.zeros(4, 32, dtype=torch.float8_e4m3fn)
+    assert _rows_aligned(fp8_rows[:, :16])
+    assert not _rows_aligned(torch.zeros(4, 24, dtype=torch.float8_e4m3fn)[:, :16])
 
 
 @pytest.mark.parametrize("backend", ATTENTION_BACKENDS)

@@ -7,7 +7,9 @@ Backends:
   "torch"  the eager references in ``reference.py``: every device, every dtype.
 
 ``backend="auto"`` (the default of every public op) takes the first backend in
-``auto_preference(op)`` that can serve the call; ``INTERNLM_KERNELS_BACKEND`` replaces
+``auto_preference(op)`` that can serve the call (an op's backward is chosen with its
+forward call, by the backward's own order where it has one, so the two directions can run
+different backends); ``INTERNLM_KERNELS_BACKEND`` replaces
 "auto" with a fixed choice for a whole process (an explicit ``backend=`` in code still
 wins). An explicitly requested backend that cannot serve a call raises and says why.
 
@@ -21,7 +23,7 @@ import dataclasses
 import glob
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -33,16 +35,30 @@ REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (or: make bu
 # the tests on a GPU and been measured faster there (benchmarks/results/).
 AUTO_PREFERENCE = ("triton", "cuda", "torch")
 CUDA_FIRST = ("cuda", "triton", "torch")
+# An op's backward has its own entry, "<op>.backward", where the two directions' measurements
+# part ways (the forward's choice otherwise serves both). Every order ends with torch, so a
+# backward whose forward ran a kernel backend runs a kernel backend too: the limits a call
+# passes are the same both ways.
+BACKWARD_SUFFIX = ".backward"
 AUTO_PREFERENCE_BY_OP: Dict[str, tuple] = {
     # H200, 2026-11-28 (nvidia-h200-20261128.json), bf16, d = 128, GQA 32/8: 3.65x the Triton
     # kernel at batch 1 and 32K cached positions, where Triton's launches cost more than the
     # GPU's work, and 1.12x at batch 64 and 4K (0.94 of the copy bandwidth).
     "flash_attention_with_kvcache": CUDA_FIRST,
+    # H200, 2026-11-28 (supplementary/nvidia-h200-20261128-norm-rotary.csv), bf16, M = 16384,
+    # N = 8192, as called: the CUDA backward read and wrote at 0.76 of the copy bandwidth, 2.1x
+    # Triton's 0.36, and the fused one at 0.90 against 0.74. The forwards stay with Triton,
+    # which led at N = 8192 (0.94 against 0.83).
+    "rms_norm.backward": CUDA_FIRST,
+    "fused_add_rms_norm.backward": CUDA_FIRST,
 }
 
 
 def auto_preference(op: str) -> tuple:
-    """The order in which "auto" tries the backends for ``op``."""
+    """The order in which "auto" tries the backends for ``op`` ("<op>.backward": for its
+    backward, the forward's order unless the backward has its own)."""
+    if op not in AUTO_PREFERENCE_BY_OP and op.endswith(BACKWARD_SUFFIX):
+        op = op[: -len(BACKWARD_SUFFIX)]
     return AUTO_PREFERENCE_BY_OP.get(op, AUTO_PREFERENCE)
 
 
@@ -143,6 +159,23 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
         return ("the triton backend runs on CPU tensors only under its interpreter: set "
                 "TRITON_INTERPRET=1 before importing internlm_kernels")
     return f"the triton backend cannot run on {device} tensors"
+
+
+def choose_backward_backend(
+    requested: str,
+    device: torch.device,
+    op: str,
+    forward_backend: str,
+    inputs: Sequence[Optional[torch.Tensor]],
+    unsupported: Optional[Callable[[str], Optional[str]]] = None,
+) -> str:
+    """The backend for the backward of an ``op`` call whose forward runs the kernel backend
+    ``forward_backend``: ``choose_backend`` by the order of "<op>.backward" (an explicit
+    request, or INTERNLM_KERNELS_BACKEND, names the same backend both ways); the forward's
+    when none of ``inputs`` takes a gradient (no backward will run, so no choice is paid for)."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        return forward_backend
+    return choose_backend(requested, device, op + BACKWARD_SUFFIX, unsupported)
 
 
 def leaves_choice_to_auto(requested: str) -> bool:

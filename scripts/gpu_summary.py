@@ -92,19 +92,43 @@ def bench_summary(out: str) -> list:
     return lines
 
 
-def targets_summary(out: str) -> list:
-    """The CUDA kernels' targets against the run's rows (internlm_kernels/bench/targets.py,
-    loaded from its file: the summary should not depend on the package importing)."""
-    document = bench_document(out)
-    if document is None:
-        return []
+def _targets_module():
+    """internlm_kernels/bench/targets.py, loaded from its file: the summary should not depend
+    on the package importing."""
     spec = importlib.util.spec_from_file_location(
         "targets", os.path.join(REPO, "internlm_kernels", "bench", "targets.py"))
     targets = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = targets  # dataclasses look their module up there
     spec.loader.exec_module(targets)
+    return targets
+
+
+def targets_summary(out: str) -> list:
+    """The CUDA kernels' targets against the run's rows (internlm_kernels/bench/targets.py)."""
+    document = bench_document(out)
+    if document is None:
+        return []
     return ["targets (CUDA kernels; as called, graph replay in brackets):"] + \
-        [f"  {line}" for line in targets.target_lines(document)]
+        [f"  {line}" for line in _targets_module().target_lines(document)]
+
+
+def auto_summary(out: str) -> list:
+    """cuda against triton per benchmark case, and the backend "auto" tries first for it
+    (internlm_kernels.backends, when the package imports here)."""
+    document = bench_document(out)
+    if document is None:
+        return []
+    try:
+        sys.path.insert(0, REPO)
+        from internlm_kernels.backends import auto_preference
+    except Exception as error:  # the comparison stands without it
+        auto_preference, note = None, f" (auto's orders unknown: the package did not import: {error})"
+    else:
+        note = ""
+    finally:
+        sys.path.remove(REPO)
+    lines = _targets_module().auto_order_lines(document, auto_preference)
+    return [f"cuda against triton, and auto's first choice{note}:"] + [f"  {line}" for line in lines]
 
 
 def dispatch_summary(out: str) -> list:
@@ -175,6 +199,7 @@ def main(out: str, phase: str = "all") -> None:
     if phase in ("all", "bench"):
         sections.append(bench_summary(out))
         sections.append(targets_summary(out))
+        sections.append(auto_summary(out))
         sections.append(dispatch_summary(out))
         log = os.path.join(out, "bench.log")
         if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):

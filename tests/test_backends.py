@@ -81,6 +81,39 @@ def test_auto_order_is_per_op():
                                    lambda b: "head_dim 96" if b == "cuda" else None) == "triton"
 
 
+def test_backward_orders():
+    # Measured apart (H200, 2026-11-28): the CUDA norm backwards led Triton's, the forwards did not.
+    assert backends.auto_preference("rms_norm.backward") == backends.CUDA_FIRST
+    assert backends.auto_preference("fused_add_rms_norm.backward") == backends.CUDA_FIRST
+    assert backends.auto_preference("rms_norm") == backends.AUTO_PREFERENCE
+    # Without an entry of its own, a backward follows its forward.
+    assert backends.auto_preference("flash_attention_with_kvcache.backward") == backends.CUDA_FIRST
+    assert backends.auto_preference("apply_rotary.backward") == backends.AUTO_PREFERENCE
+    # torch last everywhere: a backward whose forward ran a kernel backend finds one too.
+    for op, order in backends.AUTO_PREFERENCE_BY_OP.items():
+        assert order[-1] == "torch" and sorted(order) == sorted(backends.BACKENDS), op
+
+
+def test_backward_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    device_reason = backends._device_reason
+    monkeypatch.setattr(backends, "_device_reason",
+                        lambda backend, device: None if backend == "cuda" else device_reason(backend, device))
+    leaf, constant = torch.ones(2, requires_grad=True), torch.ones(2)
+    choose = backends.choose_backward_backend
+    assert choose("auto", cpu, "rms_norm", "triton", (constant, leaf)) == "cuda"
+    assert choose("auto", cpu, "rms_norm", "triton", (constant, leaf), lambda b: "no" if b == "cuda" else None) == \
+        "triton"
+    # No gradient to take: the forward's backend, nothing chosen.
+    assert choose("auto", cpu, "rms_norm", "triton", (constant, None)) == "triton"
+    with torch.no_grad():
+        assert choose("auto", cpu, "rms_norm", "triton", (leaf,)) == "triton"
+    # A named backend, in the call or the environment, serves both directions.
+    assert choose("triton", cpu, "rms_norm", "triton", (leaf,)) == "triton"
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    assert choose("auto", cpu, "rms_norm", "triton", (leaf,)) == "triton"
+
+
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

@@ -42,8 +42,11 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
     (tmp_path / "bench.log").write_text("[case 1/9] ...\nbench exit code: 124\n")
     (tmp_path / "dispatch.log").write_text("Name (time in us)          Median   Rounds\n"
                                            "test_rms_norm_call_overhead[cuda]   21.5 (1.0)   4000\n")
-    rows = [{"op": "rms_norm_fwd", "provider": "cuda", "shape": {"M": 16384, "N": 4096}, "ms": 0.05,
-             "gbps": 2900.0, "frac_of_ceiling": 0.91, "max_err": 0.0, "speedup_vs": {"triton": 1.1}}]
+    norm = {"M": 16384, "N": 4096}
+    rows = [{"op": "rms_norm_fwd", "provider": "cuda", "dtype": "bfloat16", "shape": norm, "ms": 0.05,
+             "gbps": 2900.0, "frac_of_ceiling": 0.91, "max_err": 0.0, "speedup_vs": {"triton": 1.1}},
+            {"op": "rms_norm_fwd", "provider": "triton", "dtype": "bfloat16", "shape": norm, "ms": 0.055,
+             "gbps": 2636.0, "frac_of_ceiling": 0.83, "max_err": 0.0, "speedup_vs": {}}]
     (tmp_path / "nvidia-h100-20261127.json").write_text(json.dumps(
         {"gpu": "NVIDIA H100", "date": "2026-11-27", "versions": {}, "ceilings": {}, "results": rows}))
     _summary_module().main(str(tmp_path), "all")
@@ -56,6 +59,10 @@ def test_summary_reports_crashes_and_steps_cut_by_their_time_limit(tmp_path, cap
     assert "CUT by the time limit during tests/test_attention.py::test_y[cuda]" in text
     assert "rms_norm_fwd" in text and "triton=1.10" in text and "NVIDIA H100 2026-11-27" in text
     assert "rms_norm_fwd [M=16384] >= 0.9 of copy bandwidth: cuda [N=4096]: 0.91 met" in text  # targets
+    # cuda against triton, with the order "auto" keeps for the op (Triton first for this forward)
+    assert "cuda against triton, and auto's first choice:" in text
+    assert "rms_norm [M=16384,N=4096] bfloat16: cuda 0.0500 ms, triton 0.0550 ms: cuda 1.10x; " \
+        "auto: triton (the run differs)" in text
     assert "bench: cut by its time limit" in text
     assert "dispatch overhead (host time per call, median; time in us):" in text
     assert "test_rms_norm_call_overhead[cuda]   21.5" in text

@@ -121,3 +121,34 @@ def test_targets_give_a_verdict_per_row_of_our_cuda_providers():
     assert providers == {"cuda", "cuda_atomic_dq", "cuda_key_block128_atomic_dq"}
     assert not any("M=64" in line for line in lines)
     assert len(lines) == 12, lines
+
+
+def test_auto_order_lines_set_cuda_against_triton_per_case():
+    from internlm_kernels import backends
+    from internlm_kernels.bench.targets import auto_order_lines
+
+    def row(op, provider, shape, ms, ms_graph=None, dtype="bfloat16"):
+        return {"op": op, "provider": provider, "shape": shape, "dtype": dtype, "ms": ms, "ms_graph": ms_graph}
+
+    norm = {"M": 16384, "N": 8192}
+    document = {"results": [
+        row("rms_norm_fwd", "cuda", norm, 0.080, 0.076),
+        row("rms_norm_fwd", "triton", norm, 0.071, 0.068),
+        row("rms_norm_fwd", "torch_compile", norm, 0.070),  # not a kernel backend: no line
+        row("rms_norm_bwd", "triton", norm, 0.250),
+        row("rms_norm_bwd", "cuda", norm, 0.119),
+        row("rms_norm_bwd", "cuda", {"M": 64, "N": 8192}, 0.01),  # no triton row beside it: no line
+        row("rotary_bwd", "cuda", {"B": 4}, 0.120),
+        row("rotary_bwd", "triton", {"B": 4}, 0.198),
+        row("attention_decode", "cuda_paged", {"B": 1}, 0.05),  # not a default provider: no line
+    ]}
+    lines = auto_order_lines(document, backends.auto_preference)
+    assert lines == [
+        "rms_norm [M=16384,N=8192] bfloat16: cuda 0.0800 ms, triton 0.0710 ms: triton 1.13x "
+        "(from a graph: triton 1.12x); auto: triton",
+        "rms_norm.backward [M=16384,N=8192] bfloat16: cuda 0.1190 ms, triton 0.2500 ms: cuda 2.10x; auto: cuda",
+        "apply_rotary.backward [B=4] bfloat16: cuda 0.1200 ms, triton 0.1980 ms: cuda 1.65x; "
+        "auto: triton (the run differs)",
+    ]
+    assert auto_order_lines(document)[1] == \
+        "rms_norm.backward [M=16384,N=8192] bfloat16: cuda 0.1190 ms, triton 0.2500 ms: cuda 2.10x"

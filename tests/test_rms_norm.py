@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 import internlm_kernels as ik
-from internlm_kernels import reference
+from internlm_kernels import backends, reference
 from tests.helpers import DTYPES, KERNEL_BACKENDS, assert_close_dtype, assert_within_eager_error
 
+rms_ops = importlib.import_module("internlm_kernels.ops.rms_norm")  # the module, not the function
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (rows, hidden): awkward widths, 1 to past the single-pass limit (16384 -> looped path)
 SHAPES = [(1, 1), (19, 123), (3, 1000), (2, 5120), (5, 8200), (2, 20000)]
@@ -124,6 +126,57 @@ def _check_fused(x, residual, weight, backend, residual_in_fp32, eps=1e-6):
     _, exact = _grads(ref_fn, (x.double(), residual.double(), weight.double()), tuple(g.double() for g in grads))
     assert [g.dtype for g in ours] == [x.dtype, residual.dtype, weight.dtype]
     assert_within_eager_error(ours, eager, exact, dtype, 3.0, "fused grads")
+
+
+@pytest.fixture
+def launches(monkeypatch, device):
+    """(backend, launcher) of each launch the norm ops make. Without a GPU, "cuda" is made
+    choosable for CPU tensors and its launches run Triton's launchers (under the interpreter),
+    so the record follows the ops layer's choices; on a GPU each backend runs its own kernels."""
+    on_gpu = device.type == "cuda"
+    if on_gpu and backends.extension is None:
+        pytest.skip(f"the cuda backend is unavailable: {backends.available_backends()['cuda'].reason}")
+    if not on_gpu:
+        device_reason = backends._device_reason
+        monkeypatch.setattr(backends, "_device_reason",
+                            lambda backend, dev: None if backend == "cuda" else device_reason(backend, dev))
+    log = []
+    real_kernels = rms_ops.kernels
+
+    class Recorder:
+        def __init__(self, backend, op):
+            self.backend, self.module = backend, real_kernels(backend if on_gpu else "triton", op)
+
+        def __getattr__(self, launcher):
+            log.append((self.backend, launcher))
+            return getattr(self.module, launcher)
+
+    monkeypatch.setattr(rms_ops, "kernels", Recorder)
+    return log
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("forward, backward", [("triton", "cuda"), ("cuda", "triton")])
+def test_auto_runs_the_backward_on_its_own_backend(fused, forward, backward, device, launches, monkeypatch):
+    # "auto" can take different backends for the two directions (backends.AUTO_PREFERENCE_BY_OP):
+    # the backward runs the one chosen for it, on the forward's saved rstd, within the usual rules.
+    order = {"triton": backends.AUTO_PREFERENCE, "cuda": backends.CUDA_FIRST}
+    op = "fused_add_rms_norm" if fused else "rms_norm"
+    monkeypatch.setitem(backends.AUTO_PREFERENCE_BY_OP, op, order[forward])
+    monkeypatch.setitem(backends.AUTO_PREFERENCE_BY_OP, op + backends.BACKWARD_SUFFIX, order[backward])
+    x, weight = _inputs((7, 4096), torch.bfloat16, device)
+    if fused:
+        _check_fused(x, torch.randn_like(x), weight, "auto", residual_in_fp32=False)
+    else:
+        _check_rms_norm(x, weight, "auto")
+    assert set(launches) == {(forward, "rms_norm_fwd"), (backward, "rms_norm_bwd")}
+
+
+def test_explicit_backend_runs_both_directions(device, launches):
+    x, weight = _inputs((3, 256), torch.float32, device)
+    _check_rms_norm(x, weight, "triton")
+    _check_fused(x, torch.randn_like(x), weight, "triton", residual_in_fp32=True)
+    assert set(launches) == {("triton", "rms_norm_fwd"), ("triton", "rms_norm_bwd")}
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -431,8 +484,8 @@ def test_opcheck(backend, device):
     x.requires_grad_(True)
     weight.requires_grad_(True)
     ops = torch.ops.internlm_kernels
-    torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend))
-    torch.library.opcheck(ops.fused_add_rms_norm_fwd.default, (x, residual, weight, 1e-6, False, backend))
+    torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend, backend))
+    torch.library.opcheck(ops.fused_add_rms_norm_fwd.default, (x, residual, weight, 1e-6, False, backend, backend))
     rstd = torch.rand(5, device=device) + 0.5
     torch.library.opcheck(ops.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), weight.detach(), rstd, True,
                                                      backend))

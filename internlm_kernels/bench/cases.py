@@ -248,12 +248,12 @@ def _norm_backward_kernels(x, residual, weight, grads, eps: float, fused: bool, 
     def run():
         if fused:
             if not saved:
-                saved.extend(norm_ops._fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend)[1:])
+                saved.extend(norm_ops._fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend, backend)[1:])
             residual_out, rstd = saved
             return norm_ops._fused_add_rms_norm_bwd(grads[0], grads[1], residual_out, weight, rstd, x.dtype,
                                                     residual.dtype, True, True, backend)
         if not saved:
-            saved.append(norm_ops._rms_norm_fwd(x, weight, eps, backend)[1])
+            saved.append(norm_ops._rms_norm_fwd(x, weight, eps, backend, backend)[1])
         return norm_ops._rms_norm_bwd(grads[0], x, weight, saved[0], True, backend)
     return run
 

@@ -9,7 +9,9 @@ whether another layout would. Fractions are checked as called; the figure replay
 graph (the GPU's time alone, no host dispatch) is shown beside it.
 
 Used by ``scripts/gpu_summary.py`` (the last lines a GPU run prints) and by
-``benchmarks/report.py`` (the targets table of ``benchmarks/README.md``).
+``benchmarks/report.py`` (the targets table of ``benchmarks/README.md``). The summary also
+sets each op's ``cuda`` row against its ``triton`` row (``auto_order_lines``): the figures
+that "auto"'s orders (``backends.AUTO_PREFERENCE_BY_OP``) follow.
 """
 
 from __future__ import annotations
@@ -97,4 +99,46 @@ def target_lines(document: dict, skip: Callable[[dict], bool] = lambda row: Fals
                 "short, met from a graph" if graph is not None and graph >= target.threshold else "short"
             graph_text = "" if graph is None else f" (graph {graph:.2f})"
             lines.append(f"{target.describe()}: {where}: {value:.2f}{graph_text} {verdict}")
+    return lines
+
+
+# The name "auto" chooses each benchmark op's backend by (``backends.auto_preference``).
+AUTO_KEYS = {
+    "rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm.backward",
+    "fused_add_rms_norm_fwd": "fused_add_rms_norm", "fused_add_rms_norm_bwd": "fused_add_rms_norm.backward",
+    "rotary_fwd": "apply_rotary", "rotary_bwd": "apply_rotary.backward",
+    "attention_fwd": "flash_attention", "attention_bwd": "flash_attention.backward",
+    "attention_decode": "flash_attention_with_kvcache",
+}
+
+
+def _faster(cuda_ms: float, triton_ms: float):
+    """(the faster backend, by how many times)."""
+    return ("cuda", triton_ms / cuda_ms) if cuda_ms < triton_ms else ("triton", cuda_ms / triton_ms)
+
+
+def auto_order_lines(document: dict, preference: Optional[Callable[[str], tuple]] = None) -> List[str]:
+    """One line per benchmark case timed with both default kernel providers, ``cuda`` and
+    ``triton``: their times, which ran faster as called (and replayed from a CUDA graph, when
+    both have a graph time), and, given ``preference`` (``backends.auto_preference``), the
+    one "auto" tries first and whether the run agrees with it."""
+    cases: Dict[tuple, Dict[str, dict]] = {}
+    for row in document.get("results", []):
+        if row["op"] in AUTO_KEYS and row["provider"] in ("cuda", "triton"):
+            key = (row["op"], row.get("dtype"), tuple(sorted(row.get("shape", {}).items())))
+            cases.setdefault(key, {})[row["provider"]] = row
+    lines = []
+    for (op, dtype, shape), rows in cases.items():
+        if len(rows) < 2:
+            continue
+        cuda, triton = rows["cuda"], rows["triton"]
+        faster, ratio = _faster(cuda["ms"], triton["ms"])
+        text = (f"{AUTO_KEYS[op]} [{','.join(f'{k}={v}' for k, v in shape)}] {dtype}: cuda {cuda['ms']:.4f} ms, "
+                f"triton {triton['ms']:.4f} ms: {faster} {ratio:.2f}x")
+        if cuda.get("ms_graph") and triton.get("ms_graph"):
+            text += " (from a graph: {} {:.2f}x)".format(*_faster(cuda["ms_graph"], triton["ms_graph"]))
+        if preference is not None:
+            first = next(backend for backend in preference(AUTO_KEYS[op]) if backend in ("cuda", "triton"))
+            text += f"; auto: {first}" + ("" if first == faster else " (the run differs)")
+        lines.append(text)
     return lines

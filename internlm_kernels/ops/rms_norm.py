@@ -3,15 +3,19 @@
 Registered ops (namespace ``internlm_kernels``), each with a fake implementation so
 ``torch.compile(fullgraph=True)`` traces them, and autograd through the backward ops:
 
-  rms_norm_fwd(x, weight, eps, backend) -> (out, rstd)
+  rms_norm_fwd(x, weight, eps, backend, backward_backend) -> (out, rstd)
   rms_norm_bwd(dy, x, weight, rstd, compute_dweight, backend) -> (dx, dweight)
-  fused_add_rms_norm_fwd(x, residual, weight, eps, residual_in_fp32, backend) -> (out, residual_out, rstd)
+  fused_add_rms_norm_fwd(x, residual, weight, eps, residual_in_fp32, backend, backward_backend)
+                         -> (out, residual_out, rstd)
   fused_add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, x_dtype, residual_dtype,
                          compute_dresidual, compute_dweight, backend) -> (dx, dresidual, dweight)
   fused_add_rms_norm_(x!, residual!, weight, eps, backend) -> ()        in place, inference
 
 ``backend`` inside an op is "triton" or "cuda"; the "torch" backend calls the eager
-reference directly (so autograd and the compiler see plain PyTorch).
+reference directly (so autograd and the compiler see plain PyTorch). A forward op's
+``backward_backend`` is the backend its backward runs, chosen with the call ("auto" may
+pick another one than the forward's: ``backends.AUTO_PREFERENCE_BY_OP``); the two share
+the saved rstd (fp32 per row) and residual_out.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from internlm_kernels._checks import (
     as_rows, as_rows_view, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
     check_real, check_same_device, check_shape, check_tensor,
 )
-from internlm_kernels.backends import choose_backend
+from internlm_kernels.backends import choose_backend, choose_backward_backend
 from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import kernels
 
@@ -87,7 +91,8 @@ def _rows(x: Tensor) -> int:
 
 
 @kernel_op("rms_norm_fwd")
-def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor]:
+def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str,
+                  backward_backend: str) -> Tuple[Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if out.numel() > 0:
@@ -97,7 +102,7 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> Tuple[
 
 
 @_rms_norm_fwd.register_fake
-def _(x, weight, eps, backend):
+def _(x, weight, eps, backend, backward_backend):
     return (torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device),
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
@@ -123,18 +128,18 @@ def _(dy, x, weight, rstd, compute_dweight, backend):
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, _eps, backend = inputs
+    x, weight, _eps, _backend, backward_backend = inputs
     _out, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(x, weight, rstd)
-    ctx.backend = backend
+    ctx.backend = backward_backend
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     compute_dweight = ctx.needs_input_grad[1]
     dx, dweight = _rms_norm_bwd(dy, x, weight, rstd, compute_dweight, ctx.backend)
-    return dx, (dweight if compute_dweight else None), None, None
+    return dx, (dweight if compute_dweight else None), None, None, None
 
 
 _rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup_context)
@@ -149,10 +154,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: str = "au
     (as HF), contiguous. Differentiable in x and weight.
     """
     _check_norm_args("rms_norm", x, weight, eps)
-    chosen = choose_backend(backend, x.device, "rms_norm", _cuda_limits(x, weight))
+    limits = _cuda_limits(x, weight)
+    chosen = choose_backend(backend, x.device, "rms_norm", limits)
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps)
-    out, _rstd = _rms_norm_fwd(x, weight, float(eps), chosen)
+    backward = choose_backward_backend(backend, x.device, "rms_norm", chosen, (x, weight), limits)
+    out, _rstd = _rms_norm_fwd(x, weight, float(eps), chosen, backward)
     return out
 
 
@@ -167,7 +174,7 @@ def _residual_out_dtype(residual: Tensor, residual_in_fp32: bool) -> torch.dtype
 
 @kernel_op("fused_add_rms_norm_fwd")
 def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float, residual_in_fp32: bool,
-                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                            backend: str, backward_backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     residual_out = torch.empty(x.shape, dtype=_residual_out_dtype(residual, residual_in_fp32), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -178,7 +185,7 @@ def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 
 
 @_fused_add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps, residual_in_fp32, backend):
+def _(x, residual, weight, eps, residual_in_fp32, backend, backward_backend):
     return (torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device),
             torch.empty(x.shape, dtype=_residual_out_dtype(residual, residual_in_fp32), device=x.device),
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
@@ -214,11 +221,11 @@ def _(dy, dresidual_out, residual_out, weight, rstd, x_dtype, residual_dtype, co
 
 
 def _fused_add_setup_context(ctx, inputs, output):
-    x, residual, weight, _eps, _residual_in_fp32, backend = inputs
+    x, residual, weight, _eps, _residual_in_fp32, _backend, backward_backend = inputs
     _out, residual_out, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(residual_out, weight, rstd)
-    ctx.x_dtype, ctx.residual_dtype, ctx.backend = x.dtype, residual.dtype, backend
+    ctx.x_dtype, ctx.residual_dtype, ctx.backend = x.dtype, residual.dtype, backward_backend
 
 
 def _fused_add_backward(ctx, dy, dresidual_out, _drstd):
@@ -227,7 +234,8 @@ def _fused_add_backward(ctx, dy, dresidual_out, _drstd):
     dx, dresidual, dweight = _fused_add_rms_norm_bwd(
         dy, dresidual_out, residual_out, weight, rstd, ctx.x_dtype, ctx.residual_dtype,
         compute_dresidual, compute_dweight, ctx.backend)
-    return (dx, dresidual if compute_dresidual else None, dweight if compute_dweight else None, None, None, None)
+    return (dx, dresidual if compute_dresidual else None, dweight if compute_dweight else None, None, None, None,
+            None)
 
 
 _fused_add_rms_norm_fwd.register_autograd(_fused_add_backward, setup_context=_fused_add_setup_context)
@@ -246,11 +254,13 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float =
     op = "fused_add_rms_norm"
     _check_norm_args(op, x, weight, eps, residual=residual, fused=True)
     check_flag(op, "residual_in_fp32", residual_in_fp32)
-    chosen = choose_backend(backend, x.device, op, _cuda_limits(x, weight, residual))
+    limits = _cuda_limits(x, weight, residual)
+    chosen = choose_backend(backend, x.device, op, limits)
     if chosen == "torch":
         return reference.fused_add_rms_norm(x, residual, weight, eps, residual_in_fp32)
+    backward = choose_backward_backend(backend, x.device, op, chosen, (x, residual, weight), limits)
     out, residual_out, _rstd = _fused_add_rms_norm_fwd(x, residual, weight, float(eps), bool(residual_in_fp32),
-                                                       chosen)
+                                                       chosen, backward)
     return out, residual_out
 
 
@@ -267,7 +277,7 @@ def _fused_add_rms_norm_inplace(x: Tensor, residual: Tensor, weight: Tensor, eps
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if x_rows is None or residual_rows is None:
         # Rows that no (outer, inner) view can address: compute out of place, copy back.
-        out, residual_out, _ = _fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend)
+        out, residual_out, _ = _fused_add_rms_norm_fwd(x, residual, weight, eps, False, backend, backend)
         x.copy_(out)
         residual.copy_(residual_out)
         return

@@ -178,6 +178,21 @@ def choose_backward_backend(
     return choose_backend(requested, device, op + BACKWARD_SUFFIX, unsupported)
 
 
+# Compute capability per CUDA device index, asked of the driver once: ops whose backend
+# choice depends on it (Triton's float8_e4m3fn needs sm_89) ask on every call. A plain dict,
+# not functools.lru_cache, which torch.compile reports and traces through.
+_CAPABILITY: Dict[int, tuple] = {}
+
+
+def device_capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA ``device`` (the current device when it has no index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return capability
+
+
 def leaves_choice_to_auto(requested: str) -> bool:
     """Whether a call's ``backend`` leaves the choice to "auto" (no INTERNLM_KERNELS_BACKEND
     naming a backend either): ops can keep a path out of auto's choice without refusing it

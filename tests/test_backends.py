@@ -114,6 +114,18 @@ def test_backward_choice(monkeypatch):
     assert choose("auto", cpu, "rms_norm", "triton", (leaf,)) == "triton"
 
 
+def test_device_capability_is_asked_once_per_device(monkeypatch):
+    asked = []
+    monkeypatch.setattr(backends, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or (8, index))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert backends.device_capability(torch.device("cuda", 0)) == (8, 0)
+    assert backends.device_capability(torch.device("cuda")) == (8, 1)  # no index: the current device
+    assert backends.device_capability(torch.device("cuda", 0)) == (8, 0)
+    assert backends.device_capability(torch.device("cuda", 1)) == (8, 1)
+    assert asked == [0, 1]
+
+
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

@@ -31,7 +31,7 @@ from internlm_kernels._checks import (
     FLOAT_DTYPES, check_cu_seqlens, check_dim, check_dtype, check_flag, check_in_place, check_last_dim_contiguous,
     check_same_device, check_same_dtype, check_softmax_scale, check_tensor, check_window,
 )
-from internlm_kernels.backends import choose_backend, leaves_choice_to_auto
+from internlm_kernels.backends import choose_backend, device_capability, leaves_choice_to_auto
 from internlm_kernels.ops._dispatch import kernel_op
 from internlm_kernels.ops._kernels import (
     CUDA_MAX_BATCH_ROWS, CUDA_MAX_GRID_X, CUDA_MAX_GRID_YZ, CUDA_MAX_QUERY_ROWS, kernels,
@@ -551,7 +551,7 @@ def flash_attention_with_kvcache(
             # as the paged caches below: "auto" takes the CUDA path once it has passed on a GPU
             return "the cuda kernels' fp8 caches have not yet run on a GPU (auto takes triton)"
         if (candidate == "triton" and k_cache.dtype == torch.float8_e4m3fn and q.device.type == "cuda"
-                and torch.cuda.get_device_capability(q.device) < (8, 9)):
+                and device_capability(q.device) < (8, 9)):
             return "triton's float8_e4m3fn needs sm_89 or newer (float8_e5m2 caches run on older GPUs)"
         if candidate == "cuda" and paged and leaves_choice_to_auto(backend):
             # "auto" moves a CUDA path ahead once it has passed the tests on a GPU; the paged one

@@ -27,11 +27,10 @@ pytestmark = pytest.mark.skipif(
 # the performance targets are set on.
 KNOWN_SPILLS = [
     # The default forward at d = 128 (4 warps of 32 rows, TileTraits<T, 128, 128, 64, 4, 1>)
-    # on sm_80, with a window compiled in and without: 255 registers, and measured faster than
-    # the spill-free 16-row layout on an H200.
+    # on sm_80 with a window compiled in: 255 registers, and measured faster than the
+    # spill-free 16-row layout on an H200. (Without a window it spills no more.)
     # (The last template argument, the decode's cache format, is the default: kNone.)
-    ("sm_80", r"attention_fwd_kernel<[^<>]*TileTraits<[^<>]*, 128, 128, 64, 4, 1, false>, true, false, [^<>]*0>", 56),
-    ("sm_80", r"attention_fwd_kernel<[^<>]*TileTraits<[^<>]*, 128, 128, 64, 4, 1, false>, false, false, [^<>]*0>", 8),
+    ("sm_80", r"attention_fwd_kernel<[^<>]*TileTraits<[^<>]*, 128, 128, 64, 4, 1, false>, true, false, [^<>]*0>", 48),
     # The optional shared-scores dK/dV kernel with atomic dQ (8 warps, 128 keys).
     ("sm_80", r"attention_bwd_dkdv_kernel<[^<>]*TileTraits<[^<>]*, 128, 128, 64, 8, 1, true>, (true|false), true>", 8),
 ]

@@ -84,14 +84,14 @@ struct TileTraits {
 // Forward: 128 query rows x 64 keys; shared memory Q + 2 stages of K and V = 96 KB at
 // d = 128. Two warp layouts, chosen at run time (AttentionParams::forward_warp_rows); ptxas
 // (CUDA 13.0, sm_80 and sm_90a, bf16 and fp16):
-//  * 8 warps of one 16-row tile: 131-135 registers at d = 128 without a window compiled in,
-//    173-174 with one; 123-128 at d = 64; no spills. Every warp reads all of K and V from
-//    shared memory for its 16 rows.
+//  * 8 warps of one 16-row tile: 131 (sm_90a) / 166 (sm_80) registers at d = 128 without a
+//    window compiled in, 167-174 with one; 123-128 at d = 64; no spills. Every warp reads all
+//    of K and V from shared memory for its 16 rows.
 //  * 4 warps of two 16-row tiles: each K / V fragment feeds two mma, halving the shared
-//    memory reads per flop (FlashAttention-2's layout). 174-176 registers at d = 64 without
-//    a window, 228-229 with one; 255 at d = 128, with no spills except on sm_80: 72-80 B
-//    with a window (6 reloads from L1 per 64-key tile, next to its 256 mma), 24-40 B without
-//    one (since the clamp of packed spans, packed_span).
+//    memory reads per flop (FlashAttention-2's layout). 174 (sm_90a) / 213 (sm_80) registers
+//    at d = 64 without a window, 220-228 with one; 254-255 at d = 128, with no spills except
+//    on sm_80 with a window: 48 B stored, 40 B loaded (a few reloads from L1 per 64-key tile,
+//    next to its 256 mma; the epilogue finds the program's tile again there, see the kernel).
 // The second is the default: on an H200 (2026-11-27; B 2 x S 8192, 32 / 8 heads, d 128) it
 // ran the full forward 1.28x faster and the causal one as fast, spills included. The first
 // stays selectable (INTERNLM_KERNELS_CUDA_FWD_WARP_ROWS=16; benchmark provider
@@ -916,8 +916,23 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
   const int t = lane % 4;
   if constexpr (!kDecode) {
     static_assert(Tr::kWarpsN == 1, "the forward's warps own whole rows");
-    const void* out_base = tensor_base<T>(p.out, pt.batch, p.out_stride_b, pt.q_start, p.out_stride_s,
-                                          pt.kv_head * p.group, p.out_stride_h);
+    // Where the output goes. Before sm_90 the program's tile is found again here (reading
+    // cu_seqlens again for packed inputs) instead of being held across the key loop: its
+    // batch, head and sequence start held, the 32-row layout at d = 128 spilled on sm_80,
+    // 24 B stored / 40 B loaded without a window and 72 / 80 with one; found again, 0 and
+    // 48 / 40. On sm_90a, which spills neither way when it holds them, finding the tile again
+    // moved ptxas's allocation into spills (12 B and 36 B), so there it holds them. The CPU
+    // emulation takes the sm_80 path, so its tests run this one.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+    constexpr bool kFindTileAgain = true;
+#else
+    constexpr bool kFindTileAgain = false;
+#endif
+    const ProgramTile out_tile = kFindTileAgain ? program_tile(p, false, Tr::kBlockM) : pt;
+    const int out_rows = kFindTileAgain ? out_tile.q_len * p.group : rows;
+    const int out_row0 = kFindTileAgain ? out_tile.tile * Tr::kBlockM : row0;
+    const void* out_base = tensor_base<T>(p.out, out_tile.batch, p.out_stride_b, out_tile.q_start, p.out_stride_s,
+                                          out_tile.kv_head * p.group, p.out_stride_h);
 #pragma unroll
     for (int mt = 0; mt < Tr::kMTiles; ++mt)
 #pragma unroll
@@ -932,21 +947,22 @@ __global__ void __launch_bounds__(Tr::kThreads) attention_fwd_kernel(const Atten
           acc[mt][dt][2 * r] *= inv;
           acc[mt][dt][2 * r + 1] *= inv;
         }
-        const int row = row0 + warp_row0 + 16 * mt + g + 8 * r;
-        if (t == 0 && row < rows) {
+        const int row = out_row0 + warp_row0 + 16 * mt + g + 8 * r;
+        if (t == 0 && row < out_rows) {
           const int pos = fast_divide(row, p.group_divisor), head = row - pos * p.group;
-          p.lse[pt.batch * p.lse_stride_b + (pt.kv_head * p.group + head) * p.lse_stride_h +
-                (pt.q_start + pos) * p.lse_stride_s] = seen ? (row_max[mt][r] + log2f(total)) * kLn2 : -INFINITY;
+          p.lse[out_tile.batch * p.lse_stride_b + (out_tile.kv_head * p.group + head) * p.lse_stride_h +
+                (out_tile.q_start + pos) * p.lse_stride_s] =
+              seen ? (row_max[mt][r] + log2f(total)) * kLn2 : -INFINITY;
         }
       }
     // Each warp stages its own rows in its own part of the Q tile (only it read them).
     stage_rows<T, RowTile>(q_tile, warp_row0, acc, 1.f, lane);
     __syncwarp();
     store_rows<RowTile>(q_tile, warp_row0, Tr::kWarpRows, lane, [&](int r) -> void* {
-      const int row = row0 + warp_row0 + r;
-      return row < rows ? const_cast<void*>(packed_row_address<T>(out_base, row, p.group_divisor, p.out_stride_s,
-                                                                   p.out_stride_h))
-                        : nullptr;
+      const int row = out_row0 + warp_row0 + r;
+      return row < out_rows ? const_cast<void*>(packed_row_address<T>(out_base, row, p.group_divisor,
+                                                                       p.out_stride_s, p.out_stride_h))
+                            : nullptr;
     });
   } else {
     // Warps hold partial results over different keys of the same 16 rows: merge them through

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import warnings
 from typing import Callable, Dict, Optional, Sequence
 
@@ -31,26 +32,30 @@ BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "INTERNLM_KERNELS_BACKEND"
 REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (or: make build)"
 
-# "auto" prefers Triton on CUDA tensors, except for the ops whose CUDA C++ kernels have passed
-# the tests on a GPU and been measured faster there (benchmarks/results/).
+# "auto" prefers Triton on CUDA tensors, except for the ops (or directions) whose CUDA C++
+# kernels have passed the tests on a GPU and been measured faster there (benchmarks/results/).
 AUTO_PREFERENCE = ("triton", "cuda", "torch")
 CUDA_FIRST = ("cuda", "triton", "torch")
-# An op's backward has its own entry, "<op>.backward", where the two directions' measurements
-# part ways (the forward's choice otherwise serves both). Every order ends with torch, so a
-# backward whose forward ran a kernel backend runs a kernel backend too: the limits a call
-# passes are the same both ways.
+# An op's backward can have its own entry, "<op>.backward", where the two directions'
+# measurements part ways (the forward's order otherwise serves both): the ops choose the
+# backward's backend with the forward call (choose_backward_backend). Every order ends with
+# torch, so a backward whose forward ran a kernel backend runs a kernel backend too: the
+# limits a call passes are the same both ways. The GPU summary (scripts/gpu_summary.py) sets
+# each benchmark case's cuda row against its triton row beside the order used here.
+#
+# Measured, not yet entered: the CUDA RMSNorm backward read and wrote at 0.76 of the copy
+# bandwidth on an H200 (2026-11-28, bf16, M = 16384, N = 8192), 2.1x Triton's 0.36, and the
+# fused one at 0.90 against 0.74, while the forwards led on Triton (0.94 against 0.83). At
+# N = 4096 that backward failed to launch there (a shared-memory opt-in, fixed since and
+# tested under the emulation only), so "rms_norm.backward" and "fused_add_rms_norm.backward"
+# wait for a GPU run whose tests pass it (test_backward_launches_first_at_48_kib_of_shared_memory)
+# and whose benchmark still has it ahead of Triton's TMA backward.
 BACKWARD_SUFFIX = ".backward"
 AUTO_PREFERENCE_BY_OP: Dict[str, tuple] = {
     # H200, 2026-11-28 (nvidia-h200-20261128.json), bf16, d = 128, GQA 32/8: 3.65x the Triton
     # kernel at batch 1 and 32K cached positions, where Triton's launches cost more than the
     # GPU's work, and 1.12x at batch 64 and 4K (0.94 of the copy bandwidth).
     "flash_attention_with_kvcache": CUDA_FIRST,
-    # H200, 2026-11-28 (supplementary/nvidia-h200-20261128-norm-rotary.csv), bf16, M = 16384,
-    # N = 8192, as called: the CUDA backward read and wrote at 0.76 of the copy bandwidth, 2.1x
-    # Triton's 0.36, and the fused one at 0.90 against 0.74. The forwards stay with Triton,
-    # which led at N = 8192 (0.94 against 0.83).
-    "rms_norm.backward": CUDA_FIRST,
-    "fused_add_rms_norm.backward": CUDA_FIRST,
 }
 
 
@@ -139,6 +144,65 @@ def available_backends() -> Dict[str, BackendStatus]:
     return dict(_STATUS)
 
 
+# Compute capability per CUDA device index, asked of the driver once: ops whose backend
+# choice depends on it (Triton's float8_e4m3fn needs sm_89) ask on every call. A plain dict,
+# not functools.lru_cache, which torch.compile reports and traces through.
+_CAPABILITY: Dict[int, tuple] = {}
+
+
+def device_capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA ``device`` (the current device when it has no index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _CAPABILITY.get(index)
+    if capability is None:
+        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return capability
+
+
+def arch_list_serves(arch_list: str, capability: tuple) -> Optional[bool]:
+    """Whether a build for ``arch_list`` (TORCH_CUDA_ARCH_LIST, as build_info() reports it:
+    "8.0;9.0a", "8.6+PTX", ...) holds code a GPU of ``capability`` (major, minor) runs; None
+    when an entry is not a number (a name such as "Hopper"). Machine code for sm_XY runs on
+    sm_XZ with Z >= Y ("a" code on sm_XY alone); PTX ("+PTX") on any GPU from sm_XY on."""
+    serves = False
+    for entry in re.split(r"[;,\s]+", arch_list.strip()):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry, flags=re.IGNORECASE)
+        if entry and match is None:
+            return None
+        if match is None:
+            continue
+        built = (int(match.group(1)), int(match.group(2)))
+        if match.group(3).lower() == "a":  # its PTX too holds sm_XYa-only instructions
+            serves |= tuple(capability) == built
+        elif match.group(4):
+            serves |= tuple(capability) >= built
+        else:
+            serves |= capability[0] == built[0] and capability[1] >= built[1]
+    return serves
+
+
+# Per CUDA device index: why the extension's machine code cannot run there (None: it can).
+_ARCH_REASONS: Dict[int, Optional[str]] = {}
+
+
+def _arch_reason(device: torch.device) -> Optional[str]:
+    """Why the extension cannot launch on the CUDA ``device``: built for other archs (the
+    driver would refuse every launch with "no kernel image"). Decided once per device."""
+    if not _STATUS["cuda"].available:  # no GPU visible: nothing launches, nothing to compare
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH_REASONS:
+        archs = extension.build_info()["cuda_archs"]
+        major, minor = device_capability(torch.device("cuda", index))
+        reason = None
+        if arch_list_serves(archs, (major, minor)) is False:
+            reason = (f"the CUDA extension was built for archs {archs} (TORCH_CUDA_ARCH_LIST), none of which "
+                      f"runs on this GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\": "
+                      f"{REBUILD_COMMAND}")
+        _ARCH_REASONS[index] = reason
+    return _ARCH_REASONS[index]
+
+
 def _device_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (None when it can)."""
     status = _STATUS[backend]
@@ -149,7 +213,7 @@ def _device_reason(backend: str, device: torch.device) -> Optional[str]:
             return status.reason
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
-        return None
+        return _arch_reason(device)
     # triton
     if device.type == "cuda":
         return None if status.available else status.reason
@@ -166,31 +230,16 @@ def choose_backward_backend(
     device: torch.device,
     op: str,
     forward_backend: str,
-    inputs: Sequence[Optional[torch.Tensor]],
+    inputs: Sequence[object],
     unsupported: Optional[Callable[[str], Optional[str]]] = None,
 ) -> str:
     """The backend for the backward of an ``op`` call whose forward runs the kernel backend
     ``forward_backend``: ``choose_backend`` by the order of "<op>.backward" (an explicit
     request, or INTERNLM_KERNELS_BACKEND, names the same backend both ways); the forward's
     when none of ``inputs`` takes a gradient (no backward will run, so no choice is paid for)."""
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)):
         return forward_backend
     return choose_backend(requested, device, op + BACKWARD_SUFFIX, unsupported)
-
-
-# Compute capability per CUDA device index, asked of the driver once: ops whose backend
-# choice depends on it (Triton's float8_e4m3fn needs sm_89) ask on every call. A plain dict,
-# not functools.lru_cache, which torch.compile reports and traces through.
-_CAPABILITY: Dict[int, tuple] = {}
-
-
-def device_capability(device: torch.device) -> tuple:
-    """(major, minor) of a CUDA ``device`` (the current device when it has no index)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    capability = _CAPABILITY.get(index)
-    if capability is None:
-        capability = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
-    return capability
 
 
 def leaves_choice_to_auto(requested: str) -> bool:

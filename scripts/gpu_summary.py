@@ -186,6 +186,8 @@ def profile_summary(out: str) -> list:
 
 
 def main(out: str, phase: str = "all") -> None:
+    # Sections built from the run's files only; auto's orders, which import the package (torch
+    # and the extension), come last and print after the rest has.
     sections = [ptxas_summary(out)]
     if phase == "sanitize":
         sections.append(sanitize_summary(out))
@@ -199,14 +201,15 @@ def main(out: str, phase: str = "all") -> None:
     if phase in ("all", "bench"):
         sections.append(bench_summary(out))
         sections.append(targets_summary(out))
-        sections.append(auto_summary(out))
         sections.append(dispatch_summary(out))
+    for section in sections:
+        print("\n".join(section), flush=True)
+    if phase in ("all", "bench"):
+        print("\n".join(auto_summary(out)), flush=True)
         log = os.path.join(out, "bench.log")
         if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):
-            sections.append(["bench: cut by its time limit (the json keeps the cases measured so far); "
-                             "`bash scripts/gpu_check.sh OUT bench` on the same machine runs the rest"])
-    for section in sections:
-        print("\n".join(section))
+            print("bench: cut by its time limit (the json keeps the cases measured so far); "
+                  "`bash scripts/gpu_check.sh OUT bench` on the same machine runs the rest")
 
 
 if __name__ == "__main__":

@@ -81,14 +81,14 @@ def test_auto_order_is_per_op():
                                    lambda b: "head_dim 96" if b == "cuda" else None) == "triton"
 
 
-def test_backward_orders():
-    # Measured apart (H200, 2026-11-28): the CUDA norm backwards led Triton's, the forwards did not.
-    assert backends.auto_preference("rms_norm.backward") == backends.CUDA_FIRST
-    assert backends.auto_preference("fused_add_rms_norm.backward") == backends.CUDA_FIRST
-    assert backends.auto_preference("rms_norm") == backends.AUTO_PREFERENCE
+def test_backward_orders(monkeypatch):
     # Without an entry of its own, a backward follows its forward.
     assert backends.auto_preference("flash_attention_with_kvcache.backward") == backends.CUDA_FIRST
-    assert backends.auto_preference("apply_rotary.backward") == backends.AUTO_PREFERENCE
+    assert backends.auto_preference("rms_norm.backward") == backends.AUTO_PREFERENCE
+    # With one, it takes its own.
+    monkeypatch.setitem(backends.AUTO_PREFERENCE_BY_OP, "rms_norm.backward", backends.CUDA_FIRST)
+    assert backends.auto_preference("rms_norm.backward") == backends.CUDA_FIRST
+    assert backends.auto_preference("rms_norm") == backends.AUTO_PREFERENCE
     # torch last everywhere: a backward whose forward ran a kernel backend finds one too.
     for op, order in backends.AUTO_PREFERENCE_BY_OP.items():
         assert order[-1] == "torch" and sorted(order) == sorted(backends.BACKENDS), op
@@ -96,6 +96,7 @@ def test_backward_orders():
 
 def test_backward_choice(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setitem(backends.AUTO_PREFERENCE_BY_OP, "rms_norm.backward", backends.CUDA_FIRST)
     device_reason = backends._device_reason
     monkeypatch.setattr(backends, "_device_reason",
                         lambda backend, device: None if backend == "cuda" else device_reason(backend, device))
@@ -105,7 +106,7 @@ def test_backward_choice(monkeypatch):
     assert choose("auto", cpu, "rms_norm", "triton", (constant, leaf), lambda b: "no" if b == "cuda" else None) == \
         "triton"
     # No gradient to take: the forward's backend, nothing chosen.
-    assert choose("auto", cpu, "rms_norm", "triton", (constant, None)) == "triton"
+    assert choose("auto", cpu, "rms_norm", "triton", (constant, None, 1e-6, "not a tensor")) == "triton"
     with torch.no_grad():
         assert choose("auto", cpu, "rms_norm", "triton", (leaf,)) == "triton"
     # A named backend, in the call or the environment, serves both directions.
@@ -124,6 +125,44 @@ def test_device_capability_is_asked_once_per_device(monkeypatch):
     assert backends.device_capability(torch.device("cuda", 0)) == (8, 0)
     assert backends.device_capability(torch.device("cuda", 1)) == (8, 1)
     assert asked == [0, 1]
+
+
+@pytest.mark.parametrize("arch_list, capability, expected", [
+    ("8.0;9.0a", (8, 0), True),
+    ("8.0;9.0a", (8, 9), True),     # sm_80 machine code runs on later sm_8x
+    ("8.0;9.0a", (9, 0), True),
+    ("8.0;9.0a", (10, 0), False),   # a Blackwell GPU: no code for it
+    ("8.0;9.0a", (7, 5), False),
+    ("9.0a", (9, 1), False),        # "a" code: its own arch alone
+    ("8.0 8.6+PTX", (12, 0), True),  # PTX: compiled by the driver for later GPUs
+    ("9.0a+PTX", (10, 0), False),   # sm_90a PTX holds sm_90a-only instructions
+    ("10.0f", (10, 3), True),
+    ("8.0,9.0", (9, 0), True),
+    ("Hopper", (9, 0), None),       # a name: cannot tell, so the extension is tried
+])
+def test_arch_list_serves(arch_list, capability, expected):
+    assert backends.arch_list_serves(arch_list, capability) is expected
+
+
+def test_cuda_backend_refuses_a_gpu_its_build_holds_no_code_for(monkeypatch):
+    # The driver would refuse every launch ("no kernel image"): "auto" takes Triton and an
+    # explicit request says how to rebuild.
+    class FakeExtension:
+        @staticmethod
+        def build_info():
+            return {"cuda_archs": "8.0;9.0a"}
+
+    monkeypatch.setattr(backends, "extension", FakeExtension)
+    monkeypatch.setitem(backends._STATUS, "cuda", backends.BackendStatus(True, "fake"))
+    monkeypatch.setitem(backends._STATUS, "triton", backends.BackendStatus(True, "fake"))
+    monkeypatch.setattr(backends, "_ARCH_REASONS", {})
+    monkeypatch.setattr(backends, "_CAPABILITY", {0: (10, 0), 1: (9, 0)})
+    blackwell, hopper = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert backends.choose_backend("auto", blackwell, "flash_attention_with_kvcache") == "triton"
+    assert backends.choose_backend("auto", hopper, "flash_attention_with_kvcache") == "cuda"
+    with pytest.raises(RuntimeError, match=r"built for archs 8.0;9.0a .*sm_100.*TORCH_CUDA_ARCH_LIST=\"10.0\""):
+        backends.choose_backend("cuda", blackwell, "rms_norm")
+    assert set(backends._ARCH_REASONS) == {0, 1}  # decided once per device
 
 
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:

@@ -3,8 +3,7 @@
 HF ``transformers.LlamaForCausalLM`` is the outside oracle: tiny random configs are saved
 with ``save_pretrained`` and loaded with ``from_pretrained``; fp32 logits must match HF's
 within 1e-5 relative. "auto" runs RMSNorm and rotary through the Triton kernels (the
-interpreter on CPU; on a GPU the norms' backward through the CUDA ones) and fp32 attention
-through the reference.
+interpreter on CPU) and fp32 attention through the reference.
 """
 
 from __future__ import annotations

@@ -141,14 +141,21 @@ def test_auto_order_lines_set_cuda_against_triton_per_case():
         row("rotary_bwd", "cuda", {"B": 4}, 0.120),
         row("rotary_bwd", "triton", {"B": 4}, 0.198),
         row("attention_decode", "cuda_paged", {"B": 1}, 0.05),  # not a default provider: no line
+        row("attention_decode", "cuda", {"B": 2}, 0.05),
+        row("attention_decode", "triton", {"B": 2}, 0.05),  # a tie: neither, and no disagreement
     ]}
-    lines = auto_order_lines(document, backends.auto_preference)
+    # an order for the norm backward of its own, as an entry of backends.AUTO_PREFERENCE_BY_OP gives
+    def preference(op):
+        return backends.CUDA_FIRST if op == "rms_norm.backward" else backends.auto_preference(op)
+
+    lines = auto_order_lines(document, preference)
     assert lines == [
         "rms_norm [M=16384,N=8192] bfloat16: cuda 0.0800 ms, triton 0.0710 ms: triton 1.13x "
         "(from a graph: triton 1.12x); auto: triton",
         "rms_norm.backward [M=16384,N=8192] bfloat16: cuda 0.1190 ms, triton 0.2500 ms: cuda 2.10x; auto: cuda",
         "apply_rotary.backward [B=4] bfloat16: cuda 0.1200 ms, triton 0.1980 ms: cuda 1.65x; "
         "auto: triton (the run differs)",
+        "flash_attention_with_kvcache [B=2] bfloat16: cuda 0.0500 ms, triton 0.0500 ms: neither 1.00x; auto: cuda",
     ]
     assert auto_order_lines(document)[1] == \
         "rms_norm.backward [M=16384,N=8192] bfloat16: cuda 0.1190 ms, triton 0.2500 ms: cuda 2.10x"

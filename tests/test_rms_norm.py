@@ -484,8 +484,13 @@ def test_opcheck(backend, device):
     x.requires_grad_(True)
     weight.requires_grad_(True)
     ops = torch.ops.internlm_kernels
-    torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend, backend))
-    torch.library.opcheck(ops.fused_add_rms_norm_fwd.default, (x, residual, weight, 1e-6, False, backend, backend))
+    # The backward on its own backend ("" or left out: the forward's), both kernel backends
+    # where both run.
+    backward_backends = ["", "triton", "cuda"] if backend == "cuda" else [""]
+    torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend))
+    for backward in backward_backends:
+        torch.library.opcheck(ops.rms_norm_fwd.default, (x, weight, 1e-6, backend, backward))
+        torch.library.opcheck(ops.fused_add_rms_norm_fwd.default, (x, residual, weight, 1e-6, False, backend, backward))
     rstd = torch.rand(5, device=device) + 0.5
     torch.library.opcheck(ops.rms_norm_bwd.default, (torch.randn_like(x), x.detach(), weight.detach(), rstd, True,
                                                      backend))

@@ -113,7 +113,9 @@ AUTO_KEYS = {
 
 
 def _faster(cuda_ms: float, triton_ms: float):
-    """(the faster backend, by how many times)."""
+    """(the faster backend, or "neither" on a tie; by how many times)."""
+    if cuda_ms == triton_ms:
+        return "neither", 1.0
     return ("cuda", triton_ms / cuda_ms) if cuda_ms < triton_ms else ("triton", cuda_ms / triton_ms)
 
 
@@ -139,6 +141,6 @@ def auto_order_lines(document: dict, preference: Optional[Callable[[str], tuple]
             text += " (from a graph: {} {:.2f}x)".format(*_faster(cuda["ms_graph"], triton["ms_graph"]))
         if preference is not None:
             first = next(backend for backend in preference(AUTO_KEYS[op]) if backend in ("cuda", "triton"))
-            text += f"; auto: {first}" + ("" if first == faster else " (the run differs)")
+            text += f"; auto: {first}" + ("" if faster in (first, "neither") else " (the run differs)")
         lines.append(text)
     return lines

@@ -3,9 +3,9 @@
 Registered ops (namespace ``internlm_kernels``), each with a fake implementation so
 ``torch.compile(fullgraph=True)`` traces them, and autograd through the backward ops:
 
-  rms_norm_fwd(x, weight, eps, backend, backward_backend) -> (out, rstd)
+  rms_norm_fwd(x, weight, eps, backend, backward_backend="") -> (out, rstd)
   rms_norm_bwd(dy, x, weight, rstd, compute_dweight, backend) -> (dx, dweight)
-  fused_add_rms_norm_fwd(x, residual, weight, eps, residual_in_fp32, backend, backward_backend)
+  fused_add_rms_norm_fwd(x, residual, weight, eps, residual_in_fp32, backend, backward_backend="")
                          -> (out, residual_out, rstd)
   fused_add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, x_dtype, residual_dtype,
                          compute_dresidual, compute_dweight, backend) -> (dx, dresidual, dweight)
@@ -14,8 +14,8 @@ Registered ops (namespace ``internlm_kernels``), each with a fake implementation
 ``backend`` inside an op is "triton" or "cuda"; the "torch" backend calls the eager
 reference directly (so autograd and the compiler see plain PyTorch). A forward op's
 ``backward_backend`` is the backend its backward runs, chosen with the call ("auto" may
-pick another one than the forward's: ``backends.AUTO_PREFERENCE_BY_OP``); the two share
-the saved rstd (fp32 per row) and residual_out.
+pick another one than the forward's: ``backends.AUTO_PREFERENCE_BY_OP``; "", the default,
+means the forward's); the two share the saved rstd (fp32 per row) and residual_out.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _rows(x: Tensor) -> int:
 
 @kernel_op("rms_norm_fwd")
 def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str,
-                  backward_backend: str) -> Tuple[Tensor, Tensor]:
+                  backward_backend: str = "") -> Tuple[Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if out.numel() > 0:
@@ -102,7 +102,7 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str,
 
 
 @_rms_norm_fwd.register_fake
-def _(x, weight, eps, backend, backward_backend):
+def _(x, weight, eps, backend, backward_backend=""):
     return (torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device),
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
 
@@ -127,12 +127,19 @@ def _(dy, x, weight, rstd, compute_dweight, backend):
             torch.empty(weight.shape if compute_dweight else (0,), dtype=weight.dtype, device=weight.device))
 
 
+def _backward_backend(backend: str, backward_backend: list) -> str:
+    """The backend a forward op's backward runs: its ``backward_backend`` argument, or the
+    forward's when that is "" or left out (the inputs autograd hands setup_context are the
+    arguments as given, without defaults)."""
+    return (backward_backend[0] if backward_backend else "") or backend
+
+
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, _eps, _backend, backward_backend = inputs
+    x, weight, _eps, backend, *backward_backend = inputs
     _out, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(x, weight, rstd)
-    ctx.backend = backward_backend
+    ctx.backend = _backward_backend(backend, backward_backend)
 
 
 def _rms_norm_backward(ctx, dy, _drstd):
@@ -174,7 +181,7 @@ def _residual_out_dtype(residual: Tensor, residual_in_fp32: bool) -> torch.dtype
 
 @kernel_op("fused_add_rms_norm_fwd")
 def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: float, residual_in_fp32: bool,
-                            backend: str, backward_backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                            backend: str, backward_backend: str = "") -> Tuple[Tensor, Tensor, Tensor]:
     out = torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device)
     residual_out = torch.empty(x.shape, dtype=_residual_out_dtype(residual, residual_in_fp32), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
@@ -185,7 +192,7 @@ def _fused_add_rms_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, eps: fl
 
 
 @_fused_add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps, residual_in_fp32, backend, backward_backend):
+def _(x, residual, weight, eps, residual_in_fp32, backend, backward_backend=""):
     return (torch.empty(x.shape, dtype=_output_dtype(x, weight), device=x.device),
             torch.empty(x.shape, dtype=_residual_out_dtype(residual, residual_in_fp32), device=x.device),
             torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device))
@@ -221,11 +228,12 @@ def _(dy, dresidual_out, residual_out, weight, rstd, x_dtype, residual_dtype, co
 
 
 def _fused_add_setup_context(ctx, inputs, output):
-    x, residual, weight, _eps, _residual_in_fp32, _backend, backward_backend = inputs
+    x, residual, weight, _eps, _residual_in_fp32, backend, *backward_backend = inputs
     _out, residual_out, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(residual_out, weight, rstd)
-    ctx.x_dtype, ctx.residual_dtype, ctx.backend = x.dtype, residual.dtype, backward_backend
+    ctx.x_dtype, ctx.residual_dtype = x.dtype, residual.dtype
+    ctx.backend = _backward_backend(backend, backward_backend)
 
 
 def _fused_add_backward(ctx, dy, dresidual_out, _drstd):

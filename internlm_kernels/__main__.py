@@ -23,8 +23,14 @@ def check() -> int:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
+            served = ""
+            if backends.extension is not None:
+                archs = backends.extension.build_info()["cuda_archs"]
+                verdict = backends.arch_list_serves(archs, (props.major, props.minor))
+                served = {True: "", None: f"; extension archs {archs}: cannot tell whether they run here",
+                          False: f"; no extension code for it (archs {archs}): auto takes triton"}[verdict]
             print(f"cuda:{index}: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
-                  f"{props.multi_processor_count} SMs")
+                  f"{props.multi_processor_count} SMs{served}")
     else:
         print("no CUDA GPU visible")
     if backends.extension is not None:

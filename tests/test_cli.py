@@ -231,3 +231,26 @@ def test_bench_resume_keeps_rows_of_the_same_run_and_measures_the_rest(tmp_path,
         cli.run(argparse.Namespace(**{**vars(args), "resume": True}))
         assert {n for _, n in calls} == {8, 16} and ceilings_measured, case
         assert len(json.loads(path.read_text())["results"]) == 4, case
+
+
+def test_check_says_which_gpus_the_extension_has_code_for(monkeypatch, capsys):
+    import types
+
+    from internlm_kernels import __main__ as cli
+    from internlm_kernels import backends
+
+    gpus = [types.SimpleNamespace(name="NVIDIA H100", major=9, minor=0, total_memory=80 * 2**30,
+                                  multi_processor_count=132),
+            types.SimpleNamespace(name="NVIDIA B200", major=10, minor=0, total_memory=180 * 2**30,
+                                  multi_processor_count=148)]
+    extension = types.SimpleNamespace(build_info=lambda: {"torch_version": torch.__version__, "cuda_version": "13.0",
+                                                          "cuda_archs": "8.0;9.0a"})
+    monkeypatch.setattr(backends, "extension", extension)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
+    assert cli.check() == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "cuda:0: NVIDIA H100, sm_90, 80 GiB, 132 SMs" in lines
+    assert ("cuda:1: NVIDIA B200, sm_100, 180 GiB, 148 SMs; no extension code for it (archs 8.0;9.0a): "
+            "auto takes triton") in lines

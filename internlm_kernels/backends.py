@@ -132,6 +132,9 @@ def _load_extension():
 
 
 extension, _extension_status = _load_extension()
+# The archs the extension holds machine code for (TORCH_CUDA_ARCH_LIST at its build), read
+# once: a call into the extension inside a torch.compile'd function would break the graph.
+EXTENSION_ARCHS = extension.build_info()["cuda_archs"] if extension is not None else ""
 _STATUS: Dict[str, BackendStatus] = {
     "cuda": _extension_status,
     "triton": _probe_triton(),
@@ -192,13 +195,12 @@ def _arch_reason(device: torch.device) -> Optional[str]:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ARCH_REASONS:
-        archs = extension.build_info()["cuda_archs"]
         major, minor = device_capability(torch.device("cuda", index))
         reason = None
-        if arch_list_serves(archs, (major, minor)) is False:
-            reason = (f"the CUDA extension was built for archs {archs} (TORCH_CUDA_ARCH_LIST), none of which "
-                      f"runs on this GPU (sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\": "
-                      f"{REBUILD_COMMAND}")
+        if arch_list_serves(EXTENSION_ARCHS, (major, minor)) is False:
+            reason = (f"the CUDA extension was built for archs {EXTENSION_ARCHS} (TORCH_CUDA_ARCH_LIST), none "
+                      f"of which runs on this GPU (sm_{major}{minor}); rebuild with "
+                      f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\": {REBUILD_COMMAND}")
         _ARCH_REASONS[index] = reason
     return _ARCH_REASONS[index]
 

@@ -147,12 +147,8 @@ def test_arch_list_serves(arch_list, capability, expected):
 def test_cuda_backend_refuses_a_gpu_its_build_holds_no_code_for(monkeypatch):
     # The driver would refuse every launch ("no kernel image"): "auto" takes Triton and an
     # explicit request says how to rebuild.
-    class FakeExtension:
-        @staticmethod
-        def build_info():
-            return {"cuda_archs": "8.0;9.0a"}
-
-    monkeypatch.setattr(backends, "extension", FakeExtension)
+    monkeypatch.setattr(backends, "extension", object())  # built...
+    monkeypatch.setattr(backends, "EXTENSION_ARCHS", "8.0;9.0a")  # ...for these
     monkeypatch.setitem(backends._STATUS, "cuda", backends.BackendStatus(True, "fake"))
     monkeypatch.setitem(backends._STATUS, "triton", backends.BackendStatus(True, "fake"))
     monkeypatch.setattr(backends, "_ARCH_REASONS", {})
@@ -163,6 +159,25 @@ def test_cuda_backend_refuses_a_gpu_its_build_holds_no_code_for(monkeypatch):
     with pytest.raises(RuntimeError, match=r"built for archs 8.0;9.0a .*sm_100.*TORCH_CUDA_ARCH_LIST=\"10.0\""):
         backends.choose_backend("cuda", blackwell, "rms_norm")
     assert set(backends._ARCH_REASONS) == {0, 1}  # decided once per device
+
+
+def test_arch_check_traces_without_graph_breaks(monkeypatch):
+    # The first choice on a device can happen inside torch.compile: it asks nothing of the
+    # extension (its archs were read at import) and fills its caches as a side effect.
+    monkeypatch.setattr(backends, "extension", object())
+    monkeypatch.setattr(backends, "EXTENSION_ARCHS", "8.0;9.0a")
+    monkeypatch.setitem(backends._STATUS, "cuda", backends.BackendStatus(True, "fake"))
+    monkeypatch.setitem(backends._STATUS, "triton", backends.BackendStatus(True, "fake"))
+    monkeypatch.setattr(backends, "_ARCH_REASONS", {})
+    monkeypatch.setattr(backends, "_CAPABILITY", {0: (10, 0)})  # what the driver would say, asked once
+
+    def offset(x):
+        chosen = backends.choose_backend("auto", torch.device("cuda", 0), "flash_attention_with_kvcache")
+        return x + (1.0 if chosen == "cuda" else 2.0)
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(offset, fullgraph=True)(torch.zeros(2)), torch.full((2,), 2.0))
+    assert "sm_100" in backends._ARCH_REASONS[0]
 
 
 def _run_python(code: str, cwd: str, env_extra=None) -> subprocess.CompletedProcess:

@@ -27,8 +27,9 @@ def check() -> int:
             if backends.extension is not None:
                 archs = backends.extension.build_info()["cuda_archs"]
                 verdict = backends.arch_list_serves(archs, (props.major, props.minor))
-                served = {True: "", None: f"; extension archs {archs}: cannot tell whether they run here",
-                          False: f"; no extension code for it (archs {archs}): auto takes triton"}[verdict]
+                served = {True: "",
+                          None: f"; extension archs {archs or '(none named)'}: cannot tell whether they run here",
+                          False: f"; no extension code for it (archs {archs}): auto passes over cuda"}[verdict]
             print(f"cuda:{index}: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
                   f"{props.multi_processor_count} SMs{served}")
     else:

@@ -31,6 +31,8 @@ import torch
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "INTERNLM_KERNELS_BACKEND"
 REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (or: make build)"
+# After a change of TORCH_CUDA_ARCH_LIST: make's stamp does not see the environment.
+ARCH_REBUILD_COMMAND = "pip install --no-build-isolation --no-deps -e .  (or: make clean build)"
 
 # "auto" prefers Triton on CUDA tensors, except for the ops (or directions) whose CUDA C++
 # kernels have passed the tests on a GPU and been measured faster there (benchmarks/results/).
@@ -162,23 +164,36 @@ def device_capability(device: torch.device) -> tuple:
     return capability
 
 
+# Tegra (Jetson) GPUs: machine code runs on the compute capability it was built for alone.
+TEGRA_CAPABILITIES = {(5, 3), (6, 2), (7, 2), (8, 7), (10, 1), (11, 0)}
+
+
 def arch_list_serves(arch_list: str, capability: tuple) -> Optional[bool]:
     """Whether a build for ``arch_list`` (TORCH_CUDA_ARCH_LIST, as build_info() reports it:
     "8.0;9.0a", "8.6+PTX", ...) holds code a GPU of ``capability`` (major, minor) runs; None
-    when an entry is not a number (a name such as "Hopper"). Machine code for sm_XY runs on
-    sm_XZ with Z >= Y ("a" code on sm_XY alone); PTX ("+PTX") on any GPU from sm_XY on."""
+    when that cannot be told: an entry that is not a number ("Hopper", "native"), or no entry
+    (an empty list, which torch builds for the GPUs it sees). On desktop GPUs machine code
+    for sm_XY runs on sm_XZ with Z >= Y; "a" code on sm_XY alone, its PTX included; "f"
+    code on its family (same major); other PTX ("+PTX") on any GPU from sm_XY on. On Tegra,
+    machine code runs on its own capability alone."""
+    capability = tuple(capability)
+    entries = [entry for entry in re.split(r"[;,\s]+", arch_list.strip()) if entry]
+    if not entries:
+        return None
     serves = False
-    for entry in re.split(r"[;,\s]+", arch_list.strip()):
+    for entry in entries:
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry, flags=re.IGNORECASE)
-        if entry and match is None:
-            return None
         if match is None:
-            continue
-        built = (int(match.group(1)), int(match.group(2)))
-        if match.group(3).lower() == "a":  # its PTX too holds sm_XYa-only instructions
-            serves |= tuple(capability) == built
-        elif match.group(4):
-            serves |= tuple(capability) >= built
+            return None
+        built, kind, ptx = (int(match.group(1)), int(match.group(2))), match.group(3).lower(), bool(match.group(4))
+        if kind == "a":
+            serves |= capability == built
+        elif kind == "f":
+            serves |= capability[0] == built[0] and capability[1] >= built[1]
+        elif ptx:
+            serves |= capability >= built
+        elif capability in TEGRA_CAPABILITIES or built in TEGRA_CAPABILITIES:
+            serves |= capability == built
         else:
             serves |= capability[0] == built[0] and capability[1] >= built[1]
     return serves
@@ -200,7 +215,7 @@ def _arch_reason(device: torch.device) -> Optional[str]:
         if arch_list_serves(EXTENSION_ARCHS, (major, minor)) is False:
             reason = (f"the CUDA extension was built for archs {EXTENSION_ARCHS} (TORCH_CUDA_ARCH_LIST), none "
                       f"of which runs on this GPU (sm_{major}{minor}); rebuild with "
-                      f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\": {REBUILD_COMMAND}")
+                      f"TORCH_CUDA_ARCH_LIST=\"{EXTENSION_ARCHS};{major}.{minor}\": {ARCH_REBUILD_COMMAND}")
         _ARCH_REASONS[index] = reason
     return _ARCH_REASONS[index]
 

@@ -204,8 +204,13 @@ def main(out: str, phase: str = "all") -> None:
         sections.append(dispatch_summary(out))
     for section in sections:
         print("\n".join(section), flush=True)
-    if phase in ("all", "bench"):
-        print("\n".join(auto_summary(out)), flush=True)
+    if phase not in ("all", "bench"):
+        return
+    try:
+        auto = auto_summary(out)
+        if auto:
+            print("\n".join(auto), flush=True)
+    finally:  # last, whatever happened above: often only the tail of the output is seen
         log = os.path.join(out, "bench.log")
         if os.path.exists(log) and re.search(r"bench exit code: (124|137)", open(log, errors="replace").read()):
             print("bench: cut by its time limit (the json keeps the cases measured so far); "

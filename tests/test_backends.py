@@ -136,9 +136,13 @@ def test_device_capability_is_asked_once_per_device(monkeypatch):
     ("9.0a", (9, 1), False),        # "a" code: its own arch alone
     ("8.0 8.6+PTX", (12, 0), True),  # PTX: compiled by the driver for later GPUs
     ("9.0a+PTX", (10, 0), False),   # sm_90a PTX holds sm_90a-only instructions
-    ("10.0f", (10, 3), True),
+    ("10.0f", (10, 3), True),       # family code: later GPUs of its major
+    ("10.0f+PTX", (12, 0), False),
+    ("8.0", (8, 7), False),         # Tegra (Orin): its own capability alone
+    ("8.7", (8, 7), True),
     ("8.0,9.0", (9, 0), True),
     ("Hopper", (9, 0), None),       # a name: cannot tell, so the extension is tried
+    ("", (9, 0), None),             # empty: torch built for the GPUs it saw
 ])
 def test_arch_list_serves(arch_list, capability, expected):
     assert backends.arch_list_serves(arch_list, capability) is expected
@@ -156,7 +160,8 @@ def test_cuda_backend_refuses_a_gpu_its_build_holds_no_code_for(monkeypatch):
     blackwell, hopper = torch.device("cuda", 0), torch.device("cuda", 1)
     assert backends.choose_backend("auto", blackwell, "flash_attention_with_kvcache") == "triton"
     assert backends.choose_backend("auto", hopper, "flash_attention_with_kvcache") == "cuda"
-    with pytest.raises(RuntimeError, match=r"built for archs 8.0;9.0a .*sm_100.*TORCH_CUDA_ARCH_LIST=\"10.0\""):
+    rebuild = r"built for archs 8.0;9.0a .*sm_100.*TORCH_CUDA_ARCH_LIST=\"8.0;9.0a;10.0\".*make clean build"
+    with pytest.raises(RuntimeError, match=rebuild):
         backends.choose_backend("cuda", blackwell, "rms_norm")
     assert set(backends._ARCH_REASONS) == {0, 1}  # decided once per device
 

@@ -253,4 +253,10 @@ def test_check_says_which_gpus_the_extension_has_code_for(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "cuda:0: NVIDIA H100, sm_90, 80 GiB, 132 SMs" in lines
     assert ("cuda:1: NVIDIA B200, sm_100, 180 GiB, 148 SMs; no extension code for it (archs 8.0;9.0a): "
-            "auto takes triton") in lines
+            "auto passes over cuda") in lines
+    # A list that names no arch (torch then builds for the GPUs it sees): no verdict.
+    monkeypatch.setattr(extension, "build_info", lambda: {"torch_version": torch.__version__, "cuda_version": "13.0",
+                                                         "cuda_archs": ""})
+    assert cli.check() == 0
+    assert ("cuda:1: NVIDIA B200, sm_100, 180 GiB, 148 SMs; extension archs (none named): cannot tell whether they "
+            "run here") in capsys.readouterr().out.splitlines()

@@ -25,7 +25,7 @@ def check() -> int:
             props = torch.cuda.get_device_properties(index)
             served = ""
             if backends.extension is not None:
-                archs = backends.extension.build_info()["cuda_archs"]
+                archs = backends.EXTENSION_ARCHS
                 verdict = backends.arch_list_serves(archs, (props.major, props.minor))
                 served = {True: "",
                           None: f"; extension archs {archs or '(none named)'}: cannot tell whether they run here",

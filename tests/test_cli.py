@@ -246,6 +246,7 @@ def test_check_says_which_gpus_the_extension_has_code_for(monkeypatch, capsys):
     extension = types.SimpleNamespace(build_info=lambda: {"torch_version": torch.__version__, "cuda_version": "13.0",
                                                           "cuda_archs": "8.0;9.0a"})
     monkeypatch.setattr(backends, "extension", extension)
+    monkeypatch.setattr(backends, "EXTENSION_ARCHS", "8.0;9.0a")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpus[index])
@@ -255,8 +256,7 @@ def test_check_says_which_gpus_the_extension_has_code_for(monkeypatch, capsys):
     assert ("cuda:1: NVIDIA B200, sm_100, 180 GiB, 148 SMs; no extension code for it (archs 8.0;9.0a): "
             "auto passes over cuda") in lines
     # A list that names no arch (torch then builds for the GPUs it sees): no verdict.
-    monkeypatch.setattr(extension, "build_info", lambda: {"torch_version": torch.__version__, "cuda_version": "13.0",
-                                                         "cuda_archs": ""})
+    monkeypatch.setattr(backends, "EXTENSION_ARCHS", "")
     assert cli.check() == 0
     assert ("cuda:1: NVIDIA B200, sm_100, 180 GiB, 148 SMs; extension archs (none named): cannot tell whether they "
             "run here") in capsys.readouterr().out.splitlines()
